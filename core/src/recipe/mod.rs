@@ -1,0 +1,264 @@
+//! Recipes: a TOML file describing a DAG of steps and sweeps over their parameters.
+//!
+//! Life of a recipe:
+//! ```text
+//! text ──parse+validate──▶ Recipe ──expand(sweep)──▶ Expansion (arms × step instances)
+//! ```
+//! Every error of a file is collected before reporting ([`RecipeErrors`]), each pointing at the
+//! offending TOML with a label. Nothing here touches the store.
+
+mod errors;
+mod expand;
+mod parse;
+mod template;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use errors::{RecipeDiagnostic, RecipeErrors};
+pub use expand::expand;
+pub use parse::parse;
+pub use template::{VarRef, render_template, template_vars};
+
+use crate::value::Value;
+
+/// Hard limits that keep a typo in a sweep from exhausting memory.
+pub const MAX_ARMS: usize = 100_000;
+pub const MAX_INSTANCES: usize = 1_000_000;
+
+/// The recipe's text and where it came from.
+#[derive(Debug, Clone)]
+pub struct RecipeSource {
+    /// The path as the user gave it; shown in diagnostics (`recipes/demo.toml:12:5`).
+    pub path: PathBuf,
+    /// Absolute directory against which `code` files are resolved.
+    pub dir: PathBuf,
+    pub text: String,
+}
+
+/// A `--set var=value` from the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetArg {
+    pub var: String,
+    pub value: Value,
+}
+
+impl std::str::FromStr for SetArg {
+    type Err = String;
+
+    /// `k=v` where `v` is read as a TOML value (`3`, `0.5`, `true`, `"x"`, `[1, 2]`) and, when
+    /// it is not one, as a bare string (`arch=pixel-diffusion`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (var, raw) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not of the form var=value"))?;
+        let var = var.trim();
+        if var.is_empty() {
+            return Err(format!("`{s}` has an empty variable name"));
+        }
+        Ok(SetArg {
+            var: var.to_string(),
+            value: parse::value_from_cli(raw.trim()),
+        })
+    }
+}
+
+/// A parsed and validated recipe (before sweep expansion).
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub name: String,
+    pub description: Option<String>,
+    pub source: RecipeSource,
+    /// Defaults from `[vars]`, with `--set` applied.
+    pub vars: BTreeMap<String, Value>,
+    pub sweep: Sweep,
+    /// In the order the file declares them.
+    pub steps: Vec<StepDef>,
+}
+
+/// The sweep: the cartesian product of its axes, minus `exclude`, plus `include`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sweep {
+    pub axes: Vec<Axis>,
+    /// An arm matching every binding of one of these is dropped.
+    pub exclude: Vec<BTreeMap<String, Value>>,
+    /// Extra arms; swept vars they leave out take their default.
+    pub include: Vec<BTreeMap<String, Value>>,
+}
+
+/// One dimension of the product: a single var (`lr = [1e-3, 1e-4]`), or several vars zipped
+/// together (`[[sweep.zip]]`), whose lists advance in step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axis {
+    pub vars: Vec<String>,
+    /// `rows[i][j]` is the value of `vars[j]` in the i-th position of this axis.
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl Sweep {
+    /// Every var the sweep binds, sorted.
+    pub fn vars(&self) -> BTreeSet<String> {
+        let mut vars: BTreeSet<String> = self
+            .axes
+            .iter()
+            .flat_map(|a| a.vars.iter().cloned())
+            .collect();
+        for inc in &self.include {
+            vars.extend(inc.keys().cloned());
+        }
+        vars
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StepDef {
+    pub name: String,
+    pub op: String,
+    pub op_version: u32,
+    /// Input name → upstream step.
+    pub inputs: BTreeMap<String, InputRef>,
+    /// Param templates: strings may hold `${var}`. Defaults of the op are filled in.
+    pub params: BTreeMap<String, Value>,
+    /// `exec` only: the argv templates.
+    pub cmd: Option<Vec<Value>>,
+    /// `exec` only: paths relative to the recipe's directory (files or directories) whose
+    /// content enters the key. Validated: relative, inside the recipe directory, existing.
+    pub code: Vec<String>,
+    pub resources: Resources,
+    pub retries: RetryPolicy,
+    pub timeout: Option<Duration>,
+    /// Vars referenced by this step's params and cmd (not through its inputs).
+    pub vars_used: BTreeSet<String>,
+    /// Byte range of the step's header or table in the source, for later diagnostics.
+    pub span: Range<usize>,
+    /// Byte range of each param's value, for type errors found at expansion.
+    pub param_spans: BTreeMap<String, Range<usize>>,
+}
+
+/// `inputs = { data = "haystack" }` reads the single matching instance of `haystack`;
+/// `inputs = { all = "evaluate[*]" }` gathers every instance of `evaluate` that agrees with
+/// this step on the vars this step depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRef {
+    pub step: String,
+    pub gather: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resources {
+    pub gpus: u32,
+    pub cpus: u32,
+    pub mem_gb: f64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            gpus: 0,
+            cpus: 1,
+            mem_gb: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Further attempts after the first failure.
+    pub count: u32,
+    /// Delay before the first retry; doubles each time, capped at 10 minutes.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            count: 0,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `attempt` (1-based; attempt 1 has none).
+    pub fn delay_before(&self, attempt: u32) -> Duration {
+        if attempt <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32 << (attempt - 2).min(16);
+        (self.backoff * factor).min(Duration::from_secs(600))
+    }
+}
+
+/// A recipe with its sweep expanded: the arms, and one instance per distinct restriction of an
+/// arm to the vars a step depends on.
+#[derive(Debug, Clone)]
+pub struct Expansion {
+    pub arms: Vec<Arm>,
+    /// Topologically ordered: an instance's inputs come before it.
+    pub instances: Vec<Instance>,
+}
+
+/// One combination of the swept vars.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Arm {
+    /// Stable id derived from the bindings alone (8 hex digits): the same bindings give the
+    /// same id in every run and every recipe edit.
+    pub id: String,
+    /// Swept vars only, sorted.
+    pub bindings: BTreeMap<String, Value>,
+}
+
+impl Arm {
+    /// `arch=pixel,qt_images=100`, or `default` for a recipe without a sweep.
+    pub fn label(&self) -> String {
+        bindings_label(&self.bindings)
+    }
+}
+
+/// `k=v,k2=v2` for bindings, `default` when there are none.
+pub fn bindings_label(bindings: &BTreeMap<String, Value>) -> String {
+    if bindings.is_empty() {
+        return "default".to_string();
+    }
+    bindings
+        .iter()
+        .map(|(k, v)| format!("{k}={}", crate::value::render_short(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A step under one restriction of the sweep.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// Index into [`Recipe::steps`].
+    pub step: usize,
+    /// The swept vars this instance depends on (directly or through its non-gather inputs),
+    /// with their values. Empty for a step no swept var reaches.
+    pub bindings: BTreeMap<String, Value>,
+    /// Resolved and type-checked params.
+    pub params: BTreeMap<String, Value>,
+    /// Resolved argv (`exec` only).
+    pub cmd: Option<Vec<String>>,
+    pub inputs: BTreeMap<String, InstanceInput>,
+    /// Indices into [`Expansion::arms`] of the arms this instance belongs to, ascending.
+    pub arms: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceInput {
+    /// Index into [`Expansion::instances`].
+    One(usize),
+    /// Indices into [`Expansion::instances`], ordered by their bindings.
+    Gather(Vec<usize>),
+}
+
+impl InstanceInput {
+    pub fn indices(&self) -> &[usize] {
+        match self {
+            InstanceInput::One(i) => std::slice::from_ref(i),
+            InstanceInput::Gather(v) => v,
+        }
+    }
+}

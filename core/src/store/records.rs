@@ -1,0 +1,336 @@
+//! What the store's metadata holds. Serialised as JSON inside sled, so `needle show --json` and
+//! a curious user with a sled reader see the same shapes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{ArtifactDigest, BlobDigest, StepId, StepKey};
+use crate::recipe::Arm;
+use crate::value::Value;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A directory tree: relative path → entry. The artifact digest is the hash of its canonical
+/// encoding ([`Manifest::digest`]), so equal trees are one artifact, whichever step made them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Sorted by path. Paths use `/` and never contain `..` or a leading `/`.
+    pub entries: Vec<ManifestEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub path: String,
+    #[serde(flatten)]
+    pub kind: EntryKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EntryKind {
+    File {
+        blob: BlobDigest,
+        size: u64,
+        executable: bool,
+    },
+    /// An empty directory (non-empty ones are implied by their files).
+    Dir,
+}
+
+impl Manifest {
+    pub fn digest(&self) -> ArtifactDigest {
+        let mut buf = Vec::with_capacity(self.entries.len() * 96);
+        for e in &self.entries {
+            buf.extend_from_slice(e.path.as_bytes());
+            buf.push(0);
+            match &e.kind {
+                EntryKind::File {
+                    blob,
+                    size,
+                    executable,
+                } => {
+                    buf.push(if *executable { b'x' } else { b'f' });
+                    buf.extend_from_slice(blob.as_bytes());
+                    buf.extend_from_slice(&size.to_le_bytes());
+                }
+                EntryKind::Dir => buf.push(b'd'),
+            }
+        }
+        ArtifactDigest::of_parts(&[&buf])
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match e.kind {
+                EntryKind::File { size, .. } => size,
+                EntryKind::Dir => 0,
+            })
+            .sum()
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+            .count()
+    }
+}
+
+/// The digests a step read, by input name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InputDigests {
+    One(ArtifactDigest),
+    /// A gather input: one artifact per upstream instance, labelled by its bindings
+    /// (`qt_images=100`), in the order the instance saw them.
+    Gather(Vec<GatherMember>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatherMember {
+    pub label: String,
+    pub artifact: ArtifactDigest,
+}
+
+impl InputDigests {
+    pub fn artifacts(&self) -> Vec<ArtifactDigest> {
+        match self {
+            InputDigests::One(a) => vec![*a],
+            InputDigests::Gather(members) => members.iter().map(|m| m.artifact).collect(),
+        }
+    }
+}
+
+/// Everything that determines a step's output, and thus its key. See [`StepSpec::key`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub op: String,
+    pub op_version: u32,
+    /// Resolved params (a JSON object).
+    pub params: BTreeMap<String, Value>,
+    /// `exec` only: the resolved argv.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// `exec` only: code file (relative path) → content digest.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub code: BTreeMap<String, BlobDigest>,
+    pub inputs: BTreeMap<String, InputDigests>,
+}
+
+impl StepSpec {
+    /// The step's content key: BLAKE3 over a canonical encoding of everything above. Two specs
+    /// with equal keys are the same work; the store never executes a key twice unless forced.
+    pub fn key(&self) -> StepKey {
+        let v = serde_json::to_value(self).expect("a step spec serialises");
+        StepKey::of_parts(&[&crate::canonical::encode(&v)])
+    }
+}
+
+/// A step that completed and whose output is committed. Written only after its blobs are
+/// durable, in the same transaction as its output manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub key: StepKey,
+    /// The structural id of the plan node that first produced this key.
+    pub id: StepId,
+    /// Step name in its recipe.
+    pub name: String,
+    /// Bindings of the swept vars this step depended on, when it first ran.
+    pub bindings: BTreeMap<String, Value>,
+    pub spec: StepSpec,
+    /// The current output. A forced re-execution that produces other bytes replaces it; both
+    /// stay listed in `executions`.
+    pub output: ArtifactDigest,
+    /// Every successful execution, oldest first.
+    pub executions: Vec<Execution>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Execution {
+    pub run: u64,
+    pub attempt: u32,
+    pub started: Millis,
+    pub ended: Millis,
+    pub output: ArtifactDigest,
+    /// GPU ids the step held (tokens; on a machine without GPUs they are labels only).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    pub cpus: u32,
+    /// Where the combined stdout/stderr of this attempt is, relative to the store root.
+    pub log: String,
+}
+
+/// One recorded run of a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: u64,
+    pub recipe_name: String,
+    /// As the user gave it.
+    pub recipe_path: String,
+    /// Absolute; `code` files resolve against it, also on `rerun`.
+    pub recipe_dir: PathBuf,
+    /// The recipe's text as it was run; `rerun` runs this text again.
+    pub recipe_text: String,
+    /// `--set` values, as given.
+    pub sets: Vec<(String, Value)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<u64>,
+    pub started: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Millis>,
+    pub state: RunState,
+    pub arms: Vec<Arm>,
+    pub steps: Vec<RunStep>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Still going, or its runner died (the store lock tells which).
+    Running,
+    Succeeded,
+    /// Finished with at least one failed step.
+    Failed,
+    /// Stopped by Ctrl-C.
+    Interrupted,
+}
+
+/// One unique step (plan node) of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStep {
+    pub id: StepId,
+    pub name: String,
+    pub op: String,
+    pub bindings: BTreeMap<String, Value>,
+    /// Indices into [`RunRecord::arms`].
+    pub arms: Vec<u32>,
+    /// Input name → indices into [`RunRecord::steps`].
+    pub inputs: BTreeMap<String, Vec<usize>>,
+    /// Known once every input's output digest is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<StepKey>,
+    pub status: StepStatus,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not started (yet, or ever: the run stopped first).
+    Pending,
+    /// Its key was already in the store.
+    Cached { output: ArtifactDigest },
+    /// Executed in this run.
+    Succeeded { output: ArtifactDigest },
+    /// Every allowed attempt failed; see `attempts`.
+    Failed { reason: String },
+    /// An upstream step failed or was interrupted.
+    Skipped { upstream: String },
+    /// Stopped by Ctrl-C while running.
+    Interrupted,
+}
+
+impl StepStatus {
+    pub fn is_done(&self) -> bool {
+        matches!(
+            self,
+            StepStatus::Cached { .. } | StepStatus::Succeeded { .. }
+        )
+    }
+
+    pub fn output(&self) -> Option<ArtifactDigest> {
+        match self {
+            StepStatus::Cached { output } | StepStatus::Succeeded { output } => Some(*output),
+            _ => None,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Cached { .. } => "cached",
+            StepStatus::Succeeded { .. } => "succeeded",
+            StepStatus::Failed { .. } => "failed",
+            StepStatus::Skipped { .. } => "skipped",
+            StepStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub n: u32,
+    pub started: Millis,
+    pub ended: Millis,
+    pub result: AttemptResult,
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    /// Relative to the store root.
+    pub log: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AttemptResult {
+    Success,
+    /// Exited with a non-zero code.
+    Failed {
+        code: i32,
+    },
+    /// Killed by a signal it did not choose (segfault, OOM killer…).
+    Signaled {
+        signal: i32,
+    },
+    TimedOut {
+        after_ms: u64,
+    },
+    /// The command could not be started at all.
+    SpawnFailed {
+        error: String,
+    },
+    /// It exited 0, but its output could not be committed.
+    OutputError {
+        error: String,
+    },
+    Interrupted,
+}
+
+impl AttemptResult {
+    pub fn describe(&self) -> String {
+        match self {
+            AttemptResult::Success => "succeeded".into(),
+            AttemptResult::Failed { code } => format!("exited with code {code}"),
+            AttemptResult::Signaled { signal } => format!("killed by signal {signal}"),
+            AttemptResult::TimedOut { after_ms } => {
+                format!("timed out after {}", fmt_ms(*after_ms))
+            }
+            AttemptResult::SpawnFailed { error } => format!("could not start: {error}"),
+            AttemptResult::OutputError { error } => format!("output not committed: {error}"),
+            AttemptResult::Interrupted => "interrupted".into(),
+        }
+    }
+}
+
+/// `1.2s`, `3m04s`, `1h02m`.
+pub fn fmt_ms(ms: u64) -> String {
+    let s = ms as f64 / 1000.0;
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s as u64) % 60)
+    } else {
+        format!("{}h{:02}m", (s / 3600.0) as u64, ((s as u64) / 60) % 60)
+    }
+}
