@@ -1,1 +1,59 @@
-fn main() {}
+//! The `needle` binary.
+
+mod cli;
+mod commands;
+mod engine;
+mod error;
+mod executor;
+mod gpus;
+mod progress;
+mod refs;
+mod scheduler;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::error::{CliError, Exit};
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let code = match dispatch(&cli) {
+        Ok(exit) => exit,
+        Err(e) => {
+            e.report();
+            e.exit()
+        }
+    };
+    std::process::exit(code as i32);
+}
+
+fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
+    match &cli.command {
+        Command::Run(args) => commands::run::run(cli, args),
+        Command::Plan(args) => commands::plan::plan(cli, args),
+        Command::Runs(args) => commands::runs::runs(cli, args),
+        Command::Status(args) => commands::status::status(cli, args),
+        Command::Rerun(args) => commands::rerun::rerun(cli, args),
+        Command::Lineage(args) => commands::lineage::lineage(cli, args),
+        Command::Show(args) => commands::show::show(cli, args),
+        Command::Logs(args) => commands::logs::logs(cli, args),
+        Command::Ops(args) => commands::ops::ops(args),
+        Command::Completions(args) => commands::completions::completions(args),
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NEEDLE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+}

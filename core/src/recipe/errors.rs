@@ -28,3 +28,9 @@ pub struct RecipeErrors {
 pub(crate) fn span(r: Range<usize>) -> miette::SourceSpan {
     (r.start, r.end - r.start).into()
 }
+
+impl RecipeErrors {
+    pub fn render_plain(&self) -> String {
+        self.errors.iter().map(|e| format!("{}: error: {}\n", self.path, e.message)).collect()
+    }
+}

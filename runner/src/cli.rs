@@ -1,0 +1,188 @@
+//! The command line, as clap sees it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use needle_core::recipe::SetArg;
+
+use crate::gpus::GpuSpec;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "needle",
+    version,
+    about = "Declarative experiment orchestration for image-generation research",
+    long_about = "needle runs TOML recipes: DAGs of steps with sweeps over their parameters. \
+                  Every step gets a content address; what the store already holds is skipped.\n\n\
+                  Exit codes: 0 all steps succeeded; 1 some step failed; 2 bad invocation or \
+                  recipe; 3 the store is unavailable (in use, missing or unreadable); \
+                  130 interrupted."
+)]
+pub struct Cli {
+    /// The store directory.
+    #[arg(long, global = true, env = "NEEDLE_STORE", default_value = ".needle")]
+    pub store: PathBuf,
+
+    /// Wait for another needle process holding the store instead of failing.
+    #[arg(long, global = true)]
+    pub wait: bool,
+
+    /// More logging on stderr (-v: debug, -vv: trace). NEEDLE_LOG=filter overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a recipe: execute what the store does not hold yet.
+    Run(RunArgs),
+    /// Show what a run would do: unique steps, what is cached, what would run.
+    Plan(PlanArgs),
+    /// List recorded runs.
+    Runs(JsonArg),
+    /// Show the steps of one run and how each ended.
+    Status(StatusArgs),
+    /// Run a recorded run's recipe again, as it was recorded (text and --set values).
+    Rerun(RerunArgs),
+    /// Show the ancestry (or, with --down, the descendants) of a step or artifact.
+    Lineage(LineageArgs),
+    /// Show one step or artifact: op, params, inputs, output, timings, attempts.
+    Show(ShowArgs),
+    /// Print the log of a step's attempt.
+    Logs(LogsArgs),
+    /// List the ops recipes can use, with their params and defaults.
+    Ops(JsonArg),
+    /// Print shell completions.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe file (TOML).
+    pub recipe: PathBuf,
+
+    /// Override a var (`lr=0.01`), or pin a swept one to one value.
+    #[arg(long = "set", value_name = "VAR=VALUE")]
+    pub sets: Vec<SetArg>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExecArgs {
+    /// GPUs to schedule onto: auto, none, a count (`4`: ids 0-3), or ids (`0,2`).
+    #[arg(long, default_value = "auto")]
+    pub gpus: GpuSpec,
+
+    /// CPU slots (default: the number of CPUs).
+    #[arg(short = 'j', long)]
+    pub jobs: Option<u32>,
+
+    /// Re-execute every instance of this step even if cached (repeatable).
+    #[arg(long, value_name = "STEP")]
+    pub force: Vec<String>,
+
+    /// Machine-readable summary on stdout (progress goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+
+    /// GPUs the run would have (for the resource check).
+    #[arg(long, default_value = "auto")]
+    pub gpus: GpuSpec,
+
+    /// List every unique step, not one line per recipe step.
+    #[arg(long)]
+    pub steps: bool,
+
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Run id, or `last`.
+    pub run: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RerunArgs {
+    /// Run id, or `last`.
+    pub run: String,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LineageFormat {
+    Tree,
+    Dot,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LineageArgs {
+    /// A step key or artifact digest prefix, or RUN:STEP (RUN:STEP[var=value,…] in a sweep).
+    pub reference: String,
+
+    /// Descendants instead of ancestors.
+    #[arg(long)]
+    pub down: bool,
+
+    #[arg(long, value_enum, default_value = "tree")]
+    pub format: LineageFormat,
+
+    /// Same as --format json.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// A step key or artifact digest prefix, or RUN:STEP (RUN:STEP[var=value,…] in a sweep).
+    pub reference: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// A step key prefix, or RUN:STEP (RUN:STEP[var=value,…] in a sweep).
+    pub reference: String,
+
+    /// Which attempt (default: the last).
+    #[arg(long)]
+    pub attempt: Option<u32>,
+
+    /// Only the last N lines.
+    #[arg(long)]
+    pub tail: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}

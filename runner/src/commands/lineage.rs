@@ -1,0 +1,144 @@
+//! `needle lineage REF`: ancestors (or `--down`, descendants) as a tree, DOT or JSON.
+
+use std::collections::{HashMap, HashSet};
+
+use needle_core::digest::StepKey;
+use needle_core::lineage::{Direction, LineageGraph, LineageStep, producer, walk};
+use needle_core::store::fmt_ms;
+
+use crate::cli::{Cli, LineageArgs, LineageFormat};
+use crate::commands::open_existing;
+use crate::commands::show::shell_words;
+use crate::error::{CliError, Exit};
+use crate::refs::{Target, resolve};
+
+pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
+    let store = open_existing(cli)?;
+    let target = resolve(&store, &args.reference)?;
+    let key = match &target {
+        Target::Artifact(a) => producer(&store, a)?
+            .map(|r| r.key)
+            .ok_or_else(|| CliError::usage(format!("no recorded step produced `{}`", a.short())))?,
+        other => match other.step_key() {
+            Some(k) if store.step(&k)?.is_some() => k,
+            _ => {
+                return Err(CliError::usage(format!(
+                    "`{}` has no output in the store (it failed or never ran); lineage follows artifacts",
+                    args.reference
+                )));
+            }
+        },
+    };
+    let direction = if args.down { Direction::Down } else { Direction::Up };
+    let graph = walk(&store, &key, direction)?;
+    let format = if args.json { LineageFormat::Json } else { args.format };
+    match format {
+        LineageFormat::Json => crate::commands::print_json(&graph),
+        LineageFormat::Dot => print!("{}", dot(&graph)),
+        LineageFormat::Tree => print!("{}", tree(&graph)),
+    }
+    Ok(Exit::Success)
+}
+
+fn describe(s: &LineageStep) -> String {
+    let mut out = s.name.clone();
+    if !s.bindings.is_empty() {
+        out.push_str(&format!("[{}]", needle_core::recipe::bindings_label(&s.bindings)));
+    }
+    out.push_str(&format!("  ({})  {}", s.op, s.key.short()));
+    if !s.params.is_empty() {
+        let params: Vec<String> = s
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", needle_core::value::render_short(v)))
+            .collect();
+        out.push_str(&format!("  {}", params.join(" ")));
+    }
+    if let Some(cmd) = &s.cmd {
+        let mut c = shell_words(cmd);
+        if c.chars().count() > 60 {
+            c = c.chars().take(57).collect::<String>() + "...";
+        }
+        out.push_str(&format!("  $ {c}"));
+    }
+    out.push_str(&format!("  -> {} {}", s.output.short(), fmt_ms(s.duration_ms)));
+    out
+}
+
+/// An indented tree from the root; a step reached twice is printed in full once.
+fn tree(g: &LineageGraph) -> String {
+    let by_key: HashMap<StepKey, &LineageStep> = g.steps.iter().map(|s| (s.key, s)).collect();
+    let mut children: HashMap<StepKey, Vec<(String, StepKey)>> = HashMap::new();
+    for e in &g.edges {
+        let (parent, child) = match g.direction {
+            Direction::Up => (e.to, e.from),
+            Direction::Down => (e.from, e.to),
+        };
+        let list = children.entry(parent).or_default();
+        if !list.iter().any(|(i, k)| *k == child && *i == e.input) {
+            list.push((e.input.clone(), child));
+        }
+    }
+    let mut out = String::new();
+    let mut printed = HashSet::new();
+    out.push_str(&describe(by_key[&g.root]));
+    out.push('\n');
+    printed.insert(g.root);
+    print_children(&g.root, "", &children, &by_key, &mut printed, &mut out);
+    let (n, what) = match g.direction {
+        Direction::Up => (g.steps.len() - 1, "ancestor"),
+        Direction::Down => (g.steps.len() - 1, "descendant"),
+    };
+    out.push_str(&format!("{n} {what} step(s)\n"));
+    out
+}
+
+fn print_children(
+    key: &StepKey,
+    prefix: &str,
+    children: &HashMap<StepKey, Vec<(String, StepKey)>>,
+    by_key: &HashMap<StepKey, &LineageStep>,
+    printed: &mut HashSet<StepKey>,
+    out: &mut String,
+) {
+    let Some(kids) = children.get(key) else {
+        return;
+    };
+    for (i, (input, child)) in kids.iter().enumerate() {
+        let last = i + 1 == kids.len();
+        let (branch, next) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
+        let step = by_key[child];
+        if printed.insert(*child) {
+            out.push_str(&format!("{prefix}{branch}{input}: {}\n", describe(step)));
+            print_children(child, &format!("{prefix}{next}"), children, by_key, printed, out);
+        } else {
+            out.push_str(&format!(
+                "{prefix}{branch}{input}: {} {} (shown above)\n",
+                step.name,
+                step.key.short()
+            ));
+        }
+    }
+}
+
+fn dot(g: &LineageGraph) -> String {
+    let mut out = String::from("digraph lineage {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+    for s in &g.steps {
+        let mut label = s.name.clone();
+        if !s.bindings.is_empty() {
+            label.push_str(&format!("\\n[{}]", needle_core::recipe::bindings_label(&s.bindings)));
+        }
+        label.push_str(&format!("\\n{} {}", s.op, s.key.short()));
+        out.push_str(&format!("  \"{}\" [label=\"{}\"];\n", s.key.short(), label.replace('"', "\\\"")));
+    }
+    for e in &g.edges {
+        out.push_str(&format!(
+            "  \"{}\" -> \"{}\" [label=\"{}\"];\n",
+            e.from.short(),
+            e.to.short(),
+            e.input.replace('"', "\\\"")
+        ));
+    }
+    out.push_str("}\n");
+    out
+}

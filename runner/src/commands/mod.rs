@@ -1,0 +1,119 @@
+//! One file per verb. Each takes the parsed CLI and returns the exit code, or an error that
+//! maps to one.
+
+pub mod completions;
+pub mod lineage;
+pub mod logs;
+pub mod ops;
+pub mod plan;
+pub mod rerun;
+pub mod run;
+pub mod runs;
+pub mod show;
+pub mod status;
+
+use std::path::{Path, PathBuf};
+
+use needle_core::digest::BlobDigest;
+use needle_core::plan::CodeHasher;
+use needle_core::recipe::{self, Expansion, Recipe, RecipeSource, SetArg};
+use needle_core::store::{LockMode, RunRecord, Store, StoreError};
+use needle_ops::Registry;
+
+use crate::cli::Cli;
+use crate::error::CliError;
+
+/// Read a recipe file into a [`RecipeSource`].
+pub fn read_recipe(path: &Path) -> Result<RecipeSource, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+        context: format!("could not read recipe `{}`", path.display()),
+        source,
+    })?;
+    let abs = std::path::absolute(path).map_err(|source| CliError::Io {
+        context: format!("could not resolve `{}`", path.display()),
+        source,
+    })?;
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    Ok(RecipeSource {
+        path: path.to_path_buf(),
+        dir,
+        text,
+    })
+}
+
+/// Parse, validate and expand: every recipe error is reported here, before the store opens.
+pub fn load_recipe(
+    source: RecipeSource,
+    sets: &[SetArg],
+    registry: &Registry,
+) -> Result<(Recipe, Expansion), CliError> {
+    let recipe = recipe::parse(source, sets, registry)?;
+    let expansion = recipe::expand(&recipe, registry)?;
+    Ok((recipe, expansion))
+}
+
+pub fn lock_mode(cli: &Cli) -> LockMode {
+    if cli.wait { LockMode::Wait } else { LockMode::Fail }
+}
+
+/// Open the store, creating it (for `run`).
+pub fn open_store(cli: &Cli) -> Result<Store, CliError> {
+    Ok(Store::open(&cli.store, lock_mode(cli))?)
+}
+
+/// Open an existing store (for the read-only commands).
+pub fn open_existing(cli: &Cli) -> Result<Store, CliError> {
+    Ok(Store::open_existing(&cli.store, lock_mode(cli))?)
+}
+
+/// Open an existing store if there is one; `None` when there is none yet.
+pub fn open_if_exists(cli: &Cli) -> Result<Option<Store>, CliError> {
+    match Store::open_existing(&cli.store, lock_mode(cli)) {
+        Ok(s) => Ok(Some(s)),
+        Err(StoreError::Missing { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `3` or `last`.
+pub fn find_run(store: &Store, text: &str) -> Result<RunRecord, CliError> {
+    let id = if text == "last" || text == "latest" {
+        store
+            .runs()?
+            .last()
+            .map(|r| r.id)
+            .ok_or_else(|| CliError::usage("no run is recorded in this store yet"))?
+    } else {
+        text.parse::<u64>().map_err(|_| {
+            CliError::usage(format!("`{text}` is not a run id (hint: `needle runs` lists them)"))
+        })?
+    };
+    store
+        .run(id)?
+        .ok_or_else(|| CliError::usage(format!("no run `{id}` in this store (hint: `needle runs`)")))
+}
+
+/// Hashes code files and keeps their bytes in the store, so what ran can be shown later.
+pub struct StoreHasher<'a>(pub &'a Store);
+
+impl CodeHasher for StoreHasher<'_> {
+    fn hash_file(&mut self, path: &Path) -> std::io::Result<BlobDigest> {
+        self.0
+            .absorb_file_copy(path)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// Print `value` as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("our JSON values serialise")
+    );
+}
+
+/// RFC 3339 time (seconds) of a millisecond timestamp.
+pub fn fmt_time(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -1,0 +1,213 @@
+//! `needle run RECIPE`: execute what the store does not hold yet.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use needle_core::plan::{self, Plan};
+use needle_core::recipe::{Recipe, RecipeSource, SetArg};
+use needle_core::store::{RunRecord, RunState, Store, now_millis};
+use needle_ops::Registry;
+
+use crate::cli::{Cli, ExecArgs, RunArgs};
+use crate::commands::{StoreHasher, load_recipe, open_store, print_json, read_recipe};
+use crate::engine::{Engine, EngineOptions, RunOutcome, run_steps};
+use crate::error::{CliError, Exit};
+use crate::progress;
+
+pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
+    let source = read_recipe(&args.recipe.recipe)?;
+    let registry = Registry::new();
+    let (recipe, expansion) = load_recipe(source, &args.recipe.sets, &registry)?;
+    let opts = engine_options(&args.exec, &recipe)?;
+    let store = open_store(cli)?;
+    let plan = plan::build(recipe, expansion, &mut StoreHasher(&store))?;
+    execute(store, plan, &args.recipe.sets, opts, None, args.exec.json)
+}
+
+/// Resources and forced steps for a run, checked against the recipe before anything runs.
+pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions, CliError> {
+    let gpus = exec.gpus.resolve();
+    let cpus = exec
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
+        .max(1);
+    let mem_mb = total_memory_mb();
+    check_resources(recipe, gpus.len() as u32, mem_mb)?;
+    let names: BTreeSet<&str> = recipe.steps.iter().map(|s| s.name.as_str()).collect();
+    for f in &exec.force {
+        if !names.contains(f.as_str()) {
+            let known: Vec<&str> = names.iter().copied().collect();
+            return Err(CliError::usage(format!(
+                "--force `{f}`: no such step in recipe `{}` (steps: {})",
+                recipe.name,
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(EngineOptions {
+        gpus,
+        cpus,
+        mem_mb,
+        force: exec.force.iter().cloned().collect(),
+    })
+}
+
+/// A step asking for more GPUs or memory than the run has can never start: say so up front.
+pub fn check_resources(recipe: &Recipe, gpus: u32, mem_mb: u64) -> Result<(), CliError> {
+    let mut problems = Vec::new();
+    for step in &recipe.steps {
+        if step.resources.gpus > gpus {
+            problems.push(format!(
+                "step `{}` asks for {} GPU(s), but this run has {gpus} (hint: --gpus N hands out N GPU ids)",
+                step.name, step.resources.gpus
+            ));
+        }
+        let want_mb = (step.resources.mem_gb * 1024.0).ceil() as u64;
+        if want_mb > mem_mb {
+            problems.push(format!(
+                "step `{}` asks for {} GB of memory, but this machine has {:.1} GB",
+                step.name,
+                step.resources.mem_gb,
+                mem_mb as f64 / 1024.0
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::usage(problems.join("\n")))
+    }
+}
+
+fn total_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX / 2, |kb| kb / 1024)
+}
+
+/// Record and execute a plan; print the summary; map the outcome to an exit code.
+pub fn execute(
+    store: Store,
+    plan: Plan,
+    sets: &[SetArg],
+    opts: EngineOptions,
+    rerun_of: Option<u64>,
+    json: bool,
+) -> Result<Exit, CliError> {
+    let record = RunRecord {
+        id: store.next_run_id()?,
+        recipe_name: plan.recipe.name.clone(),
+        recipe_path: plan.recipe.source.path.display().to_string(),
+        recipe_dir: plan.recipe.source.dir.clone(),
+        recipe_text: plan.recipe.source.text.clone(),
+        sets: sets.iter().map(|s| (s.var.clone(), s.value.clone())).collect(),
+        rerun_of,
+        started: now_millis(),
+        ended: None,
+        state: RunState::Running,
+        arms: plan.arms.clone(),
+        steps: run_steps(&plan),
+    };
+    let total = plan.nodes.len();
+    let store = Arc::new(store);
+    let engine = Engine::new(store, plan, record, opts, progress::for_stderr(total));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| CliError::Io {
+            context: "could not start the async runtime".into(),
+            source,
+        })?;
+    let (outcome, record) = runtime.block_on(engine.execute())?;
+    if json {
+        print_json(&summary_json(&outcome, &record));
+    } else {
+        print_summary(&outcome, &record);
+    }
+    Ok(match outcome.state {
+        RunState::Succeeded => Exit::Success,
+        RunState::Interrupted => Exit::Interrupted,
+        RunState::Failed | RunState::Running => Exit::StepFailed,
+    })
+}
+
+fn summary_json(o: &RunOutcome, record: &RunRecord) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = record
+        .steps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "bindings": s.bindings,
+                "key": s.key,
+                "status": s.status.label(),
+                "output": s.status.output(),
+                "attempts": s.attempts.len(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "run": o.run,
+        "recipe": record.recipe_name,
+        "state": o.state,
+        "executed": o.executed,
+        "cached": o.cached,
+        "failed": o.failed,
+        "skipped": o.skipped,
+        "interrupted": o.interrupted,
+        "pending": o.pending,
+        "duration_ms": o.duration_ms,
+        "steps": steps,
+    })
+}
+
+fn print_summary(o: &RunOutcome, record: &RunRecord) {
+    let total = record.steps.len();
+    let took = needle_core::store::fmt_ms(o.duration_ms);
+    let state = match o.state {
+        RunState::Succeeded => "succeeded",
+        RunState::Failed => "failed",
+        RunState::Interrupted => "interrupted",
+        RunState::Running => "running",
+    };
+    println!("run {} ({}): {state} in {took}", o.run, record.recipe_name);
+    if o.executed == 0 && o.cached == total {
+        println!("  nothing to do: all {total} steps were cached");
+    } else {
+        let mut parts = vec![format!("{} executed", o.executed), format!("{} cached", o.cached)];
+        for (n, what) in [
+            (o.failed, "failed"),
+            (o.skipped, "skipped"),
+            (o.interrupted, "interrupted"),
+            (o.pending, "not started"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        println!("  {} of {total} steps", parts.join(" · "));
+    }
+    if o.failed > 0 || o.interrupted > 0 || o.pending > 0 {
+        println!(
+            "  details: needle status {}    after a fix: needle rerun {}",
+            o.run, o.run
+        );
+    } else {
+        println!("  details: needle status {}", o.run);
+    }
+}
+
+/// The source of a recorded run, as it was run.
+pub fn recorded_source(record: &RunRecord) -> RecipeSource {
+    RecipeSource {
+        path: record.recipe_path.clone().into(),
+        dir: record.recipe_dir.clone(),
+        text: record.recipe_text.clone(),
+    }
+}

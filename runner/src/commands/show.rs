@@ -1,0 +1,236 @@
+//! `needle show REF`: one step (op, params, inputs, output, timings, attempts) or one artifact
+//! (its files, who made it, who read it).
+
+use needle_core::digest::{ArtifactDigest, StepKey};
+use needle_core::lineage::producer;
+use needle_core::store::{EntryKind, InputDigests, RunStep, Store, fmt_ms};
+use needle_core::value::render_short;
+
+use crate::cli::{Cli, ShowArgs};
+use crate::commands::{fmt_time, open_existing, print_json};
+use crate::error::{CliError, Exit};
+use crate::progress::step_label;
+use crate::refs::{Target, resolve};
+
+pub fn show(cli: &Cli, args: &ShowArgs) -> Result<Exit, CliError> {
+    let store = open_existing(cli)?;
+    match resolve(&store, &args.reference)? {
+        Target::Artifact(a) => show_artifact(&store, &a, args.json),
+        Target::Step(k) => show_step(&store, &k, None, args.json),
+        Target::RunStep { run, index } => {
+            let step = &run.steps[index];
+            match step.key {
+                Some(k) if store.step(&k)?.is_some() => show_step(&store, &k, Some(step), args.json),
+                _ => show_unfinished(run.id, step, args.json),
+            }
+        }
+    }
+}
+
+fn show_step(
+    store: &Store,
+    key: &StepKey,
+    in_run: Option<&RunStep>,
+    json: bool,
+) -> Result<Exit, CliError> {
+    let rec = store
+        .step(key)?
+        .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", key.short())))?;
+    if json {
+        let mut v = serde_json::to_value(&rec).expect("records serialise");
+        if let Some(step) = in_run {
+            v["run_status"] = serde_json::to_value(&step.status).expect("serialise");
+            v["run_attempts"] = serde_json::to_value(&step.attempts).expect("serialise");
+        }
+        print_json(&v);
+        return Ok(Exit::Success);
+    }
+    let label = if rec.bindings.is_empty() {
+        rec.name.clone()
+    } else {
+        format!("{}[{}]", rec.name, needle_core::recipe::bindings_label(&rec.bindings))
+    };
+    println!("step     {label}");
+    println!("key      {}", rec.key);
+    println!("op       {} (v{})", rec.spec.op, rec.spec.op_version);
+    if let Some(cmd) = &rec.spec.cmd {
+        println!("cmd      {}", shell_words(cmd));
+    }
+    if !rec.spec.params.is_empty() {
+        println!("params");
+        for (k, v) in &rec.spec.params {
+            println!("  {k} = {}", needle_core::canonical::to_string(v));
+        }
+    }
+    if !rec.spec.code.is_empty() {
+        println!("code");
+        for (path, digest) in &rec.spec.code {
+            println!("  {path}  {}", digest.short());
+        }
+    }
+    if !rec.spec.inputs.is_empty() {
+        println!("inputs");
+        for (name, digests) in &rec.spec.inputs {
+            match digests {
+                InputDigests::One(a) => {
+                    println!("  {name}: {} {}", a.short(), made_by(store, a)?);
+                }
+                InputDigests::Gather(members) => {
+                    println!("  {name}: {} artifacts gathered", members.len());
+                    for m in members {
+                        println!("    {:<24} {} {}", m.label, m.artifact.short(), made_by(store, &m.artifact)?);
+                    }
+                }
+            }
+        }
+    }
+    let manifest = store.manifest(&rec.output)?;
+    let files = manifest.as_ref().map_or(0, |m| m.file_count());
+    let size = manifest.as_ref().map_or(0, |m| m.total_size());
+    println!("output   {} ({files} files, {})", rec.output, human_bytes(size));
+    println!("executions");
+    for e in &rec.executions {
+        let gpus = if e.gpus.is_empty() {
+            String::new()
+        } else {
+            format!(" gpus {:?}", e.gpus)
+        };
+        println!(
+            "  run {} attempt {}: {} took {}{gpus} -> {}  log {}",
+            e.run,
+            e.attempt,
+            fmt_time(e.started),
+            fmt_ms(e.ended.saturating_sub(e.started)),
+            e.output.short(),
+            e.log
+        );
+    }
+    if let Some(step) = in_run {
+        print_attempts(step);
+    }
+    Ok(Exit::Success)
+}
+
+fn show_unfinished(run: u64, step: &RunStep, json: bool) -> Result<Exit, CliError> {
+    if json {
+        print_json(&serde_json::json!({"run": run, "step": step}));
+        return Ok(Exit::Success);
+    }
+    println!("step     {} (run {run})", step_label(step));
+    println!(
+        "key      {}",
+        step.key.map(|k| k.hex()).unwrap_or_else(|| "(not known: an input was never produced)".into())
+    );
+    println!("op       {}", step.op);
+    println!("status   {}", step.status.label());
+    match &step.status {
+        needle_core::store::StepStatus::Failed { reason } => println!("reason   {reason}"),
+        needle_core::store::StepStatus::Skipped { upstream } => {
+            println!("reason   upstream step `{upstream}` failed")
+        }
+        _ => {}
+    }
+    print_attempts(step);
+    Ok(Exit::Success)
+}
+
+fn print_attempts(step: &RunStep) {
+    if step.attempts.is_empty() {
+        return;
+    }
+    println!("attempts in this run");
+    for a in &step.attempts {
+        println!(
+            "  {}: {} at {}, took {}  log {}",
+            a.n,
+            a.result.describe(),
+            fmt_time(a.started),
+            fmt_ms(a.ended.saturating_sub(a.started)),
+            a.log
+        );
+    }
+}
+
+fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, CliError> {
+    let manifest = store
+        .manifest(a)?
+        .ok_or_else(|| CliError::usage(format!("artifact `{}` has no manifest", a.short())))?;
+    let made = producer(store, a)?;
+    let readers = store.consumers(a)?;
+    if json {
+        print_json(&serde_json::json!({
+            "artifact": a,
+            "files": manifest.entries,
+            "size": manifest.total_size(),
+            "producer": made.as_ref().map(|r| r.key),
+            "consumers": readers,
+            "view": store.view(a)?,
+        }));
+        return Ok(Exit::Success);
+    }
+    println!("artifact {a}");
+    println!(
+        "size     {} in {} files",
+        human_bytes(manifest.total_size()),
+        manifest.file_count()
+    );
+    if let Some(r) = &made {
+        println!("made by  {} ({}) {}", r.name, r.spec.op, r.key.short());
+    }
+    if !readers.is_empty() {
+        println!("read by  {} step(s)", readers.len());
+        for k in readers.iter().take(20) {
+            if let Some(r) = store.step(k)? {
+                println!("  {} {}", r.name, k.short());
+            }
+        }
+    }
+    println!("files    (at {})", store.view(a)?.display());
+    for e in manifest.entries.iter().take(200) {
+        match &e.kind {
+            EntryKind::File { size, blob, .. } => {
+                println!("  {:<48} {:>10}  {}", e.path, human_bytes(*size), blob.short())
+            }
+            EntryKind::Dir => println!("  {}/", e.path),
+        }
+    }
+    if manifest.entries.len() > 200 {
+        println!("  … {} more", manifest.entries.len() - 200);
+    }
+    Ok(Exit::Success)
+}
+
+fn made_by(store: &Store, a: &ArtifactDigest) -> Result<String, CliError> {
+    Ok(match producer(store, a)? {
+        Some(r) if r.bindings.is_empty() => format!("from {}", r.name),
+        Some(r) => {
+            let b: Vec<String> = r.bindings.iter().map(|(k, v)| format!("{k}={}", render_short(v))).collect();
+            format!("from {}[{}]", r.name, b.join(","))
+        }
+        None => String::new(),
+    })
+}
+
+pub fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

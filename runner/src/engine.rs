@@ -1,0 +1,714 @@
+//! The run loop: resolves keys, skips what the store holds, starts ready steps as resources
+//! free up, commits outputs, and records the run.
+//!
+//! A node's life:
+//! ```text
+//! Waiting ──inputs done──▶ (key known) ──in store──▶ Cached
+//!                              │
+//!                              ├──same key running──▶ Follower ──leader commits──▶ Cached
+//!                              ▼
+//!                            Ready ──resources──▶ Running ──exit 0──▶ Committing ──▶ Succeeded
+//!                                                    │  ▲
+//!                                                    │  └──retry after backoff (AttemptFailedWillRetry)
+//!                                                    └──no attempts left──▶ Failed ──▶ dependents Skipped
+//! Ctrl-C: running steps are stopped (SIGTERM, then SIGKILL) and recorded Interrupted;
+//! steps that never started stay Pending.
+//! ```
+//! The outside world (child exits, commits, timers, signals) enters one `select!` loop as
+//! [`Event`]s; nothing else mutates the engine's state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use needle_core::digest::{ArtifactDigest, StepKey};
+use needle_core::plan::{NodeInput, Plan};
+use needle_core::store::{
+    Attempt, AttemptResult, Execution, RunRecord, RunState, RunStep, StepCommit, StepRecord,
+    StepSpec, StepStatus, Store, StoreError, now_millis,
+};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::executor::{self, AttemptEnd, AttemptSpec, InputArtifacts};
+use crate::progress::Progress;
+use crate::scheduler::{Grant, Pool, ReadyQueue, Shape};
+
+/// What reaches the loop from outside.
+#[derive(Debug)]
+pub enum Event {
+    Spawned { node: usize, pid: u32 },
+    Ended(AttemptEnd),
+    Committed(Vec<(usize, Result<ArtifactDigest, String>)>),
+    RetryDue { node: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub gpus: Vec<u32>,
+    pub cpus: u32,
+    pub mem_mb: u64,
+    /// Step names whose instances execute even when cached.
+    pub force: BTreeSet<String>,
+}
+
+/// How a run ended, for the summary and the exit code.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunOutcome {
+    pub run: u64,
+    pub state: RunState,
+    pub executed: usize,
+    pub cached: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub interrupted: usize,
+    pub pending: usize,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Ready,
+    Running,
+    Committing,
+    Follower,
+    /// Terminal: see the run record's status.
+    Finished,
+}
+
+struct Running {
+    pid: Option<u32>,
+    grant: Grant,
+    started: Instant,
+}
+
+pub struct Engine {
+    store: Arc<Store>,
+    plan: Plan,
+    opts: EngineOptions,
+    record: RunRecord,
+    phase: Vec<Phase>,
+    outputs: Vec<Option<ArtifactDigest>>,
+    specs: Vec<Option<StepSpec>>,
+    missing: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    priority: Vec<u64>,
+    ready: ReadyQueue,
+    pool: Pool,
+    running: HashMap<usize, Running>,
+    /// Key → the node executing it; later nodes with the same key wait for it.
+    inflight: HashMap<StepKey, usize>,
+    followers: HashMap<usize, Vec<usize>>,
+    forced_done: HashSet<usize>,
+    committing: usize,
+    retries_pending: usize,
+    interrupts: u32,
+    events_tx: UnboundedSender<Event>,
+    events_rx: UnboundedReceiver<Event>,
+    commit_tx: Option<std::sync::mpsc::Sender<CommitJob>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+    progress: Box<dyn Progress>,
+    t0: Instant,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<Store>,
+        plan: Plan,
+        record: RunRecord,
+        opts: EngineOptions,
+        progress: Box<dyn Progress>,
+    ) -> Engine {
+        let n = plan.nodes.len();
+        let dependents = plan.dependents();
+        let priority = plan.remaining_path();
+        let missing = plan
+            .nodes
+            .iter()
+            .map(|node| {
+                node.inputs
+                    .values()
+                    .flat_map(NodeInput::nodes)
+                    .collect::<HashSet<_>>()
+                    .len()
+            })
+            .collect();
+        let (events_tx, events_rx) = unbounded_channel();
+        let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+        let committer = {
+            let store = store.clone();
+            let events = events_tx.clone();
+            std::thread::Builder::new()
+                .name("needle-commit".into())
+                .spawn(move || commit_loop(store, commit_rx, events))
+                .expect("spawning the commit thread")
+        };
+        let pool = Pool::new(&opts.gpus, opts.cpus, opts.mem_mb);
+        Engine {
+            store,
+            plan,
+            opts,
+            record,
+            phase: vec![Phase::Waiting; n],
+            outputs: vec![None; n],
+            specs: vec![None; n],
+            missing,
+            dependents,
+            priority,
+            ready: ReadyQueue::default(),
+            pool,
+            running: HashMap::new(),
+            inflight: HashMap::new(),
+            followers: HashMap::new(),
+            forced_done: HashSet::new(),
+            committing: 0,
+            retries_pending: 0,
+            interrupts: 0,
+            events_tx,
+            events_rx,
+            commit_tx: Some(commit_tx),
+            committer: Some(committer),
+            progress,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Run to the end (or to Ctrl-C). The run record is written before the first step starts
+    /// and again at the end.
+    pub async fn execute(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
+        self.store.put_run(&self.record)?;
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .expect("installing the SIGINT handler");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+
+        let roots: Vec<usize> = (0..self.plan.nodes.len())
+            .filter(|&i| self.missing[i] == 0)
+            .collect();
+        for i in roots {
+            self.resolve(i)?;
+        }
+        self.update_progress();
+
+        loop {
+            self.start_ready();
+            if self.running.is_empty() && self.committing == 0 && self.retries_pending == 0 {
+                break;
+            }
+            tokio::select! {
+                Some(ev) = self.events_rx.recv() => self.handle(ev)?,
+                _ = interrupt.recv() => self.interrupt(),
+                _ = terminate.recv() => self.interrupt(),
+                _ = tick.tick() => self.update_progress(),
+            }
+        }
+        self.finish()
+    }
+
+    fn handle(&mut self, ev: Event) -> Result<(), StoreError> {
+        match ev {
+            Event::Spawned { node, pid } => {
+                if let Some(r) = self.running.get_mut(&node) {
+                    r.pid = Some(pid);
+                    if self.interrupts > 0 {
+                        executor::kill_group(pid, libc::SIGTERM);
+                    }
+                }
+            }
+            Event::Ended(end) => self.on_attempt_end(end)?,
+            Event::Committed(results) => {
+                for (node, result) in results {
+                    self.committing -= 1;
+                    match result {
+                        Ok(output) => {
+                            self.record.steps[node].status = StepStatus::Succeeded { output };
+                            self.progress.finished(&self.record.steps[node], None);
+                            self.settle_followers(node, Ok(output));
+                            self.on_done(node, output)?;
+                        }
+                        Err(error) => {
+                            if let Some(last) = self.record.steps[node].attempts.last_mut() {
+                                last.result = AttemptResult::OutputError {
+                                    error: error.clone(),
+                                };
+                            }
+                            self.fail(node, format!("output not committed: {error}"));
+                        }
+                    }
+                }
+            }
+            Event::RetryDue { node } => {
+                self.retries_pending -= 1;
+                if self.interrupts > 0 {
+                    self.finish_node(node, StepStatus::Interrupted);
+                } else {
+                    self.push_ready(node);
+                }
+            }
+        }
+        self.update_progress();
+        Ok(())
+    }
+
+    /// Inputs done: compute the key, then cached, follower or ready.
+    fn resolve(&mut self, first: usize) -> Result<(), StoreError> {
+        let mut work = vec![first];
+        while let Some(i) = work.pop() {
+            let spec = self.plan.nodes[i]
+                .spec(|u| self.outputs[u])
+                .expect("resolve runs once every input has an output");
+            let key = spec.key();
+            self.record.steps[i].key = Some(key);
+            self.specs[i] = Some(spec);
+            let forced = self.opts.force.contains(&self.plan.nodes[i].name);
+
+            if let Some(&leader) = self.inflight.get(&key) {
+                self.phase[i] = Phase::Follower;
+                self.followers.entry(leader).or_default().push(i);
+                continue;
+            }
+            if !forced || self.forced_done.contains(&i) {
+                if let Some(rec) = self.store.step(&key)? {
+                    self.record.steps[i].status = StepStatus::Cached { output: rec.output };
+                    self.phase[i] = Phase::Finished;
+                    self.outputs[i] = Some(rec.output);
+                    self.progress.finished(&self.record.steps[i], None);
+                    work.extend(self.release_dependents(i));
+                    continue;
+                }
+            }
+            self.inflight.insert(key, i);
+            self.push_ready(i);
+        }
+        Ok(())
+    }
+
+    fn push_ready(&mut self, i: usize) {
+        self.phase[i] = Phase::Ready;
+        let shape = Shape::of(&self.plan.nodes[i].resources, self.opts.cpus);
+        self.ready.push(i, self.priority[i], shape);
+    }
+
+    /// Dependents whose last missing input was `i`.
+    fn release_dependents(&mut self, i: usize) -> Vec<usize> {
+        let mut now_ready = Vec::new();
+        for &d in &self.dependents[i] {
+            self.missing[d] -= 1;
+            if self.missing[d] == 0 && self.phase[d] == Phase::Waiting {
+                now_ready.push(d);
+            }
+        }
+        now_ready
+    }
+
+    fn on_done(&mut self, i: usize, output: ArtifactDigest) -> Result<(), StoreError> {
+        self.phase[i] = Phase::Finished;
+        self.outputs[i] = Some(output);
+        for d in self.release_dependents(i) {
+            self.resolve(d)?;
+        }
+        Ok(())
+    }
+
+    fn settle_followers(&mut self, leader: usize, result: Result<ArtifactDigest, &str>) {
+        let key = self.record.steps[leader].key.expect("a running node has a key");
+        self.inflight.remove(&key);
+        let Some(followers) = self.followers.remove(&leader) else {
+            return;
+        };
+        let leader_name = self.plan.nodes[leader].display_name();
+        for f in followers {
+            match result {
+                Ok(output) => {
+                    self.record.steps[f].status = StepStatus::Cached { output };
+                    self.progress.finished(&self.record.steps[f], None);
+                    // Errors surface when the follower's own dependents resolve.
+                    let _ = self.on_done(f, output);
+                }
+                Err(reason) => self.fail(f, format!("same step as `{leader_name}`, which {reason}")),
+            }
+        }
+    }
+
+    fn start_ready(&mut self) {
+        if self.interrupts > 0 {
+            return;
+        }
+        while let Some((i, shape)) = self.ready.pop_fitting(&self.pool) {
+            let grant = self.pool.take(shape).expect("pop_fitting checked the fit");
+            self.launch(i, grant);
+        }
+    }
+
+    fn launch(&mut self, i: usize, grant: Grant) {
+        let node = &self.plan.nodes[i];
+        let key = self.record.steps[i].key.expect("a ready node has a key");
+        let spec = self.specs[i].as_ref().expect("a ready node has a spec");
+        let attempt = self.record.steps[i].attempts.len() as u32 + 1;
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|(name, digests)| {
+                let input = match digests {
+                    needle_core::store::InputDigests::One(a) => InputArtifacts::One(*a),
+                    needle_core::store::InputDigests::Gather(members) => InputArtifacts::Gather(
+                        members.iter().map(|m| (m.label.clone(), m.artifact)).collect(),
+                    ),
+                };
+                (name.clone(), input)
+            })
+            .collect();
+        let attempt_spec = AttemptSpec {
+            node: i,
+            key,
+            run: self.record.id,
+            attempt,
+            step_name: node.name.clone(),
+            cmd: node.cmd.clone().unwrap_or_default(),
+            code: node.code.iter().map(|(p, d)| (p.clone(), *d)).collect(),
+            inputs,
+            params: node.params.clone(),
+            grant: grant.clone(),
+            timeout: node.timeout,
+            log_rel: Store::log_rel_path(&key, self.record.id, attempt),
+            recipe_dir: self.plan.recipe.source.dir.clone(),
+        };
+        self.phase[i] = Phase::Running;
+        self.record.steps[i].attempts.push(Attempt {
+            n: attempt,
+            started: now_millis(),
+            ended: 0,
+            result: AttemptResult::Interrupted,
+            gpus: grant.gpus.clone(),
+            log: attempt_spec.log_rel.clone(),
+        });
+        self.running.insert(
+            i,
+            Running {
+                pid: None,
+                grant,
+                started: Instant::now(),
+            },
+        );
+        self.progress.started(&self.record.steps[i], attempt);
+        tokio::spawn(executor::run_attempt(
+            self.store.clone(),
+            attempt_spec,
+            self.events_tx.clone(),
+        ));
+    }
+
+    fn on_attempt_end(&mut self, end: AttemptEnd) -> Result<(), StoreError> {
+        let i = end.node;
+        let running = self.running.remove(&i).expect("an attempt ends once");
+        self.pool.give_back(&running.grant);
+        let interrupted = self.interrupts > 0;
+        let result = if interrupted && end.result != AttemptResult::Success {
+            AttemptResult::Interrupted
+        } else {
+            end.result
+        };
+        let attempt = {
+            let a = self
+                .record
+                .steps[i]
+                .attempts
+                .last_mut()
+                .expect("launch recorded the attempt");
+            a.started = end.started;
+            a.ended = end.ended;
+            a.result = result.clone();
+            a.clone()
+        };
+
+        if result == AttemptResult::Success {
+            let staging = end.staging.expect("a successful attempt has a staging dir");
+            self.phase[i] = Phase::Committing;
+            self.committing += 1;
+            self.forced_done.insert(i);
+            let node = &self.plan.nodes[i];
+            let job = CommitJob {
+                node: i,
+                key: self.record.steps[i].key.expect("running node has a key"),
+                spec: self.specs[i].clone().expect("running node has a spec"),
+                record_id: node.id,
+                name: node.name.clone(),
+                bindings: node.bindings.clone(),
+                execution: Execution {
+                    run: self.record.id,
+                    attempt: attempt.n,
+                    started: attempt.started,
+                    ended: attempt.ended,
+                    output: ArtifactDigest::from_bytes([0; 32]),
+                    gpus: running.grant.gpus.clone(),
+                    cpus: running.grant.cpus,
+                    log: attempt.log.clone(),
+                },
+                staging,
+            };
+            self.commit_tx
+                .as_ref()
+                .expect("the committer lives until the end")
+                .send(job)
+                .expect("the commit thread is alive");
+            return Ok(());
+        }
+
+        if let Some(staging) = end.staging {
+            let _ = std::fs::remove_dir_all(staging);
+        }
+        let log_tail = tail(&self.store.path(&attempt.log), 12);
+        if interrupted {
+            self.finish_node(i, StepStatus::Interrupted);
+            let key = self.record.steps[i].key.expect("key");
+            self.inflight.remove(&key);
+            return Ok(());
+        }
+        let retries = self.plan.nodes[i].retries;
+        if attempt.n <= retries.count {
+            let delay = retries.delay_before(attempt.n + 1);
+            self.progress.retrying(&self.record.steps[i], &result, delay, &log_tail);
+            self.phase[i] = Phase::Waiting;
+            self.retries_pending += 1;
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(Event::RetryDue { node: i });
+            });
+        } else {
+            let reason = result.describe();
+            self.progress.failed(&self.record.steps[i], &reason, &log_tail);
+            self.fail(i, reason);
+        }
+        Ok(())
+    }
+
+    /// Mark `i` failed and every node downstream of it skipped.
+    fn fail(&mut self, i: usize, reason: String) {
+        if let Some(key) = self.record.steps[i].key {
+            if self.inflight.get(&key) == Some(&i) {
+                self.settle_followers(i, Err("failed"));
+            }
+        }
+        self.finish_node(i, StepStatus::Failed { reason });
+        let upstream = self.plan.nodes[i].display_name();
+        let mut stack = self.dependents[i].clone();
+        while let Some(d) = stack.pop() {
+            if self.phase[d] == Phase::Waiting {
+                self.finish_node(
+                    d,
+                    StepStatus::Skipped {
+                        upstream: upstream.clone(),
+                    },
+                );
+                stack.extend(self.dependents[d].iter().copied());
+            }
+        }
+    }
+
+    fn finish_node(&mut self, i: usize, status: StepStatus) {
+        self.phase[i] = Phase::Finished;
+        self.record.steps[i].status = status;
+        if !matches!(self.record.steps[i].status, StepStatus::Failed { .. }) {
+            self.progress.finished(&self.record.steps[i], None);
+        }
+    }
+
+    fn interrupt(&mut self) {
+        self.interrupts += 1;
+        let signal = if self.interrupts == 1 {
+            libc::SIGTERM
+        } else {
+            libc::SIGKILL
+        };
+        self.progress.interrupted(self.interrupts, self.running.len());
+        for node in self.ready.drain() {
+            self.phase[node] = Phase::Waiting;
+        }
+        for r in self.running.values() {
+            if let Some(pid) = r.pid {
+                executor::kill_group(pid, signal);
+            }
+        }
+    }
+
+    fn update_progress(&mut self) {
+        let running: Vec<(String, Duration)> = self
+            .running
+            .iter()
+            .map(|(&i, r)| (self.plan.nodes[i].display_name(), r.started.elapsed()))
+            .collect();
+        self.progress.update(&self.counts(), &running);
+    }
+
+    fn counts(&self) -> RunOutcome {
+        let mut o = RunOutcome {
+            run: self.record.id,
+            state: RunState::Running,
+            executed: 0,
+            cached: 0,
+            failed: 0,
+            skipped: 0,
+            interrupted: 0,
+            pending: 0,
+            duration_ms: self.t0.elapsed().as_millis() as u64,
+        };
+        for s in &self.record.steps {
+            match s.status {
+                StepStatus::Succeeded { .. } => o.executed += 1,
+                StepStatus::Cached { .. } => o.cached += 1,
+                StepStatus::Failed { .. } => o.failed += 1,
+                StepStatus::Skipped { .. } => o.skipped += 1,
+                StepStatus::Interrupted => o.interrupted += 1,
+                StepStatus::Pending => o.pending += 1,
+            }
+        }
+        o
+    }
+
+    fn finish(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
+        drop(self.commit_tx.take());
+        if let Some(handle) = self.committer.take() {
+            let _ = handle.join();
+        }
+        let mut outcome = self.counts();
+        outcome.state = if self.interrupts > 0 {
+            RunState::Interrupted
+        } else if outcome.failed > 0 || outcome.skipped > 0 || outcome.pending > 0 {
+            RunState::Failed
+        } else {
+            RunState::Succeeded
+        };
+        self.record.state = outcome.state;
+        self.record.ended = Some(now_millis());
+        self.store.put_run(&self.record)?;
+        self.progress.done(&outcome);
+        Ok((outcome, self.record))
+    }
+}
+
+/// Build the run record's step list from a plan.
+pub fn run_steps(plan: &Plan) -> Vec<RunStep> {
+    plan.nodes
+        .iter()
+        .map(|node| RunStep {
+            id: node.id,
+            name: node.name.clone(),
+            op: node.op.clone(),
+            bindings: node.bindings.clone(),
+            arms: node.arms.clone(),
+            inputs: node
+                .inputs
+                .iter()
+                .map(|(name, input)| (name.clone(), input.nodes()))
+                .collect::<BTreeMap<_, _>>(),
+            key: None,
+            status: StepStatus::Pending,
+            attempts: Vec::new(),
+        })
+        .collect()
+}
+
+/// The last `n` lines of a log, for failure messages.
+pub fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+struct CommitJob {
+    node: usize,
+    key: StepKey,
+    spec: StepSpec,
+    record_id: needle_core::digest::StepId,
+    name: String,
+    bindings: BTreeMap<String, needle_core::value::Value>,
+    execution: Execution,
+    staging: PathBuf,
+}
+
+/// The commit thread: absorbs outputs into blobs and records them, batching whatever is
+/// queued into one metadata transaction so that many short steps share one flush.
+fn commit_loop(
+    store: Arc<Store>,
+    jobs: std::sync::mpsc::Receiver<CommitJob>,
+    events: UnboundedSender<Event>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut commits = Vec::with_capacity(batch.len());
+        let mut committed_nodes = Vec::with_capacity(batch.len());
+        for job in batch {
+            match prepare_commit(&store, &job) {
+                Ok(commit) => {
+                    committed_nodes.push((job.node, commit.record.output));
+                    commits.push(commit);
+                }
+                Err(e) => results.push((job.node, Err(error_chain(&e)))),
+            }
+            let _ = std::fs::remove_dir_all(&job.staging);
+        }
+        match store.commit(&commits) {
+            Ok(()) => results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o)))),
+            Err(e) => {
+                let msg = error_chain(&e);
+                results.extend(committed_nodes.into_iter().map(|(n, _)| (n, Err(msg.clone()))));
+            }
+        }
+        if events.send(Event::Committed(results)).is_err() {
+            return;
+        }
+    }
+}
+
+fn prepare_commit(store: &Store, job: &CommitJob) -> Result<StepCommit, StoreError> {
+    let manifest = store.absorb_dir(&job.staging.join("out"))?;
+    let output = manifest.digest();
+    let mut execution = job.execution.clone();
+    execution.output = output;
+    let record = match store.step(&job.key)? {
+        // A forced re-execution: keep the history, point at the new output.
+        Some(mut existing) => {
+            existing.output = output;
+            existing.executions.push(execution);
+            existing
+        }
+        None => StepRecord {
+            key: job.key,
+            id: job.record_id,
+            name: job.name.clone(),
+            bindings: job.bindings.clone(),
+            spec: job.spec.clone(),
+            output,
+            executions: vec![execution],
+        },
+    };
+    Ok(StepCommit { record, manifest })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

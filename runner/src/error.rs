@@ -1,0 +1,92 @@
+//! The binary's one error type, and the exit codes it maps to.
+
+use std::io::IsTerminal;
+
+use needle_core::plan::PlanError;
+use needle_core::recipe::RecipeErrors;
+use needle_core::store::StoreError;
+
+/// Documented exit codes (`needle --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Every step succeeded or was cached.
+    Success = 0,
+    /// At least one step failed (its dependents were skipped).
+    StepFailed = 1,
+    /// Bad invocation or recipe; nothing was written to the store.
+    BadInput = 2,
+    /// The store is in use by another process, missing, or unreadable.
+    StoreUnavailable = 3,
+    /// Stopped by Ctrl-C.
+    Interrupted = 130,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Recipe(Box<RecipeErrors>),
+
+    /// A wrong argument or reference: what is wrong, and a hint where one helps.
+    #[error("{0}")]
+    Usage(String),
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<RecipeErrors> for CliError {
+    fn from(e: RecipeErrors) -> Self {
+        CliError::Recipe(Box::new(e))
+    }
+}
+
+impl CliError {
+    pub fn usage(msg: impl Into<String>) -> Self {
+        CliError::Usage(msg.into())
+    }
+
+    pub fn exit(&self) -> Exit {
+        match self {
+            CliError::Recipe(_) | CliError::Usage(_) | CliError::Plan(_) => Exit::BadInput,
+            CliError::Store(StoreError::Locked { .. })
+            | CliError::Store(StoreError::Missing { .. })
+            | CliError::Store(StoreError::Format { .. })
+            | CliError::Store(StoreError::Db(_))
+            | CliError::Store(StoreError::Corrupt { .. }) => Exit::StoreUnavailable,
+            CliError::Store(_) | CliError::Io { .. } => Exit::StepFailed,
+        }
+    }
+
+    /// Print to stderr: recipe errors as labelled snippets on a terminal, plain
+    /// `file:line:col: error: …` lines otherwise; other errors with their chain of causes.
+    pub fn report(&self) {
+        match self {
+            CliError::Recipe(errors) => {
+                if std::io::stderr().is_terminal() {
+                    eprintln!("{:?}", miette::Report::new((**errors).clone()));
+                } else {
+                    eprint!("{}", errors.render_plain());
+                }
+            }
+            other => {
+                let mut msg = format!("error: {other}");
+                let mut source = std::error::Error::source(other);
+                while let Some(s) = source {
+                    msg.push_str(&format!("\n  caused by: {s}"));
+                    source = s.source();
+                }
+                eprintln!("{msg}");
+            }
+        }
+    }
+}

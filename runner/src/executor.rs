@@ -1,0 +1,325 @@
+//! The local executor: one attempt of one step, as a child process.
+//!
+//! The child gets a fresh working directory holding a copy of its `code` files (the bytes
+//! whose digests are in its key), an empty `$NEEDLE_OUT`, read-only views of its inputs, its
+//! params, a seed and its GPU ids. It runs in its own process group, so Ctrl-C in the terminal
+//! reaches the runner alone, and the runner stops the whole group cleanly.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use needle_core::digest::{ArtifactDigest, BlobDigest, StepKey};
+use needle_core::store::{AttemptResult, Store, now_millis};
+use needle_core::value::{Value, render_plain};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::Event;
+use crate::scheduler::Grant;
+
+/// How long a process group gets between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything one attempt needs. Built by the engine, consumed by [`run_attempt`].
+#[derive(Debug, Clone)]
+pub struct AttemptSpec {
+    pub node: usize,
+    pub key: StepKey,
+    pub run: u64,
+    pub attempt: u32,
+    pub step_name: String,
+    /// argv; a first element with a `/` is resolved against the working directory.
+    pub cmd: Vec<String>,
+    /// (relative path, blob) of each code file, copied into the working directory.
+    pub code: Vec<(String, BlobDigest)>,
+    pub inputs: BTreeMap<String, InputArtifacts>,
+    pub params: BTreeMap<String, Value>,
+    pub grant: Grant,
+    pub timeout: Option<Duration>,
+    /// Relative to the store root.
+    pub log_rel: String,
+    pub recipe_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub enum InputArtifacts {
+    One(ArtifactDigest),
+    /// (label, artifact) per gathered instance.
+    Gather(Vec<(String, ArtifactDigest)>),
+}
+
+/// How an attempt ended, sent to the engine as [`Event::Ended`].
+#[derive(Debug)]
+pub struct AttemptEnd {
+    pub node: usize,
+    pub result: AttemptResult,
+    pub started: u64,
+    pub ended: u64,
+    /// The staging directory; on success its `out/` is the output to absorb.
+    pub staging: Option<PathBuf>,
+}
+
+/// Prepare, spawn and wait for one attempt. Never fails: a problem becomes the attempt's
+/// result. Sends [`Event::Spawned`] with the child's pid once it runs, then [`Event::Ended`].
+pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
+    let node = spec.node;
+    let started = now_millis();
+    let prep_store = store.clone();
+    let prep_spec = spec.clone();
+    let prepared = tokio::task::spawn_blocking(move || prepare(&prep_store, &prep_spec))
+        .await
+        .unwrap_or_else(|e| Err(format!("preparation panicked: {e}")));
+    let (staging, mut command, log) = match prepared {
+        Ok(p) => p,
+        Err(error) => {
+            let _ = events.send(Event::Ended(AttemptEnd {
+                node,
+                result: AttemptResult::SpawnFailed { error },
+                started,
+                ended: now_millis(),
+                staging: None,
+            }));
+            return;
+        }
+    };
+
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let error = format!("`{}`: {e}", spec.cmd[0]);
+            let _ = append_log(&log, &format!("needle: could not start {error}\n"));
+            let _ = events.send(Event::Ended(AttemptEnd {
+                node,
+                result: AttemptResult::SpawnFailed { error },
+                started,
+                ended: now_millis(),
+                staging: Some(staging),
+            }));
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let _ = events.send(Event::Spawned { node, pid });
+
+    let t0 = Instant::now();
+    let status = match spec.timeout {
+        None => child.wait().await,
+        Some(limit) => match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                stop_group(pid, &mut child).await;
+                let after_ms = t0.elapsed().as_millis() as u64;
+                let _ = append_log(
+                    &log,
+                    &format!("needle: timed out after {}\n", humantime::format_duration(limit)),
+                );
+                let _ = events.send(Event::Ended(AttemptEnd {
+                    node,
+                    result: AttemptResult::TimedOut { after_ms },
+                    started,
+                    ended: now_millis(),
+                    staging: Some(staging),
+                }));
+                return;
+            }
+        },
+    };
+    // The step's own children may outlive it; they belong to its group and go with it.
+    kill_group(pid, libc::SIGKILL);
+
+    let result = match status {
+        Ok(s) => exit_result(s),
+        Err(e) => AttemptResult::SpawnFailed {
+            error: format!("waiting for the process failed: {e}"),
+        },
+    };
+    let _ = events.send(Event::Ended(AttemptEnd {
+        node,
+        result,
+        started,
+        ended: now_millis(),
+        staging: Some(staging),
+    }));
+}
+
+fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(0), _) => AttemptResult::Success,
+        (Some(code), _) => AttemptResult::Failed { code },
+        (None, Some(signal)) => AttemptResult::Signaled { signal },
+        (None, None) => AttemptResult::Failed { code: -1 },
+    }
+}
+
+/// SIGTERM the group, then SIGKILL it if it is still there after [`KILL_GRACE`].
+async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
+    kill_group(pid, libc::SIGTERM);
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        kill_group(pid, libc::SIGKILL);
+        let _ = child.wait().await;
+    }
+}
+
+/// Signal the process group led by `pid` (each step leads its own group).
+pub fn kill_group(pid: u32, signal: i32) {
+    if pid > 1 {
+        // SAFETY: kill(2) with a negative pid signals a process group; it has no memory effects.
+        unsafe {
+            libc::kill(-(pid as i32), signal);
+        }
+    }
+}
+
+fn append_log(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
+/// Staging layout: `out/` (the output), `work/` (the working directory, with code copies),
+/// `in/<name>/` (gather inputs: one link per member).
+fn prepare(
+    store: &Store,
+    spec: &AttemptSpec,
+) -> Result<(PathBuf, tokio::process::Command, PathBuf), String> {
+    let staging = store.new_staging().map_err(|e| e.to_string())?;
+    let out = staging.join("out");
+    let work = staging.join("work");
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
+    fs::create_dir(&out).map_err(|e| io("could not create", &out, e))?;
+    fs::create_dir(&work).map_err(|e| io("could not create", &work, e))?;
+
+    for (rel, blob) in &spec.code {
+        let dest = work.join(rel);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(|e| io("could not create", parent, e))?;
+        }
+        fs::copy(store.blob_path(blob), &dest).map_err(|e| io("could not copy code to", &dest, e))?;
+        // Blobs are read-only; the copy should behave like the user's file.
+        let mode = if is_executable(&spec.recipe_dir.join(rel)) { 0o755 } else { 0o644 };
+        set_mode(&dest, mode).map_err(|e| io("could not chmod", &dest, e))?;
+    }
+
+    let log = store.path(&spec.log_rel);
+    if let Some(parent) = log.parent() {
+        fs::create_dir_all(parent).map_err(|e| io("could not create", parent, e))?;
+    }
+    let log_file = fs::File::create(&log).map_err(|e| io("could not create", &log, e))?;
+    let log_err = log_file.try_clone().map_err(|e| io("could not open", &log, e))?;
+
+    let program = {
+        let first = &spec.cmd[0];
+        if first.contains('/') && !first.starts_with('/') {
+            work.join(first)
+        } else {
+            PathBuf::from(first)
+        }
+    };
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&spec.cmd[1..])
+        .current_dir(&work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(log_err))
+        .process_group(0)
+        .kill_on_drop(true);
+
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("NEEDLE_")) {
+            cmd.env_remove(&k);
+        }
+    }
+    for (name, input) in &spec.inputs {
+        let dir = match input {
+            InputArtifacts::One(a) => store.view(a).map_err(|e| e.to_string())?,
+            InputArtifacts::Gather(members) => gather_dir(store, &staging, name, members)?,
+        };
+        cmd.env(format!("NEEDLE_IN_{}", env_name(name)), dir);
+    }
+    for (name, v) in &spec.params {
+        cmd.env(format!("NEEDLE_PARAM_{}", env_name(name)), render_plain(v));
+    }
+    let params = Value::Object(spec.params.clone().into_iter().collect());
+    let gpus: Vec<String> = spec.grant.gpus.iter().map(u32::to_string).collect();
+    cmd.env("NEEDLE_PARAMS", needle_core::canonical::to_string(&params))
+        .env("NEEDLE_OUT", &out)
+        .env("NEEDLE_SEED", spec.key.seed().to_string())
+        .env("NEEDLE_KEY", spec.key.hex())
+        .env("NEEDLE_STEP", &spec.step_name)
+        .env("NEEDLE_RUN", spec.run.to_string())
+        .env("NEEDLE_ATTEMPT", spec.attempt.to_string())
+        .env("NEEDLE_RECIPE_DIR", &spec.recipe_dir)
+        .env("NEEDLE_CPUS", spec.grant.cpus.to_string())
+        .env("OMP_NUM_THREADS", spec.grant.cpus.to_string())
+        .env("CUDA_VISIBLE_DEVICES", gpus.join(","));
+    Ok((staging, cmd, log))
+}
+
+/// A directory with one entry per gathered artifact (a symlink to its view, named by the
+/// member's bindings) and an `index.json` listing them in order.
+fn gather_dir(
+    store: &Store,
+    staging: &Path,
+    name: &str,
+    members: &[(String, ArtifactDigest)],
+) -> Result<PathBuf, String> {
+    let dir = staging.join("in").join(name);
+    fs::create_dir_all(&dir).map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
+    let mut index = Vec::with_capacity(members.len());
+    for (label, artifact) in members {
+        let view = store.view(artifact).map_err(|e| e.to_string())?;
+        let entry = label.replace('/', "_");
+        std::os::unix::fs::symlink(&view, dir.join(&entry))
+            .map_err(|e| format!("could not link gather member `{label}`: {e}"))?;
+        index.push(serde_json::json!({
+            "label": label,
+            "dir": entry,
+            "artifact": artifact.hex(),
+        }));
+    }
+    let text = serde_json::to_string_pretty(&index).expect("json");
+    fs::write(dir.join("index.json"), text)
+        .map_err(|e| format!("could not write gather index: {e}"))?;
+    Ok(dir)
+}
+
+/// `data-set.v2` → `DATA_SET_V2`.
+pub fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names() {
+        assert_eq!(env_name("data"), "DATA");
+        assert_eq!(env_name("data-set.v2"), "DATA_SET_V2");
+    }
+}

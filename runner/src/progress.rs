@@ -1,0 +1,201 @@
+//! What the user sees while a run goes: a live status line on a terminal (indicatif), plain
+//! lines otherwise. Everything goes to stderr, so `--json` output on stdout stays clean.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use needle_core::recipe::bindings_label;
+use needle_core::store::{AttemptResult, RunStep, StepStatus, fmt_ms};
+
+use crate::engine::RunOutcome;
+
+pub trait Progress: Send {
+    fn started(&mut self, step: &RunStep, attempt: u32);
+    /// A step reached a terminal state other than failure.
+    fn finished(&mut self, step: &RunStep, note: Option<&str>);
+    fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]);
+    fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]);
+    fn interrupted(&mut self, count: u32, running: usize);
+    fn update(&mut self, counts: &RunOutcome, running: &[(String, Duration)]);
+    fn done(&mut self, outcome: &RunOutcome);
+}
+
+/// The live display on a terminal, plain lines elsewhere.
+pub fn for_stderr(total: usize) -> Box<dyn Progress> {
+    if std::io::stderr().is_terminal() {
+        Box::new(Live::new(total))
+    } else {
+        Box::new(Plain { total, finished: 0 })
+    }
+}
+
+pub fn step_label(step: &RunStep) -> String {
+    if step.bindings.is_empty() {
+        step.name.clone()
+    } else {
+        format!("{}[{}]", step.name, bindings_label(&step.bindings))
+    }
+}
+
+fn attempt_duration(step: &RunStep) -> Option<String> {
+    step.attempts
+        .last()
+        .filter(|a| a.ended >= a.started && a.ended > 0)
+        .map(|a| fmt_ms(a.ended - a.started))
+}
+
+fn failure_text(step: &RunStep, reason: &str, log: &[String]) -> String {
+    let mut s = format!("failed  {}: {reason}", step_label(step));
+    if let Some(a) = step.attempts.last() {
+        s.push_str(&format!("\n        log: {}", a.log));
+    }
+    for line in log {
+        s.push_str(&format!("\n        | {line}"));
+    }
+    s
+}
+
+struct Plain {
+    total: usize,
+    finished: usize,
+}
+
+impl Progress for Plain {
+    fn started(&mut self, step: &RunStep, attempt: u32) {
+        let again = if attempt > 1 {
+            format!(" (attempt {attempt})")
+        } else {
+            String::new()
+        };
+        eprintln!("start   {}{again}", step_label(step));
+    }
+
+    fn finished(&mut self, step: &RunStep, note: Option<&str>) {
+        self.finished += 1;
+        // Cached steps are counted in the summary; a line each would bury what ran.
+        if let StepStatus::Succeeded { output } = &step.status {
+            let took = attempt_duration(step).unwrap_or_default();
+            eprintln!(
+                "done    {} {took} -> {} [{}/{}]",
+                step_label(step),
+                output.short(),
+                self.finished,
+                self.total
+            );
+        } else if matches!(
+            step.status,
+            StepStatus::Skipped { .. } | StepStatus::Interrupted
+        ) {
+            eprintln!("{:<7} {}{}", step.status.label(), step_label(step), note.unwrap_or(""));
+        }
+    }
+
+    fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]) {
+        eprintln!(
+            "{}\n        retrying in {}",
+            failure_text(step, &result.describe(), log),
+            humantime::format_duration(delay)
+        );
+    }
+
+    fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]) {
+        self.finished += 1;
+        eprintln!("{}", failure_text(step, reason, log));
+    }
+
+    fn interrupted(&mut self, count: u32, running: usize) {
+        if count == 1 {
+            eprintln!("interrupted: stopping {running} running step(s) (Ctrl-C again to kill)");
+        } else {
+            eprintln!("killing {running} running step(s)");
+        }
+    }
+
+    fn update(&mut self, _counts: &RunOutcome, _running: &[(String, Duration)]) {}
+
+    fn done(&mut self, _outcome: &RunOutcome) {}
+}
+
+struct Live {
+    bar: ProgressBar,
+}
+
+impl Live {
+    fn new(total: usize) -> Live {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} {msg}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Live { bar }
+    }
+}
+
+impl Progress for Live {
+    fn started(&mut self, _step: &RunStep, _attempt: u32) {}
+
+    fn finished(&mut self, step: &RunStep, _note: Option<&str>) {
+        self.bar.inc(1);
+        if let StepStatus::Succeeded { .. } = step.status {
+            let took = attempt_duration(step).unwrap_or_default();
+            self.bar.println(format!("done    {} {took}", step_label(step)));
+        }
+    }
+
+    fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]) {
+        self.bar.println(format!(
+            "{}\n        retrying in {}",
+            failure_text(step, &result.describe(), log),
+            humantime::format_duration(delay)
+        ));
+    }
+
+    fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]) {
+        self.bar.inc(1);
+        self.bar.println(failure_text(step, reason, log));
+    }
+
+    fn interrupted(&mut self, count: u32, running: usize) {
+        let msg = if count == 1 {
+            format!("interrupted: stopping {running} running step(s) (Ctrl-C again to kill)")
+        } else {
+            format!("killing {running} running step(s)")
+        };
+        self.bar.println(msg);
+    }
+
+    fn update(&mut self, c: &RunOutcome, running: &[(String, Duration)]) {
+        let mut msg = format!(
+            "done {} · cached {} · running {} · failed {}",
+            c.executed,
+            c.cached,
+            running.len(),
+            c.failed
+        );
+        if c.skipped > 0 {
+            msg.push_str(&format!(" · skipped {}", c.skipped));
+        }
+        let mut longest: Vec<&(String, Duration)> = running.iter().collect();
+        longest.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+        let names: Vec<String> = longest
+            .iter()
+            .take(3)
+            .map(|(n, d)| format!("{n} {}", fmt_ms(d.as_millis() as u64)))
+            .collect();
+        if !names.is_empty() {
+            msg.push_str(" │ ");
+            msg.push_str(&names.join(", "));
+            if running.len() > 3 {
+                msg.push_str(&format!(" +{}", running.len() - 3));
+            }
+        }
+        self.bar.set_message(msg);
+    }
+
+    fn done(&mut self, _outcome: &RunOutcome) {
+        self.bar.finish_and_clear();
+    }
+}
