@@ -1,0 +1,39 @@
+# needle: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+NEEDLE := target/release/needle
+
+.PHONY: all deps build demo test bench lint fmt clean-demo
+
+all: build
+
+## Install what is missing (system packages only where absent).
+deps:
+	@scripts/setup.sh
+
+## Build target/release/needle (runs with no extra environment).
+build: deps
+	$(CARGO) build --release --locked -p needle-runner
+	@echo "built $(NEEDLE)"
+
+## Build and run the demo recipe; prints where its results are.
+demo: build
+	@scripts/demo.sh
+
+## Build and run every test (unit, property, snapshot and end-to-end).
+test: deps
+	$(CARGO) test --workspace --locked
+
+## Benchmarks (not tests): see BENCHMARKS.md.
+bench: build
+	bench/run.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean-demo:
+	rm -rf .needle

@@ -1,0 +1,101 @@
+//! A temporary project directory with a store, and helpers to run needle in it.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project {
+            dir: tempfile::tempdir().expect("a temp dir"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path(".needle")
+    }
+
+    /// Write a file (creating parents), returning its path.
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `needle ARGS` in the project directory, with the store there.
+    pub fn needle(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("needle runs")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.current_dir(self.dir.path())
+            .env("NEEDLE_STORE", self.store())
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .args(args);
+        c
+    }
+
+    /// `needle ARGS --json`, asserting the exit code, parsing stdout.
+    pub fn json(&self, args: &[&str], code: i32) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        let out = self.needle(&all);
+        assert_code(&out, code);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Lines of a file steps append to, to count what really executed.
+    pub fn lines(&self, rel: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path(rel))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_needle"))
+}
+
+pub fn assert_code(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit code {code}\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The steps of a `run --json` or `status --json` answer with this name.
+pub fn steps_named<'a>(v: &'a Value, name: &str) -> Vec<&'a Value> {
+    v["steps"]
+        .as_array()
+        .expect("steps[]")
+        .iter()
+        .filter(|s| s["name"] == name)
+        .collect()
+}

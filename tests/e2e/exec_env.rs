@@ -1,0 +1,71 @@
+//! What an `exec` step sees: its params, inputs, seed, GPUs and a fresh directory.
+
+use crate::common::*;
+
+#[test]
+fn exec_steps_get_params_inputs_seed_and_a_fresh_dir() {
+    let p = Project::new();
+    p.write("tools/emit.py", "import json, os\nprint('code copy present')\n");
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "env"
+
+[steps.up]
+op = "exec"
+cmd = ["sh", "-c", "echo hello > \"$NEEDLE_OUT/greeting\"; mkdir \"$NEEDLE_OUT/empty\""]
+
+[steps.look]
+op = "exec"
+cmd = ["sh", "-c", "env | grep -E '^(NEEDLE_|CUDA_VISIBLE_DEVICES)' | sort > \"$NEEDLE_OUT/env\"; ls -A > \"$NEEDLE_OUT/workdir\"; ls -A tools > \"$NEEDLE_OUT/tools\"; cat \"$NEEDLE_IN_GREETING_DIR/greeting\" > \"$NEEDLE_OUT/read\";"]
+code = ["tools"]
+inputs = { greeting-dir = "up" }
+params = { lr = 0.001, steps = 100, name = "a b", flags = [1, 2], on = true }
+"#,
+    );
+    let run = p.json(&["run", "recipe.toml"], 0);
+    let look = steps_named(&run, "look")[0];
+    let show = p.json(&["show", look["output"].as_str().unwrap()], 0);
+    let view = std::path::PathBuf::from(show["view"].as_str().unwrap());
+    let read = |f: &str| std::fs::read_to_string(view.join(f)).unwrap();
+
+    let env = read("env");
+    assert!(env.contains("NEEDLE_PARAM_LR=0.001\n"), "{env}");
+    assert!(env.contains("NEEDLE_PARAM_STEPS=100\n"), "{env}");
+    assert!(env.contains("NEEDLE_PARAM_NAME=a b\n"), "{env}");
+    assert!(env.contains("NEEDLE_PARAM_FLAGS=[1,2]\n"), "{env}");
+    assert!(env.contains("NEEDLE_PARAM_ON=true\n"), "{env}");
+    assert!(
+        env.contains(r#"NEEDLE_PARAMS={"flags":[1,2],"lr":0.001,"name":"a b","on":true,"steps":100}"#),
+        "{env}"
+    );
+    assert!(env.contains("NEEDLE_SEED="), "{env}");
+    assert!(env.contains("NEEDLE_IN_GREETING_DIR="), "{env}");
+    assert!(env.contains("CUDA_VISIBLE_DEVICES=\n"), "no GPU asked, none visible: {env}");
+    assert_eq!(read("read"), "hello\n");
+    assert_eq!(read("workdir"), "tools\n", "a fresh dir holding only the code copies");
+    assert_eq!(read("tools"), "emit.py\n");
+
+    // The upstream's empty directory is part of its artifact.
+    let up = steps_named(&run, "up")[0];
+    let up_show = p.json(&["show", up["output"].as_str().unwrap()], 0);
+    let files: Vec<&str> = up_show["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(files, ["empty", "greeting"]);
+}
+
+#[test]
+fn the_seed_is_stable_per_key() {
+    let p = Project::new();
+    let recipe = r#"
+[recipe]
+name = "seed"
+[steps.s]
+op = "exec"
+cmd = ["sh", "-c", "echo $NEEDLE_SEED > \"$NEEDLE_OUT/seed\""]
+"#;
+    p.write("recipe.toml", recipe);
+    let a = p.json(&["run", "recipe.toml"], 0);
+    let b = p.json(&["run", "recipe.toml", "--force", "s"], 0);
+    assert_eq!(a["steps"][0]["output"], b["steps"][0]["output"], "same key, same seed, same bytes");
+}

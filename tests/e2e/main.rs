@@ -1,0 +1,11 @@
+//! End-to-end tests: they drive the real `needle` binary on temporary stores and check exit
+//! codes, output, and what the steps themselves observed.
+
+mod common;
+
+mod errors;
+mod exec_env;
+mod failures;
+mod lineage;
+mod resources;
+mod sweep;
