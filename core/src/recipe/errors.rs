@@ -15,16 +15,30 @@ use super::RecipeSource;
 /// Messages are lowercase, with the user's values in backticks; `help` carries a hint such as
 /// ``did you mean `params`?``. A diagnostic without a span (a bad `--set`) is about the recipe
 /// as a whole.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct RecipeDiagnostic {
     pub message: String,
-    #[label("{label}")]
     pub span: Option<miette::SourceSpan>,
     /// Short text drawn under the span; empty draws the underline alone.
     pub label: String,
-    #[help]
     pub help: Option<String>,
+}
+
+impl miette::Diagnostic for RecipeDiagnostic {
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        let span = self.span?;
+        let text = (!self.label.is_empty()).then(|| self.label.clone());
+        Some(Box::new(std::iter::once(
+            miette::LabeledSpan::new_with_span(text, span),
+        )))
+    }
 }
 
 impl RecipeDiagnostic {
@@ -175,14 +189,31 @@ pub(crate) fn closest<'a>(
     name: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
-    let limit = (name.chars().count() / 3).max(2);
-    candidates
-        .into_iter()
-        .filter(|c| *c != name)
-        .map(|c| (strsim::damerau_levenshtein(name, c), c))
-        .filter(|(d, c)| *d <= limit && *d < name.chars().count().max(c.chars().count()))
+    let len = name.chars().count();
+    let limit = (len / 3).max(1);
+    let candidates: Vec<&str> = candidates.into_iter().filter(|c| *c != name).collect();
+    let by_distance = candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(name, c), *c))
+        .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
+        .map(|(_, c)| c);
+    // `mem` for `mem_gb`: a truncated name is a typo too.
+    by_distance.or_else(|| {
+        candidates
+            .iter()
+            .find(|c| len >= 2 && c.starts_with(name))
+            .copied()
+    })
+}
+
+/// Drop repeated diagnostics, then order them: those without a span (about the invocation)
+/// first, then by position in the file.
+pub(crate) fn tidy(mut errors: Vec<RecipeDiagnostic>) -> Vec<RecipeDiagnostic> {
+    let mut seen = std::collections::HashSet::new();
+    errors.retain(|d| seen.insert((d.range().map(|r| (r.start, r.end)), d.message.clone())));
+    errors.sort_by_key(|d| d.range().map(|r| r.start));
+    errors
 }
 
 /// ``did you mean `x`?`` when a candidate is close to `name`.
@@ -224,5 +255,7 @@ mod tests {
         assert_eq!(closest("resorces", keys), Some("resources"));
         assert_eq!(closest("zzz", keys), None);
         assert_eq!(closest("lr", ["lr_", "arch"]), Some("lr_"));
+        assert_eq!(closest("arc", ["lr", "size"]), None);
+        assert_eq!(closest("mem", ["gpus", "mem_gb"]), Some("mem_gb"));
     }
 }

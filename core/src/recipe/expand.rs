@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use super::*;
-use crate::ops::{OpCatalog, ParamsSchema};
+use crate::ops::{OpCatalog, ParamsSchema, TypeMismatch};
 use crate::value::render_plain;
 
 /// Expand the sweep of a parsed recipe. Errors: too many arms or instances, no arm left, and
@@ -33,7 +33,6 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
     let mut arm_instance: Vec<Vec<u32>> = vec![Vec::new(); n_steps];
     let mut instances: Vec<Instance> = Vec::new();
     let mut errors: Vec<RecipeDiagnostic> = Vec::new();
-    let mut seen_errors: HashSet<(Option<(usize, usize)>, String)> = HashSet::new();
 
     for &s in &order {
         let step = &recipe.steps[s];
@@ -147,21 +146,7 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                 }) {
                     match spec.ty.check(&value) {
                         Ok(v) => value = v,
-                        Err(m) => {
-                            let span = step.param_spans.get(pname).unwrap_or(&step.span);
-                            let message = format!(
-                                "param `{pname}` of op `{}` expects {}, found {}",
-                                step.op, m.expected, m.found
-                            );
-                            if seen_errors.insert((Some((span.start, span.end)), message.clone())) {
-                                let mut diag = RecipeDiagnostic::at(span.clone(), message);
-                                if !bindings.is_empty() {
-                                    diag = diag
-                                        .with_help(format!("when {}", bindings_label(&bindings)));
-                                }
-                                errors.push(diag);
-                            }
-                        }
+                        Err(m) => errors.push(type_error(step, pname, template, &m, &bindings)),
                     }
                 }
                 params.insert(pname.clone(), value);
@@ -204,12 +189,43 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
     }
 
     if !errors.is_empty() {
-        return Err(fail(errors));
+        return Err(fail(super::errors::tidy(errors)));
     }
     Ok(Expansion {
         arms: table.arms,
         instances,
     })
+}
+
+/// A param whose value, once vars are substituted, does not fit its type. The help names the
+/// swept values that produced it.
+fn type_error(
+    step: &StepDef,
+    pname: &str,
+    template: &Value,
+    m: &TypeMismatch,
+    bindings: &BTreeMap<String, Value>,
+) -> RecipeDiagnostic {
+    let span = step.param_spans.get(pname).unwrap_or(&step.span);
+    let diag = RecipeDiagnostic::at(
+        span.clone(),
+        format!(
+            "param `{pname}` of op `{}` expects {}, found {}",
+            step.op, m.expected, m.found
+        ),
+    );
+    let mut used = Vec::new();
+    super::template::value_vars(template, &mut used);
+    let why: BTreeMap<String, Value> = bindings
+        .iter()
+        .filter(|(k, _)| used.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if why.is_empty() {
+        diag
+    } else {
+        diag.with_help(format!("when {}", bindings_label(&why)))
+    }
 }
 
 /// Upstream instances (global indices, in order) by the key of their shared bindings.

@@ -62,7 +62,7 @@ pub fn parse(
         errors: Vec::new(),
     };
     let parsed = p.document();
-    let errors = finish_errors(p.errors);
+    let errors = super::errors::tidy(p.errors);
     match parsed {
         Some(parts) if errors.is_empty() => Ok(Recipe {
             name: parts.name,
@@ -83,14 +83,6 @@ pub(crate) fn value_from_cli(raw: &str) -> Value {
         .ok()
         .and_then(|v| to_value(&v, &mut Vec::new()))
         .unwrap_or_else(|| Value::String(raw.to_string()))
-}
-
-/// Dedupe, then order: errors without a span (about the invocation) first, then by position.
-fn finish_errors(mut errors: Vec<RecipeDiagnostic>) -> Vec<RecipeDiagnostic> {
-    let mut seen = BTreeSet::new();
-    errors.retain(|d| seen.insert((d.range().map(|r| (r.start, r.end)), d.message.clone())));
-    errors.sort_by_key(|d| d.range().map(|r| r.start));
-    errors
 }
 
 /// What a valid file yields, before it is joined with its source.
@@ -126,6 +118,8 @@ struct SweepDraft {
     keys: BTreeMap<String, Range<usize>>,
     /// Var → span of its key in an `exclude` or `include` entry, for each entry.
     bindings: Vec<(&'static str, Spans)>,
+    /// Vars swept by a list already reported as malformed: defined, but not checked further.
+    broken: BTreeSet<String>,
 }
 
 fn key_str<'k>(k: &'k Key<'_>) -> &'k str {
@@ -259,7 +253,15 @@ impl<'a> Parser<'a> {
         if !syntax.is_empty() {
             for e in syntax {
                 let d = match e.span() {
-                    Some(span) => RecipeDiagnostic::at(span, e.message()),
+                    Some(span) => {
+                        let message = match text.get(span.clone()) {
+                            Some(key) if e.message() == "duplicate key" && !key.is_empty() => {
+                                format!("duplicate key `{key}`")
+                            }
+                            _ => e.message().to_string(),
+                        };
+                        RecipeDiagnostic::at(span, message)
+                    }
                     None => RecipeDiagnostic::whole(e.message()),
                 };
                 self.errors.push(d);
@@ -284,7 +286,10 @@ impl<'a> Parser<'a> {
                     } else {
                         format!("unknown top-level key `{other}`")
                     };
-                    let help = did_you_mean(other, TOP_KEYS.iter().copied()).or_else(|| {
+                    let under_recipe = RECIPE_KEYS.contains(&other) && !v.get_ref().is_table();
+                    let help = did_you_mean(other, TOP_KEYS.iter().copied())
+                        .or_else(|| under_recipe.then(|| format!("put `{other}` under `[recipe]`")))
+                        .or_else(|| {
                         Some(
                             "a recipe has the tables `[recipe]`, `[vars]`, `[sweep]` and `[steps.NAME]`"
                                 .to_string(),
@@ -382,9 +387,9 @@ impl<'a> Parser<'a> {
             if !self.var_name_ok(name, k.span()) {
                 continue;
             }
-            if let Some(x) = self.value(val) {
-                vars.insert(name.to_string(), x);
-            }
+            // A value that failed to convert is reported; the var still counts as defined.
+            let x = self.value(val).unwrap_or(Value::Null);
+            vars.insert(name.to_string(), x);
         }
         vars
     }
@@ -423,8 +428,15 @@ impl<'a> Parser<'a> {
             match key {
                 "zip" => {
                     for group in self.array_of_tables(k, val) {
-                        if let Some(axis) = self.zip_group(group, &mut draft.keys) {
-                            zip_axes.push(axis);
+                        match self.zip_group(group, &mut draft.keys) {
+                            Some(axis) => zip_axes.push(axis),
+                            None => {
+                                if let DeValue::Table(t) = group.get_ref() {
+                                    draft
+                                        .broken
+                                        .extend(t.keys().map(|k| key_str(k).to_string()));
+                                }
+                            }
                         }
                     }
                 }
@@ -443,6 +455,7 @@ impl<'a> Parser<'a> {
                         continue;
                     }
                     let Some(values) = self.sweep_list(key, val) else {
+                        draft.broken.insert(key.to_string());
                         continue;
                     };
                     if self.first_sweep(key, k.span(), &mut draft.keys) {
@@ -772,6 +785,17 @@ impl<'a> Parser<'a> {
         clean
     }
 
+    /// The span of a `${var}` inside the string `s` written at `span`: exact when the string
+    /// is written as it reads (no escapes, one line), else the whole string.
+    fn ref_span(&self, s: &str, span: &Range<usize>, within: &Range<usize>) -> Range<usize> {
+        match self.source.text.get(span.clone()) {
+            Some(raw) if raw.len() == s.len() + 2 && &raw[1..raw.len() - 1] == s => {
+                span.start + 1 + within.start..span.start + 1 + within.end
+            }
+            _ => span.clone(),
+        }
+    }
+
     /// Check the templates of every string in `v`, collecting their references.
     fn templates(&mut self, v: &Node<'_>, refs: &mut Vec<(String, Range<usize>)>) -> bool {
         let mut all = Vec::new();
@@ -779,7 +803,12 @@ impl<'a> Parser<'a> {
         let mut ok = true;
         for (s, span) in all {
             match super::template::check(s) {
-                Ok(found) => refs.extend(found.into_iter().map(|r| (r.name, span.clone()))),
+                Ok(found) => {
+                    for r in found {
+                        let at = self.ref_span(s, &span, &r.range);
+                        refs.push((r.name, at));
+                    }
+                }
                 Err(e) => {
                     self.error_help(span, e.message, e.help.map(str::to_string));
                     ok = false;
@@ -1336,8 +1365,10 @@ impl<'a> Parser<'a> {
                     })
                 });
                 let mut d = RecipeDiagnostic::whole(format!(
-                    "`--set {}`: the recipe has no var `{}`",
-                    set.var, set.var
+                    "`--set {}={}`: the recipe has no var `{}`",
+                    set.var,
+                    crate::value::render_short(&set.value),
+                    set.var
                 ));
                 d.help = help;
                 self.errors.push(d);
@@ -1388,6 +1419,7 @@ impl<'a> Parser<'a> {
         let defined: BTreeSet<&str> = vars
             .keys()
             .chain(sweep.keys.keys())
+            .chain(sweep.broken.iter())
             .map(String::as_str)
             .collect();
         for d in drafts {
@@ -1417,7 +1449,7 @@ impl<'a> Parser<'a> {
         }
         for (which, bindings) in &sweep.bindings {
             for (name, span) in bindings {
-                if !sweep.keys.contains_key(name) {
+                if !sweep.keys.contains_key(name) && !sweep.broken.contains(name) {
                     let help = did_you_mean(name, sweep.keys.keys().map(String::as_str));
                     self.error_help(
                         span.clone(),

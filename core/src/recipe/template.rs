@@ -157,6 +157,20 @@ pub fn render_template(v: &Value, lookup: &dyn Fn(&str) -> Option<Value>) -> Val
     }
 }
 
+/// The names of the vars a template value references, in order, repeats included.
+pub(crate) fn value_vars(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => {
+            if let Ok(refs) = template_vars(s) {
+                out.extend(refs.into_iter().map(|r| r.name));
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| value_vars(i, out)),
+        Value::Object(map) => map.values().for_each(|i| value_vars(i, out)),
+        _ => {}
+    }
+}
+
 /// Whether a value holds any var reference (so its type is known only after substitution).
 pub(crate) fn has_refs(v: &Value) -> bool {
     match v {
