@@ -323,6 +323,20 @@ fn set_overrides_a_default() {
 }
 
 #[test]
+fn set_defines_a_referenced_var() {
+    let text = format!(
+        r#"{HEADER}
+[steps.run]
+op = "exec"
+cmd = ["run", "--seed", "${{seed}}"]
+"#
+    );
+    let (r, x) = expand_with(&text, &["seed=7"]);
+    assert_eq!(r.vars["seed"], json!(7));
+    assert_eq!(x.instances[0].cmd.as_ref().unwrap()[2], "7");
+}
+
+#[test]
 fn set_pins_a_swept_var() {
     let (r, x) = expand_with(&format!("{HEADER}{SETS}"), &["arch=b"]);
     // The include with `arch = "c"` is dropped too.
@@ -571,4 +585,67 @@ fn large_sweep_counts() {
     );
     assert_eq!(fin[0].1.arms.len(), 2500);
     assert_eq!(x.instances.len(), 1 + 4 * 2500 + 1);
+}
+
+#[test]
+fn step_fields_are_parsed() {
+    let text = format!(
+        r#"{HEADER}description = "all the fields"
+
+[vars]
+n = 3
+
+[steps.gen]
+op = "exec"
+cmd = ["python3", "src/gen.py", "--n", "${{n}}"]
+code = ["./src/../src/lib.rs", "src/", "src"]
+params = {{ images = 20000, seed = 1 }}
+resources = {{ gpus = 1, cpus = 2, mem_gb = 4.5 }}
+retries = {{ count = 2, backoff = "500ms" }}
+timeout = "10m"
+
+[steps.fit]
+op = "train"
+inputs = {{ data = "gen" }}
+params = {{ steps = 5 }}
+resources = {{ mem_gb = 8 }}
+retries = 3
+timeout = 90
+"#
+    );
+    let r = parse_with(&text, &[]);
+    assert_eq!(r.name, "t");
+    assert_eq!(r.description.as_deref(), Some("all the fields"));
+    let gen_step = &r.steps[0];
+    assert_eq!(gen_step.op, "exec");
+    assert_eq!(gen_step.code, ["src/lib.rs", "src"]);
+    assert_eq!(gen_step.resources.gpus, 1);
+    assert_eq!(gen_step.resources.cpus, 2);
+    assert_eq!(gen_step.resources.mem_gb, 4.5);
+    assert_eq!(gen_step.retries.count, 2);
+    assert_eq!(
+        gen_step.retries.backoff,
+        std::time::Duration::from_millis(500)
+    );
+    assert_eq!(gen_step.timeout, Some(std::time::Duration::from_secs(600)));
+    assert_eq!(gen_step.vars_used.iter().collect::<Vec<_>>(), ["n"]);
+    assert_eq!(
+        gen_step.params,
+        bindings(&[("images", json!(20000)), ("seed", json!(1))])
+    );
+    let at = gen_step.param_spans["images"].clone();
+    assert_eq!(&text[at], "20000");
+    assert!(text[gen_step.span.clone()].starts_with("[steps.gen]"));
+
+    let fit = &r.steps[1];
+    assert_eq!(fit.op_version, 3);
+    assert_eq!(fit.resources.gpus, 0);
+    assert_eq!(fit.resources.cpus, 1);
+    assert_eq!(fit.resources.mem_gb, 8.0);
+    assert_eq!(fit.retries.count, 3);
+    assert_eq!(fit.retries.backoff, std::time::Duration::from_secs(1));
+    assert_eq!(fit.timeout, Some(std::time::Duration::from_secs(90)));
+    assert_eq!(fit.inputs["data"].step, "gen");
+    assert!(!fit.inputs["data"].gather);
+    assert!(fit.vars_used.is_empty());
 }

@@ -146,7 +146,14 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                 }) {
                     match spec.ty.check(&value) {
                         Ok(v) => value = v,
-                        Err(m) => errors.push(type_error(step, pname, template, &m, &bindings)),
+                        Err(m) => errors.push(type_error(
+                            step,
+                            pname,
+                            template,
+                            &m,
+                            &bindings,
+                            &recipe.vars,
+                        )),
                     }
                 }
                 params.insert(pname.clone(), value);
@@ -198,13 +205,14 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
 }
 
 /// A param whose value, once vars are substituted, does not fit its type. The help names the
-/// swept values that produced it.
+/// swept values that produced it, or else the defaults it came from.
 fn type_error(
     step: &StepDef,
     pname: &str,
     template: &Value,
     m: &TypeMismatch,
     bindings: &BTreeMap<String, Value>,
+    defaults: &BTreeMap<String, Value>,
 ) -> RecipeDiagnostic {
     let span = step.param_spans.get(pname).unwrap_or(&step.span);
     let diag = RecipeDiagnostic::at(
@@ -216,15 +224,20 @@ fn type_error(
     );
     let mut used = Vec::new();
     super::template::value_vars(template, &mut used);
-    let why: BTreeMap<String, Value> = bindings
+    let swept: BTreeMap<String, Value> = bindings
         .iter()
         .filter(|(k, _)| used.contains(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    if why.is_empty() {
-        diag
-    } else {
-        diag.with_help(format!("when {}", bindings_label(&why)))
+    if !swept.is_empty() {
+        return diag.with_help(format!("when {}", bindings_label(&swept)));
+    }
+    match used.first().and_then(|v| Some((v, defaults.get(v)?))) {
+        Some((var, value)) => diag.with_help(format!(
+            "`{var}` is `{}` (from `[vars]` or `--set`)",
+            crate::value::render_short(value)
+        )),
+        None => diag,
     }
 }
 

@@ -7,7 +7,8 @@
 //! - `$${` is a literal `${`.
 //!
 //! Names are `[A-Za-z_][A-Za-z0-9_-]*`. Substitution is one pass: a var's value is never
-//! itself read as a template.
+//! itself read as a template, so values in `[vars]`, `[sweep]` and `--set` are taken as they
+//! are written. Table keys are never templates.
 
 use std::ops::Range;
 
