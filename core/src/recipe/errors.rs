@@ -1,21 +1,86 @@
-//! Recipe diagnostics (placeholder; implemented by the recipe work).
+//! Recipe diagnostics: every problem of one file, each with the span of TOML it points at.
+//!
+//! [`RecipeErrors`] is a miette [`Diagnostic`](miette::Diagnostic) whose related diagnostics
+//! share the file as source code, so the graphical handler draws each one as a labelled
+//! snippet under a `path:line:col` header. [`RecipeErrors::render_plain`] and
+//! [`RecipeErrors::to_json`] give the same errors for logs, scripts and tests.
+
+use std::fmt::Write as _;
 use std::ops::Range;
 
+use super::RecipeSource;
+
 /// One problem in a recipe, with the span it points at.
-#[derive(Debug, Clone, thiserror::Error, miette::Diagnostic)]
+///
+/// Messages are lowercase, with the user's values in backticks; `help` carries a hint such as
+/// ``did you mean `params`?``. A diagnostic without a span (a bad `--set`) is about the recipe
+/// as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct RecipeDiagnostic {
     pub message: String,
-    #[label("{label}")]
     pub span: Option<miette::SourceSpan>,
+    /// Short text drawn under the span; empty draws the underline alone.
     pub label: String,
-    #[help]
     pub help: Option<String>,
+}
+
+impl miette::Diagnostic for RecipeDiagnostic {
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        let span = self.span?;
+        let text = (!self.label.is_empty()).then(|| self.label.clone());
+        Some(Box::new(std::iter::once(
+            miette::LabeledSpan::new_with_span(text, span),
+        )))
+    }
+}
+
+impl RecipeDiagnostic {
+    /// A diagnostic pointing at `range` (byte offsets into the recipe text).
+    pub fn at(range: Range<usize>, message: impl Into<String>) -> Self {
+        RecipeDiagnostic {
+            message: message.into(),
+            span: Some(span(range)),
+            label: String::new(),
+            help: None,
+        }
+    }
+
+    /// A diagnostic about the recipe as a whole (no place in the file to point at).
+    pub fn whole(message: impl Into<String>) -> Self {
+        RecipeDiagnostic {
+            message: message.into(),
+            span: None,
+            label: String::new(),
+            help: None,
+        }
+    }
+
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
+    /// The span as a byte range, if the diagnostic has one.
+    pub fn range(&self) -> Option<Range<usize>> {
+        self.span.map(|s| s.offset()..s.offset() + s.len())
+    }
 }
 
 /// Every problem found in one recipe file.
 #[derive(Debug, Clone, thiserror::Error, miette::Diagnostic)]
-#[error("recipe `{path}` has {} error(s)", errors.len())]
+#[error("recipe `{path}` has {}", plural(errors.len()))]
 pub struct RecipeErrors {
     pub path: String,
     #[source_code]
@@ -24,9 +89,175 @@ pub struct RecipeErrors {
     pub errors: Vec<RecipeDiagnostic>,
 }
 
-#[allow(dead_code)]
+fn plural(n: usize) -> String {
+    if n == 1 {
+        "1 error".to_string()
+    } else {
+        format!("{n} errors")
+    }
+}
+
+/// Where a diagnostic points, in the terms people read: 1-based line and column (in chars).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineCol {
+    pub line: usize,
+    pub col: usize,
+}
+
+impl RecipeErrors {
+    /// Errors of the file `source`, in the order given.
+    pub fn new(source: &RecipeSource, errors: Vec<RecipeDiagnostic>) -> Self {
+        let path = source.path.display().to_string();
+        RecipeErrors {
+            source_code: miette::NamedSource::new(path.clone(), source.text.clone()),
+            path,
+            errors,
+        }
+    }
+
+    fn text(&self) -> &str {
+        self.source_code.inner()
+    }
+
+    /// Line and column of a diagnostic's span start, `None` for one without a span.
+    pub fn line_col(&self, diag: &RecipeDiagnostic) -> Option<LineCol> {
+        diag.range().map(|r| line_col(self.text(), r.start))
+    }
+
+    /// One error per line, as compilers print them:
+    /// `path:line:col: error: message`, then `  help: hint` where there is one. An error
+    /// without a span prints as `path: error: message`.
+    pub fn render_plain(&self) -> String {
+        let mut out = String::new();
+        for diag in &self.errors {
+            match self.line_col(diag) {
+                Some(LineCol { line, col }) => {
+                    let _ = write!(out, "{}:{line}:{col}: ", self.path);
+                }
+                None => {
+                    let _ = write!(out, "{}: ", self.path);
+                }
+            }
+            let _ = writeln!(out, "error: {}", diag.message);
+            if let Some(help) = &diag.help {
+                let _ = writeln!(out, "  help: {help}");
+            }
+        }
+        out
+    }
+
+    /// `[{"message", "line", "col", "help"}]`, with `null` where there is no span or hint.
+    pub fn to_json(&self) -> serde_json::Value {
+        let items = self
+            .errors
+            .iter()
+            .map(|diag| {
+                let lc = self.line_col(diag);
+                serde_json::json!({
+                    "message": diag.message,
+                    "line": lc.map(|l| l.line),
+                    "col": lc.map(|l| l.col),
+                    "help": diag.help,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(items)
+    }
+}
+
+/// 1-based line and char column of byte `offset` in `text` (clamped to the text).
+pub(crate) fn line_col(text: &str, offset: usize) -> LineCol {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    LineCol {
+        line: before.matches('\n').count() + 1,
+        col: before[line_start..].chars().count() + 1,
+    }
+}
+
 pub(crate) fn span(r: Range<usize>) -> miette::SourceSpan {
-    (r.start, r.end - r.start).into()
+    (r.start, r.end.saturating_sub(r.start)).into()
+}
+
+/// The candidate closest to `name` by edit distance, when it is close enough to be a likely
+/// typo (an adjacent transposition counts as one edit).
+pub(crate) fn closest<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let len = name.chars().count();
+    let limit = (len / 3).max(1);
+    let candidates: Vec<&str> = candidates.into_iter().filter(|c| *c != name).collect();
+    let by_distance = candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(name, c), *c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c);
+    // `mem` for `mem_gb`: a truncated name is a typo too.
+    by_distance.or_else(|| {
+        candidates
+            .iter()
+            .find(|c| len >= 2 && c.starts_with(name))
+            .copied()
+    })
+}
+
+/// Drop repeated diagnostics, then order them: those without a span (about the invocation)
+/// first, then by position in the file.
+pub(crate) fn tidy(mut errors: Vec<RecipeDiagnostic>) -> Vec<RecipeDiagnostic> {
+    let mut seen = std::collections::HashSet::new();
+    errors.retain(|d| seen.insert((d.range().map(|r| (r.start, r.end)), d.message.clone())));
+    errors.sort_by_key(|d| d.range().map(|r| r.start));
+    errors
+}
+
+/// ``did you mean `x`?`` when a candidate is close to `name`.
+pub(crate) fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    closest(name, candidates).map(|c| format!("did you mean `{c}`?"))
+}
+
+/// `` `a`, `b`, `c` ``
+pub(crate) fn backticked<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    items
+        .into_iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_chars_from_one() {
+        let text = "a = 1\nbé = 2\n";
+        assert_eq!(line_col(text, 0), LineCol { line: 1, col: 1 });
+        assert_eq!(line_col(text, 6), LineCol { line: 2, col: 1 });
+        // `=` after the two-byte `é`
+        assert_eq!(line_col(text, 10), LineCol { line: 2, col: 4 });
+        assert_eq!(line_col(text, 999), LineCol { line: 3, col: 1 });
+    }
+
+    #[test]
+    fn closest_finds_typos_only() {
+        let keys = ["op", "params", "inputs", "resources"];
+        assert_eq!(closest("parmas", keys), Some("params"));
+        assert_eq!(closest("input", keys), Some("inputs"));
+        assert_eq!(closest("resorces", keys), Some("resources"));
+        assert_eq!(closest("zzz", keys), None);
+        assert_eq!(closest("lr", ["lr_", "arch"]), Some("lr_"));
+        assert_eq!(closest("arc", ["lr", "size"]), None);
+        assert_eq!(closest("mem", ["gpus", "mem_gb"]), Some("mem_gb"));
+    }
 }
 
 impl RecipeErrors {

@@ -71,7 +71,9 @@ pub struct Recipe {
     pub name: String,
     pub description: Option<String>,
     pub source: RecipeSource,
-    /// Defaults from `[vars]`, with `--set` applied.
+    /// Defaults from `[vars]`, with `--set` applied. Every swept var has one: its `[vars]`
+    /// value, else the first value of its sweep list (what an `include` arm that leaves it out
+    /// takes).
     pub vars: BTreeMap<String, Value>,
     pub sweep: Sweep,
     /// In the order the file declares them.
@@ -250,7 +252,8 @@ pub struct Instance {
 pub enum InstanceInput {
     /// Index into [`Expansion::instances`].
     One(usize),
-    /// Indices into [`Expansion::instances`], ordered by their bindings.
+    /// Indices into [`Expansion::instances`], in the upstream step's instance order (the order
+    /// in which its instances first appear among the arms).
     Gather(Vec<usize>),
 }
 

@@ -1,0 +1,651 @@
+//! Sweep expansion: arms, instances, inputs and substituted params.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use needle_core::ops::{
+    InputSpec, InputsSchema, OpKind, OpSchema, ParamSpec, ParamType, ParamsSchema, exec_schema,
+};
+use needle_core::recipe::{
+    Expansion, Instance, InstanceInput, Recipe, RecipeSource, SetArg, expand, parse,
+};
+use serde_json::{Value, json};
+
+fn catalog() -> Vec<OpSchema> {
+    vec![
+        exec_schema(),
+        OpSchema {
+            name: "train",
+            version: 3,
+            summary: "a fake typed op",
+            kind: OpKind::Builtin,
+            params: ParamsSchema::Fixed(vec![
+                ParamSpec {
+                    name: "steps",
+                    ty: ParamType::Int,
+                    default: None,
+                    doc: "optimizer steps",
+                },
+                ParamSpec {
+                    name: "lr",
+                    ty: ParamType::Float,
+                    default: Some(json!(0.001)),
+                    doc: "learning rate",
+                },
+                ParamSpec {
+                    name: "arch",
+                    ty: ParamType::Choice(&["a", "b"]),
+                    default: Some(json!("a")),
+                    doc: "architecture",
+                },
+            ]),
+            inputs: InputsSchema::Fixed(vec![InputSpec {
+                name: "data",
+                required: true,
+                doc: "training data",
+            }]),
+        },
+    ]
+}
+
+fn source(text: &str) -> RecipeSource {
+    RecipeSource {
+        path: PathBuf::from("recipe.toml"),
+        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        text: text.to_string(),
+    }
+}
+
+fn parse_with(text: &str, sets: &[&str]) -> Recipe {
+    let sets: Vec<SetArg> = sets.iter().map(|s| s.parse().unwrap()).collect();
+    match parse(source(text), &sets, &catalog()) {
+        Ok(r) => r,
+        Err(e) => panic!("recipe did not parse:\n{}", e.render_plain()),
+    }
+}
+
+fn expand_with(text: &str, sets: &[&str]) -> (Recipe, Expansion) {
+    let recipe = parse_with(text, sets);
+    match expand(&recipe, &catalog()) {
+        Ok(x) => (recipe, x),
+        Err(e) => panic!("recipe did not expand:\n{}", e.render_plain()),
+    }
+}
+
+fn expand_text(text: &str) -> (Recipe, Expansion) {
+    expand_with(text, &[])
+}
+
+/// The instances of one step, with their global indices.
+fn of<'x>(r: &Recipe, x: &'x Expansion, step: &str) -> Vec<(usize, &'x Instance)> {
+    let s = r.steps.iter().position(|st| st.name == step).unwrap();
+    x.instances
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.step == s)
+        .collect()
+}
+
+fn labels(x: &Expansion) -> Vec<String> {
+    x.arms.iter().map(|a| a.label()).collect()
+}
+
+fn bindings(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+const HEADER: &str = "[recipe]\nname = \"t\"\n";
+
+#[test]
+fn no_sweep_is_one_default_arm() {
+    let text = format!(
+        r#"{HEADER}
+[vars]
+n = 3
+
+[steps.gen]
+op = "exec"
+cmd = ["gen", "${{n}}"]
+
+[steps.fit]
+op = "train"
+inputs = {{ data = "gen" }}
+params = {{ steps = "${{n}}" }}
+"#
+    );
+    let (r, x) = expand_text(&text);
+    assert_eq!(x.arms.len(), 1);
+    assert!(x.arms[0].bindings.is_empty());
+    assert_eq!(x.arms[0].label(), "default");
+    assert_eq!(x.instances.len(), 2);
+    let fit = of(&r, &x, "fit");
+    assert_eq!(fit[0].1.inputs["data"], InstanceInput::One(0));
+    // Defaults filled in, ints widened to the float `lr` expects.
+    assert_eq!(
+        fit[0].1.params,
+        bindings(&[
+            ("steps", json!(3)),
+            ("lr", json!(0.001)),
+            ("arch", json!("a"))
+        ])
+    );
+    assert_eq!(x.instances[0].cmd, Some(vec!["gen".into(), "3".into()]));
+    assert_eq!(x.instances[0].arms, vec![0]);
+}
+
+const PRODUCT: &str = r#"
+[sweep]
+arch = ["a", "b"]
+size = [1, 2, 3]
+
+[steps.data]
+op = "exec"
+cmd = ["gen"]
+
+[steps.fit]
+op = "exec"
+cmd = ["fit", "${arch}"]
+inputs = { data = "data" }
+
+[steps.eval]
+op = "exec"
+cmd = ["eval", "--size=${size}"]
+inputs = { model = "fit" }
+"#;
+
+#[test]
+fn product_in_declaration_order() {
+    let (r, x) = expand_text(&format!("{HEADER}{PRODUCT}"));
+    assert_eq!(
+        labels(&x),
+        [
+            "arch=a,size=1",
+            "arch=a,size=2",
+            "arch=a,size=3",
+            "arch=b,size=1",
+            "arch=b,size=2",
+            "arch=b,size=3"
+        ]
+    );
+    // The shared root runs once for every arm.
+    let data = of(&r, &x, "data");
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0].1.arms, (0..6).collect::<Vec<u32>>());
+    assert!(data[0].1.bindings.is_empty());
+
+    let fit = of(&r, &x, "fit");
+    assert_eq!(fit.len(), 2);
+    assert_eq!(fit[0].1.bindings, bindings(&[("arch", json!("a"))]));
+    assert_eq!(fit[0].1.arms, vec![0, 1, 2]);
+    assert_eq!(fit[1].1.arms, vec![3, 4, 5]);
+    for (_, f) in &fit {
+        assert_eq!(f.inputs["data"], InstanceInput::One(data[0].0));
+    }
+
+    // eval depends on size directly and on arch through its input.
+    let eval = of(&r, &x, "eval");
+    assert_eq!(eval.len(), 6);
+    assert_eq!(
+        eval[4].1.bindings,
+        bindings(&[("arch", json!("b")), ("size", json!(2))])
+    );
+    assert_eq!(eval[4].1.inputs["model"], InstanceInput::One(fit[1].0));
+    assert_eq!(
+        eval[4].1.cmd,
+        Some(vec!["eval".to_string(), "--size=2".to_string()])
+    );
+}
+
+#[test]
+fn zip_is_one_axis() {
+    let text = format!(
+        r#"{HEADER}
+[sweep]
+arch = ["a", "b"]
+[[sweep.zip]]
+lr = [0.1, 0.01]
+steps = [100, 200]
+
+[steps.data]
+op = "exec"
+cmd = ["gen"]
+
+[steps.fit]
+op = "train"
+inputs = {{ data = "data" }}
+params = {{ arch = "${{arch}}", lr = "${{lr}}", steps = "${{steps}}" }}
+"#
+    );
+    let (r, x) = expand_text(&text);
+    assert_eq!(
+        labels(&x),
+        [
+            "arch=a,lr=0.1,steps=100",
+            "arch=a,lr=0.01,steps=200",
+            "arch=b,lr=0.1,steps=100",
+            "arch=b,lr=0.01,steps=200"
+        ]
+    );
+    let fit = of(&r, &x, "fit");
+    assert_eq!(fit.len(), 4);
+    assert_eq!(
+        fit[3].1.params,
+        bindings(&[
+            ("arch", json!("b")),
+            ("lr", json!(0.01)),
+            ("steps", json!(200))
+        ])
+    );
+}
+
+#[test]
+fn exclude_and_include() {
+    let text = format!(
+        r#"{HEADER}
+[vars]
+size = 2
+
+[sweep]
+arch = ["a", "b"]
+size = [1, 3]
+[[sweep.exclude]]
+arch = "b"
+size = 3
+[[sweep.include]]
+arch = "c"
+[[sweep.include]]
+arch = "a"
+size = 1
+
+[steps.eval]
+op = "exec"
+cmd = ["eval", "${{arch}}", "${{size}}"]
+"#
+    );
+    let (_, x) = expand_text(&text);
+    // `b,3` excluded; `c` takes the `[vars]` default of `size`; the second include is an
+    // existing arm and is not repeated.
+    assert_eq!(
+        labels(&x),
+        [
+            "arch=a,size=1",
+            "arch=a,size=3",
+            "arch=b,size=1",
+            "arch=c,size=2"
+        ]
+    );
+    assert_eq!(x.instances.len(), 4);
+}
+
+#[test]
+fn include_without_vars_default_takes_first_value() {
+    let text = format!(
+        r#"{HEADER}
+[sweep]
+arch = ["a", "b"]
+size = [5, 7]
+[[sweep.include]]
+arch = "z"
+
+[steps.eval]
+op = "exec"
+cmd = ["eval", "${{arch}}", "${{size}}"]
+"#
+    );
+    let (_, x) = expand_text(&text);
+    assert_eq!(x.arms.last().unwrap().label(), "arch=z,size=5");
+}
+
+const SETS: &str = r#"
+[vars]
+n = 10
+
+[sweep]
+arch = ["a", "b"]
+size = [1, 2]
+[[sweep.include]]
+arch = "c"
+size = 9
+
+[steps.eval]
+op = "exec"
+cmd = ["eval", "${arch}", "${size}", "${n}"]
+"#;
+
+#[test]
+fn set_overrides_a_default() {
+    let (_, x) = expand_with(&format!("{HEADER}{SETS}"), &["n=42"]);
+    assert_eq!(x.arms.len(), 5);
+    assert_eq!(x.instances[0].cmd.as_ref().unwrap()[3], "42");
+}
+
+#[test]
+fn set_defines_a_referenced_var() {
+    let text = format!(
+        r#"{HEADER}
+[steps.run]
+op = "exec"
+cmd = ["run", "--seed", "${{seed}}"]
+"#
+    );
+    let (r, x) = expand_with(&text, &["seed=7"]);
+    assert_eq!(r.vars["seed"], json!(7));
+    assert_eq!(x.instances[0].cmd.as_ref().unwrap()[2], "7");
+}
+
+#[test]
+fn set_pins_a_swept_var() {
+    let (r, x) = expand_with(&format!("{HEADER}{SETS}"), &["arch=b"]);
+    // The include with `arch = "c"` is dropped too.
+    assert_eq!(labels(&x), ["arch=b,size=1", "arch=b,size=2"]);
+    assert_eq!(r.vars["arch"], json!("b"));
+
+    // A value outside the list replaces it.
+    let (_, x) = expand_with(&format!("{HEADER}{SETS}"), &["size=7"]);
+    assert_eq!(labels(&x), ["arch=a,size=7", "arch=b,size=7"]);
+
+    // Pinning a var to the include's value keeps the include.
+    let (_, x) = expand_with(&format!("{HEADER}{SETS}"), &["size=9", "arch=c"]);
+    assert_eq!(labels(&x), ["arch=c,size=9"]);
+}
+
+#[test]
+fn set_pins_a_zipped_group() {
+    let text = format!(
+        r#"{HEADER}
+[sweep]
+[[sweep.zip]]
+lr = [0.1, 0.01, 0.001]
+steps = [100, 200, 300]
+
+[steps.fit]
+op = "exec"
+cmd = ["fit", "${{lr}}", "${{steps}}"]
+"#
+    );
+    let (_, x) = expand_with(&text, &["steps=200"]);
+    assert_eq!(labels(&x), ["lr=0.01,steps=200"]);
+}
+
+#[test]
+fn gather_agrees_on_shared_vars() {
+    let text = format!(
+        r#"{HEADER}{PRODUCT}
+[steps.summary]
+op = "exec"
+cmd = ["summarize", "${{arch}}"]
+inputs = {{ evals = "eval[*]" }}
+
+[steps.report]
+op = "exec"
+cmd = ["report"]
+inputs = {{ all = "eval[*]", per_arch = "summary[*]" }}
+"#
+    );
+    let (r, x) = expand_text(&text);
+    let eval = of(&r, &x, "eval");
+    let summary = of(&r, &x, "summary");
+    assert_eq!(summary.len(), 2);
+    for (k, (_, s)) in summary.iter().enumerate() {
+        let arch = if k == 0 { "a" } else { "b" };
+        assert_eq!(s.bindings, bindings(&[("arch", json!(arch))]));
+        let expected: Vec<usize> = eval[3 * k..3 * k + 3].iter().map(|(i, _)| *i).collect();
+        assert_eq!(s.inputs["evals"], InstanceInput::Gather(expected));
+        assert_eq!(s.arms.len(), 3);
+    }
+    let report = of(&r, &x, "report");
+    assert_eq!(report.len(), 1);
+    assert_eq!(
+        report[0].1.inputs["all"],
+        InstanceInput::Gather(eval.iter().map(|(i, _)| *i).collect())
+    );
+    assert_eq!(
+        report[0].1.inputs["per_arch"],
+        InstanceInput::Gather(summary.iter().map(|(i, _)| *i).collect())
+    );
+}
+
+#[test]
+fn instances_are_topologically_ordered() {
+    let text = format!(
+        r#"{HEADER}
+[sweep]
+k = [1, 2]
+
+[steps.last]
+op = "exec"
+cmd = ["c"]
+inputs = {{ x = "middle" }}
+
+[steps.middle]
+op = "exec"
+cmd = ["b", "${{k}}"]
+inputs = {{ x = "first" }}
+
+[steps.first]
+op = "exec"
+cmd = ["a"]
+
+[steps.other]
+op = "exec"
+cmd = ["d"]
+"#
+    );
+    let (r, x) = expand_text(&text);
+    let order: Vec<&str> = x
+        .instances
+        .iter()
+        .map(|i| r.steps[i.step].name.as_str())
+        .collect();
+    // Among steps that are ready together, the earlier in the file goes first.
+    assert_eq!(
+        order,
+        ["first", "middle", "middle", "last", "last", "other"]
+    );
+    for (i, inst) in x.instances.iter().enumerate() {
+        for input in inst.inputs.values() {
+            assert!(input.indices().iter().all(|&j| j < i));
+        }
+    }
+}
+
+#[test]
+fn whole_string_var_keeps_its_type() {
+    let text = format!(
+        r#"{HEADER}
+[vars]
+n = 3
+lr = 1
+sizes = [16, 32]
+name = "x"
+opts = {{ a = 1 }}
+
+[steps.data]
+op = "exec"
+cmd = ["gen"]
+params = {{ n = "${{n}}", sizes = "${{sizes}}", opts = "${{opts}}", nested = ["${{n}}", {{ deep = "${{name}}" }}] }}
+
+[steps.fit]
+op = "train"
+inputs = {{ data = "data" }}
+params = {{ steps = "${{n}}", lr = "${{lr}}" }}
+"#
+    );
+    let (r, x) = expand_text(&text);
+    let data = &of(&r, &x, "data")[0].1.params;
+    assert_eq!(data["n"], json!(3));
+    assert_eq!(data["sizes"], json!([16, 32]));
+    assert_eq!(data["opts"], json!({"a": 1}));
+    assert_eq!(data["nested"], json!([3, {"deep": "x"}]));
+    // The op's schema widens the int `lr` to a float.
+    let fit = &of(&r, &x, "fit")[0].1.params;
+    assert_eq!(fit["lr"], json!(1.0));
+    assert!(fit["lr"].is_f64());
+    assert_eq!(fit["steps"], json!(3));
+}
+
+#[test]
+fn interpolation_and_escapes() {
+    let text = format!(
+        r#"{HEADER}
+[vars]
+n = 3
+lr = 0.5
+sizes = [1, 2]
+flag = true
+
+[steps.run]
+op = "exec"
+cmd = ["run", "--n=${{n}}", "--lr ${{lr}}", "${{sizes}}", "x${{flag}}", "$${{n}}", "cost $5", "${{n}}"]
+params = {{ tag = "n${{n}}-lr${{lr}}", literal = "$${{HOME}}" }}
+"#
+    );
+    let (_, x) = expand_text(&text);
+    let run = &x.instances[0];
+    assert_eq!(
+        run.cmd.as_ref().unwrap(),
+        &[
+            "run", "--n=3", "--lr 0.5", "[1,2]", "xtrue", "${n}", "cost $5", "3"
+        ]
+    );
+    assert_eq!(run.params["tag"], json!("n3-lr0.5"));
+    assert_eq!(run.params["literal"], json!("${HOME}"));
+}
+
+#[test]
+fn arm_ids_are_stable() {
+    let one = format!("{HEADER}{PRODUCT}");
+    // The same arms declared in another order, with a different step layout.
+    let two = format!(
+        r#"{HEADER}
+[sweep]
+size = [3, 2, 1]
+arch = ["b", "a"]
+
+[steps.all]
+op = "exec"
+cmd = ["x", "${{size}}", "${{arch}}"]
+"#
+    );
+    let (_, x1) = expand_text(&one);
+    let (_, x2) = expand_text(&two);
+    let ids = |x: &Expansion| -> BTreeMap<String, String> {
+        x.arms.iter().map(|a| (a.label(), a.id.clone())).collect()
+    };
+    assert_eq!(ids(&x1), ids(&x2));
+    let id = &ids(&x1)["arch=a,size=1"];
+    assert_eq!(id.len(), 8);
+    // Pinned: arm ids name results across runs, so this must never change.
+    let expected = blake3::hash(br#"{"arch":"a","size":1}"#).to_hex()[..8].to_string();
+    assert_eq!(id, &expected);
+    assert_eq!(id, "346fa86c");
+}
+
+/// A root, four chained steps swept over 2,500 arms, and a final gather: the shape of the
+/// expansion benchmark.
+fn big_recipe(arms: usize) -> String {
+    let values: Vec<String> = (0..arms).map(|i| i.to_string()).collect();
+    let mut text = format!(
+        "{HEADER}\n[sweep]\narm = [{}]\n\n[steps.root]\nop = \"exec\"\ncmd = [\"root\"]\n",
+        values.join(", ")
+    );
+    let chain = ["first", "second", "third", "last"];
+    for (i, name) in chain.iter().enumerate() {
+        let upstream = if i == 0 { "root" } else { chain[i - 1] };
+        let arg = if i == 0 { "${arm}" } else { "x" };
+        text.push_str(&format!(
+            "\n[steps.{name}]\nop = \"exec\"\ncmd = [\"{name}\", \"{arg}\"]\ninputs = {{ up = \"{upstream}\" }}\n"
+        ));
+    }
+    text.push_str(
+        "\n[steps.final]\nop = \"exec\"\ncmd = [\"final\"]\ninputs = { all = \"last[*]\" }\n",
+    );
+    text
+}
+
+#[test]
+fn large_sweep_counts() {
+    let started = std::time::Instant::now();
+    let (r, x) = expand_text(&big_recipe(2500));
+    eprintln!("parse+expand of 2500 arms: {:?}", started.elapsed());
+    assert_eq!(x.arms.len(), 2500);
+    assert_eq!(of(&r, &x, "root").len(), 1);
+    for step in ["first", "second", "third", "last"] {
+        assert_eq!(of(&r, &x, step).len(), 2500, "{step}");
+    }
+    let last = of(&r, &x, "last");
+    let fin = of(&r, &x, "final");
+    assert_eq!(fin.len(), 1);
+    assert_eq!(
+        fin[0].1.inputs["all"],
+        InstanceInput::Gather(last.iter().map(|(i, _)| *i).collect())
+    );
+    assert_eq!(fin[0].1.arms.len(), 2500);
+    assert_eq!(x.instances.len(), 1 + 4 * 2500 + 1);
+}
+
+#[test]
+fn step_fields_are_parsed() {
+    let text = format!(
+        r#"{HEADER}description = "all the fields"
+
+[vars]
+n = 3
+
+[steps.gen]
+op = "exec"
+cmd = ["python3", "src/gen.py", "--n", "${{n}}"]
+code = ["./src/../src/lib.rs", "src/", "src"]
+params = {{ images = 20000, seed = 1 }}
+resources = {{ gpus = 1, cpus = 2, mem_gb = 4.5 }}
+retries = {{ count = 2, backoff = "500ms" }}
+timeout = "10m"
+
+[steps.fit]
+op = "train"
+inputs = {{ data = "gen" }}
+params = {{ steps = 5 }}
+resources = {{ mem_gb = 8 }}
+retries = 3
+timeout = 90
+"#
+    );
+    let r = parse_with(&text, &[]);
+    assert_eq!(r.name, "t");
+    assert_eq!(r.description.as_deref(), Some("all the fields"));
+    let gen_step = &r.steps[0];
+    assert_eq!(gen_step.op, "exec");
+    assert_eq!(gen_step.code, ["src/lib.rs", "src"]);
+    assert_eq!(gen_step.resources.gpus, 1);
+    assert_eq!(gen_step.resources.cpus, 2);
+    assert_eq!(gen_step.resources.mem_gb, 4.5);
+    assert_eq!(gen_step.retries.count, 2);
+    assert_eq!(
+        gen_step.retries.backoff,
+        std::time::Duration::from_millis(500)
+    );
+    assert_eq!(gen_step.timeout, Some(std::time::Duration::from_secs(600)));
+    assert_eq!(gen_step.vars_used.iter().collect::<Vec<_>>(), ["n"]);
+    assert_eq!(
+        gen_step.params,
+        bindings(&[("images", json!(20000)), ("seed", json!(1))])
+    );
+    let at = gen_step.param_spans["images"].clone();
+    assert_eq!(&text[at], "20000");
+    assert!(text[gen_step.span.clone()].starts_with("[steps.gen]"));
+
+    let fit = &r.steps[1];
+    assert_eq!(fit.op_version, 3);
+    assert_eq!(fit.resources.gpus, 0);
+    assert_eq!(fit.resources.cpus, 1);
+    assert_eq!(fit.resources.mem_gb, 8.0);
+    assert_eq!(fit.retries.count, 3);
+    assert_eq!(fit.retries.backoff, std::time::Duration::from_secs(1));
+    assert_eq!(fit.timeout, Some(std::time::Duration::from_secs(90)));
+    assert_eq!(fit.inputs["data"].step, "gen");
+    assert!(!fit.inputs["data"].gather);
+    assert!(fit.vars_used.is_empty());
+}
