@@ -259,9 +259,3 @@ mod tests {
         assert_eq!(closest("mem", ["gpus", "mem_gb"]), Some("mem_gb"));
     }
 }
-
-impl RecipeErrors {
-    pub fn render_plain(&self) -> String {
-        self.errors.iter().map(|e| format!("{}: error: {}\n", self.path, e.message)).collect()
-    }
-}
