@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# needle's benchmarks, side by side with their baselines in one run (the machine is shared
+# and noisy: compare ratios, not absolute seconds). Results: bench/out/results.md.
+#
+#   bench/run.sh                 everything (installs Snakemake into a throwaway venv)
+#   BENCH_N="1000" bench/run.sh  only N = 1,000
+#   BENCH_SNAKEMAKE=0 ...        skip Snakemake
+#
+# Workload (gen.py): 1 shared root, N/4 arms of 4 chained steps, 1 final step reading all arms;
+# every step one trivial `sh -c`. Scheduling (sched.py): sleeps needing 1, 2 or 4 GPUs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+NEEDLE=$ROOT/target/release/needle
+OUT=$ROOT/bench/out
+NS=${BENCH_N:-"1000 10000"}
+SNAKE=${BENCH_SNAKEMAKE:-1}
+JOBS=2
+mkdir -p "$OUT"
+RESULTS=$OUT/results.md
+
+now() { date +%s.%N; }
+# t CMD...: run, print seconds taken (3 decimals); output goes to $OUT/last.log
+t() {
+  local t0 t1
+  t0=$(now)
+  "$@" >"$OUT/last.log" 2>&1 || { echo "FAILED: $*" >&2; tail -20 "$OUT/last.log" >&2; exit 1; }
+  t1=$(now)
+  python3 -c "print(f'{$t1 - $t0:.3f}')"
+}
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+
+if [[ $SNAKE == 1 && ! -x $OUT/venv/bin/snakemake ]]; then
+  echo "installing snakemake into $OUT/venv" >&2
+  python3 -m venv "$OUT/venv"
+  "$OUT/venv/bin/pip" install -q 'snakemake>=9,<10'
+fi
+
+{
+  echo "# needle benchmarks"
+  echo
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, needle $(git -C "$ROOT" rev-parse --short HEAD)$( [[ $SNAKE == 1 ]] && echo ", $("$OUT/venv/bin/snakemake" --version | head -1 | sed 's/^/snakemake /')")"
+  echo
+  echo "| N | what | needle (s) | snakemake -j $JOBS (s) | no orchestrator (s) | needle / baseline |"
+  echo "|---|---|---|---|---|---|"
+} >"$RESULTS"
+
+for N in $NS; do
+  W=$OUT/n$N
+  rm -rf "$W"
+  python3 bench/gen.py "$W" "$N"
+  python3 bench/gen.py "$W/changed" "$N" --change
+  mkdir -p "$W/plain"
+  export NEEDLE_STORE=$W/store
+
+  plan=$(t "$NEEDLE" plan "$W/recipe.toml")
+  plain=$(t sh "$W/plain.sh")
+  first=$(t "$NEEDLE" run "$W/recipe.toml" --gpus none -j $JOBS)
+  noop=$(t "$NEEDLE" run "$W/recipe.toml" --gpus none -j $JOBS)
+  plan_cached=$(t "$NEEDLE" plan "$W/recipe.toml")
+  change=$(t "$NEEDLE" run "$W/changed/recipe.toml" --gpus none -j $JOBS)
+  executed=$("$NEEDLE" status last --json | python3 -c 'import json,sys; print(sum(s["status"]=="succeeded" for s in json.load(sys.stdin)["steps"]))')
+
+  s_plan=- s_first=- s_noop=-
+  if [[ $SNAKE == 1 ]]; then
+    SM=$OUT/venv/bin/snakemake
+    (cd "$W" && rm -rf .snakemake)
+    s_plan=$(t bash -c "cd '$W' && '$SM' -n -j $JOBS --quiet")
+    s_first=$(t bash -c "cd '$W' && '$SM' -j $JOBS --scheduler greedy --quiet")
+    s_noop=$(t bash -c "cd '$W' && '$SM' -j $JOBS --quiet")
+  fi
+  {
+    echo "| $N | plan (cold store) | $plan | $s_plan | | $( [[ $s_plan != - ]] && ratio "$plan" "$s_plan" ) vs snakemake |"
+    echo "| $N | first run | $first | $s_first | $plain | $(ratio "$first" "$plain") vs no orchestrator |"
+    echo "| $N | no-op rerun | $noop | $s_noop | | $( [[ $s_noop != - ]] && ratio "$noop" "$s_noop" ) vs snakemake |"
+    echo "| $N | plan (all cached) | $plan_cached | | | |"
+    echo "| $N | one arm changed ($executed steps run) | $change | | | |"
+  } >>"$RESULTS"
+  unset NEEDLE_STORE
+done
+
+# Scheduling: makespan against its lower bound on --gpus 4.
+S=$OUT/sched
+rm -rf "$S"
+read -r bound critical gpu_seconds count < <(python3 bench/sched.py "$S" 4)
+makespan=$(NEEDLE_STORE=$S/store t "$NEEDLE" run "$S/sched.toml" --gpus 4 -j 16)
+{
+  echo
+  echo "## Scheduling"
+  echo
+  echo "$count sleep steps needing 1, 2 or 4 GPUs on \`--gpus 4\`: GPU-seconds $gpu_seconds, critical path $critical s."
+  echo
+  echo "| lower bound max(critical path, GPU-s / 4) (s) | makespan (s) | ratio |"
+  echo "|---|---|---|"
+  echo "| $bound | $makespan | $(ratio "$makespan" "$bound") |"
+} >>"$RESULTS"
+
+cat "$RESULTS"
