@@ -17,11 +17,10 @@ use crate::digest::BlobDigest;
 /// Read buffer for hashing and copying; large enough for BLAKE3 to hash many chunks at once.
 const BUF_LEN: usize = 1 << 20;
 
-/// Below this many files an absorb runs on the calling thread.
-const PARALLEL_MIN_FILES: usize = 32;
-/// Most threads an absorb uses; its work is mostly waiting on fsync, which the filesystem
-/// batches across threads.
-const MAX_THREADS: usize = 8;
+/// Most threads an absorb of several files uses, whatever the core count: fsyncs wait on the
+/// disk, not on a core, and the filesystem commits concurrent ones together (20,000 small
+/// files absorb twice as fast on 16 threads as on 8; 32 gains nothing more).
+const THREADS: usize = 16;
 
 /// What the walk found, before anything moves.
 struct Walked {
@@ -103,8 +102,7 @@ impl Store {
     }
 
     pub(super) fn absorb_file_copy_inner(&self, path: &Path) -> Result<BlobDigest, StoreError> {
-        let mut buf = vec![0; BUF_LEN];
-        let a = self.copy_in(path, &mut buf)?;
+        let a = self.copy_in(path, &mut Vec::new())?;
         if a.placed {
             fsutil::fsync_dir(
                 self.blob_path(&a.blob)
@@ -115,23 +113,22 @@ impl Store {
         Ok(a.blob)
     }
 
-    /// Absorb `files`, in parallel when they are many; results in the order of `files`.
+    /// Absorb `files`, on several threads when there are several; results in the order of
+    /// `files`. The work is mostly waiting for fsyncs, which the filesystem batches across
+    /// threads, and hashing, which for a few large files spreads over the cores.
     fn absorb_all(&self, files: &[&Walked]) -> Result<Vec<Absorbed>, StoreError> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(4, MAX_THREADS)
-            .min(files.len() / (PARALLEL_MIN_FILES / 4));
-        if files.len() < PARALLEL_MIN_FILES || threads <= 1 {
-            let mut buf = vec![0; BUF_LEN];
+        if files.len() < 2 {
+            let mut buf = Vec::new();
             return files.iter().map(|w| self.absorb_one(w, &mut buf)).collect();
         }
+        let threads = THREADS.min(files.len());
         let next = AtomicUsize::new(0);
         let failed = std::sync::atomic::AtomicBool::new(false);
         let mut results: Vec<(usize, Result<Absorbed, StoreError>)> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
-                        let mut buf = vec![0; BUF_LEN];
+                        let mut buf = Vec::new();
                         let mut out = Vec::new();
                         while !failed.load(Ordering::Relaxed) {
                             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -155,7 +152,7 @@ impl Store {
         results.into_iter().map(|(_, r)| r).collect()
     }
 
-    fn absorb_one(&self, w: &Walked, buf: &mut [u8]) -> Result<Absorbed, StoreError> {
+    fn absorb_one(&self, w: &Walked, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
         if let WalkKind::Link = w.kind {
             return self.copy_in(&w.path, buf);
         }
@@ -169,7 +166,7 @@ impl Store {
             });
         }
         let executable = meta.mode() & 0o111 != 0;
-        let (blob, size) = hash(&file, path, buf)?;
+        let (blob, size) = hash(&file, path, meta.len(), buf)?;
         let dest = self.blob_path(&blob);
         if fsutil::exists(&dest)? {
             // Removed with the rest of the dir.
@@ -208,7 +205,7 @@ impl Store {
 
     /// Copy `src` (following symlinks) into `blobs/` unless its bytes are there already.
     /// Hashes first, so a file the store holds costs one read and no write.
-    fn copy_in(&self, src: &Path, buf: &mut [u8]) -> Result<Absorbed, StoreError> {
+    fn copy_in(&self, src: &Path, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
         let file = File::open(src).map_err(StoreError::io("open", src))?;
         let meta = file.metadata().map_err(StoreError::io("inspect", src))?;
         if !meta.is_file() {
@@ -218,7 +215,7 @@ impl Store {
             });
         }
         let executable = meta.mode() & 0o111 != 0;
-        let (blob, size) = hash(&file, src, buf)?;
+        let (blob, size) = hash(&file, src, meta.len(), buf)?;
         if fsutil::exists(&self.blob_path(&blob))? {
             return Ok(Absorbed {
                 blob,
@@ -279,6 +276,16 @@ impl Store {
     }
 }
 
+/// Make `buf` large enough to read a `len`-byte file in one call, up to [`BUF_LEN`].
+fn grow(buf: &mut Vec<u8>, len: u64) {
+    let want = usize::try_from(len.saturating_add(1))
+        .unwrap_or(BUF_LEN)
+        .clamp(8 << 10, BUF_LEN);
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+}
+
 /// Removes a temporary file unless disarmed (its path taken).
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -290,8 +297,15 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Plain BLAKE3 of what `file` holds from its current position, and its length.
-fn hash(mut file: &File, path: &Path, buf: &mut [u8]) -> Result<(BlobDigest, u64), StoreError> {
+/// Plain BLAKE3 of what `file` holds from its current position, and its length. `len_hint`
+/// (the size from `fstat`) sizes the buffer: a tiny file reads in one call, into little.
+fn hash(
+    mut file: &File,
+    path: &Path,
+    len_hint: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(BlobDigest, u64), StoreError> {
+    grow(buf, len_hint);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     loop {

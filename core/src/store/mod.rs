@@ -18,6 +18,16 @@
 //!
 //! Only one process opens a store at a time (sled itself is single-process): [`Store::open`]
 //! takes an exclusive lock and names the holder when it cannot.
+//!
+//! How the invariant is kept, step by step:
+//! - [`Store::absorb_dir`] hashes a file, and only if its blob is absent sets it 0444, fsyncs
+//!   it and renames it into `blobs/` (a name there always holds whole bytes, which is what
+//!   lets a later absorb trust that an existing blob needs nothing); then each fan-out dir
+//!   it touched is fsynced once. All 256 fan-out dirs exist from [`Store::open`] on.
+//! - [`Store::commit`] checks that every blob of each new manifest is in `blobs/` (a manifest
+//!   already recorded was checked when it was), then writes manifests, step records and
+//!   both indices in one sled transaction, then flushes.
+//! - Views and staging hold nothing a record points at: both may be deleted at any time.
 
 //!
 //! Metadata trees (keys are ASCII hex unless said otherwise, values JSON):

@@ -6,6 +6,12 @@ use std::path::Path;
 use super::*;
 use crate::digest::StepId;
 
+#[test]
+fn store_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Store>();
+}
+
 fn open(root: &Path) -> Store {
     Store::open(root, LockMode::Fail).unwrap()
 }
