@@ -1,15 +1,16 @@
 //! Writing blobs: hashing output files and moving (or copying) them into `blobs/`.
 //!
 //! A blob is placed by rename only once its bytes and its mode (0444) are fsynced, so a name
-//! under `blobs/` always holds whole bytes; the fan-out directories are fsynced once per
-//! absorb, before the caller can commit a record that points at them.
+//! under `blobs/` always holds whole bytes. A fan-out directory is made (and `blobs/`
+//! fsynced) before its first blob; the fan-out directories an absorb renamed into are fsynced
+//! once each at its end, before the caller can commit a record that points at them.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::{EntryKind, Manifest, ManifestEntry, Store, StoreError, fsutil};
 use crate::digest::BlobDigest;
@@ -77,6 +78,7 @@ impl Store {
         for [b] in touched {
             fsutil::fsync_dir(&self.root.join("blobs").join(format!("{b:02x}")))?;
         }
+
         fsutil::remove_tree(dir)?;
 
         let mut absorbed = absorbed.into_iter();
@@ -111,6 +113,24 @@ impl Store {
             )?;
         }
         Ok(a.blob)
+    }
+
+    /// Make sure the fan-out dir of `blob` exists durably (its entry in `blobs/` fsynced)
+    /// before any blob is renamed into it: otherwise a record could be committed, by this
+    /// absorb or a concurrent one, pointing into a directory a crash can still lose.
+    fn ensure_fanout(&self, blob: &BlobDigest) -> Result<(), StoreError> {
+        let b = blob.as_bytes()[0];
+        if self.fanout.is_durable(b) {
+            return Ok(());
+        }
+        let _guard = self.fanout_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.fanout.is_durable(b) {
+            let blobs = self.root.join("blobs");
+            fsutil::ensure_dir(&blobs.join(format!("{b:02x}")))?;
+            fsutil::fsync_dir(&blobs)?;
+            self.fanout.set_durable(b);
+        }
+        Ok(())
     }
 
     /// Absorb `files`, on several threads when there are several; results in the order of
@@ -187,6 +207,7 @@ impl Store {
             .and_then(|()| file.sync_all())
             .map_err(StoreError::io("make durable", path))?;
         drop(file);
+        self.ensure_fanout(&blob)?;
         match fs::rename(path, &dest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
@@ -265,6 +286,7 @@ impl Store {
                 placed: false,
             });
         }
+        self.ensure_fanout(&blob)?;
         fs::rename(&tmp, &dest).map_err(StoreError::io("move into the store", &tmp))?;
         guard.0 = None;
         Ok(Absorbed {
@@ -283,6 +305,20 @@ fn grow(buf: &mut Vec<u8>, len: u64) {
         .clamp(8 << 10, BUF_LEN);
     if buf.len() < want {
         buf.resize(want, 0);
+    }
+}
+
+/// Which fan-out dirs (`blobs/00` … `blobs/ff`) are known to exist durably: one bit each.
+#[derive(Default)]
+pub(crate) struct Fanout([AtomicU64; 4]);
+
+impl Fanout {
+    fn is_durable(&self, b: u8) -> bool {
+        self.0[usize::from(b >> 6)].load(Ordering::Acquire) & (1 << (b & 63)) != 0
+    }
+
+    pub(crate) fn set_durable(&self, b: u8) {
+        self.0[usize::from(b >> 6)].fetch_or(1 << (b & 63), Ordering::Release);
     }
 }
 

@@ -23,7 +23,8 @@
 //! - [`Store::absorb_dir`] hashes a file, and only if its blob is absent sets it 0444, fsyncs
 //!   it and renames it into `blobs/` (a name there always holds whole bytes, which is what
 //!   lets a later absorb trust that an existing blob needs nothing); then each fan-out dir
-//!   it touched is fsynced once. All 256 fan-out dirs exist from [`Store::open`] on.
+//!   it touched is fsynced once. A fan-out dir is made, and `blobs/` fsynced, before its first
+//!   blob goes in.
 //! - [`Store::commit`] checks that every blob of each new manifest is in `blobs/` (a manifest
 //!   already recorded was checked when it was), then writes manifests, step records and
 //!   both indices in one sled transaction, then flushes.
@@ -53,6 +54,7 @@ mod view;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -81,6 +83,9 @@ pub struct Store {
     trees: meta::Trees,
     /// Numbers the store's private temporary names (staging dirs, copies, view builds).
     seq: AtomicU64,
+    /// The fan-out dirs of `blobs/` known to be durable, and the lock under which one is made.
+    fanout: blobs::Fanout,
+    fanout_lock: Mutex<()>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
     #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
@@ -166,16 +171,23 @@ impl Store {
         if created {
             fsutil::fsync_dir(root)?;
         }
-        // Every fan-out directory exists from the start, so placing a blob never creates one
-        // (and never has to make `blobs/` itself durable again).
+        // Fan-out dirs are made with their first blob. Those here now may be the work of a
+        // process that died before it fsynced `blobs/`: fsync it once, then trust them.
         let blobs = root.join("blobs");
-        let mut created = false;
-        for b in 0..=255u8 {
-            created |= fsutil::ensure_dir(&blobs.join(format!("{b:02x}")))?;
+        let fanout = blobs::Fanout::default();
+        for entry in fs::read_dir(&blobs).map_err(StoreError::io("list", &blobs))? {
+            let entry = entry.map_err(StoreError::io("list", &blobs))?;
+            let name = entry.file_name();
+            if let Some(b) = name
+                .to_str()
+                .filter(|n| n.len() == 2)
+                .and_then(|n| u8::from_str_radix(n, 16).ok())
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                fanout.set_durable(b);
+            }
         }
-        if created {
-            fsutil::fsync_dir(&blobs)?;
-        }
+        fsutil::fsync_dir(&blobs)?;
 
         // We hold the lock: whatever is in staging, or half-built in views, belongs to a
         // process that is gone.
@@ -199,6 +211,8 @@ impl Store {
             db,
             trees,
             seq: AtomicU64::new(0),
+            fanout,
+            fanout_lock: Mutex::new(()),
             lock,
         })
     }
