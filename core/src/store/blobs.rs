@@ -182,7 +182,7 @@ impl Store {
         if !meta.is_file() {
             return Err(StoreError::Unsupported {
                 path: path.clone(),
-                kind: "file that changed into something else while it was stored",
+                kind: kind_of(&meta),
             });
         }
         let executable = meta.mode() & 0o111 != 0;
@@ -232,7 +232,7 @@ impl Store {
         if !meta.is_file() {
             return Err(StoreError::Unsupported {
                 path: src.to_path_buf(),
-                kind: "file that changed into something else while it was stored",
+                kind: kind_of(&meta),
             });
         }
         let executable = meta.mode() & 0o111 != 0;
@@ -416,6 +416,22 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<Walked>) -> Result<(), StoreError> 
         });
     }
     Ok(())
+}
+
+/// What a non-regular file is, for [`StoreError::Unsupported`].
+fn kind_of(meta: &fs::Metadata) -> &'static str {
+    let ty = meta.file_type();
+    if ty.is_dir() {
+        "directory where a file was expected"
+    } else if ty.is_fifo() {
+        "fifo"
+    } else if ty.is_socket() {
+        "socket"
+    } else if ty.is_symlink() {
+        "symlink"
+    } else {
+        "device"
+    }
 }
 
 fn unsupported<T>(path: PathBuf, kind: &'static str) -> Result<T, StoreError> {

@@ -180,13 +180,26 @@ impl Store {
     }
 
     pub(super) fn next_run_id_inner(&self) -> Result<u64, StoreError> {
+        if let Some(v) = self.db.get(RUN_COUNTER)?
+            && decode_u64(Some(&v)).is_none()
+        {
+            return Err(StoreError::corrupt("the run counter (key `next_run_id`)"));
+        }
+        // Past every recorded run too, so that ids stay unique whatever befell the counter.
+        let last_run = match self.trees.runs.last()? {
+            Some((key, _)) => decode_u64(Some(&key)).ok_or_else(|| {
+                StoreError::corrupt(format!("key `{}` of tree `runs`", display_key(&key)))
+            })?,
+            None => 0,
+        };
         let id = self
             .db
             .update_and_fetch(RUN_COUNTER, |old| {
-                Some((decode_u64(old).unwrap_or(0) + 1).to_be_bytes().to_vec())
+                let last = decode_u64(old).unwrap_or(0).max(last_run);
+                Some((last + 1).to_be_bytes().to_vec())
             })?
             .and_then(|v| decode_u64(Some(&v)))
-            .ok_or_else(|| StoreError::corrupt("the run counter"))?;
+            .ok_or_else(|| StoreError::corrupt("the run counter (key `next_run_id`)"))?;
         // A run id handed out must never be handed out again, even after a crash.
         self.db.flush()?;
         Ok(id)

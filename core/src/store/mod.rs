@@ -77,6 +77,9 @@ const CACHE_BYTES: u64 = 64 << 20;
 /// Top-level directories of a store.
 const SUBDIRS: [&str; 5] = ["meta", "blobs", "staging", "views", "logs"];
 
+/// An open store: the only handle on it in this process and on this machine, while it lives
+/// (see [`Store::open`]). `Send + Sync`: steps may be absorbed and committed from several
+/// threads; each commit is one transaction.
 pub struct Store {
     root: PathBuf,
     db: sled::Db,

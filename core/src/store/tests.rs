@@ -561,3 +561,13 @@ fn runs_count_and_survive_reopen() {
     store.put_run(&run_record(10, vec![])).unwrap();
     assert_eq!(store.next_run_id().unwrap(), 11);
 }
+
+#[test]
+fn absorb_file_copy_refuses_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(&tmp.path().join("s"));
+    match store.absorb_file_copy(tmp.path()) {
+        Err(StoreError::Unsupported { kind, .. }) => assert!(kind.starts_with("directory")),
+        other => panic!("{other:?}"),
+    }
+}
