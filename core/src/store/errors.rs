@@ -16,6 +16,13 @@ pub enum StoreError {
         expected: &'static str,
     },
 
+    /// A directory that holds something else; opening it as a store would scribble over it.
+    #[error(
+        "`{root}` is not empty and is not a needle store (no `FORMAT` file) \
+         (hint: pass --store with a new or empty directory)"
+    )]
+    NotAStore { root: PathBuf },
+
     #[error("could not {action} `{path}`")]
     Io {
         action: &'static str,
@@ -27,11 +34,36 @@ pub enum StoreError {
     #[error("the store's metadata database failed")]
     Db(#[from] sled::Error),
 
+    /// A record that does not decode, an index key that does not parse, a blob that a record
+    /// needs and that is not in `blobs/`.
     #[error("a metadata record is unreadable: {what}")]
-    Corrupt { what: String },
+    Corrupt {
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 
     #[error("output `{path}` is a {kind}; outputs may hold only files and directories")]
     Unsupported { path: PathBuf, kind: &'static str },
+
+    #[error("output `{path}` has a name that is not UTF-8; outputs need UTF-8 paths")]
+    NonUtf8Path { path: PathBuf },
+
+    /// A manifest handed to [`crate::store::Store::commit`] that the store cannot lay out as a
+    /// tree (unsorted, duplicate or escaping paths, a file with entries under it).
+    #[error("the manifest of artifact `{artifact}` is invalid: {reason}")]
+    BadManifest { artifact: String, reason: String },
+
+    /// A step commit whose record names another output than the manifest it carries.
+    #[error("step `{step}` records output `{recorded}` but its manifest is artifact `{manifest}`")]
+    OutputMismatch {
+        step: String,
+        recorded: String,
+        manifest: String,
+    },
+
+    #[error("artifact `{artifact}` is not in the store")]
+    UnknownArtifact { artifact: String },
 }
 
 impl StoreError {
@@ -44,6 +76,13 @@ impl StoreError {
             action,
             path,
             source,
+        }
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: None,
         }
     }
 }

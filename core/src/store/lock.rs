@@ -1,4 +1,15 @@
-//! The store's exclusive lock (placeholder).
+//! The store's exclusive lock: an OS file lock (`flock`) on `<root>/lock`.
+//!
+//! The lock is tied to an open file description, so it is released when the holder exits,
+//! however it exits; a stale lock file is harmless. The holder writes a line naming itself
+//! into the file after locking, so a second process can say who holds the store.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::StoreError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
@@ -8,7 +19,86 @@ pub enum LockMode {
     Wait,
 }
 
+/// Held for as long as the store is open; dropping it releases the lock.
 pub(crate) struct StoreLock {
-    #[allow(dead_code)]
-    file: std::fs::File,
+    #[allow(dead_code)] // held for its `flock`
+    file: File,
+}
+
+impl StoreLock {
+    /// Lock `<root>/lock`, then write this process's description into it.
+    pub(crate) fn acquire(root: &Path, mode: LockMode) -> Result<StoreLock, StoreError> {
+        let path = root.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(StoreError::io("open the lock file", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let holder = read_holder(&mut file);
+                match mode {
+                    LockMode::Fail => {
+                        return Err(StoreError::Locked {
+                            root: root.to_path_buf(),
+                            holder,
+                        });
+                    }
+                    LockMode::Wait => {
+                        tracing::info!(store = %root.display(), %holder, "waiting for the store lock");
+                        file.lock().map_err(StoreError::io("lock", &path))?;
+                    }
+                }
+            }
+            Err(TryLockError::Error(e)) => return Err(StoreError::io("lock", &path)(e)),
+        }
+        let line = describe_self();
+        file.set_len(0)
+            .and_then(|()| file.seek(SeekFrom::Start(0)))
+            .and_then(|_| file.write_all(line.as_bytes()))
+            .map_err(StoreError::io("write the lock file", &path))?;
+        Ok(StoreLock { file })
+    }
+}
+
+/// `pid 1234 (needle run recipes/x.toml) since 2026-11-30T03:10:00Z`
+fn describe_self() -> String {
+    let mut args = std::env::args_os().map(|a| a.to_string_lossy().into_owned());
+    let program = args
+        .next()
+        .map(|p| {
+            Path::new(&p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or(p)
+        })
+        .unwrap_or_else(|| "?".into());
+    let cmdline = std::iter::once(program)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "pid {} ({cmdline}) since {}\n",
+        std::process::id(),
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    )
+}
+
+/// The holder's line. It writes it just after locking, so a reader that comes in between
+/// may see an empty file: retry briefly before saying "unknown".
+fn read_holder(file: &mut File) -> String {
+    for _ in 0..10 {
+        let mut text = String::new();
+        if file.seek(SeekFrom::Start(0)).is_ok() && file.read_to_string(&mut text).is_ok() {
+            let text = text.trim();
+            if !text.is_empty() {
+                return text.to_string();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    "another process (it has not said which)".to_string()
 }

@@ -18,12 +18,45 @@
 //!
 //! Only one process opens a store at a time (sled itself is single-process): [`Store::open`]
 //! takes an exclusive lock and names the holder when it cannot.
+//!
+//! How the invariant is kept, step by step:
+//! - [`Store::absorb_dir`] hashes a file, and only if its blob is absent sets it 0444, fsyncs
+//!   it and renames it into `blobs/` (a name there always holds whole bytes, which is what
+//!   lets a later absorb trust that an existing blob needs nothing); then each fan-out dir
+//!   it touched is fsynced once. A fan-out dir is made, and `blobs/` fsynced, before its first
+//!   blob goes in.
+//! - [`Store::commit`] checks that every blob of each new manifest is in `blobs/` (a manifest
+//!   already recorded was checked when it was), then writes manifests, step records and
+//!   both indices in one sled transaction, then flushes.
+//! - Views and staging hold nothing a record points at: both may be deleted at any time.
 
+//!
+//! Metadata trees (keys are ASCII hex unless said otherwise, values JSON):
+//!
+//! ```text
+//! steps        step key                    → StepRecord
+//! artifacts    artifact digest             → Manifest
+//! producers    artifact "/" step key       → ()   steps that have output the artifact
+//! consumers    artifact "/" step key       → ()   steps that read the artifact
+//! runs         run id (u64 big-endian)     → RunRecord
+//! run_index    run id (u64 big-endian)     → RunSummary
+//! (default)    "next_run_id"               → u64 big-endian, the last id handed out
+//! ```
+
+mod blobs;
 mod errors;
+mod fsutil;
 mod lock;
+mod meta;
 pub mod records;
+mod view;
 
+use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 pub use errors::StoreError;
 pub use lock::LockMode;
@@ -34,11 +67,30 @@ use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
 /// On-disk format of the store; bumped on incompatible change.
 pub const FORMAT: &str = "needle-store 1";
 
+/// Most results [`Store::find_prefix`] returns.
+pub const FIND_PREFIX_LIMIT: usize = 50;
+
+/// sled's page cache. The metadata is small next to the blobs; a modest cache keeps the
+/// runner's footprint modest too.
+const CACHE_BYTES: u64 = 64 << 20;
+
+/// Top-level directories of a store.
+const SUBDIRS: [&str; 5] = ["meta", "blobs", "staging", "views", "logs"];
+
+/// An open store: the only handle on it in this process and on this machine, while it lives
+/// (see [`Store::open`]). `Send + Sync`: steps may be absorbed and committed from several
+/// threads; each commit is one transaction.
 pub struct Store {
     root: PathBuf,
-    #[allow(dead_code)]
     db: sled::Db,
-    #[allow(dead_code)]
+    trees: meta::Trees,
+    /// Numbers the store's private temporary names (staging dirs, copies, view builds).
+    seq: AtomicU64,
+    /// The fan-out dirs of `blobs/` known to be durable, and the lock under which one is made.
+    fanout: blobs::Fanout,
+    fanout_lock: Mutex<()>,
+    // Declared last, so it is dropped last: the lock is released only once sled is closed.
+    #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
 }
 
@@ -53,6 +105,7 @@ pub enum Found {
 #[derive(Debug, Clone)]
 pub struct StepCommit {
     pub record: StepRecord,
+    /// Must be the manifest of `record.output`.
     pub manifest: Manifest,
 }
 
@@ -73,16 +126,98 @@ pub struct RunSummary {
     pub skipped: usize,
 }
 
+impl RunSummary {
+    /// The summary of `run`: its header and the count of its steps by status (`executed`
+    /// counts [`StepStatus::Succeeded`]).
+    pub fn of(run: &RunRecord) -> RunSummary {
+        let count = |f: fn(&StepStatus) -> bool| run.steps.iter().filter(|s| f(&s.status)).count();
+        RunSummary {
+            id: run.id,
+            recipe_name: run.recipe_name.clone(),
+            recipe_path: run.recipe_path.clone(),
+            started: run.started,
+            ended: run.ended,
+            state: run.state,
+            arms: run.arms.len(),
+            steps: run.steps.len(),
+            executed: count(|s| matches!(s, StepStatus::Succeeded { .. })),
+            cached: count(|s| matches!(s, StepStatus::Cached { .. })),
+            failed: count(|s| matches!(s, StepStatus::Failed { .. })),
+            skipped: count(|s| matches!(s, StepStatus::Skipped { .. })),
+        }
+    }
+}
+
 impl Store {
     /// Open the store at `root`, creating it if missing, and take its exclusive lock.
     /// Removes staging dirs left by a process that died (it held the lock, so none is live).
-    pub fn open(_root: &Path, _mode: LockMode) -> Result<Store, StoreError> {
-        todo!()
+    ///
+    /// A directory that exists, is not empty and has no `FORMAT` file is refused
+    /// ([`StoreError::NotAStore`]): `--store ~` must not scribble over a home directory.
+    pub fn open(root: &Path, mode: LockMode) -> Result<Store, StoreError> {
+        Store::open_inner(root, mode, true)
     }
 
     /// Like [`Store::open`], but fails with [`StoreError::Missing`] instead of creating.
-    pub fn open_existing(_root: &Path, _mode: LockMode) -> Result<Store, StoreError> {
-        todo!()
+    pub fn open_existing(root: &Path, mode: LockMode) -> Result<Store, StoreError> {
+        Store::open_inner(root, mode, false)
+    }
+
+    fn open_inner(root: &Path, mode: LockMode, create: bool) -> Result<Store, StoreError> {
+        check_format(root, create)?;
+        let lock = lock::StoreLock::acquire(root, mode)?;
+
+        let mut created = false;
+        for sub in SUBDIRS {
+            created |= fsutil::ensure_dir(&root.join(sub))?;
+        }
+        if created {
+            fsutil::fsync_dir(root)?;
+        }
+        // Fan-out dirs are made with their first blob. Those here now may be the work of a
+        // process that died before it fsynced `blobs/`: fsync it once, then trust them.
+        let blobs = root.join("blobs");
+        let fanout = blobs::Fanout::default();
+        for entry in fs::read_dir(&blobs).map_err(StoreError::io("list", &blobs))? {
+            let entry = entry.map_err(StoreError::io("list", &blobs))?;
+            let name = entry.file_name();
+            if let Some(b) = name
+                .to_str()
+                .filter(|n| n.len() == 2)
+                .and_then(|n| u8::from_str_radix(n, 16).ok())
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                fanout.set_durable(b);
+            }
+        }
+        fsutil::fsync_dir(&blobs)?;
+
+        // We hold the lock: whatever is in staging, or half-built in views, belongs to a
+        // process that is gone.
+        let staging = root.join("staging");
+        for entry in fs::read_dir(&staging).map_err(StoreError::io("list", &staging))? {
+            let entry = entry.map_err(StoreError::io("list", &staging))?;
+            fsutil::remove_tree(&entry.path())?;
+        }
+        let views = root.join("views");
+        for entry in fs::read_dir(&views).map_err(StoreError::io("list", &views))? {
+            let entry = entry.map_err(StoreError::io("list", &views))?;
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                fsutil::remove_tree(&entry.path())?;
+            }
+        }
+
+        let db = open_sled(&root.join("meta"))?;
+        let trees = meta::Trees::open(&db)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            db,
+            trees,
+            seq: AtomicU64::new(0),
+            fanout,
+            fanout_lock: Mutex::new(()),
+            lock,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -91,76 +226,105 @@ impl Store {
 
     /// A new empty private directory under `staging/`.
     pub fn new_staging(&self) -> Result<PathBuf, StoreError> {
-        todo!()
+        let staging = self.root.join("staging");
+        loop {
+            let dir = staging.join(self.next_seq().to_string());
+            match fs::create_dir(&dir) {
+                Ok(()) => return Ok(dir),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(StoreError::io("create directory", &dir)(e)),
+            }
+        }
     }
 
     /// Hash every file under `dir` and move it into `blobs/` (durably, read-only); return the
     /// tree's manifest. `dir` is consumed. Symlinks to regular files are stored as the file;
     /// other symlinks and special files are an error naming the path.
-    pub fn absorb_dir(&self, _dir: &Path) -> Result<Manifest, StoreError> {
-        todo!()
+    ///
+    /// The whole tree is checked before anything moves, so on such an error `dir` is left as
+    /// it was. `dir` should be on the store's filesystem (a [`Store::new_staging`] dir is);
+    /// elsewhere its files are copied. A file with other hard links is copied too, so that
+    /// writing through another link can never change a blob.
+    pub fn absorb_dir(&self, dir: &Path) -> Result<Manifest, StoreError> {
+        self.absorb_dir_inner(dir)
     }
 
     /// Copy one file's bytes into `blobs/` (the source stays); return its digest.
-    pub fn absorb_file_copy(&self, _path: &Path) -> Result<BlobDigest, StoreError> {
-        todo!()
+    pub fn absorb_file_copy(&self, path: &Path) -> Result<BlobDigest, StoreError> {
+        self.absorb_file_copy_inner(path)
     }
 
-    pub fn blob_path(&self, _blob: &BlobDigest) -> PathBuf {
-        todo!()
+    /// `blobs/ab/cdef…`: the blob's place, named by the plain BLAKE3 of its bytes (what
+    /// `b3sum` prints).
+    pub fn blob_path(&self, blob: &BlobDigest) -> PathBuf {
+        let hex = blob.hex();
+        let mut p = self.root.join("blobs");
+        p.push(&hex[..2]);
+        p.push(&hex[2..]);
+        p
     }
 
     /// Record finished steps atomically (all or none), with their manifests and the producer
     /// and consumer indices, then flush. Their blobs must already be in `blobs/`.
-    pub fn commit(&self, _commits: &[StepCommit]) -> Result<(), StoreError> {
-        todo!()
+    ///
+    /// A record replaces any record of the same key (a forced re-execution). Refused, with
+    /// nothing written: a manifest that references a blob missing from `blobs/`
+    /// ([`StoreError::Corrupt`]), a malformed manifest, a record whose `output` is not its
+    /// manifest's digest.
+    pub fn commit(&self, commits: &[StepCommit]) -> Result<(), StoreError> {
+        self.commit_inner(commits)
     }
 
-    pub fn step(&self, _key: &StepKey) -> Result<Option<StepRecord>, StoreError> {
-        todo!()
+    pub fn step(&self, key: &StepKey) -> Result<Option<StepRecord>, StoreError> {
+        self.step_inner(key)
     }
 
-    pub fn manifest(&self, _artifact: &ArtifactDigest) -> Result<Option<Manifest>, StoreError> {
-        todo!()
+    pub fn manifest(&self, artifact: &ArtifactDigest) -> Result<Option<Manifest>, StoreError> {
+        self.manifest_inner(artifact)
     }
 
-    /// Steps whose output is `artifact`.
-    pub fn producers(&self, _artifact: &ArtifactDigest) -> Result<Vec<StepKey>, StoreError> {
-        todo!()
+    /// Steps whose output is, or was before a forced re-execution replaced it, `artifact`
+    /// (sorted by key). Kept after a replacement so the lineage of an artifact that
+    /// downstream steps read stays whole; the step's `executions` list both outputs.
+    pub fn producers(&self, artifact: &ArtifactDigest) -> Result<Vec<StepKey>, StoreError> {
+        self.index_scan(&self.trees.producers, "producers", artifact)
     }
 
-    /// Steps that read `artifact` as an input.
-    pub fn consumers(&self, _artifact: &ArtifactDigest) -> Result<Vec<StepKey>, StoreError> {
-        todo!()
+    /// Steps that read `artifact` as an input, alone or as a gather member (sorted by key).
+    pub fn consumers(&self, artifact: &ArtifactDigest) -> Result<Vec<StepKey>, StoreError> {
+        self.index_scan(&self.trees.consumers, "consumers", artifact)
     }
 
     /// A read-only directory holding the artifact's tree (hardlinks to its blobs), built once
-    /// under `views/` and reused.
-    pub fn view(&self, _artifact: &ArtifactDigest) -> Result<PathBuf, StoreError> {
-        todo!()
+    /// under `views/` and reused. Executable files are copies (mode 0555), since a blob is
+    /// shared by every path that holds its bytes, with or without the x bit.
+    pub fn view(&self, artifact: &ArtifactDigest) -> Result<PathBuf, StoreError> {
+        self.view_inner(artifact)
     }
 
+    /// A fresh run id: 1, 2, 3…, never reused, also across reopens.
     pub fn next_run_id(&self) -> Result<u64, StoreError> {
-        todo!()
+        self.next_run_id_inner()
     }
 
     /// Insert or replace a run record and its summary, then flush.
-    pub fn put_run(&self, _run: &RunRecord) -> Result<(), StoreError> {
-        todo!()
+    pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.put_run_inner(run)
     }
 
-    pub fn run(&self, _id: u64) -> Result<Option<RunRecord>, StoreError> {
-        todo!()
+    pub fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
+        self.run_inner(id)
     }
 
-    /// All run summaries, oldest first.
+    /// All run summaries, oldest (lowest id) first.
     pub fn runs(&self) -> Result<Vec<RunSummary>, StoreError> {
-        todo!()
+        self.runs_inner()
     }
 
-    /// Step keys and artifact digests starting with `prefix` (lowercase hex).
-    pub fn find_prefix(&self, _prefix: &str) -> Result<Vec<Found>, StoreError> {
-        todo!()
+    /// Step keys and artifact digests starting with `prefix` (lowercase hex), steps first,
+    /// at most [`FIND_PREFIX_LIMIT`]. A prefix that is not lowercase hex matches nothing.
+    pub fn find_prefix(&self, prefix: &str) -> Result<Vec<Found>, StoreError> {
+        self.find_prefix_inner(prefix)
     }
 
     /// Where an attempt's combined stdout/stderr goes, relative to the root.
@@ -172,4 +336,103 @@ impl Store {
     pub fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A name for a private temporary entry: `.tmp-<pid>-<n>`.
+    fn tmp_name(&self) -> String {
+        format!(".tmp-{}-{}", std::process::id(), self.next_seq())
+    }
 }
+
+/// Check (or, when `create`, write) `FORMAT`, creating `root` if needed.
+fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
+    let format_path = root.join("FORMAT");
+    match fs::read_to_string(&format_path) {
+        Ok(text) => {
+            let found = text.trim();
+            if found == FORMAT {
+                Ok(())
+            } else {
+                Err(StoreError::Format {
+                    root: root.to_path_buf(),
+                    found: found.to_string(),
+                    expected: FORMAT,
+                })
+            }
+        }
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
+        {
+            if !create {
+                return Err(StoreError::Missing {
+                    root: root.to_path_buf(),
+                });
+            }
+            match fs::metadata(root) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(StoreError::NotAStore {
+                        root: root.to_path_buf(),
+                    });
+                }
+                Ok(_) => {
+                    // Tolerate what a store being created by another process at this very
+                    // moment may already hold.
+                    let entries = fs::read_dir(root).map_err(StoreError::io("list", root))?;
+                    for entry in entries {
+                        let entry = entry.map_err(StoreError::io("list", root))?;
+                        let name = entry.file_name();
+                        let name = name.to_string_lossy();
+                        if !(name == "lock" || name.starts_with("FORMAT.tmp")) {
+                            return Err(StoreError::NotAStore {
+                                root: root.to_path_buf(),
+                            });
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir_all(root).map_err(StoreError::io("create directory", root))?;
+                }
+                Err(e) => return Err(StoreError::io("inspect", root)(e)),
+            }
+            let tmp = root.join(format!("FORMAT.tmp-{}", std::process::id()));
+            fs::File::create(&tmp)
+                .and_then(|mut f| {
+                    f.write_all(format!("{FORMAT}\n").as_bytes())?;
+                    f.sync_all()
+                })
+                .and_then(|()| fs::rename(&tmp, &format_path))
+                .map_err(StoreError::io("write", &format_path))?;
+            fsutil::fsync_dir(root)
+        }
+        Err(e) => Err(StoreError::io("read", &format_path)(e)),
+    }
+}
+
+/// Open sled with explicit flushes only: [`Store::commit`] flushes after each transaction,
+/// which is the durability point of the invariant.
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .cache_capacity(CACHE_BYTES);
+    // sled's own file lock can outlive a `Db` of this process for a moment (its IO threads
+    // let go last); we hold the store lock, so anyone else holding sled's is on the way out.
+    let mut tries = 0;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if tries < 100 && e.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,439 @@
+//! Writing blobs: hashing output files and moving (or copying) them into `blobs/`.
+//!
+//! A blob is placed by rename only once its bytes and its mode (0444) are fsynced, so a name
+//! under `blobs/` always holds whole bytes. A fan-out directory is made (and `blobs/`
+//! fsynced) before its first blob; the fan-out directories an absorb renamed into are fsynced
+//! once each at its end, before the caller can commit a record that points at them.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::{EntryKind, Manifest, ManifestEntry, Store, StoreError, fsutil};
+use crate::digest::BlobDigest;
+
+/// Read buffer for hashing and copying; large enough for BLAKE3 to hash many chunks at once.
+const BUF_LEN: usize = 1 << 20;
+
+/// Most threads an absorb of several files uses, whatever the core count: fsyncs wait on the
+/// disk, not on a core, and the filesystem commits concurrent ones together (20,000 small
+/// files absorb twice as fast on 16 threads as on 8; 32 gains nothing more).
+const THREADS: usize = 16;
+
+/// What the walk found, before anything moves.
+struct Walked {
+    rel: String,
+    path: PathBuf,
+    kind: WalkKind,
+}
+
+enum WalkKind {
+    File,
+    /// A symlink to a regular file: stored as a copy of that file.
+    Link,
+    EmptyDir,
+}
+
+/// One file in `blobs/`.
+struct Absorbed {
+    blob: BlobDigest,
+    size: u64,
+    executable: bool,
+    /// Whether this call put it there (its fan-out dir then needs an fsync).
+    placed: bool,
+}
+
+impl Store {
+    pub(super) fn absorb_dir_inner(&self, dir: &Path) -> Result<Manifest, StoreError> {
+        let mut walked = Vec::new();
+        walk(dir, "", &mut walked)?;
+        // Symlinks first: one may point at a file of this very tree, which is about to move.
+        let links: Vec<&Walked> = walked
+            .iter()
+            .filter(|w| matches!(w.kind, WalkKind::Link))
+            .collect();
+        let files: Vec<&Walked> = walked
+            .iter()
+            .filter(|w| matches!(w.kind, WalkKind::File))
+            .collect();
+        let mut links = self.absorb_all(&links)?.into_iter();
+        let mut files = self.absorb_all(&files)?.into_iter();
+        let absorbed: Vec<Absorbed> = walked
+            .iter()
+            .filter_map(|w| match w.kind {
+                WalkKind::Link => links.next(),
+                WalkKind::File => files.next(),
+                WalkKind::EmptyDir => None,
+            })
+            .collect();
+
+        let touched: BTreeSet<[u8; 1]> = absorbed
+            .iter()
+            .filter(|a| a.placed)
+            .map(|a| [a.blob.as_bytes()[0]])
+            .collect();
+        for [b] in touched {
+            fsutil::fsync_dir(&self.root.join("blobs").join(format!("{b:02x}")))?;
+        }
+
+        fsutil::remove_tree(dir)?;
+
+        let mut absorbed = absorbed.into_iter();
+        let mut entries: Vec<ManifestEntry> = walked
+            .into_iter()
+            .map(|w| {
+                let kind = match w.kind {
+                    WalkKind::EmptyDir => EntryKind::Dir,
+                    WalkKind::File | WalkKind::Link => {
+                        let a = absorbed.next().expect("one result per file");
+                        EntryKind::File {
+                            blob: a.blob,
+                            size: a.size,
+                            executable: a.executable,
+                        }
+                    }
+                };
+                ManifestEntry { path: w.rel, kind }
+            })
+            .collect();
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Manifest { entries })
+    }
+
+    pub(super) fn absorb_file_copy_inner(&self, path: &Path) -> Result<BlobDigest, StoreError> {
+        let a = self.copy_in(path, &mut Vec::new())?;
+        if a.placed {
+            fsutil::fsync_dir(
+                self.blob_path(&a.blob)
+                    .parent()
+                    .expect("blob paths have a dir"),
+            )?;
+        }
+        Ok(a.blob)
+    }
+
+    /// Make sure the fan-out dir of `blob` exists durably (its entry in `blobs/` fsynced)
+    /// before any blob is renamed into it: otherwise a record could be committed, by this
+    /// absorb or a concurrent one, pointing into a directory a crash can still lose.
+    fn ensure_fanout(&self, blob: &BlobDigest) -> Result<(), StoreError> {
+        let b = blob.as_bytes()[0];
+        if self.fanout.is_durable(b) {
+            return Ok(());
+        }
+        let _guard = self.fanout_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.fanout.is_durable(b) {
+            let blobs = self.root.join("blobs");
+            fsutil::ensure_dir(&blobs.join(format!("{b:02x}")))?;
+            fsutil::fsync_dir(&blobs)?;
+            self.fanout.set_durable(b);
+        }
+        Ok(())
+    }
+
+    /// Absorb `files`, on several threads when there are several; results in the order of
+    /// `files`. The work is mostly waiting for fsyncs, which the filesystem batches across
+    /// threads, and hashing, which for a few large files spreads over the cores.
+    fn absorb_all(&self, files: &[&Walked]) -> Result<Vec<Absorbed>, StoreError> {
+        if files.len() < 2 {
+            let mut buf = Vec::new();
+            return files.iter().map(|w| self.absorb_one(w, &mut buf)).collect();
+        }
+        let threads = THREADS.min(files.len());
+        let next = AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let mut results: Vec<(usize, Result<Absorbed, StoreError>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut buf = Vec::new();
+                        let mut out = Vec::new();
+                        while !failed.load(Ordering::Relaxed) {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(w) = files.get(i) else { break };
+                            let r = self.absorb_one(w, &mut buf);
+                            if r.is_err() {
+                                failed.store(true, Ordering::Relaxed);
+                            }
+                            out.push((i, r));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("absorb worker panicked"))
+                .collect()
+        });
+        results.sort_by_key(|(i, _)| *i);
+        results.into_iter().map(|(_, r)| r).collect()
+    }
+
+    fn absorb_one(&self, w: &Walked, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
+        if let WalkKind::Link = w.kind {
+            return self.copy_in(&w.path, buf);
+        }
+        let path = &w.path;
+        let file = File::open(path).map_err(StoreError::io("open", path))?;
+        let meta = file.metadata().map_err(StoreError::io("inspect", path))?;
+        if !meta.is_file() {
+            return Err(StoreError::Unsupported {
+                path: path.clone(),
+                kind: kind_of(&meta),
+            });
+        }
+        let executable = meta.mode() & 0o111 != 0;
+        let (blob, size) = hash(&file, path, meta.len(), buf)?;
+        let dest = self.blob_path(&blob);
+        if fsutil::exists(&dest)? {
+            // Removed with the rest of the dir.
+            return Ok(Absorbed {
+                blob,
+                size,
+                executable,
+                placed: false,
+            });
+        }
+        if meta.nlink() > 1 {
+            // Its inode is shared with a file elsewhere: renaming it in would let writes
+            // through that other name change the blob.
+            let a = self.copy_in(path, buf)?;
+            return Ok(Absorbed { executable, ..a });
+        }
+        file.set_permissions(Permissions::from_mode(0o444))
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io("make durable", path))?;
+        drop(file);
+        self.ensure_fanout(&blob)?;
+        match fs::rename(path, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                let a = self.copy_in(path, buf)?;
+                return Ok(Absorbed { executable, ..a });
+            }
+            Err(e) => return Err(StoreError::io("move into the store", path)(e)),
+        }
+        Ok(Absorbed {
+            blob,
+            size,
+            executable,
+            placed: true,
+        })
+    }
+
+    /// Copy `src` (following symlinks) into `blobs/` unless its bytes are there already.
+    /// Hashes first, so a file the store holds costs one read and no write.
+    fn copy_in(&self, src: &Path, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
+        let file = File::open(src).map_err(StoreError::io("open", src))?;
+        let meta = file.metadata().map_err(StoreError::io("inspect", src))?;
+        if !meta.is_file() {
+            return Err(StoreError::Unsupported {
+                path: src.to_path_buf(),
+                kind: kind_of(&meta),
+            });
+        }
+        let executable = meta.mode() & 0o111 != 0;
+        let (blob, size) = hash(&file, src, meta.len(), buf)?;
+        if fsutil::exists(&self.blob_path(&blob))? {
+            return Ok(Absorbed {
+                blob,
+                size,
+                executable,
+                placed: false,
+            });
+        }
+
+        let tmp = self.root.join("staging").join(self.tmp_name());
+        let mut guard = RemoveOnDrop(Some(tmp.clone()));
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(StoreError::io("create", &tmp))?;
+        // Hash what is written: if `src` changed since the first pass, the blob is still
+        // named by the bytes it holds.
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut reader: &File = &file;
+        io::Seek::rewind(&mut reader).map_err(StoreError::io("read", src))?;
+        loop {
+            let n = match reader.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StoreError::io("read", src)(e)),
+            };
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(StoreError::io("write", &tmp))?;
+            size += n as u64;
+        }
+        out.set_permissions(Permissions::from_mode(0o444))
+            .and_then(|()| out.sync_all())
+            .map_err(StoreError::io("make durable", &tmp))?;
+        drop(out);
+        let blob = BlobDigest::from_hasher(&hasher);
+        let dest = self.blob_path(&blob);
+        if fsutil::exists(&dest)? {
+            return Ok(Absorbed {
+                blob,
+                size,
+                executable,
+                placed: false,
+            });
+        }
+        self.ensure_fanout(&blob)?;
+        fs::rename(&tmp, &dest).map_err(StoreError::io("move into the store", &tmp))?;
+        guard.0 = None;
+        Ok(Absorbed {
+            blob,
+            size,
+            executable,
+            placed: true,
+        })
+    }
+}
+
+/// Make `buf` large enough to read a `len`-byte file in one call, up to [`BUF_LEN`].
+fn grow(buf: &mut Vec<u8>, len: u64) {
+    let want = usize::try_from(len.saturating_add(1))
+        .unwrap_or(BUF_LEN)
+        .clamp(8 << 10, BUF_LEN);
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+}
+
+/// Which fan-out dirs (`blobs/00` … `blobs/ff`) are known to exist durably: one bit each.
+#[derive(Default)]
+pub(crate) struct Fanout([AtomicU64; 4]);
+
+impl Fanout {
+    fn is_durable(&self, b: u8) -> bool {
+        self.0[usize::from(b >> 6)].load(Ordering::Acquire) & (1 << (b & 63)) != 0
+    }
+
+    pub(crate) fn set_durable(&self, b: u8) {
+        self.0[usize::from(b >> 6)].fetch_or(1 << (b & 63), Ordering::Release);
+    }
+}
+
+/// Removes a temporary file unless disarmed (its path taken).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Plain BLAKE3 of what `file` holds from its current position, and its length. `len_hint`
+/// (the size from `fstat`) sizes the buffer: a tiny file reads in one call, into little.
+fn hash(
+    mut file: &File,
+    path: &Path,
+    len_hint: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(BlobDigest, u64), StoreError> {
+    grow(buf, len_hint);
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        match file.read(buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StoreError::io("read", path)(e)),
+        }
+    }
+    Ok((BlobDigest::from_hasher(&hasher), size))
+}
+
+/// Walk `dir` depth first in name order; check everything, move nothing.
+fn walk(dir: &Path, rel: &str, out: &mut Vec<Walked>) -> Result<(), StoreError> {
+    let mut entries = fs::read_dir(dir)
+        .map_err(StoreError::io("list", dir))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::io("list", dir))?;
+    if entries.is_empty() && !rel.is_empty() {
+        out.push(Walked {
+            rel: rel.to_string(),
+            path: dir.to_path_buf(),
+            kind: WalkKind::EmptyDir,
+        });
+        return Ok(());
+    }
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(StoreError::NonUtf8Path { path });
+        };
+        let child_rel = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let ty = entry
+            .file_type()
+            .map_err(StoreError::io("inspect", &path))?;
+        let kind = if ty.is_file() {
+            WalkKind::File
+        } else if ty.is_dir() {
+            walk(&path, &child_rel, out)?;
+            continue;
+        } else if ty.is_symlink() {
+            match fs::metadata(&path) {
+                Ok(m) if m.is_file() => WalkKind::Link,
+                Ok(m) if m.is_dir() => return unsupported(path, "symlink to a directory"),
+                Ok(_) => return unsupported(path, "symlink to a special file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return unsupported(path, "dangling symlink");
+                }
+                Err(e) => return Err(StoreError::io("follow symlink", &path)(e)),
+            }
+        } else if ty.is_fifo() {
+            return unsupported(path, "fifo");
+        } else if ty.is_socket() {
+            return unsupported(path, "socket");
+        } else {
+            return unsupported(path, "device");
+        };
+        out.push(Walked {
+            rel: child_rel,
+            path,
+            kind,
+        });
+    }
+    Ok(())
+}
+
+/// What a non-regular file is, for [`StoreError::Unsupported`].
+fn kind_of(meta: &fs::Metadata) -> &'static str {
+    let ty = meta.file_type();
+    if ty.is_dir() {
+        "directory where a file was expected"
+    } else if ty.is_fifo() {
+        "fifo"
+    } else if ty.is_socket() {
+        "socket"
+    } else if ty.is_symlink() {
+        "symlink"
+    } else {
+        "device"
+    }
+}
+
+fn unsupported<T>(path: PathBuf, kind: &'static str) -> Result<T, StoreError> {
+    Err(StoreError::Unsupported { path, kind })
+}

@@ -1,0 +1,359 @@
+//! The metadata side: sled trees, the commit transaction, reads and runs.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::{
+    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit, StepRecord,
+    Store, StoreError, fsutil,
+};
+use crate::digest::{ArtifactDigest, Digest, DigestKind, HEX_LEN, StepKey, is_hex_prefix};
+
+/// Key in the default tree of the last run id handed out.
+const RUN_COUNTER: &[u8] = b"next_run_id";
+
+pub(crate) struct Trees {
+    pub steps: sled::Tree,
+    pub artifacts: sled::Tree,
+    pub producers: sled::Tree,
+    pub consumers: sled::Tree,
+    pub runs: sled::Tree,
+    pub run_index: sled::Tree,
+}
+
+impl Trees {
+    pub(crate) fn open(db: &sled::Db) -> Result<Trees, StoreError> {
+        Ok(Trees {
+            steps: db.open_tree("steps")?,
+            artifacts: db.open_tree("artifacts")?,
+            producers: db.open_tree("producers")?,
+            consumers: db.open_tree("consumers")?,
+            runs: db.open_tree("runs")?,
+            run_index: db.open_tree("run_index")?,
+        })
+    }
+}
+
+/// One commit's writes, encoded before the transaction (which sled may retry).
+struct Encoded {
+    step_key: Vec<u8>,
+    record: Vec<u8>,
+    /// `None` when the artifact is recorded already.
+    manifest: Option<(Vec<u8>, Vec<u8>)>,
+    producer: Vec<u8>,
+    consumers: Vec<Vec<u8>>,
+}
+
+impl Store {
+    pub(super) fn commit_inner(&self, commits: &[StepCommit]) -> Result<(), StoreError> {
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let mut encoded = Vec::with_capacity(commits.len());
+        // Artifacts checked in this call: a batch often repeats one (a shared input).
+        let mut checked = BTreeSet::new();
+        for c in commits {
+            let artifact = c.manifest.digest();
+            if artifact != c.record.output {
+                return Err(StoreError::OutputMismatch {
+                    step: c.record.key.hex(),
+                    recorded: c.record.output.hex(),
+                    manifest: artifact.hex(),
+                });
+            }
+            let artifact_key = artifact.hex().into_bytes();
+            let manifest =
+                if checked.insert(artifact) && !self.trees.artifacts.contains_key(&artifact_key)? {
+                    check_manifest(&c.manifest).map_err(|reason| StoreError::BadManifest {
+                        artifact: artifact.hex(),
+                        reason,
+                    })?;
+                    self.check_blobs(&artifact, &c.manifest)?;
+                    Some((artifact_key, to_json(&c.manifest)))
+                } else {
+                    None
+                };
+            let step = c.record.key;
+            let consumers = c
+                .record
+                .spec
+                .inputs
+                .values()
+                .flat_map(|input| input.artifacts())
+                .map(|a| index_key(&a, &step))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            encoded.push(Encoded {
+                step_key: step.hex().into_bytes(),
+                record: to_json(&c.record),
+                manifest,
+                producer: index_key(&artifact, &step),
+                consumers,
+            });
+        }
+
+        let t = &self.trees;
+        (&t.steps, &t.artifacts, &t.producers, &t.consumers)
+            .transaction(|(steps, artifacts, producers, consumers)| {
+                for e in &encoded {
+                    if let Some((key, value)) = &e.manifest
+                        && artifacts.get(key)?.is_none()
+                    {
+                        artifacts.insert(key.as_slice(), value.as_slice())?;
+                    }
+                    steps.insert(e.step_key.as_slice(), e.record.as_slice())?;
+                    producers.insert(e.producer.as_slice(), &[][..])?;
+                    for c in &e.consumers {
+                        consumers.insert(c.as_slice(), &[][..])?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_error)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every blob `manifest` references is in `blobs/`: the invariant's check.
+    fn check_blobs(
+        &self,
+        artifact: &ArtifactDigest,
+        manifest: &Manifest,
+    ) -> Result<(), StoreError> {
+        for e in &manifest.entries {
+            if let EntryKind::File { blob, .. } = &e.kind
+                && !fsutil::exists(&self.blob_path(blob))?
+            {
+                return Err(StoreError::corrupt(format!(
+                    "artifact `{}` references blob `{}` (for `{}`), which is not in the store",
+                    artifact.hex(),
+                    blob.hex(),
+                    e.path
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn step_inner(&self, key: &StepKey) -> Result<Option<StepRecord>, StoreError> {
+        get_json(&self.trees.steps, "steps", key.hex().as_bytes())
+    }
+
+    pub(super) fn manifest_inner(
+        &self,
+        artifact: &ArtifactDigest,
+    ) -> Result<Option<Manifest>, StoreError> {
+        get_json(
+            &self.trees.artifacts,
+            "artifacts",
+            artifact.hex().as_bytes(),
+        )
+    }
+
+    pub(super) fn index_scan(
+        &self,
+        tree: &sled::Tree,
+        name: &str,
+        artifact: &ArtifactDigest,
+    ) -> Result<Vec<StepKey>, StoreError> {
+        let mut prefix = artifact.hex().into_bytes();
+        prefix.push(b'/');
+        let mut out = Vec::new();
+        for item in tree.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let step = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    StoreError::corrupt(format!(
+                        "key `{}` of tree `{name}` does not end in a step key",
+                        String::from_utf8_lossy(&key)
+                    ))
+                })?;
+            out.push(step);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn next_run_id_inner(&self) -> Result<u64, StoreError> {
+        if let Some(v) = self.db.get(RUN_COUNTER)?
+            && decode_u64(Some(&v)).is_none()
+        {
+            return Err(StoreError::corrupt("the run counter (key `next_run_id`)"));
+        }
+        // Past every recorded run too, so that ids stay unique whatever befell the counter.
+        let last_run = match self.trees.runs.last()? {
+            Some((key, _)) => decode_u64(Some(&key)).ok_or_else(|| {
+                StoreError::corrupt(format!("key `{}` of tree `runs`", display_key(&key)))
+            })?,
+            None => 0,
+        };
+        let id = self
+            .db
+            .update_and_fetch(RUN_COUNTER, |old| {
+                let last = decode_u64(old).unwrap_or(0).max(last_run);
+                Some((last + 1).to_be_bytes().to_vec())
+            })?
+            .and_then(|v| decode_u64(Some(&v)))
+            .ok_or_else(|| StoreError::corrupt("the run counter (key `next_run_id`)"))?;
+        // A run id handed out must never be handed out again, even after a crash.
+        self.db.flush()?;
+        Ok(id)
+    }
+
+    pub(super) fn put_run_inner(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let key = run.id.to_be_bytes();
+        let record = to_json(run);
+        let summary = to_json(&RunSummary::of(run));
+        let default: &sled::Tree = &self.db;
+        (&self.trees.runs, &self.trees.run_index, default)
+            .transaction(|(runs, run_index, default)| {
+                runs.insert(&key[..], record.as_slice())?;
+                run_index.insert(&key[..], summary.as_slice())?;
+                // Keep the counter past every recorded id, also one not from `next_run_id`.
+                let counter = decode_u64(default.get(RUN_COUNTER)?.as_deref()).unwrap_or(0);
+                if counter < run.id {
+                    default.insert(RUN_COUNTER, &key[..])?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_error)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub(super) fn run_inner(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
+        get_json(&self.trees.runs, "runs", &id.to_be_bytes())
+    }
+
+    pub(super) fn runs_inner(&self) -> Result<Vec<RunSummary>, StoreError> {
+        self.trees
+            .run_index
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                decode("run_index", &key, &value)
+            })
+            .collect()
+    }
+
+    pub(super) fn find_prefix_inner(&self, prefix: &str) -> Result<Vec<Found>, StoreError> {
+        if !is_hex_prefix(prefix) {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for item in self.trees.steps.scan_prefix(prefix.as_bytes()) {
+            if out.len() >= FIND_PREFIX_LIMIT {
+                return Ok(out);
+            }
+            let (key, _) = item?;
+            out.push(Found::Step(parse_key(&key, "steps")?));
+        }
+        for item in self.trees.artifacts.scan_prefix(prefix.as_bytes()) {
+            if out.len() >= FIND_PREFIX_LIMIT {
+                return Ok(out);
+            }
+            let (key, _) = item?;
+            out.push(Found::Artifact(parse_key(&key, "artifacts")?));
+        }
+        Ok(out)
+    }
+}
+
+/// `artifact hex` "/" `step key hex`: the producers and consumers index key.
+fn index_key(artifact: &ArtifactDigest, step: &StepKey) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 * HEX_LEN + 1);
+    key.extend_from_slice(artifact.hex().as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(step.hex().as_bytes());
+    key
+}
+
+fn parse_key<K: DigestKind>(key: &[u8], tree: &str) -> Result<Digest<K>, StoreError> {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            StoreError::corrupt(format!(
+                "key `{}` of tree `{tree}` is not a {}",
+                String::from_utf8_lossy(key),
+                K::NAME
+            ))
+        })
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // The record types are plain data: maps with string keys, no fallible Serialize impls.
+    serde_json::to_vec(value).expect("store records serialise to JSON")
+}
+
+fn get_json<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &str,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        Some(value) => decode(name, key, &value).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        what: format!("record `{}` of tree `{tree}`", display_key(key)),
+        source: Some(Box::new(e)),
+    })
+}
+
+/// Hex keys as they are; run ids (8 bytes big-endian) as numbers.
+fn display_key(key: &[u8]) -> String {
+    match <[u8; 8]>::try_from(key) {
+        Ok(id) => u64::from_be_bytes(id).to_string(),
+        Err(_) => String::from_utf8_lossy(key).into_owned(),
+    }
+}
+
+fn decode_u64(bytes: Option<&[u8]>) -> Option<u64> {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
+fn tx_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Db(e),
+        // Nothing aborts these transactions.
+        TransactionError::Abort(()) => StoreError::corrupt("a transaction aborted"),
+    }
+}
+
+/// A manifest the store can lay out as a tree: relative `/`-separated paths without empty,
+/// `.` or `..` components, strictly sorted, no entry under a file or under an empty-dir entry.
+pub(crate) fn check_manifest(manifest: &Manifest) -> Result<(), String> {
+    let mut prev: Option<&str> = None;
+    let mut paths = BTreeSet::new();
+    for e in &manifest.entries {
+        let p = e.path.as_str();
+        if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") || p.contains('\0') {
+            return Err(format!("path `{p}` is not a clean relative path"));
+        }
+        if prev.is_some_and(|prev| prev >= p) {
+            return Err(format!("path `{p}` is out of order or repeated"));
+        }
+        prev = Some(p);
+        paths.insert(p);
+    }
+    for e in &manifest.entries {
+        let p = e.path.as_str();
+        for (i, _) in p.match_indices('/') {
+            if paths.contains(&p[..i]) {
+                return Err(format!("`{}` holds `{p}` but is not a directory", &p[..i]));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Views: an artifact laid out as a read-only directory tree under `views/<artifact>/`.
+//!
+//! Built in a private `views/.tmp-…` directory and renamed into place whole, so a view that
+//! exists is complete. Views hold no data of their own (hardlinks to blobs), and can be
+//! deleted and rebuilt at any time.
+
+use std::collections::BTreeSet;
+use std::fs::{self, Permissions};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::meta::check_manifest;
+use super::{EntryKind, Manifest, Store, StoreError, fsutil};
+use crate::digest::ArtifactDigest;
+
+impl Store {
+    pub(super) fn view_inner(&self, artifact: &ArtifactDigest) -> Result<PathBuf, StoreError> {
+        let views = self.root.join("views");
+        let dest = views.join(artifact.hex());
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let manifest = self
+            .manifest(artifact)?
+            .ok_or_else(|| StoreError::UnknownArtifact {
+                artifact: artifact.hex(),
+            })?;
+        check_manifest(&manifest).map_err(|reason| StoreError::BadManifest {
+            artifact: artifact.hex(),
+            reason,
+        })?;
+
+        let tmp = views.join(self.tmp_name());
+        let built = self.build_view(&tmp, &manifest);
+        if let Err(e) = built {
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(e);
+        }
+        match fs::rename(&tmp, &dest) {
+            Ok(()) => Ok(dest),
+            // Another builder won the race; its view is as good as ours.
+            Err(_) if dest.is_dir() => {
+                fsutil::remove_tree(&tmp)?;
+                Ok(dest)
+            }
+            Err(e) => {
+                let _ = fsutil::remove_tree(&tmp);
+                Err(StoreError::io("move into place", &tmp)(e))
+            }
+        }
+    }
+
+    fn build_view(&self, tmp: &Path, manifest: &Manifest) -> Result<(), StoreError> {
+        // Every directory: the parents of each entry and the empty-dir entries. Sorted, a
+        // directory comes before anything inside it.
+        let mut dirs = BTreeSet::new();
+        for e in &manifest.entries {
+            for (i, _) in e.path.match_indices('/') {
+                dirs.insert(&e.path[..i]);
+            }
+            if let EntryKind::Dir = e.kind {
+                dirs.insert(e.path.as_str());
+            }
+        }
+        fs::create_dir(tmp).map_err(StoreError::io("create directory", tmp))?;
+        for d in &dirs {
+            let p = tmp.join(d);
+            fs::create_dir(&p).map_err(StoreError::io("create directory", &p))?;
+        }
+        for e in &manifest.entries {
+            if let EntryKind::File {
+                blob, executable, ..
+            } = &e.kind
+            {
+                let src = self.blob_path(blob);
+                let dst = tmp.join(&e.path);
+                place(&src, &dst, *executable).map_err(|err| {
+                    if err.kind() == io::ErrorKind::NotFound && !src.exists() {
+                        StoreError::corrupt(format!(
+                            "blob `{}` of `{}` is not in the store",
+                            blob.hex(),
+                            e.path
+                        ))
+                    } else {
+                        StoreError::io("place", &dst)(err)
+                    }
+                })?;
+            }
+        }
+        let read_only = || Permissions::from_mode(0o555);
+        for d in dirs.iter().rev() {
+            let p = tmp.join(d);
+            fs::set_permissions(&p, read_only()).map_err(StoreError::io("make read-only", &p))?;
+        }
+        // Renaming a directory within one parent does not need write access to it.
+        fs::set_permissions(tmp, read_only()).map_err(StoreError::io("make read-only", tmp))
+    }
+}
+
+/// A hardlink to the blob; a copy when the file is executable (the blob is 0444) or the blob
+/// cannot take another link (`EMLINK` on a very common small file).
+fn place(blob: &Path, dst: &Path, executable: bool) -> io::Result<()> {
+    if !executable {
+        match fs::hard_link(blob, dst) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Err(_) => {}
+        }
+    }
+    fs::copy(blob, dst)?;
+    let mode = if executable { 0o555 } else { 0o444 };
+    fs::set_permissions(dst, Permissions::from_mode(mode))
+}
