@@ -4,7 +4,7 @@
 //! read (by digest), so lineage stays true across recipe edits, reruns and sweeps. When several
 //! steps produced the same bytes, the most recent producer stands for them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
@@ -58,7 +58,10 @@ pub struct LineageEdge {
 }
 
 /// The step that produced `artifact` most recently, if any is recorded.
-pub fn producer(store: &Store, artifact: &ArtifactDigest) -> Result<Option<StepRecord>, StoreError> {
+pub fn producer(
+    store: &Store,
+    artifact: &ArtifactDigest,
+) -> Result<Option<StepRecord>, StoreError> {
     let mut best: Option<StepRecord> = None;
     for key in store.producers(artifact)? {
         if let Some(rec) = store.step(&key)? {
@@ -66,7 +69,9 @@ pub fn producer(store: &Store, artifact: &ArtifactDigest) -> Result<Option<StepR
             if rec.output != *artifact {
                 continue;
             }
-            let newer = best.as_ref().is_none_or(|b| last_ended(&rec) > last_ended(b));
+            let newer = best
+                .as_ref()
+                .is_none_or(|b| last_ended(&rec) > last_ended(b));
             if newer {
                 best = Some(rec);
             }
@@ -96,13 +101,16 @@ fn to_step(r: &StepRecord, depth: usize) -> LineageStep {
 }
 
 /// Walk from `root` in `direction`, breadth first.
-pub fn walk(store: &Store, root: &StepKey, direction: Direction) -> Result<LineageGraph, StoreError> {
-    let first = store.step(root)?.ok_or_else(|| StoreError::Corrupt {
-        what: format!("no step record for `{root}`"),
-    })?;
-    let mut seen: HashMap<StepKey, usize> = HashMap::new();
+pub fn walk(
+    store: &Store,
+    root: &StepKey,
+    direction: Direction,
+) -> Result<LineageGraph, StoreError> {
+    let first = store
+        .step(root)?
+        .ok_or_else(|| StoreError::corrupt(format!("no step record for `{root}`")))?;
+    let mut seen: HashSet<StepKey> = HashSet::from([first.key]);
     let mut steps = vec![to_step(&first, 0)];
-    seen.insert(first.key, 0);
     let mut edges = Vec::new();
     let mut queue = VecDeque::from([(first, 0usize)]);
 
@@ -148,8 +156,7 @@ pub fn walk(store: &Store, root: &StepKey, direction: Direction) -> Result<Linea
         };
         for (other, edge) in next {
             edges.push(edge);
-            if !seen.contains_key(&other.key) {
-                seen.insert(other.key, steps.len());
+            if seen.insert(other.key) {
                 steps.push(to_step(&other, depth + 1));
                 queue.push_back((other, depth + 1));
             }

@@ -178,10 +178,12 @@ impl Engine {
     /// and again at the end.
     pub async fn execute(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
         self.store.put_run(&self.record)?;
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .expect("installing the SIGINT handler");
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .expect("installing the SIGINT handler");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
@@ -270,15 +272,14 @@ impl Engine {
                 self.followers.entry(leader).or_default().push(i);
                 continue;
             }
-            if !forced || self.forced_done.contains(&i) {
-                if let Some(rec) = self.store.step(&key)? {
-                    self.record.steps[i].status = StepStatus::Cached { output: rec.output };
-                    self.phase[i] = Phase::Finished;
-                    self.outputs[i] = Some(rec.output);
-                    self.progress.finished(&self.record.steps[i], None);
-                    work.extend(self.release_dependents(i));
-                    continue;
-                }
+            let may_reuse = !forced || self.forced_done.contains(&i);
+            if may_reuse && let Some(rec) = self.store.step(&key)? {
+                self.record.steps[i].status = StepStatus::Cached { output: rec.output };
+                self.phase[i] = Phase::Finished;
+                self.outputs[i] = Some(rec.output);
+                self.progress.finished(&self.record.steps[i], None);
+                work.extend(self.release_dependents(i));
+                continue;
             }
             self.inflight.insert(key, i);
             self.push_ready(i);
@@ -314,7 +315,9 @@ impl Engine {
     }
 
     fn settle_followers(&mut self, leader: usize, result: Result<ArtifactDigest, &str>) {
-        let key = self.record.steps[leader].key.expect("a running node has a key");
+        let key = self.record.steps[leader]
+            .key
+            .expect("a running node has a key");
         self.inflight.remove(&key);
         let Some(followers) = self.followers.remove(&leader) else {
             return;
@@ -328,7 +331,9 @@ impl Engine {
                     // Errors surface when the follower's own dependents resolve.
                     let _ = self.on_done(f, output);
                 }
-                Err(reason) => self.fail(f, format!("same step as `{leader_name}`, which {reason}")),
+                Err(reason) => {
+                    self.fail(f, format!("same step as `{leader_name}`, which {reason}"))
+                }
             }
         }
     }
@@ -355,7 +360,10 @@ impl Engine {
                 let input = match digests {
                     needle_core::store::InputDigests::One(a) => InputArtifacts::One(*a),
                     needle_core::store::InputDigests::Gather(members) => InputArtifacts::Gather(
-                        members.iter().map(|m| (m.label.clone(), m.artifact)).collect(),
+                        members
+                            .iter()
+                            .map(|m| (m.label.clone(), m.artifact))
+                            .collect(),
                     ),
                 };
                 (name.clone(), input)
@@ -412,9 +420,7 @@ impl Engine {
             end.result
         };
         let attempt = {
-            let a = self
-                .record
-                .steps[i]
+            let a = self.record.steps[i]
                 .attempts
                 .last_mut()
                 .expect("launch recorded the attempt");
@@ -470,7 +476,8 @@ impl Engine {
         let retries = self.plan.nodes[i].retries;
         if attempt.n <= retries.count {
             let delay = retries.delay_before(attempt.n + 1);
-            self.progress.retrying(&self.record.steps[i], &result, delay, &log_tail);
+            self.progress
+                .retrying(&self.record.steps[i], &result, delay, &log_tail);
             self.phase[i] = Phase::Waiting;
             self.retries_pending += 1;
             let tx = self.events_tx.clone();
@@ -480,7 +487,8 @@ impl Engine {
             });
         } else {
             let reason = result.describe();
-            self.progress.failed(&self.record.steps[i], &reason, &log_tail);
+            self.progress
+                .failed(&self.record.steps[i], &reason, &log_tail);
             self.fail(i, reason);
         }
         Ok(())
@@ -488,14 +496,15 @@ impl Engine {
 
     /// Mark `i` failed and every node downstream of it skipped.
     fn fail(&mut self, i: usize, reason: String) {
-        if let Some(key) = self.record.steps[i].key {
-            if self.inflight.get(&key) == Some(&i) {
-                self.settle_followers(i, Err("failed"));
-            }
+        if let Some(key) = self.record.steps[i].key
+            && self.inflight.get(&key) == Some(&i)
+        {
+            self.settle_followers(i, Err("failed"));
         }
         self.finish_node(i, StepStatus::Failed { reason });
         let upstream = self.plan.nodes[i].display_name();
         let mut stack = self.dependents[i].clone();
+        let mut skipped = 0;
         while let Some(d) = stack.pop() {
             if self.phase[d] == Phase::Waiting {
                 self.finish_node(
@@ -504,8 +513,14 @@ impl Engine {
                         upstream: upstream.clone(),
                     },
                 );
+                skipped += 1;
                 stack.extend(self.dependents[d].iter().copied());
             }
+        }
+        if skipped > 0 {
+            self.progress.note(&format!(
+                "        skipped {skipped} step(s) downstream of `{upstream}`"
+            ));
         }
     }
 
@@ -524,7 +539,8 @@ impl Engine {
         } else {
             libc::SIGKILL
         };
-        self.progress.interrupted(self.interrupts, self.running.len());
+        self.progress
+            .interrupted(self.interrupts, self.running.len());
         for node in self.ready.drain() {
             self.phase[node] = Phase::Waiting;
         }
@@ -668,7 +684,11 @@ fn commit_loop(
             Ok(()) => results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o)))),
             Err(e) => {
                 let msg = error_chain(&e);
-                results.extend(committed_nodes.into_iter().map(|(n, _)| (n, Err(msg.clone()))));
+                results.extend(
+                    committed_nodes
+                        .into_iter()
+                        .map(|(n, _)| (n, Err(msg.clone()))),
+                );
             }
         }
         if events.send(Event::Committed(results)).is_err() {

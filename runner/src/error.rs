@@ -61,6 +61,7 @@ impl CliError {
             CliError::Store(StoreError::Locked { .. })
             | CliError::Store(StoreError::Missing { .. })
             | CliError::Store(StoreError::Format { .. })
+            | CliError::Store(StoreError::NotAStore { .. })
             | CliError::Store(StoreError::Db(_))
             | CliError::Store(StoreError::Corrupt { .. }) => Exit::StoreUnavailable,
             CliError::Store(_) | CliError::Io { .. } => Exit::StepFailed,

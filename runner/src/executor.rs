@@ -114,7 +114,10 @@ pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: Unbounded
                 let after_ms = t0.elapsed().as_millis() as u64;
                 let _ = append_log(
                     &log,
-                    &format!("needle: timed out after {}\n", humantime::format_duration(limit)),
+                    &format!(
+                        "needle: timed out after {}\n",
+                        humantime::format_duration(limit)
+                    ),
                 );
                 let _ = events.send(Event::Ended(AttemptEnd {
                     node,
@@ -158,7 +161,10 @@ fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
 /// SIGTERM the group, then SIGKILL it if it is still there after [`KILL_GRACE`].
 async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
     kill_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(KILL_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         kill_group(pid, libc::SIGKILL);
         let _ = child.wait().await;
     }
@@ -201,9 +207,14 @@ fn prepare(
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| io("could not create", parent, e))?;
         }
-        fs::copy(store.blob_path(blob), &dest).map_err(|e| io("could not copy code to", &dest, e))?;
+        fs::copy(store.blob_path(blob), &dest)
+            .map_err(|e| io("could not copy code to", &dest, e))?;
         // Blobs are read-only; the copy should behave like the user's file.
-        let mode = if is_executable(&spec.recipe_dir.join(rel)) { 0o755 } else { 0o644 };
+        let mode = if is_executable(&spec.recipe_dir.join(rel)) {
+            0o755
+        } else {
+            0o644
+        };
         set_mode(&dest, mode).map_err(|e| io("could not chmod", &dest, e))?;
     }
 
@@ -212,7 +223,9 @@ fn prepare(
         fs::create_dir_all(parent).map_err(|e| io("could not create", parent, e))?;
     }
     let log_file = fs::File::create(&log).map_err(|e| io("could not create", &log, e))?;
-    let log_err = log_file.try_clone().map_err(|e| io("could not open", &log, e))?;
+    let log_err = log_file
+        .try_clone()
+        .map_err(|e| io("could not open", &log, e))?;
 
     let program = {
         let first = &spec.cmd[0];

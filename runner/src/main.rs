@@ -16,6 +16,11 @@ use crate::cli::{Cli, Command};
 use crate::error::{CliError, Exit};
 
 fn main() {
+    // Die quietly when a reader goes away (`needle status 3 | head`), as Unix tools do.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_tracing(cli.verbose);
     let code = match dispatch(&cli) {

@@ -17,6 +17,8 @@ pub trait Progress: Send {
     fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]);
     fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]);
     fn interrupted(&mut self, count: u32, running: usize);
+    /// A line of its own (e.g. how many steps a failure skipped).
+    fn note(&mut self, text: &str);
     fn update(&mut self, counts: &RunOutcome, running: &[(String, Duration)]);
     fn done(&mut self, outcome: &RunOutcome);
 }
@@ -83,15 +85,18 @@ impl Progress for Plain {
                 self.finished,
                 self.total
             );
-        } else if matches!(
-            step.status,
-            StepStatus::Skipped { .. } | StepStatus::Interrupted
-        ) {
-            eprintln!("{:<7} {}{}", step.status.label(), step_label(step), note.unwrap_or(""));
+        } else if matches!(step.status, StepStatus::Interrupted) {
+            eprintln!("interrupted {}{}", step_label(step), note.unwrap_or(""));
         }
     }
 
-    fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]) {
+    fn retrying(
+        &mut self,
+        step: &RunStep,
+        result: &AttemptResult,
+        delay: Duration,
+        log: &[String],
+    ) {
         eprintln!(
             "{}\n        retrying in {}",
             failure_text(step, &result.describe(), log),
@@ -112,6 +117,10 @@ impl Progress for Plain {
         }
     }
 
+    fn note(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+
     fn update(&mut self, _counts: &RunOutcome, _running: &[(String, Duration)]) {}
 
     fn done(&mut self, _outcome: &RunOutcome) {}
@@ -125,9 +134,11 @@ impl Live {
     fn new(total: usize) -> Live {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} {msg}")
-                .expect("a valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
         );
         bar.enable_steady_tick(Duration::from_millis(120));
         Live { bar }
@@ -141,11 +152,18 @@ impl Progress for Live {
         self.bar.inc(1);
         if let StepStatus::Succeeded { .. } = step.status {
             let took = attempt_duration(step).unwrap_or_default();
-            self.bar.println(format!("done    {} {took}", step_label(step)));
+            self.bar
+                .println(format!("done    {} {took}", step_label(step)));
         }
     }
 
-    fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]) {
+    fn retrying(
+        &mut self,
+        step: &RunStep,
+        result: &AttemptResult,
+        delay: Duration,
+        log: &[String],
+    ) {
         self.bar.println(format!(
             "{}\n        retrying in {}",
             failure_text(step, &result.describe(), log),
@@ -165,6 +183,10 @@ impl Progress for Live {
             format!("killing {running} running step(s)")
         };
         self.bar.println(msg);
+    }
+
+    fn note(&mut self, text: &str) {
+        self.bar.println(text);
     }
 
     fn update(&mut self, c: &RunOutcome, running: &[(String, Duration)]) {

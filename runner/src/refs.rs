@@ -15,7 +15,10 @@ const MIN_PREFIX: usize = 4;
 #[derive(Debug)]
 pub enum Target {
     /// A step as one run saw it (it may have failed or never run).
-    RunStep { run: Box<RunRecord>, index: usize },
+    RunStep {
+        run: Box<RunRecord>,
+        index: usize,
+    },
     Step(StepKey),
     Artifact(ArtifactDigest),
 }
@@ -77,7 +80,9 @@ fn resolve_run_step(store: &Store, run: &str, step: &str) -> Result<Target, CliE
         .filter(|(_, s)| s.name == name)
         .filter(|(_, s)| {
             filters.iter().all(|(k, v)| {
-                s.bindings.get(k).is_some_and(|bound| render_short(bound) == *v)
+                s.bindings
+                    .get(k)
+                    .is_some_and(|bound| render_short(bound) == *v)
             })
         })
         .map(|(i, _)| i)
@@ -126,7 +131,9 @@ fn parse_step_ref(s: &str) -> Result<(String, Vec<(String, String)>), CliError> 
         return Ok((s.to_string(), Vec::new()));
     };
     let inner = rest.strip_suffix(']').ok_or_else(|| {
-        CliError::usage(format!("`{s}`: bindings must end with `]`, as in train[arch=a]"))
+        CliError::usage(format!(
+            "`{s}`: bindings must end with `]`, as in train[arch=a]"
+        ))
     })?;
     let filters = inner
         .split(',')

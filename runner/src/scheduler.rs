@@ -67,7 +67,12 @@ impl Pool {
         if !self.fits(s) {
             return None;
         }
-        let gpus: Vec<u32> = self.free_gpus.iter().take(s.gpus as usize).copied().collect();
+        let gpus: Vec<u32> = self
+            .free_gpus
+            .iter()
+            .take(s.gpus as usize)
+            .copied()
+            .collect();
         for g in &gpus {
             self.free_gpus.remove(g);
         }
@@ -104,7 +109,9 @@ impl ReadyQueue {
 
     /// Remove and return the best ready step that fits `pool`, with its shape.
     pub fn pop_fitting(&mut self, pool: &Pool) -> Option<(usize, Shape)> {
-        let mut best: Option<(Shape, (u64, u32, Reverse<usize>))> = None;
+        // Rank: remaining path, then GPUs, then the earlier node.
+        type Rank = (u64, u32, Reverse<usize>);
+        let mut best: Option<(Shape, Rank)> = None;
         for (shape, heap) in &self.by_shape {
             let Some(&(priority, node)) = heap.peek() else {
                 continue;
@@ -158,7 +165,8 @@ mod tests {
         q.push(0, 1, shape(0));
         q.push(1, 5, shape(0));
         q.push(2, 3, shape(0));
-        let order: Vec<usize> = std::iter::from_fn(|| q.pop_fitting(&pool).map(|(n, _)| n)).collect();
+        let order: Vec<usize> =
+            std::iter::from_fn(|| q.pop_fitting(&pool).map(|(n, _)| n)).collect();
         assert_eq!(order, vec![1, 2, 0]);
     }
 

@@ -54,7 +54,10 @@ impl Project {
         let out = self.needle(&all);
         assert_code(&out, code);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "stdout is not JSON ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 

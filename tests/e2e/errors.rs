@@ -25,7 +25,14 @@ inputs = { x = "nowhere" }
     assert_code(&out, 2);
     let err = stderr(&out);
     // Every error of the file, each at its line and column.
-    assert!(err.contains("recipe.toml:7:"), "{err}");
+    assert!(
+        err.contains("recipe.toml:6:6: error: unknown op `exce`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("recipe.toml:11:17: error: undefined var `missing`"),
+        "{err}"
+    );
     assert!(err.contains("exce"), "{err}");
     assert!(err.contains("missing"), "{err}");
     assert!(err.contains("nowhere"), "{err}");
@@ -51,7 +58,11 @@ resources = { gpus = 2 }
     );
     let out = p.needle(&["run", "recipe.toml", "--gpus", "1"]);
     assert_code(&out, 2);
-    assert!(stderr(&out).contains("asks for 2 GPU(s), but this run has 1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("asks for 2 GPU(s), but this run has 1"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!p.store().exists());
 
     let out = p.needle(&["run", "recipe.toml", "--gpus", "2", "--force", "nope"]);

@@ -5,7 +5,10 @@ use crate::common::*;
 #[test]
 fn exec_steps_get_params_inputs_seed_and_a_fresh_dir() {
     let p = Project::new();
-    p.write("tools/emit.py", "import json, os\nprint('code copy present')\n");
+    p.write(
+        "tools/emit.py",
+        "import json, os\nprint('code copy present')\n",
+    );
     p.write(
         "recipe.toml",
         r#"
@@ -37,20 +40,34 @@ params = { lr = 0.001, steps = 100, name = "a b", flags = [1, 2], on = true }
     assert!(env.contains("NEEDLE_PARAM_FLAGS=[1,2]\n"), "{env}");
     assert!(env.contains("NEEDLE_PARAM_ON=true\n"), "{env}");
     assert!(
-        env.contains(r#"NEEDLE_PARAMS={"flags":[1,2],"lr":0.001,"name":"a b","on":true,"steps":100}"#),
+        env.contains(
+            r#"NEEDLE_PARAMS={"flags":[1,2],"lr":0.001,"name":"a b","on":true,"steps":100}"#
+        ),
         "{env}"
     );
     assert!(env.contains("NEEDLE_SEED="), "{env}");
     assert!(env.contains("NEEDLE_IN_GREETING_DIR="), "{env}");
-    assert!(env.contains("CUDA_VISIBLE_DEVICES=\n"), "no GPU asked, none visible: {env}");
+    assert!(
+        env.contains("CUDA_VISIBLE_DEVICES=\n"),
+        "no GPU asked, none visible: {env}"
+    );
     assert_eq!(read("read"), "hello\n");
-    assert_eq!(read("workdir"), "tools\n", "a fresh dir holding only the code copies");
+    assert_eq!(
+        read("workdir"),
+        "tools\n",
+        "a fresh dir holding only the code copies"
+    );
     assert_eq!(read("tools"), "emit.py\n");
 
     // The upstream's empty directory is part of its artifact.
     let up = steps_named(&run, "up")[0];
     let up_show = p.json(&["show", up["output"].as_str().unwrap()], 0);
-    let files: Vec<&str> = up_show["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    let files: Vec<&str> = up_show["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
     assert_eq!(files, ["empty", "greeting"]);
 }
 
@@ -67,5 +84,8 @@ cmd = ["sh", "-c", "echo $NEEDLE_SEED > \"$NEEDLE_OUT/seed\""]
     p.write("recipe.toml", recipe);
     let a = p.json(&["run", "recipe.toml"], 0);
     let b = p.json(&["run", "recipe.toml", "--force", "s"], 0);
-    assert_eq!(a["steps"][0]["output"], b["steps"][0]["output"], "same key, same seed, same bytes");
+    assert_eq!(
+        a["steps"][0]["output"], b["steps"][0]["output"],
+        "same key, same seed, same bytes"
+    );
 }

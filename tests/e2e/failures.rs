@@ -34,12 +34,23 @@ inputs = { up = "bad" }
 fn failure_skips_its_branch_and_rerun_finishes_it_after_a_fix() {
     let p = Project::new();
     p.write("recipe.toml", BRANCHES);
-    p.write("bad.sh", "echo bad >> \"$NEEDLE_RECIPE_DIR/ran.txt\"\necho 'something broke' >&2\nexit 3\n");
+    p.write(
+        "bad.sh",
+        "echo bad >> \"$NEEDLE_RECIPE_DIR/ran.txt\"\necho 'something broke' >&2\nexit 3\n",
+    );
 
     let out = p.needle(&["run", "recipe.toml"]);
     assert_code(&out, 1);
-    assert!(stderr(&out).contains("exited with code 3"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("something broke"), "the log tail is shown: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exited with code 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("something broke"),
+        "the log tail is shown: {}",
+        stderr(&out)
+    );
 
     let status = p.json(&["status", "1"], 0);
     assert_eq!(steps_named(&status, "root")[0]["status"], "succeeded");
@@ -103,7 +114,7 @@ fn retries_with_backoff_until_success() {
 name = "flaky"
 [steps.flaky]
 op = "exec"
-cmd = ["sh", "-c", "echo try >> \"$NEEDLE_RECIPE_DIR/tries\"; test $(wc -l < \"$NEEDLE_RECIPE_DIR/tries\") -ge 3; echo ok > \"$NEEDLE_OUT/v\""]
+cmd = ["sh", "-c", "echo try >> \"$NEEDLE_RECIPE_DIR/tries\"; test $(wc -l < \"$NEEDLE_RECIPE_DIR/tries\") -ge 3 && echo ok > \"$NEEDLE_OUT/v\""]
 retries = { count = 3, backoff = "50ms" }
 "#,
     );
@@ -157,17 +168,32 @@ cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; sleep 60"]
         .unwrap();
     let pid_file = p.path("pid");
     let t0 = Instant::now();
-    while !pid_file.exists() || std::fs::read_to_string(&pid_file).unwrap().trim().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the step never started");
+    while !pid_file.exists()
+        || std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the step never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let step_pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let step_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: sending SIGINT to the child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_code(&out, 130);
     // SAFETY: signal 0 only checks whether the process exists.
-    assert!(unsafe { libc::kill(step_pid, 0) } != 0, "the step's process is gone");
+    assert!(
+        unsafe { libc::kill(step_pid, 0) } != 0,
+        "the step's process is gone"
+    );
     let status = p.json(&["status", "last"], 0);
     assert_eq!(status["state"], "interrupted");
     assert_eq!(steps_named(&status, "long")[0]["status"], "interrupted");
@@ -203,7 +229,10 @@ cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/started\"; sleep 2; echo > \"$NEE
     assert_code(&second, 3);
     let err = stderr(&second);
     assert!(err.contains("in use by pid"), "{err}");
-    assert!(err.contains(&first.id().to_string()), "names the holder: {err}");
+    assert!(
+        err.contains(&first.id().to_string()),
+        "names the holder: {err}"
+    );
 
     // --wait waits for the first runner instead, then finds everything cached.
     let waited = p.json(&["run", "recipe.toml", "--wait"], 0);

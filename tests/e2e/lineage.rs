@@ -10,7 +10,12 @@ fn lineage_up_shows_every_ancestor_with_op_and_params() {
     p.json(&["run", "recipe.toml"], 0);
 
     let up = p.json(&["lineage", "1:s3[x=2,y=q]"], 0);
-    let names: Vec<&str> = up["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = up["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["s3", "s2", "s1", "root"]);
     for s in up["steps"].as_array().unwrap() {
         assert_eq!(s["op"], "exec");
@@ -23,7 +28,14 @@ fn lineage_up_shows_every_ancestor_with_op_and_params() {
     let tree = p.needle(&["lineage", "1:s3[x=2,y=q]"]);
     assert_code(&tree, 0);
     let text = stdout(&tree);
-    for needle in ["s3[x=2,y=q]", "up: s2[x=2,y=q]", "y=q", "up: s1[x=2]", "up: root", "3 ancestor step(s)"] {
+    for needle in [
+        "s3[x=2,y=q]",
+        "up: s2[x=2,y=q]",
+        "y=q",
+        "up: s1[x=2]",
+        "up: root",
+        "3 ancestor step(s)",
+    ] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
 
@@ -38,7 +50,10 @@ fn lineage_down_shows_every_descendant() {
     let p = Project::new();
     p.write("recipe.toml", &recipe("[1, 2, 3]"));
     let run = p.json(&["run", "recipe.toml"], 0);
-    let root_key = steps_named(&run, "root")[0]["key"].as_str().unwrap().to_string();
+    let root_key = steps_named(&run, "root")[0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let down = p.json(&["lineage", &root_key[..10], "--down"], 0);
     let steps = down["steps"].as_array().unwrap();
@@ -46,7 +61,10 @@ fn lineage_down_shows_every_descendant() {
     assert_eq!(steps.iter().filter(|s| s["name"] == "s3").count(), 6);
 
     // An artifact digest works as a reference too: its producer's lineage.
-    let out = steps_named(&run, "root")[0]["output"].as_str().unwrap().to_string();
+    let out = steps_named(&run, "root")[0]["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let by_artifact = p.json(&["lineage", &out, "--down"], 0);
     assert_eq!(by_artifact["steps"].as_array().unwrap().len(), 16);
 }

@@ -36,8 +36,17 @@ resources = { gpus = 1 }
         let start = std::fs::read_to_string(view.join("start")).unwrap();
         let mut parts = start.split_whitespace();
         let t0: f64 = parts.next().unwrap().parse().unwrap();
-        let gpus: Vec<String> = parts.next().unwrap().split(',').map(str::to_string).collect();
-        let t1: f64 = std::fs::read_to_string(view.join("end")).unwrap().trim().parse().unwrap();
+        let gpus: Vec<String> = parts
+            .next()
+            .unwrap()
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let t1: f64 = std::fs::read_to_string(view.join("end"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let want = if s["name"] == "two" { 2 } else { 1 };
         assert_eq!(gpus.len(), want, "{s}");
         for g in &gpus {

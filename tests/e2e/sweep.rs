@@ -56,9 +56,16 @@ fn plan_counts_the_shared_step_once() {
     assert_eq!(roots.len(), 1);
     assert_eq!(roots[0]["arms"].as_array().unwrap().len(), 6);
     assert_eq!(roots[0]["status"], "pending");
-    assert!(roots[0]["key"].is_string(), "a root's key is known before it runs");
+    assert!(
+        roots[0]["key"].is_string(),
+        "a root's key is known before it runs"
+    );
     for s1 in steps_named(&plan, "s1") {
-        assert_eq!(s1["arms"].as_array().unwrap().len(), 2, "each x is shared by both y");
+        assert_eq!(
+            s1["arms"].as_array().unwrap().len(),
+            2,
+            "each x is shared by both y"
+        );
         assert!(s1["key"].is_null(), "its input is not produced yet");
     }
     // Planning writes nothing.
@@ -127,7 +134,10 @@ fn set_pins_a_swept_var() {
 #[test]
 fn identical_upstream_output_does_not_rerun_dependents() {
     let p = Project::new();
-    p.write("gen.sh", "# v1\necho same > \"$NEEDLE_OUT/data\"\necho gen >> \"$NEEDLE_RECIPE_DIR/ran.txt\"\n");
+    p.write(
+        "gen.sh",
+        "# v1\necho same > \"$NEEDLE_OUT/data\"\necho gen >> \"$NEEDLE_RECIPE_DIR/ran.txt\"\n",
+    );
     p.write(
         "recipe.toml",
         r#"
@@ -195,9 +205,17 @@ inputs = { each = "each[*]" }
     let out = all[0]["output"].as_str().unwrap();
     let show = p.json(&["show", out], 0);
     let view = std::path::PathBuf::from(show["view"].as_str().unwrap());
-    assert_eq!(std::fs::read_to_string(view.join("all")).unwrap(), "1\n2\n3\n");
+    assert_eq!(
+        std::fs::read_to_string(view.join("all")).unwrap(),
+        "1\n2\n3\n"
+    );
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(view.join("index.json")).unwrap()).unwrap();
-    let labels: Vec<&str> = index.as_array().unwrap().iter().map(|m| m["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["label"].as_str().unwrap())
+        .collect();
     assert_eq!(labels, ["n=1", "n=2", "n=3"]);
 }

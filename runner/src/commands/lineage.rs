@@ -29,9 +29,17 @@ pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
             }
         },
     };
-    let direction = if args.down { Direction::Down } else { Direction::Up };
+    let direction = if args.down {
+        Direction::Down
+    } else {
+        Direction::Up
+    };
     let graph = walk(&store, &key, direction)?;
-    let format = if args.json { LineageFormat::Json } else { args.format };
+    let format = if args.json {
+        LineageFormat::Json
+    } else {
+        args.format
+    };
     match format {
         LineageFormat::Json => crate::commands::print_json(&graph),
         LineageFormat::Dot => print!("{}", dot(&graph)),
@@ -43,7 +51,10 @@ pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
 fn describe(s: &LineageStep) -> String {
     let mut out = s.name.clone();
     if !s.bindings.is_empty() {
-        out.push_str(&format!("[{}]", needle_core::recipe::bindings_label(&s.bindings)));
+        out.push_str(&format!(
+            "[{}]",
+            needle_core::recipe::bindings_label(&s.bindings)
+        ));
     }
     out.push_str(&format!("  ({})  {}", s.op, s.key.short()));
     if !s.params.is_empty() {
@@ -61,7 +72,11 @@ fn describe(s: &LineageStep) -> String {
         }
         out.push_str(&format!("  $ {c}"));
     }
-    out.push_str(&format!("  -> {} {}", s.output.short(), fmt_ms(s.duration_ms)));
+    out.push_str(&format!(
+        "  -> {} {}",
+        s.output.short(),
+        fmt_ms(s.duration_ms)
+    ));
     out
 }
 
@@ -106,11 +121,22 @@ fn print_children(
     };
     for (i, (input, child)) in kids.iter().enumerate() {
         let last = i + 1 == kids.len();
-        let (branch, next) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
+        let (branch, next) = if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
         let step = by_key[child];
         if printed.insert(*child) {
             out.push_str(&format!("{prefix}{branch}{input}: {}\n", describe(step)));
-            print_children(child, &format!("{prefix}{next}"), children, by_key, printed, out);
+            print_children(
+                child,
+                &format!("{prefix}{next}"),
+                children,
+                by_key,
+                printed,
+                out,
+            );
         } else {
             out.push_str(&format!(
                 "{prefix}{branch}{input}: {} {} (shown above)\n",
@@ -122,14 +148,23 @@ fn print_children(
 }
 
 fn dot(g: &LineageGraph) -> String {
-    let mut out = String::from("digraph lineage {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+    let mut out = String::from(
+        "digraph lineage {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+    );
     for s in &g.steps {
         let mut label = s.name.clone();
         if !s.bindings.is_empty() {
-            label.push_str(&format!("\\n[{}]", needle_core::recipe::bindings_label(&s.bindings)));
+            label.push_str(&format!(
+                "\\n[{}]",
+                needle_core::recipe::bindings_label(&s.bindings)
+            ));
         }
         label.push_str(&format!("\\n{} {}", s.op, s.key.short()));
-        out.push_str(&format!("  \"{}\" [label=\"{}\"];\n", s.key.short(), label.replace('"', "\\\"")));
+        out.push_str(&format!(
+            "  \"{}\" [label=\"{}\"];\n",
+            s.key.short(),
+            label.replace('"', "\\\"")
+        ));
     }
     for e in &g.edges {
         out.push_str(&format!(

@@ -28,9 +28,10 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<Exit, CliError> {
         }
     };
     let chosen = match args.attempt {
-        Some(n) => logs.iter().find(|(a, _)| *a == n).ok_or_else(|| {
-            CliError::usage(format!("no attempt {n} (there are {})", logs.len()))
-        })?,
+        Some(n) => logs
+            .iter()
+            .find(|(a, _)| *a == n)
+            .ok_or_else(|| CliError::usage(format!("no attempt {n} (there are {})", logs.len())))?,
         None => logs
             .last()
             .ok_or_else(|| CliError::usage("this step has no log: it never started"))?,
@@ -55,5 +56,9 @@ fn logs_of_key(store: &Store, key: &StepKey) -> Result<Vec<(u32, String)>, CliEr
     let rec = store
         .step(key)?
         .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", key.short())))?;
-    Ok(rec.executions.iter().map(|e| (e.attempt, e.log.clone())).collect())
+    Ok(rec
+        .executions
+        .iter()
+        .map(|e| (e.attempt, e.log.clone()))
+        .collect())
 }

@@ -25,15 +25,16 @@ use crate::error::CliError;
 
 /// Read a recipe file into a [`RecipeSource`].
 pub fn read_recipe(path: &Path) -> Result<RecipeSource, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
-        context: format!("could not read recipe `{}`", path.display()),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("could not read recipe `{}`: {e}", path.display())))?;
     let abs = std::path::absolute(path).map_err(|source| CliError::Io {
         context: format!("could not resolve `{}`", path.display()),
         source,
     })?;
-    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let dir = abs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
     Ok(RecipeSource {
         path: path.to_path_buf(),
         dir,
@@ -53,22 +54,34 @@ pub fn load_recipe(
 }
 
 pub fn lock_mode(cli: &Cli) -> LockMode {
-    if cli.wait { LockMode::Wait } else { LockMode::Fail }
+    if cli.wait {
+        LockMode::Wait
+    } else {
+        LockMode::Fail
+    }
+}
+
+/// The store's path made absolute: steps run in their own directories and get paths inside it.
+fn store_root(cli: &Cli) -> Result<PathBuf, CliError> {
+    std::path::absolute(&cli.store).map_err(|source| CliError::Io {
+        context: format!("could not resolve the store path `{}`", cli.store.display()),
+        source,
+    })
 }
 
 /// Open the store, creating it (for `run`).
 pub fn open_store(cli: &Cli) -> Result<Store, CliError> {
-    Ok(Store::open(&cli.store, lock_mode(cli))?)
+    Ok(Store::open(&store_root(cli)?, lock_mode(cli))?)
 }
 
 /// Open an existing store (for the read-only commands).
 pub fn open_existing(cli: &Cli) -> Result<Store, CliError> {
-    Ok(Store::open_existing(&cli.store, lock_mode(cli))?)
+    Ok(Store::open_existing(&store_root(cli)?, lock_mode(cli))?)
 }
 
 /// Open an existing store if there is one; `None` when there is none yet.
 pub fn open_if_exists(cli: &Cli) -> Result<Option<Store>, CliError> {
-    match Store::open_existing(&cli.store, lock_mode(cli)) {
+    match Store::open_existing(&store_root(cli)?, lock_mode(cli)) {
         Ok(s) => Ok(Some(s)),
         Err(StoreError::Missing { .. }) => Ok(None),
         Err(e) => Err(e.into()),
@@ -85,12 +98,14 @@ pub fn find_run(store: &Store, text: &str) -> Result<RunRecord, CliError> {
             .ok_or_else(|| CliError::usage("no run is recorded in this store yet"))?
     } else {
         text.parse::<u64>().map_err(|_| {
-            CliError::usage(format!("`{text}` is not a run id (hint: `needle runs` lists them)"))
+            CliError::usage(format!(
+                "`{text}` is not a run id (hint: `needle runs` lists them)"
+            ))
         })?
     };
-    store
-        .run(id)?
-        .ok_or_else(|| CliError::usage(format!("no run `{id}` in this store (hint: `needle runs`)")))
+    store.run(id)?.ok_or_else(|| {
+        CliError::usage(format!("no run `{id}` in this store (hint: `needle runs`)"))
+    })
 }
 
 /// Hashes code files and keeps their bytes in the store, so what ran can be shown later.

@@ -62,7 +62,9 @@ pub fn ops(args: &JsonArg) -> Result<Exit, CliError> {
         }
         match &op.params {
             ParamsSchema::Free => {
-                println!("  params: any names and values (reach the command as NEEDLE_PARAM_<NAME>)")
+                println!(
+                    "  params: any names and values (reach the command as NEEDLE_PARAM_<NAME>)"
+                )
             }
             ParamsSchema::Fixed(specs) => {
                 for p in specs {
@@ -71,7 +73,12 @@ pub fn ops(args: &JsonArg) -> Result<Exit, CliError> {
                         .as_ref()
                         .map(|d| format!("= {}", needle_core::canonical::to_string(d)))
                         .unwrap_or_else(|| "(required)".into());
-                    println!("  param {:<18} {:<12} {default:<14} {}", p.name, p.ty.to_string(), p.doc);
+                    println!(
+                        "  param {:<18} {:<12} {default:<14} {}",
+                        p.name,
+                        p.ty.to_string(),
+                        p.doc
+                    );
                 }
             }
         }

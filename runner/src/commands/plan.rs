@@ -16,7 +16,10 @@ use crate::error::{CliError, Exit};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Predicted {
     /// Its key is in the store.
-    Cached { key: StepKey, output: ArtifactDigest },
+    Cached {
+        key: StepKey,
+        output: ArtifactDigest,
+    },
     /// Its inputs are known, its key is not in the store.
     Run { key: StepKey },
     /// An input has yet to be produced, so its key is not known yet. It runs unless that

@@ -106,7 +106,10 @@ pub fn execute(
         recipe_path: plan.recipe.source.path.display().to_string(),
         recipe_dir: plan.recipe.source.dir.clone(),
         recipe_text: plan.recipe.source.text.clone(),
-        sets: sets.iter().map(|s| (s.var.clone(), s.value.clone())).collect(),
+        sets: sets
+            .iter()
+            .map(|s| (s.var.clone(), s.value.clone()))
+            .collect(),
         rerun_of,
         started: now_millis(),
         ended: None,
@@ -180,7 +183,10 @@ fn print_summary(o: &RunOutcome, record: &RunRecord) {
     if o.executed == 0 && o.cached == total {
         println!("  nothing to do: all {total} steps were cached");
     } else {
-        let mut parts = vec![format!("{} executed", o.executed), format!("{} cached", o.cached)];
+        let mut parts = vec![
+            format!("{} executed", o.executed),
+            format!("{} cached", o.cached),
+        ];
         for (n, what) in [
             (o.failed, "failed"),
             (o.skipped, "skipped"),

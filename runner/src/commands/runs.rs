@@ -56,7 +56,16 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
     }
     println!(
         "{:>4}  {:<11} {:<20} {:<20} {:>8} {:>5} {:>6} {:>8} {:>6} {:>7}",
-        "run", "state", "recipe", "started", "took", "arms", "steps", "executed", "cached", "failed"
+        "run",
+        "state",
+        "recipe",
+        "started",
+        "took",
+        "arms",
+        "steps",
+        "executed",
+        "cached",
+        "failed"
     );
     for r in runs {
         let took = r

@@ -20,7 +20,9 @@ pub fn show(cli: &Cli, args: &ShowArgs) -> Result<Exit, CliError> {
         Target::RunStep { run, index } => {
             let step = &run.steps[index];
             match step.key {
-                Some(k) if store.step(&k)?.is_some() => show_step(&store, &k, Some(step), args.json),
+                Some(k) if store.step(&k)?.is_some() => {
+                    show_step(&store, &k, Some(step), args.json)
+                }
                 _ => show_unfinished(run.id, step, args.json),
             }
         }
@@ -48,7 +50,11 @@ fn show_step(
     let label = if rec.bindings.is_empty() {
         rec.name.clone()
     } else {
-        format!("{}[{}]", rec.name, needle_core::recipe::bindings_label(&rec.bindings))
+        format!(
+            "{}[{}]",
+            rec.name,
+            needle_core::recipe::bindings_label(&rec.bindings)
+        )
     };
     println!("step     {label}");
     println!("key      {}", rec.key);
@@ -78,7 +84,12 @@ fn show_step(
                 InputDigests::Gather(members) => {
                     println!("  {name}: {} artifacts gathered", members.len());
                     for m in members {
-                        println!("    {:<24} {} {}", m.label, m.artifact.short(), made_by(store, &m.artifact)?);
+                        println!(
+                            "    {:<24} {} {}",
+                            m.label,
+                            m.artifact.short(),
+                            made_by(store, &m.artifact)?
+                        );
                     }
                 }
             }
@@ -87,7 +98,11 @@ fn show_step(
     let manifest = store.manifest(&rec.output)?;
     let files = manifest.as_ref().map_or(0, |m| m.file_count());
     let size = manifest.as_ref().map_or(0, |m| m.total_size());
-    println!("output   {} ({files} files, {})", rec.output, human_bytes(size));
+    println!(
+        "output   {} ({files} files, {})",
+        rec.output,
+        human_bytes(size)
+    );
     println!("executions");
     for e in &rec.executions {
         let gpus = if e.gpus.is_empty() {
@@ -119,7 +134,9 @@ fn show_unfinished(run: u64, step: &RunStep, json: bool) -> Result<Exit, CliErro
     println!("step     {} (run {run})", step_label(step));
     println!(
         "key      {}",
-        step.key.map(|k| k.hex()).unwrap_or_else(|| "(not known: an input was never produced)".into())
+        step.key
+            .map(|k| k.hex())
+            .unwrap_or_else(|| "(not known: an input was never produced)".into())
     );
     println!("op       {}", step.op);
     println!("status   {}", step.status.label());
@@ -189,7 +206,12 @@ fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, 
     for e in manifest.entries.iter().take(200) {
         match &e.kind {
             EntryKind::File { size, blob, .. } => {
-                println!("  {:<48} {:>10}  {}", e.path, human_bytes(*size), blob.short())
+                println!(
+                    "  {:<48} {:>10}  {}",
+                    e.path,
+                    human_bytes(*size),
+                    blob.short()
+                )
             }
             EntryKind::Dir => println!("  {}/", e.path),
         }
@@ -204,7 +226,11 @@ fn made_by(store: &Store, a: &ArtifactDigest) -> Result<String, CliError> {
     Ok(match producer(store, a)? {
         Some(r) if r.bindings.is_empty() => format!("from {}", r.name),
         Some(r) => {
-            let b: Vec<String> = r.bindings.iter().map(|(k, v)| format!("{k}={}", render_short(v))).collect();
+            let b: Vec<String> = r
+                .bindings
+                .iter()
+                .map(|(k, v)| format!("{k}={}", render_short(v)))
+                .collect();
             format!("from {}[{}]", r.name, b.join(","))
         }
         None => String::new(),
@@ -214,7 +240,10 @@ fn made_by(store: &Store, a: &ArtifactDigest) -> Result<String, CliError> {
 pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
                 a.clone()
             } else {
                 format!("'{}'", a.replace('\'', r"'\''"))
@@ -232,5 +261,9 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

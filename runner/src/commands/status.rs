@@ -16,7 +16,11 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
             .steps
             .iter()
             .map(|s| {
-                let arms: Vec<&str> = s.arms.iter().map(|&a| run.arms[a as usize].id.as_str()).collect();
+                let arms: Vec<&str> = s
+                    .arms
+                    .iter()
+                    .map(|&a| run.arms[a as usize].id.as_str())
+                    .collect();
                 serde_json::json!({
                     "name": s.name,
                     "op": s.op,
@@ -70,7 +74,10 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
         println!("  --set {}", sets.join(" --set "));
     }
     println!();
-    println!("  {:<11} {:<14} {:<44} {:>8}  detail", "status", "key", "step", "took");
+    println!(
+        "  {:<11} {:<14} {:<44} {:>8}  detail",
+        "status", "key", "step", "took"
+    );
     for s in &run.steps {
         let key = s.key.map(|k| k.short()).unwrap_or_else(|| "-".into());
         let took = s
