@@ -29,7 +29,6 @@
 //!   already recorded was checked when it was), then writes manifests, step records and
 //!   both indices in one sled transaction, then flushes.
 //! - Views and staging hold nothing a record points at: both may be deleted at any time.
-
 //!
 //! Metadata trees (keys are ASCII hex unless said otherwise, values JSON):
 //!
@@ -183,7 +182,9 @@ impl Store {
             let name = entry.file_name();
             if let Some(b) = name
                 .to_str()
-                .filter(|n| n.len() == 2)
+                .filter(|n| {
+                    n.len() == 2 && n.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+                })
                 .and_then(|n| u8::from_str_radix(n, 16).ok())
                 && entry.file_type().is_ok_and(|t| t.is_dir())
             {
