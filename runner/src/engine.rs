@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::plan::{NodeInput, Plan};
 use needle_core::store::{
-    Attempt, AttemptResult, Execution, RunRecord, RunState, RunStep, StepCommit, StepRecord,
-    StepSpec, StepStatus, Store, StoreError, now_millis,
+    Attempt, AttemptResult, Execution, Manifest, RunRecord, RunState, RunStep, StepCommit,
+    StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -37,10 +37,16 @@ use crate::scheduler::{Grant, Pool, ReadyQueue, Shape};
 /// What reaches the loop from outside.
 #[derive(Debug)]
 pub enum Event {
-    Spawned { node: usize, pid: u32 },
+    Spawned {
+        node: usize,
+        pid: u32,
+    },
     Ended(AttemptEnd),
-    Committed(Vec<(usize, Result<ArtifactDigest, String>)>),
-    RetryDue { node: usize },
+    /// Results of one commit batch, and the staging slots it has cleaned for reuse.
+    Committed(Vec<(usize, Result<ArtifactDigest, String>)>, Vec<PathBuf>),
+    RetryDue {
+        node: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -106,10 +112,16 @@ pub struct Engine {
     interrupts: u32,
     events_tx: UnboundedSender<Event>,
     events_rx: UnboundedReceiver<Event>,
-    commit_tx: Option<std::sync::mpsc::Sender<CommitJob>>,
+    commit_tx: Option<std::sync::mpsc::Sender<CommitMsg>>,
+    /// Jobs sent to the committer since the last flush request.
+    unflushed: usize,
     committer: Option<std::thread::JoinHandle<()>>,
     progress: Box<dyn Progress>,
     t0: Instant,
+    /// Clean staging slots, reused by later attempts.
+    free_slots: Vec<PathBuf>,
+    /// `cmd[0]` → where it is on PATH, looked up once per name.
+    programs: HashMap<String, Option<PathBuf>>,
 }
 
 impl Engine {
@@ -168,9 +180,12 @@ impl Engine {
             events_tx,
             events_rx,
             commit_tx: Some(commit_tx),
+            unflushed: 0,
             committer: Some(committer),
             progress,
             t0: Instant::now(),
+            free_slots: Vec::new(),
+            programs: HashMap::new(),
         }
     }
 
@@ -200,6 +215,12 @@ impl Engine {
             if self.running.is_empty() && self.committing == 0 && self.retries_pending == 0 {
                 break;
             }
+            // Nothing left to start: what comes next waits on commits, so commit now rather
+            // than when the batch fills.
+            if self.unflushed > 0 && (self.ready.is_empty() || self.interrupts > 0) {
+                self.send_commit(CommitMsg::Flush);
+                self.unflushed = 0;
+            }
             tokio::select! {
                 Some(ev) = self.events_rx.recv() => self.handle(ev)?,
                 _ = interrupt.recv() => self.interrupt(),
@@ -221,7 +242,8 @@ impl Engine {
                 }
             }
             Event::Ended(end) => self.on_attempt_end(end)?,
-            Event::Committed(results) => {
+            Event::Committed(results, slots) => {
+                self.free_slots.extend(slots);
                 for (node, result) in results {
                     self.committing -= 1;
                     match result {
@@ -251,7 +273,7 @@ impl Engine {
                 }
             }
         }
-        self.update_progress();
+        // The live display refreshes on the tick: recounting per event would cost O(steps²).
         Ok(())
     }
 
@@ -285,6 +307,14 @@ impl Engine {
             self.push_ready(i);
         }
         Ok(())
+    }
+
+    fn send_commit(&self, msg: CommitMsg) {
+        self.commit_tx
+            .as_ref()
+            .expect("the committer lives until the end")
+            .send(msg)
+            .expect("the commit thread is alive");
     }
 
     fn push_ready(&mut self, i: usize) {
@@ -369,13 +399,22 @@ impl Engine {
                 (name.clone(), input)
             })
             .collect();
+        let cmd = node.cmd.clone().unwrap_or_default();
+        let program = cmd.first().and_then(|first| {
+            self.programs
+                .entry(first.clone())
+                .or_insert_with(|| executor::find_on_path(first))
+                .clone()
+        });
         let attempt_spec = AttemptSpec {
             node: i,
             key,
             run: self.record.id,
             attempt,
             step_name: node.name.clone(),
-            cmd: node.cmd.clone().unwrap_or_default(),
+            cmd,
+            program,
+            slot: self.free_slots.pop(),
             code: node.code.iter().map(|(p, d)| (p.clone(), *d)).collect(),
             inputs,
             params: node.params.clone(),
@@ -454,17 +493,19 @@ impl Engine {
                     log: attempt.log.clone(),
                 },
                 staging,
+                forced: self.opts.force.contains(&node.name),
             };
-            self.commit_tx
-                .as_ref()
-                .expect("the committer lives until the end")
-                .send(job)
-                .expect("the commit thread is alive");
+            self.send_commit(CommitMsg::Job(Box::new(job)));
+            self.unflushed += 1;
             return Ok(());
         }
 
-        if let Some(staging) = end.staging {
-            let _ = std::fs::remove_dir_all(staging);
+        if let Some(slot) = end.staging {
+            match executor::clean_slot(&slot) {
+                Ok(()) => self.free_slots.push(slot),
+                // Not reusable; the store clears staging/ when it next opens.
+                Err(e) => tracing::warn!("could not clean staging slot {}: {e}", slot.display()),
+            }
         }
         let log_tail = tail(&self.store.path(&attempt.log), 12);
         if interrupted {
@@ -600,10 +641,26 @@ impl Engine {
         };
         self.record.state = outcome.state;
         self.record.ended = Some(now_millis());
+        tracing::debug!(
+            runner_cpu_s = cpu_seconds(libc::RUSAGE_SELF),
+            steps_cpu_s = cpu_seconds(libc::RUSAGE_CHILDREN),
+            "cpu time"
+        );
         self.store.put_run(&self.record)?;
         self.progress.done(&outcome);
         Ok((outcome, self.record))
     }
+}
+
+/// User + system CPU seconds of this process (`RUSAGE_SELF`) or its reaped children.
+fn cpu_seconds(who: i32) -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass; nothing else is touched.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// Build the run record's step list from a plan.
@@ -650,59 +707,128 @@ struct CommitJob {
     bindings: BTreeMap<String, needle_core::value::Value>,
     execution: Execution,
     staging: PathBuf,
+    forced: bool,
 }
 
-/// The commit thread: absorbs outputs into blobs and records them, batching whatever is
-/// queued into one metadata transaction so that many short steps share one flush.
+enum CommitMsg {
+    Job(Box<CommitJob>),
+    /// The engine is waiting on what is queued: commit it now.
+    Flush,
+}
+
+/// A batch is committed when the engine asks, when it holds this many steps, or when its
+/// first step has waited this long, whichever comes first.
+const MAX_BATCH: usize = 256;
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
+
+/// The commit thread: absorbs outputs into blobs and records them. Every commit pays a few
+/// syncs whatever its size, so steps that finish while others keep the slots busy are grouped:
+/// the engine asks for a flush as soon as anything would wait for one.
 fn commit_loop(
     store: Arc<Store>,
-    jobs: std::sync::mpsc::Receiver<CommitJob>,
+    jobs: std::sync::mpsc::Receiver<CommitMsg>,
     events: UnboundedSender<Event>,
 ) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < 512 {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut batch: Vec<CommitJob> = Vec::new();
+    let mut since = Instant::now();
+    loop {
+        let msg = if batch.is_empty() {
+            jobs.recv().ok()
+        } else {
+            match jobs.recv_timeout(MAX_BATCH_WAIT.saturating_sub(since.elapsed())) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => Some(CommitMsg::Flush),
+                Err(RecvTimeoutError::Disconnected) => None,
             }
-        }
-        let mut results = Vec::with_capacity(batch.len());
-        let mut commits = Vec::with_capacity(batch.len());
-        let mut committed_nodes = Vec::with_capacity(batch.len());
-        for job in batch {
-            match prepare_commit(&store, &job) {
-                Ok(commit) => {
-                    committed_nodes.push((job.node, commit.record.output));
-                    commits.push(commit);
+        };
+        match msg {
+            Some(CommitMsg::Job(job)) => {
+                if batch.is_empty() {
+                    since = Instant::now();
                 }
-                Err(e) => results.push((job.node, Err(error_chain(&e)))),
+                batch.push(*job);
+                if batch.len() < MAX_BATCH {
+                    continue;
+                }
             }
-            let _ = std::fs::remove_dir_all(&job.staging);
+            Some(CommitMsg::Flush) if batch.is_empty() => continue,
+            Some(CommitMsg::Flush) => {}
+            None if batch.is_empty() => return,
+            None => {}
         }
-        match store.commit(&commits) {
-            Ok(()) => results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o)))),
-            Err(e) => {
-                let msg = error_chain(&e);
-                results.extend(
-                    committed_nodes
-                        .into_iter()
-                        .map(|(n, _)| (n, Err(msg.clone()))),
-                );
-            }
-        }
-        if events.send(Event::Committed(results)).is_err() {
+        if !commit_batch(&store, std::mem::take(&mut batch), &events) {
             return;
         }
     }
 }
 
-fn prepare_commit(store: &Store, job: &CommitJob) -> Result<StepCommit, StoreError> {
-    let manifest = store.absorb_dir(&job.staging.join("out"))?;
+/// Absorb and record one batch; false once the engine is gone.
+fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<Event>) -> bool {
+    let t0 = Instant::now();
+    // One absorb for the whole batch: durability is paid once, not once per step.
+    let outs: Vec<PathBuf> = batch.iter().map(|j| j.staging.join("out")).collect();
+    let dirs: Vec<&std::path::Path> = outs.iter().map(PathBuf::as_path).collect();
+    let manifests = store.absorb_dirs(&dirs);
+    let prepared: Vec<Result<StepCommit, StoreError>> = batch
+        .iter()
+        .zip(manifests)
+        .map(|(job, manifest)| step_commit(&store, job, manifest?))
+        .collect();
+    let mut results = Vec::with_capacity(batch.len());
+    let mut commits = Vec::with_capacity(batch.len());
+    let mut committed_nodes = Vec::with_capacity(batch.len());
+    let mut slots = Vec::with_capacity(batch.len());
+    for (job, outcome) in batch.iter().zip(prepared) {
+        match outcome {
+            Ok(commit) => {
+                committed_nodes.push((job.node, commit.record.output));
+                commits.push(commit);
+            }
+            Err(e) => results.push((job.node, Err(error_chain(&e)))),
+        }
+        if crate::executor::clean_slot(&job.staging).is_ok() {
+            slots.push(job.staging.clone());
+        }
+    }
+    let absorbed = t0.elapsed();
+    let committed = store.commit(&commits);
+    tracing::debug!(
+        batch = batch.len(),
+        absorb_ms = absorbed.as_secs_f64() * 1e3,
+        total_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "commit"
+    );
+    match committed {
+        Ok(()) => results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o)))),
+        Err(e) => {
+            let msg = error_chain(&e);
+            results.extend(
+                committed_nodes
+                    .into_iter()
+                    .map(|(n, _)| (n, Err(msg.clone()))),
+            );
+        }
+    }
+    events.send(Event::Committed(results, slots)).is_ok()
+}
+
+fn step_commit(
+    store: &Store,
+    job: &CommitJob,
+    manifest: Manifest,
+) -> Result<StepCommit, StoreError> {
     let output = manifest.digest();
     let mut execution = job.execution.clone();
     execution.output = output;
-    let record = match store.step(&job.key)? {
+    // Only a forced step can already have a record (the others were looked up as they became
+    // ready); skip the lookup for the rest.
+    let existing = if job.forced {
+        store.step(&job.key)?
+    } else {
+        None
+    };
+    let record = match existing {
         // A forced re-execution: keep the history, point at the new output.
         Some(mut existing) => {
             existing.output = output;

@@ -33,6 +33,8 @@ pub struct AttemptSpec {
     pub step_name: String,
     /// argv; a first element with a `/` is resolved against the working directory.
     pub cmd: Vec<String>,
+    /// Where the engine found `cmd[0]` on PATH (looked up once per name, not per step).
+    pub program: Option<PathBuf>,
     /// (relative path, blob) of each code file, copied into the working directory.
     pub code: Vec<(String, BlobDigest)>,
     pub inputs: BTreeMap<String, InputArtifacts>,
@@ -42,6 +44,9 @@ pub struct AttemptSpec {
     /// Relative to the store root.
     pub log_rel: String,
     pub recipe_dir: PathBuf,
+    /// A clean staging slot from an earlier attempt (`out/` and `work/` empty), or `None` to
+    /// make a new one.
+    pub slot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,7 +63,7 @@ pub struct AttemptEnd {
     pub result: AttemptResult,
     pub started: u64,
     pub ended: u64,
-    /// The staging directory; on success its `out/` is the output to absorb.
+    /// The staging slot; on success its `out/` is the output to absorb. Reused once clean.
     pub staging: Option<PathBuf>,
 }
 
@@ -67,12 +72,9 @@ pub struct AttemptEnd {
 pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
     let node = spec.node;
     let started = now_millis();
-    let prep_store = store.clone();
-    let prep_spec = spec.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare(&prep_store, &prep_spec))
-        .await
-        .unwrap_or_else(|e| Err(format!("preparation panicked: {e}")));
-    let (staging, mut command, log) = match prepared {
+    // Preparing is a handful of quick filesystem calls: done in place, it costs less than a
+    // hand-off to a blocking thread and back.
+    let (staging, mut command, log) = match prepare(&store, &spec) {
         Ok(p) => p,
         Err(error) => {
             let _ = events.send(Event::Ended(AttemptEnd {
@@ -195,12 +197,20 @@ fn prepare(
     store: &Store,
     spec: &AttemptSpec,
 ) -> Result<(PathBuf, tokio::process::Command, PathBuf), String> {
-    let staging = store.new_staging().map_err(|e| e.to_string())?;
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
+    let staging = match &spec.slot {
+        Some(slot) => slot.clone(),
+        None => {
+            let staging = store.new_staging().map_err(|e| e.to_string())?;
+            for sub in ["out", "work"] {
+                let dir = staging.join(sub);
+                fs::create_dir(&dir).map_err(|e| io("could not create", &dir, e))?;
+            }
+            staging
+        }
+    };
     let out = staging.join("out");
     let work = staging.join("work");
-    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
-    fs::create_dir(&out).map_err(|e| io("could not create", &out, e))?;
-    fs::create_dir(&work).map_err(|e| io("could not create", &work, e))?;
 
     for (rel, blob) in &spec.code {
         let dest = work.join(rel);
@@ -232,11 +242,14 @@ fn prepare(
         if first.contains('/') && !first.starts_with('/') {
             work.join(first)
         } else {
-            PathBuf::from(first)
+            // The engine resolved bare names on PATH once; a name it could not find is passed
+            // on as it is, so spawning fails with the usual "not found".
+            spec.program.clone().unwrap_or_else(|| PathBuf::from(first))
         }
     };
     let mut cmd = tokio::process::Command::new(&program);
-    cmd.args(&spec.cmd[1..])
+    cmd.arg0(&spec.cmd[0])
+        .args(&spec.cmd[1..])
         .current_dir(&work)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log_file))
@@ -301,6 +314,50 @@ fn gather_dir(
     fs::write(dir.join("index.json"), text)
         .map_err(|e| format!("could not write gather index: {e}"))?;
     Ok(dir)
+}
+
+/// Empty a staging slot for its next attempt: `out/` and `work/` emptied, gather links gone.
+/// Emptying rather than recreating keeps inode churn (slow on ext4) out of every step.
+pub fn clean_slot(slot: &Path) -> std::io::Result<()> {
+    for sub in ["out", "work"] {
+        let dir = slot.join(sub);
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.symlink_metadata()?.is_dir() {
+                make_writable(&path);
+                fs::remove_dir_all(&path)?;
+            } else {
+                fs::remove_file(&path)?;
+            }
+        }
+    }
+    match fs::remove_dir_all(slot.join("in")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A step may leave read-only directories behind; make them removable.
+fn make_writable(dir: &Path) {
+    let _ = set_mode(dir, 0o755);
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+/// The full path of `program` on PATH, if it is a bare name found there.
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return None;
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate) && candidate.is_file())
 }
 
 /// `data-set.v2` → `DATA_SET_V2`.

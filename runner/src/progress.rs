@@ -10,6 +10,9 @@ use needle_core::store::{AttemptResult, RunStep, StepStatus, fmt_ms};
 
 use crate::engine::RunOutcome;
 
+/// A step still running after this long gets a line saying so (plain output).
+const ANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+
 pub trait Progress: Send {
     fn started(&mut self, step: &RunStep, attempt: u32);
     /// A step reached a terminal state other than failure.
@@ -28,7 +31,11 @@ pub fn for_stderr(total: usize) -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {
         Box::new(Live::new(total))
     } else {
-        Box::new(Plain { total, finished: 0 })
+        Box::new(Plain {
+            total,
+            finished: 0,
+            announced: Default::default(),
+        })
     }
 }
 
@@ -61,16 +68,17 @@ fn failure_text(step: &RunStep, reason: &str, log: &[String]) -> String {
 struct Plain {
     total: usize,
     finished: usize,
+    /// Running steps already announced as still running.
+    announced: std::collections::HashSet<String>,
 }
 
 impl Progress for Plain {
     fn started(&mut self, step: &RunStep, attempt: u32) {
-        let again = if attempt > 1 {
-            format!(" (attempt {attempt})")
-        } else {
-            String::new()
-        };
-        eprintln!("start   {}{again}", step_label(step));
+        // First attempts are announced only once they have run a while (see `update`): a line
+        // per trivial step would double the output without saying anything.
+        if attempt > 1 {
+            eprintln!("start   {} (attempt {attempt})", step_label(step));
+        }
     }
 
     fn finished(&mut self, step: &RunStep, note: Option<&str>) {
@@ -121,7 +129,13 @@ impl Progress for Plain {
         eprintln!("{text}");
     }
 
-    fn update(&mut self, _counts: &RunOutcome, _running: &[(String, Duration)]) {}
+    fn update(&mut self, _counts: &RunOutcome, running: &[(String, Duration)]) {
+        for (name, elapsed) in running {
+            if *elapsed >= ANNOUNCE_AFTER && self.announced.insert(name.clone()) {
+                eprintln!("running {name}");
+            }
+        }
+    }
 
     fn done(&mut self, _outcome: &RunOutcome) {}
 }

@@ -107,6 +107,10 @@ impl ReadyQueue {
             .push((priority, Reverse(node)));
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.by_shape.is_empty()
+    }
+
     /// Remove and return the best ready step that fits `pool`, with its shape.
     pub fn pop_fitting(&mut self, pool: &Pool) -> Option<(usize, Shape)> {
         // Rank: remaining path, then GPUs, then the earlier node.

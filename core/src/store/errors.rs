@@ -79,6 +79,22 @@ impl StoreError {
         }
     }
 
+    /// A copy for each of the callers one failure affects (`io::Error` is not `Clone`).
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Io {
+                action,
+                path,
+                source,
+            } => StoreError::Io {
+                action,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            other => StoreError::corrupt(other.to_string()),
+        }
+    }
+
     pub(crate) fn corrupt(what: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
             what: what.into(),

@@ -8,7 +8,7 @@
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
 //!   staging/<n>/            a step's private dirs; absorbed into blobs/, then removed
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
-//!   logs/<step-key>/<run>-<attempt>.log
+//!   logs/ab/<step-key>.<run>-<attempt>.log
 //! ```
 //!
 //! **Invariant: no record ever points at a blob that is not whole.** Commit order is: blob
@@ -188,7 +188,7 @@ impl Store {
                 .and_then(|n| u8::from_str_radix(n, 16).ok())
                 && entry.file_type().is_ok_and(|t| t.is_dir())
             {
-                fanout.set_durable(b);
+                fanout.set_known(b);
             }
         }
         fsutil::fsync_dir(&blobs)?;
@@ -239,7 +239,7 @@ impl Store {
     }
 
     /// Hash every file under `dir` and move it into `blobs/` (durably, read-only); return the
-    /// tree's manifest. `dir` is consumed. Symlinks to regular files are stored as the file;
+    /// tree's manifest. `dir` is left empty, ready for reuse. Symlinks to regular files are stored as the file;
     /// other symlinks and special files are an error naming the path.
     ///
     /// The whole tree is checked before anything moves, so on such an error `dir` is left as
@@ -247,7 +247,15 @@ impl Store {
     /// elsewhere its files are copied. A file with other hard links is copied too, so that
     /// writing through another link can never change a blob.
     pub fn absorb_dir(&self, dir: &Path) -> Result<Manifest, StoreError> {
-        self.absorb_dir_inner(dir)
+        self.absorb_dirs_inner(&[dir])
+            .pop()
+            .expect("one result per dir")
+    }
+
+    /// [`Store::absorb_dir`] for several directories at once, paying for durability once for
+    /// all of them: one result per dir, in order.
+    pub fn absorb_dirs(&self, dirs: &[&Path]) -> Vec<Result<Manifest, StoreError>> {
+        self.absorb_dirs_inner(dirs)
     }
 
     /// Copy one file's bytes into `blobs/` (the source stays); return its digest.
@@ -329,8 +337,11 @@ impl Store {
     }
 
     /// Where an attempt's combined stdout/stderr goes, relative to the root.
+    /// Fanned out by the key's first byte, like blobs: one directory per step would cost an
+    /// inode allocation per step.
     pub fn log_rel_path(key: &StepKey, run: u64, attempt: u32) -> String {
-        format!("logs/{}/{run}-{attempt}.log", key.hex())
+        let hex = key.hex();
+        format!("logs/{}/{hex}.{run}-{attempt}.log", &hex[..2])
     }
 
     /// `rel` resolved against the root.
