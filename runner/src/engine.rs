@@ -773,7 +773,7 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
     let prepared: Vec<Result<StepCommit, StoreError>> = batch
         .iter()
         .zip(manifests)
-        .map(|(job, manifest)| step_commit(&store, job, manifest?))
+        .map(|(job, manifest)| step_commit(store, job, manifest?))
         .collect();
     let mut results = Vec::with_capacity(batch.len());
     let mut commits = Vec::with_capacity(batch.len());
