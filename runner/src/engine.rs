@@ -112,9 +112,10 @@ pub struct Engine {
     interrupts: u32,
     events_tx: UnboundedSender<Event>,
     events_rx: UnboundedReceiver<Event>,
-    commit_tx: Option<std::sync::mpsc::Sender<CommitMsg>>,
-    /// Jobs sent to the committer since the last flush request.
-    unflushed: usize,
+    commit_tx: Option<std::sync::mpsc::Sender<Vec<CommitJob>>>,
+    /// Finished steps waiting to be committed together, and since when the oldest waits.
+    to_commit: Vec<CommitJob>,
+    to_commit_since: Instant,
     committer: Option<std::thread::JoinHandle<()>>,
     progress: Box<dyn Progress>,
     t0: Instant,
@@ -180,7 +181,8 @@ impl Engine {
             events_tx,
             events_rx,
             commit_tx: Some(commit_tx),
-            unflushed: 0,
+            to_commit: Vec::new(),
+            to_commit_since: Instant::now(),
             committer: Some(committer),
             progress,
             t0: Instant::now(),
@@ -217,15 +219,17 @@ impl Engine {
             }
             // Nothing left to start: what comes next waits on commits, so commit now rather
             // than when the batch fills.
-            if self.unflushed > 0 && (self.ready.is_empty() || self.interrupts > 0) {
-                self.send_commit(CommitMsg::Flush);
-                self.unflushed = 0;
+            if !self.to_commit.is_empty() && (self.ready.is_empty() || self.interrupts > 0) {
+                self.flush_commits();
             }
+            let commit_due = self.to_commit_since + MAX_BATCH_WAIT;
+            let waiting = !self.to_commit.is_empty();
             tokio::select! {
                 Some(ev) = self.events_rx.recv() => self.handle(ev)?,
                 _ = interrupt.recv() => self.interrupt(),
                 _ = terminate.recv() => self.interrupt(),
                 _ = tick.tick() => self.update_progress(),
+                _ = tokio::time::sleep_until(commit_due.into()), if waiting => self.flush_commits(),
             }
         }
         self.finish()
@@ -309,11 +313,16 @@ impl Engine {
         Ok(())
     }
 
-    fn send_commit(&self, msg: CommitMsg) {
+    /// Hand the waiting finished steps to the commit thread as one batch.
+    fn flush_commits(&mut self) {
+        if self.to_commit.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_commit);
         self.commit_tx
             .as_ref()
             .expect("the committer lives until the end")
-            .send(msg)
+            .send(batch)
             .expect("the commit thread is alive");
     }
 
@@ -466,6 +475,7 @@ impl Engine {
             a.started = end.started;
             a.ended = end.ended;
             a.result = result.clone();
+            a.log = end.log.clone().unwrap_or_default();
             a.clone()
         };
 
@@ -495,8 +505,13 @@ impl Engine {
                 staging,
                 forced: self.opts.force.contains(&node.name),
             };
-            self.send_commit(CommitMsg::Job(Box::new(job)));
-            self.unflushed += 1;
+            if self.to_commit.is_empty() {
+                self.to_commit_since = Instant::now();
+            }
+            self.to_commit.push(job);
+            if self.to_commit.len() >= MAX_BATCH {
+                self.flush_commits();
+            }
             return Ok(());
         }
 
@@ -507,7 +522,11 @@ impl Engine {
                 Err(e) => tracing::warn!("could not clean staging slot {}: {e}", slot.display()),
             }
         }
-        let log_tail = tail(&self.store.path(&attempt.log), 12);
+        let log_tail = if attempt.log.is_empty() {
+            Vec::new()
+        } else {
+            tail(&self.store.path(&attempt.log), 12)
+        };
         if interrupted {
             self.finish_node(i, StepStatus::Interrupted);
             let key = self.record.steps[i].key.expect("key");
@@ -627,6 +646,10 @@ impl Engine {
     }
 
     fn finish(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
+        debug_assert!(
+            self.to_commit.is_empty(),
+            "the loop ends with every commit done"
+        );
         drop(self.commit_tx.take());
         if let Some(handle) = self.committer.take() {
             let _ = handle.join();
@@ -710,54 +733,21 @@ struct CommitJob {
     forced: bool,
 }
 
-enum CommitMsg {
-    Job(Box<CommitJob>),
-    /// The engine is waiting on what is queued: commit it now.
-    Flush,
-}
-
-/// A batch is committed when the engine asks, when it holds this many steps, or when its
-/// first step has waited this long, whichever comes first.
+/// Finished steps are committed together: when the engine has nothing else to start, when
+/// this many wait, or when the oldest has waited this long, whichever comes first. Every
+/// commit pays a few syncs whatever its size, so steps that finish while others keep the
+/// slots busy share them.
 const MAX_BATCH: usize = 256;
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
 
-/// The commit thread: absorbs outputs into blobs and records them. Every commit pays a few
-/// syncs whatever its size, so steps that finish while others keep the slots busy are grouped:
-/// the engine asks for a flush as soon as anything would wait for one.
+/// The commit thread: absorbs outputs into blobs and records them, a batch at a time.
 fn commit_loop(
     store: Arc<Store>,
-    jobs: std::sync::mpsc::Receiver<CommitMsg>,
+    batches: std::sync::mpsc::Receiver<Vec<CommitJob>>,
     events: UnboundedSender<Event>,
 ) {
-    use std::sync::mpsc::RecvTimeoutError;
-    let mut batch: Vec<CommitJob> = Vec::new();
-    let mut since = Instant::now();
-    loop {
-        let msg = if batch.is_empty() {
-            jobs.recv().ok()
-        } else {
-            match jobs.recv_timeout(MAX_BATCH_WAIT.saturating_sub(since.elapsed())) {
-                Ok(m) => Some(m),
-                Err(RecvTimeoutError::Timeout) => Some(CommitMsg::Flush),
-                Err(RecvTimeoutError::Disconnected) => None,
-            }
-        };
-        match msg {
-            Some(CommitMsg::Job(job)) => {
-                if batch.is_empty() {
-                    since = Instant::now();
-                }
-                batch.push(*job);
-                if batch.len() < MAX_BATCH {
-                    continue;
-                }
-            }
-            Some(CommitMsg::Flush) if batch.is_empty() => continue,
-            Some(CommitMsg::Flush) => {}
-            None if batch.is_empty() => return,
-            None => {}
-        }
-        if !commit_batch(&store, std::mem::take(&mut batch), &events) {
+    while let Ok(batch) = batches.recv() {
+        if !commit_batch(&store, batch, &events) {
             return;
         }
     }

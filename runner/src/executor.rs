@@ -41,7 +41,7 @@ pub struct AttemptSpec {
     pub params: BTreeMap<String, Value>,
     pub grant: Grant,
     pub timeout: Option<Duration>,
-    /// Relative to the store root.
+    /// Where the log goes under the store root, if the attempt writes any.
     pub log_rel: String,
     pub recipe_dir: PathBuf,
     /// A clean staging slot from an earlier attempt (`out/` and `work/` empty), or `None` to
@@ -65,46 +65,53 @@ pub struct AttemptEnd {
     pub ended: u64,
     /// The staging slot; on success its `out/` is the output to absorb. Reused once clean.
     pub staging: Option<PathBuf>,
+    /// The attempt's log, relative to the store root; `None` when it wrote nothing.
+    pub log: Option<String>,
 }
 
 /// Prepare, spawn and wait for one attempt. Never fails: a problem becomes the attempt's
 /// result. Sends [`Event::Spawned`] with the child's pid once it runs, then [`Event::Ended`].
 pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
-    let node = spec.node;
     let started = now_millis();
+    let (result, staging) = attempt(&store, &spec, &events).await;
+    let log = staging
+        .as_deref()
+        .and_then(|slot| keep_log(&store, slot, &spec.log_rel));
+    let _ = events.send(Event::Ended(AttemptEnd {
+        node: spec.node,
+        result,
+        started,
+        ended: now_millis(),
+        staging,
+        log,
+    }));
+}
+
+async fn attempt(
+    store: &Store,
+    spec: &AttemptSpec,
+    events: &UnboundedSender<Event>,
+) -> (AttemptResult, Option<PathBuf>) {
     // Preparing is a handful of quick filesystem calls: done in place, it costs less than a
     // hand-off to a blocking thread and back.
-    let (staging, mut command, log) = match prepare(&store, &spec) {
+    let (staging, mut command) = match prepare(store, spec) {
         Ok(p) => p,
-        Err(error) => {
-            let _ = events.send(Event::Ended(AttemptEnd {
-                node,
-                result: AttemptResult::SpawnFailed { error },
-                started,
-                ended: now_millis(),
-                staging: None,
-            }));
-            return;
-        }
+        Err(error) => return (AttemptResult::SpawnFailed { error }, None),
     };
-
+    let log = staging.join("log");
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             let error = format!("`{}`: {e}", spec.cmd[0]);
             let _ = append_log(&log, &format!("needle: could not start {error}\n"));
-            let _ = events.send(Event::Ended(AttemptEnd {
-                node,
-                result: AttemptResult::SpawnFailed { error },
-                started,
-                ended: now_millis(),
-                staging: Some(staging),
-            }));
-            return;
+            return (AttemptResult::SpawnFailed { error }, Some(staging));
         }
     };
     let pid = child.id().unwrap_or(0);
-    let _ = events.send(Event::Spawned { node, pid });
+    let _ = events.send(Event::Spawned {
+        node: spec.node,
+        pid,
+    });
 
     let t0 = Instant::now();
     let status = match spec.timeout {
@@ -114,40 +121,41 @@ pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: Unbounded
             Err(_) => {
                 stop_group(pid, &mut child).await;
                 let after_ms = t0.elapsed().as_millis() as u64;
-                let _ = append_log(
-                    &log,
-                    &format!(
-                        "needle: timed out after {}\n",
-                        humantime::format_duration(limit)
-                    ),
-                );
-                let _ = events.send(Event::Ended(AttemptEnd {
-                    node,
-                    result: AttemptResult::TimedOut { after_ms },
-                    started,
-                    ended: now_millis(),
-                    staging: Some(staging),
-                }));
-                return;
+                let limit = humantime::format_duration(limit);
+                let _ = append_log(&log, &format!("needle: timed out after {limit}\n"));
+                return (AttemptResult::TimedOut { after_ms }, Some(staging));
             }
         },
     };
     // The step's own children may outlive it; they belong to its group and go with it.
     kill_group(pid, libc::SIGKILL);
-
     let result = match status {
         Ok(s) => exit_result(s),
         Err(e) => AttemptResult::SpawnFailed {
             error: format!("waiting for the process failed: {e}"),
         },
     };
-    let _ = events.send(Event::Ended(AttemptEnd {
-        node,
-        result,
-        started,
-        ended: now_millis(),
-        staging: Some(staging),
-    }));
+    (result, Some(staging))
+}
+
+/// Keep what the attempt wrote as its log under `logs/`; an attempt that wrote nothing gets
+/// no file (most short steps write nothing, and a file each would cost an inode each).
+fn keep_log(store: &Store, slot: &Path, rel: &str) -> Option<String> {
+    let log = slot.join("log");
+    if fs::metadata(&log).ok()?.len() == 0 {
+        return None;
+    }
+    let dest = store.path(rel);
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).ok()?;
+    }
+    match fs::rename(&log, &dest) {
+        Ok(()) => Some(rel.to_string()),
+        Err(e) => {
+            tracing::warn!("could not keep the log of {rel}: {e}");
+            None
+        }
+    }
 }
 
 fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
@@ -196,7 +204,7 @@ fn append_log(path: &Path, text: &str) -> std::io::Result<()> {
 fn prepare(
     store: &Store,
     spec: &AttemptSpec,
-) -> Result<(PathBuf, tokio::process::Command, PathBuf), String> {
+) -> Result<(PathBuf, tokio::process::Command), String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
     let staging = match &spec.slot {
         Some(slot) => slot.clone(),
@@ -228,11 +236,15 @@ fn prepare(
         set_mode(&dest, mode).map_err(|e| io("could not chmod", &dest, e))?;
     }
 
-    let log = store.path(&spec.log_rel);
-    if let Some(parent) = log.parent() {
-        fs::create_dir_all(parent).map_err(|e| io("could not create", parent, e))?;
-    }
-    let log_file = fs::File::create(&log).map_err(|e| io("could not create", &log, e))?;
+    // The log starts in the slot (a reused file when the last attempt wrote nothing) and is
+    // moved under logs/ afterwards if anything was written.
+    let log = staging.join("log");
+    let log_file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&log)
+        .map_err(|e| io("could not create", &log, e))?;
     let log_err = log_file
         .try_clone()
         .map_err(|e| io("could not open", &log, e))?;
@@ -285,7 +297,7 @@ fn prepare(
         .env("NEEDLE_CPUS", spec.grant.cpus.to_string())
         .env("OMP_NUM_THREADS", spec.grant.cpus.to_string())
         .env("CUDA_VISIBLE_DEVICES", gpus.join(","));
-    Ok((staging, cmd, log))
+    Ok((staging, cmd))
 }
 
 /// A directory with one entry per gathered artifact (a symlink to its view, named by the

@@ -56,8 +56,10 @@ fn attempt_duration(step: &RunStep) -> Option<String> {
 
 fn failure_text(step: &RunStep, reason: &str, log: &[String]) -> String {
     let mut s = format!("failed  {}: {reason}", step_label(step));
-    if let Some(a) = step.attempts.last() {
-        s.push_str(&format!("\n        log: {}", a.log));
+    match step.attempts.last() {
+        Some(a) if !a.log.is_empty() => s.push_str(&format!("\n        log: {}", a.log)),
+        Some(_) => s.push_str("\n        (it wrote no output)"),
+        None => {}
     }
     for line in log {
         s.push_str(&format!("\n        | {line}"));

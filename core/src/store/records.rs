@@ -167,7 +167,8 @@ pub struct Execution {
     #[serde(default)]
     pub gpus: Vec<u32>,
     pub cpus: u32,
-    /// Where the combined stdout/stderr of this attempt is, relative to the store root.
+    /// Where the combined stdout/stderr of this attempt is, relative to the store root;
+    /// empty when it wrote nothing.
     pub log: String,
 }
 
@@ -277,7 +278,7 @@ pub struct Attempt {
     pub result: AttemptResult,
     #[serde(default)]
     pub gpus: Vec<u32>,
-    /// Relative to the store root.
+    /// Relative to the store root; empty when the attempt wrote nothing.
     pub log: String,
 }
 

@@ -36,6 +36,10 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<Exit, CliError> {
             .last()
             .ok_or_else(|| CliError::usage("this step has no log: it never started"))?,
     };
+    if chosen.1.is_empty() {
+        eprintln!("(attempt {} wrote no output)", chosen.0);
+        return Ok(Exit::Success);
+    }
     let path = store.path(&chosen.1);
     if let Some(n) = args.tail {
         for line in tail(&path, n) {
