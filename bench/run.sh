@@ -16,7 +16,11 @@ OUT=$ROOT/bench/out
 NS=${BENCH_N:-"1000 10000"}
 SNAKE=${BENCH_SNAKEMAKE:-1}
 JOBS=2
-mkdir -p "$OUT"
+# Each invocation works in a fresh directory and removes older ones only at its end: on ext4,
+# inodes freed just before a measurement make new ones slow to allocate for a minute or more
+# (`recently_deleted`), which would penalise whatever runs first.
+RUN_DIR=$OUT/runs/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RUN_DIR"
 RESULTS=$OUT/results.md
 
 now() { date +%s.%N; }
@@ -46,8 +50,7 @@ fi
 } >"$RESULTS"
 
 for N in $NS; do
-  W=$OUT/n$N
-  rm -rf "$W"
+  W=$RUN_DIR/n$N
   python3 bench/gen.py "$W" "$N"
   python3 bench/gen.py "$W/changed" "$N" --change
   mkdir -p "$W/plain"
@@ -80,8 +83,7 @@ for N in $NS; do
 done
 
 # Scheduling: makespan against its lower bound on --gpus 4.
-S=$OUT/sched
-rm -rf "$S"
+S=$RUN_DIR/sched
 read -r bound critical gpu_seconds count < <(python3 bench/sched.py "$S" 4)
 makespan=$(NEEDLE_STORE=$S/store t "$NEEDLE" run "$S/sched.toml" --gpus 4 -j 16)
 {
@@ -96,3 +98,4 @@ makespan=$(NEEDLE_STORE=$S/store t "$NEEDLE" run "$S/sched.toml" --gpus 4 -j 16)
 } >>"$RESULTS"
 
 cat "$RESULTS"
+find "$OUT/runs" -mindepth 1 -maxdepth 1 ! -path "$RUN_DIR" -exec rm -rf {} +

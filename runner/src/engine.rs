@@ -326,6 +326,13 @@ impl Engine {
             .expect("the commit thread is alive");
     }
 
+    fn has_gather(&self, i: usize) -> bool {
+        self.plan.nodes[i]
+            .inputs
+            .values()
+            .any(|input| matches!(input, NodeInput::Gather(_)))
+    }
+
     fn push_ready(&mut self, i: usize) {
         self.phase[i] = Phase::Ready;
         let shape = Shape::of(&self.plan.nodes[i].resources, self.opts.cpus);
@@ -504,6 +511,7 @@ impl Engine {
                 },
                 staging,
                 forced: self.opts.force.contains(&node.name),
+                gather_links: self.has_gather(i),
             };
             if self.to_commit.is_empty() {
                 self.to_commit_since = Instant::now();
@@ -516,7 +524,12 @@ impl Engine {
         }
 
         if let Some(slot) = end.staging {
-            match executor::clean_slot(&slot) {
+            let gather_links = self.has_gather(i);
+            let left = executor::Leftovers {
+                output: true,
+                gather_links,
+            };
+            match executor::clean_slot(&slot, left) {
                 Ok(()) => self.free_slots.push(slot),
                 // Not reusable; the store clears staging/ when it next opens.
                 Err(e) => tracing::warn!("could not clean staging slot {}: {e}", slot.display()),
@@ -731,6 +744,7 @@ struct CommitJob {
     execution: Execution,
     staging: PathBuf,
     forced: bool,
+    gather_links: bool,
 }
 
 /// Finished steps are committed together: when the engine has nothing else to start, when
@@ -770,6 +784,8 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
     let mut committed_nodes = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
     for (job, outcome) in batch.iter().zip(prepared) {
+        // An output that was refused is still in `out/`.
+        let refused = outcome.is_err();
         match outcome {
             Ok(commit) => {
                 committed_nodes.push((job.node, commit.record.output));
@@ -777,7 +793,11 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
             }
             Err(e) => results.push((job.node, Err(error_chain(&e)))),
         }
-        if crate::executor::clean_slot(&job.staging).is_ok() {
+        let left = crate::executor::Leftovers {
+            output: refused,
+            gather_links: job.gather_links,
+        };
+        if crate::executor::clean_slot(&job.staging, left).is_ok() {
             slots.push(job.staging.clone());
         }
     }

@@ -328,10 +328,24 @@ fn gather_dir(
     Ok(dir)
 }
 
-/// Empty a staging slot for its next attempt: `out/` and `work/` emptied, gather links gone.
+/// What an attempt may have left in its slot besides its working directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Leftovers {
+    /// `out/` may hold files (it does not once its output is absorbed).
+    pub output: bool,
+    /// `in/` holds gather links.
+    pub gather_links: bool,
+}
+
+/// Empty a staging slot for its next attempt: `work/` (and `out/`) emptied, gather links gone.
 /// Emptying rather than recreating keeps inode churn (slow on ext4) out of every step.
-pub fn clean_slot(slot: &Path) -> std::io::Result<()> {
-    for sub in ["out", "work"] {
+pub fn clean_slot(slot: &Path, left: Leftovers) -> std::io::Result<()> {
+    let subs: &[&str] = if left.output {
+        &["out", "work"]
+    } else {
+        &["work"]
+    };
+    for sub in subs {
         let dir = slot.join(sub);
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -342,6 +356,9 @@ pub fn clean_slot(slot: &Path) -> std::io::Result<()> {
                 fs::remove_file(&path)?;
             }
         }
+    }
+    if !left.gather_links {
+        return Ok(());
     }
     match fs::remove_dir_all(slot.join("in")) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

@@ -10,6 +10,17 @@ use needle_core::store::{AttemptResult, RunStep, StepStatus, fmt_ms};
 
 use crate::engine::RunOutcome;
 
+/// One line on stderr in a single write: stderr is unbuffered, and a formatted line would
+/// otherwise go out in as many writes as it has pieces.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 /// A step still running after this long gets a line saying so (plain output).
 const ANNOUNCE_AFTER: Duration = Duration::from_secs(2);
 
@@ -79,7 +90,7 @@ impl Progress for Plain {
         // First attempts are announced only once they have run a while (see `update`): a line
         // per trivial step would double the output without saying anything.
         if attempt > 1 {
-            eprintln!("start   {} (attempt {attempt})", step_label(step));
+            say!("start   {} (attempt {attempt})", step_label(step));
         }
     }
 
@@ -88,7 +99,7 @@ impl Progress for Plain {
         // Cached steps are counted in the summary; a line each would bury what ran.
         if let StepStatus::Succeeded { output } = &step.status {
             let took = attempt_duration(step).unwrap_or_default();
-            eprintln!(
+            say!(
                 "done    {} {took} -> {} [{}/{}]",
                 step_label(step),
                 output.short(),
@@ -96,7 +107,7 @@ impl Progress for Plain {
                 self.total
             );
         } else if matches!(step.status, StepStatus::Interrupted) {
-            eprintln!("interrupted {}{}", step_label(step), note.unwrap_or(""));
+            say!("interrupted {}{}", step_label(step), note.unwrap_or(""));
         }
     }
 
@@ -107,7 +118,7 @@ impl Progress for Plain {
         delay: Duration,
         log: &[String],
     ) {
-        eprintln!(
+        say!(
             "{}\n        retrying in {}",
             failure_text(step, &result.describe(), log),
             humantime::format_duration(delay)
@@ -116,25 +127,25 @@ impl Progress for Plain {
 
     fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]) {
         self.finished += 1;
-        eprintln!("{}", failure_text(step, reason, log));
+        say!("{}", failure_text(step, reason, log));
     }
 
     fn interrupted(&mut self, count: u32, running: usize) {
         if count == 1 {
-            eprintln!("interrupted: stopping {running} running step(s) (Ctrl-C again to kill)");
+            say!("interrupted: stopping {running} running step(s) (Ctrl-C again to kill)");
         } else {
-            eprintln!("killing {running} running step(s)");
+            say!("killing {running} running step(s)");
         }
     }
 
     fn note(&mut self, text: &str) {
-        eprintln!("{text}");
+        say!("{text}");
     }
 
     fn update(&mut self, _counts: &RunOutcome, running: &[(String, Duration)]) {
         for (name, elapsed) in running {
             if *elapsed >= ANNOUNCE_AFTER && self.announced.insert(name.clone()) {
-                eprintln!("running {name}");
+                say!("running {name}");
             }
         }
     }

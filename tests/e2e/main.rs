@@ -8,4 +8,5 @@ mod exec_env;
 mod failures;
 mod lineage;
 mod resources;
+mod snapshots;
 mod sweep;

@@ -51,6 +51,8 @@ struct Absorbed {
 struct Prepared {
     walked: Vec<Walked>,
     files: Vec<Absorbed>,
+    /// The directory can become the artifact's view as it is (see [`Store::adopt_as_view`]).
+    adoptable: bool,
 }
 
 impl Store {
@@ -82,10 +84,38 @@ impl Store {
             .zip(prepared)
             .map(|(dir, p)| {
                 let p = p?;
-                fsutil::empty_dir(dir)?;
-                Ok(manifest_of(p))
+                let adoptable = p.adoptable;
+                let manifest = manifest_of(p);
+                if !(adoptable && self.adopt_as_view(dir, &manifest)?) {
+                    fsutil::empty_dir(dir)?;
+                }
+                Ok(manifest)
             })
             .collect()
+    }
+
+    /// Turn an absorbed directory whose files are all hardlinks to their blobs into the
+    /// artifact's view, and leave an empty directory in its place. This saves building the
+    /// view again (a directory, a link per file, a rename) when a later step reads the output,
+    /// which for short steps is a good part of their cost. False when a view exists already.
+    fn adopt_as_view(&self, dir: &Path, manifest: &Manifest) -> Result<bool, StoreError> {
+        let artifact = manifest.digest();
+        let dest = self.root.join("views").join(artifact.hex());
+        if fsutil::exists(&dest)? {
+            return Ok(false);
+        }
+        fs::set_permissions(dir, Permissions::from_mode(0o555))
+            .map_err(StoreError::io("make read-only", dir))?;
+        if let Err(e) = fs::rename(dir, &dest) {
+            let _ = fs::set_permissions(dir, Permissions::from_mode(0o755));
+            if fsutil::exists(&dest)? {
+                return Ok(false);
+            }
+            return Err(StoreError::io("move into place", dir)(e));
+        }
+        fs::create_dir(dir).map_err(StoreError::io("create directory", dir))?;
+        self.note_view(artifact);
+        Ok(true)
     }
 
     /// Walk, hash and make read-only everything under `dir`; move nothing yet (symlinked files
@@ -112,13 +142,22 @@ impl Store {
                 WalkKind::EmptyDir => None,
             })
             .collect();
+        // Flat trees of new, non-executable regular files can become their view as they are.
+        let adoptable = walked
+            .iter()
+            .all(|w| matches!(w.kind, WalkKind::File) && !w.rel.contains('/'))
+            && absorbed
+                .iter()
+                .all(|a| a.pending.is_some() && !a.executable);
         Ok(Prepared {
             walked,
             files: absorbed,
+            adoptable,
         })
     }
 
-    /// Rename the (now durable) pending files of `dir` into `blobs/`.
+    /// Put the (now durable) pending files of `dir` into `blobs/`: renamed, or hardlinked when
+    /// the directory is to become the artifact's view.
     fn place_pending(&self, dir: &mut Prepared) -> Result<(), StoreError> {
         for a in &mut dir.files {
             let Some(src) = a.pending.take() else {
@@ -126,6 +165,18 @@ impl Store {
             };
             self.ensure_fanout(&a.blob)?;
             let dest = self.blob_path(&a.blob);
+            if dir.adoptable {
+                match fs::hard_link(&src, &dest) {
+                    Ok(()) => continue,
+                    // Placed meanwhile by another absorb: same bytes, but the file here is not
+                    // the blob, so this tree cannot be the view.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        dir.adoptable = false;
+                        continue;
+                    }
+                    Err(_) => dir.adoptable = false,
+                }
+            }
             fs::rename(&src, &dest).map_err(StoreError::io("move into the store", &src))?;
         }
         Ok(())

@@ -88,6 +88,8 @@ pub struct Store {
     /// The fan-out dirs of `blobs/` known to be durable, and the lock under which one is made.
     fanout: blobs::Fanout,
     fanout_lock: Mutex<()>,
+    /// Views this process built or adopted: no need to look for them on disk.
+    known_views: Mutex<std::collections::HashSet<ArtifactDigest>>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
     #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
@@ -217,6 +219,7 @@ impl Store {
             seq: AtomicU64::new(0),
             fanout,
             fanout_lock: Mutex::new(()),
+            known_views: Mutex::new(Default::default()),
             lock,
         })
     }

@@ -18,7 +18,7 @@ impl Store {
     pub(super) fn view_inner(&self, artifact: &ArtifactDigest) -> Result<PathBuf, StoreError> {
         let views = self.root.join("views");
         let dest = views.join(artifact.hex());
-        if dest.is_dir() {
+        if self.knows_view(artifact) || dest.is_dir() {
             return Ok(dest);
         }
         let manifest = self
@@ -38,7 +38,10 @@ impl Store {
             return Err(e);
         }
         match fs::rename(&tmp, &dest) {
-            Ok(()) => Ok(dest),
+            Ok(()) => {
+                self.note_view(*artifact);
+                Ok(dest)
+            }
             // Another builder won the race; its view is as good as ours.
             Err(_) if dest.is_dir() => {
                 fsutil::remove_tree(&tmp)?;
@@ -49,6 +52,21 @@ impl Store {
                 Err(StoreError::io("move into place", &tmp)(e))
             }
         }
+    }
+
+    /// Remember that the view of `artifact` exists (built or adopted by this process).
+    pub(super) fn note_view(&self, artifact: ArtifactDigest) {
+        self.known_views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(artifact);
+    }
+
+    fn knows_view(&self, artifact: &ArtifactDigest) -> bool {
+        self.known_views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(artifact)
     }
 
     fn build_view(&self, tmp: &Path, manifest: &Manifest) -> Result<(), StoreError> {
