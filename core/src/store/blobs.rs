@@ -101,9 +101,11 @@ impl Store {
     fn adopt_as_view(&self, dir: &Path, manifest: &Manifest) -> Result<bool, StoreError> {
         let artifact = manifest.digest();
         let dest = self.root.join("views").join(artifact.hex());
-        if fsutil::exists(&dest)? {
+        if self.knows_view(&artifact) {
             return Ok(false);
         }
+        // No look first: renaming onto an existing view (a non-empty directory) fails, and
+        // onto an empty one (the empty artifact) replaces it with its equal.
         fs::set_permissions(dir, Permissions::from_mode(0o555))
             .map_err(StoreError::io("make read-only", dir))?;
         if let Err(e) = fs::rename(dir, &dest) {

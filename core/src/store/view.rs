@@ -62,7 +62,7 @@ impl Store {
             .insert(artifact);
     }
 
-    fn knows_view(&self, artifact: &ArtifactDigest) -> bool {
+    pub(super) fn knows_view(&self, artifact: &ArtifactDigest) -> bool {
         self.known_views
             .lock()
             .unwrap_or_else(|e| e.into_inner())
