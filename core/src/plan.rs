@@ -12,6 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use petgraph::Direction;
+use petgraph::algo::toposort;
+use petgraph::graph::{DiGraph, NodeIndex};
+
 use crate::digest::{ArtifactDigest, BlobDigest, StepId};
 use crate::recipe::{
     Arm, Expansion, InstanceInput, Recipe, Resources, RetryPolicy, bindings_label,
@@ -288,29 +292,56 @@ fn rel_string(rel: &Path) -> Option<String> {
 }
 
 impl Plan {
-    /// Indices of the nodes that read `node`'s output, for every node.
-    pub fn dependents(&self) -> Vec<Vec<usize>> {
-        let mut out = vec![Vec::new(); self.nodes.len()];
+    /// The plan as a graph: node `i` is `nodes[i]`, an edge runs from an upstream node to the
+    /// node reading it, labelled with the input name (once per pair, however many gathered
+    /// instances of the upstream merged into it).
+    pub fn graph(&self) -> DiGraph<(), String> {
+        let mut g = DiGraph::with_capacity(self.nodes.len(), self.nodes.len());
+        for _ in &self.nodes {
+            g.add_node(());
+        }
         for (i, node) in self.nodes.iter().enumerate() {
-            for input in node.inputs.values() {
-                for up in input.nodes() {
-                    if !out[up].contains(&i) {
-                        out[up].push(i);
-                    }
+            for (name, input) in &node.inputs {
+                let mut ups = input.nodes();
+                ups.sort_unstable();
+                ups.dedup();
+                for up in ups {
+                    g.add_edge(NodeIndex::new(up), NodeIndex::new(i), name.clone());
                 }
             }
         }
-        out
+        g
+    }
+
+    /// Indices of the nodes that read `node`'s output, for every node.
+    pub fn dependents(&self) -> Vec<Vec<usize>> {
+        let g = self.graph();
+        g.node_indices()
+            .map(|n| {
+                let mut ds: Vec<usize> = g
+                    .neighbors_directed(n, Direction::Outgoing)
+                    .map(|d| d.index())
+                    .collect();
+                ds.sort_unstable();
+                ds.dedup();
+                ds
+            })
+            .collect()
     }
 
     /// For each node, the number of nodes on the longest path from it to a sink, itself
     /// included. The scheduler starts the longest remaining chain first.
     pub fn remaining_path(&self) -> Vec<u64> {
-        let dependents = self.dependents();
+        let g = self.graph();
+        let order = toposort(&g, None).expect("a plan is acyclic: recipes with cycles are refused");
         let mut len = vec![1u64; self.nodes.len()];
-        for i in (0..self.nodes.len()).rev() {
-            let longest = dependents[i].iter().map(|&d| len[d]).max().unwrap_or(0);
-            len[i] = 1 + longest;
+        for n in order.into_iter().rev() {
+            let longest = g
+                .neighbors_directed(n, Direction::Outgoing)
+                .map(|d| len[d.index()])
+                .max()
+                .unwrap_or(0);
+            len[n.index()] = 1 + longest;
         }
         len
     }

@@ -162,7 +162,7 @@ impl Live {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
             ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} {msg}",
+                "{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} {wide_msg}",
             )
             .expect("a valid template")
             .progress_chars("=> "),
