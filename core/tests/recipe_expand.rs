@@ -3,50 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use needle_core::ops::{
-    InputSpec, InputsSchema, OpKind, OpSchema, ParamSpec, ParamType, ParamsSchema, exec_schema,
-};
+mod common;
+
+use common::catalog;
 use needle_core::recipe::{
     Expansion, Instance, InstanceInput, Recipe, RecipeSource, SetArg, expand, parse,
 };
 use serde_json::{Value, json};
-
-fn catalog() -> Vec<OpSchema> {
-    vec![
-        exec_schema(),
-        OpSchema {
-            name: "train",
-            version: 3,
-            summary: "a fake typed op",
-            kind: OpKind::Builtin,
-            params: ParamsSchema::Fixed(vec![
-                ParamSpec {
-                    name: "steps",
-                    ty: ParamType::Int,
-                    default: None,
-                    doc: "optimizer steps",
-                },
-                ParamSpec {
-                    name: "lr",
-                    ty: ParamType::Float,
-                    default: Some(json!(0.001)),
-                    doc: "learning rate",
-                },
-                ParamSpec {
-                    name: "arch",
-                    ty: ParamType::Choice(&["a", "b"]),
-                    default: Some(json!("a")),
-                    doc: "architecture",
-                },
-            ]),
-            inputs: InputsSchema::Fixed(vec![InputSpec {
-                name: "data",
-                required: true,
-                doc: "training data",
-            }]),
-        },
-    ]
-}
 
 fn source(text: &str) -> RecipeSource {
     RecipeSource {

@@ -5,7 +5,6 @@
 //! ```
 //! `NEEDLE_BENCH_STEPS` (default 10000) sets the number of steps.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::time::Instant;
 
@@ -20,26 +19,18 @@ fn steps() -> usize {
 }
 
 fn record(i: usize, output: ArtifactDigest, input: Option<ArtifactDigest>) -> StepRecord {
-    let key = StepKey::of_parts(&[&i.to_le_bytes()]);
-    StepRecord {
-        key,
-        id: StepId::of_parts(&[&i.to_le_bytes()]),
-        name: format!("step{i}"),
-        bindings: BTreeMap::new(),
-        spec: StepSpec {
-            op: "exec".into(),
-            op_version: 1,
-            params: BTreeMap::new(),
-            cmd: None,
-            code: BTreeMap::new(),
-            inputs: input
-                .map(|a| ("data".to_string(), InputDigests::One(a)))
-                .into_iter()
-                .collect(),
-        },
+    let inputs = input
+        .map(|a| ("data".to_string(), InputDigests::One(a)))
+        .into_iter()
+        .collect();
+    let bytes = i.to_le_bytes();
+    StepRecord::new(
+        StepKey::of_parts(&[&bytes]),
+        StepId::of_parts(&[&bytes]),
+        &format!("step{i}"),
+        StepSpec::bare("exec", 1, inputs),
         output,
-        executions: vec![],
-    }
+    )
 }
 
 /// One commit call per step, each with one ~10-byte output file, in a chain (each step reads

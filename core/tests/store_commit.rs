@@ -1,6 +1,5 @@
 //! The store's invariant at commit: no record ever points at a blob that is not whole.
 
-use std::collections::BTreeMap;
 use std::fs;
 
 use needle_core::digest::{ArtifactDigest, StepId, StepKey};
@@ -10,26 +9,17 @@ use needle_core::store::{
 };
 
 fn record(name: &str, output: ArtifactDigest, input: Option<ArtifactDigest>) -> StepRecord {
-    let key = StepKey::of_parts(&[name.as_bytes()]);
-    StepRecord {
-        key,
-        id: StepId::of_parts(&[name.as_bytes()]),
-        name: name.into(),
-        bindings: BTreeMap::new(),
-        spec: StepSpec {
-            op: "exec".into(),
-            op_version: 1,
-            params: BTreeMap::new(),
-            cmd: None,
-            code: BTreeMap::new(),
-            inputs: input
-                .map(|a| ("data".to_string(), InputDigests::One(a)))
-                .into_iter()
-                .collect(),
-        },
+    let inputs = input
+        .map(|a| ("data".to_string(), InputDigests::One(a)))
+        .into_iter()
+        .collect();
+    StepRecord::new(
+        StepKey::of_parts(&[name.as_bytes()]),
+        StepId::of_parts(&[name.as_bytes()]),
+        name,
+        StepSpec::bare("exec", 1, inputs),
         output,
-        executions: vec![],
-    }
+    )
 }
 
 fn absorb(store: &Store, files: &[(&str, &str)]) -> Manifest {

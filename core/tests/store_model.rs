@@ -164,22 +164,15 @@ impl Model {
             cpus: 1,
             log: Store::log_rel_path(&key, run, 1),
         });
-        StepRecord {
+        let mut record = StepRecord::new(
             key,
-            id: StepId::of_parts(&[key.as_bytes()]),
-            name: format!("step{}", s.key),
-            bindings: BTreeMap::new(),
-            spec: StepSpec {
-                op: "exec".into(),
-                op_version: 1,
-                params: BTreeMap::new(),
-                cmd: None,
-                code: BTreeMap::new(),
-                inputs: self.inputs(s),
-            },
+            StepId::of_parts(&[key.as_bytes()]),
+            &format!("step{}", s.key),
+            StepSpec::bare("exec", 1, self.inputs(s)),
             output,
-            executions,
-        }
+        );
+        record.executions = executions;
+        record
     }
 
     fn apply_commit(&mut self, c: &StepCommit, tree: Tree) {

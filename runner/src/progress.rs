@@ -78,6 +78,14 @@ fn failure_text(step: &RunStep, reason: &str, log: &[String]) -> String {
     s
 }
 
+fn retry_text(step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]) -> String {
+    format!(
+        "{}\n        retrying in {}",
+        failure_text(step, &result.describe(), log),
+        humantime::format_duration(delay)
+    )
+}
+
 struct Plain {
     total: usize,
     finished: usize,
@@ -118,11 +126,7 @@ impl Progress for Plain {
         delay: Duration,
         log: &[String],
     ) {
-        say!(
-            "{}\n        retrying in {}",
-            failure_text(step, &result.describe(), log),
-            humantime::format_duration(delay)
-        );
+        say!("{}", retry_text(step, result, delay, log));
     }
 
     fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]) {
@@ -191,11 +195,7 @@ impl Progress for Live {
         delay: Duration,
         log: &[String],
     ) {
-        self.bar.println(format!(
-            "{}\n        retrying in {}",
-            failure_text(step, &result.describe(), log),
-            humantime::format_duration(delay)
-        ));
+        self.bar.println(retry_text(step, result, delay, log));
     }
 
     fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]) {

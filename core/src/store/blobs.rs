@@ -255,61 +255,59 @@ impl Store {
             return self.copy_in(&w.path, buf);
         }
         let path = &w.path;
-        let file = File::open(path).map_err(StoreError::io("open", path))?;
-        let meta = file.metadata().map_err(StoreError::io("inspect", path))?;
-        if !meta.is_file() {
-            return Err(StoreError::Unsupported {
-                path: path.clone(),
-                kind: kind_of(&meta),
-            });
-        }
-        let executable = meta.mode() & 0o111 != 0;
-        let (blob, size) = hash(&file, path, meta.len(), buf)?;
-        if fsutil::exists(&self.blob_path(&blob))? {
-            return Ok(Absorbed {
-                blob,
-                size,
-                executable,
-                pending: None,
-            });
+        let (file, meta, hashed) = self.open_hashed(path, buf)?;
+        if hashed.pending.is_none() {
+            return Ok(hashed);
         }
         if meta.nlink() > 1 {
             // Its inode is shared with a file elsewhere: renaming it in would let writes
             // through that other name change the blob.
             let a = self.copy_in(path, buf)?;
-            return Ok(Absorbed { executable, ..a });
+            return Ok(Absorbed {
+                executable: hashed.executable,
+                ..a
+            });
         }
         file.set_permissions(Permissions::from_mode(0o444))
             .map_err(StoreError::io("make read-only", path))?;
-        Ok(Absorbed {
+        Ok(hashed)
+    }
+
+    /// Open and hash a regular file. The result's `pending` is `None` when its blob is in the
+    /// store already, else the path itself (nothing is moved yet).
+    fn open_hashed(
+        &self,
+        path: &Path,
+        buf: &mut Vec<u8>,
+    ) -> Result<(File, fs::Metadata, Absorbed), StoreError> {
+        let file = File::open(path).map_err(StoreError::io("open", path))?;
+        let meta = file.metadata().map_err(StoreError::io("inspect", path))?;
+        if !meta.is_file() {
+            return Err(StoreError::Unsupported {
+                path: path.to_path_buf(),
+                kind: kind_of(&meta),
+            });
+        }
+        let executable = meta.mode() & 0o111 != 0;
+        let (blob, size) = hash(&file, path, meta.len(), buf)?;
+        let known = fsutil::exists(&self.blob_path(&blob))?;
+        let absorbed = Absorbed {
             blob,
             size,
             executable,
-            pending: Some(path.clone()),
-        })
+            pending: (!known).then(|| path.to_path_buf()),
+        };
+        Ok((file, meta, absorbed))
     }
 
     /// Copy `src` (following symlinks) into `blobs/` unless its bytes are there already.
     /// Hashes first, so a file the store holds costs one read and no write.
     fn copy_in(&self, src: &Path, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
-        let file = File::open(src).map_err(StoreError::io("open", src))?;
-        let meta = file.metadata().map_err(StoreError::io("inspect", src))?;
-        if !meta.is_file() {
-            return Err(StoreError::Unsupported {
-                path: src.to_path_buf(),
-                kind: kind_of(&meta),
-            });
+        let (file, _, hashed) = self.open_hashed(src, buf)?;
+        if hashed.pending.is_none() {
+            return Ok(hashed);
         }
-        let executable = meta.mode() & 0o111 != 0;
-        let (blob, size) = hash(&file, src, meta.len(), buf)?;
-        if fsutil::exists(&self.blob_path(&blob))? {
-            return Ok(Absorbed {
-                blob,
-                size,
-                executable,
-                pending: None,
-            });
-        }
+        let executable = hashed.executable;
 
         let tmp = self.root.join("staging").join(self.tmp_name());
         let mut guard = RemoveOnDrop(Some(tmp.clone()));

@@ -129,6 +129,18 @@ pub struct StepSpec {
 }
 
 impl StepSpec {
+    /// A spec with no params, argv or code files.
+    pub fn bare(op: &str, op_version: u32, inputs: BTreeMap<String, InputDigests>) -> StepSpec {
+        StepSpec {
+            op: op.to_string(),
+            op_version,
+            params: BTreeMap::new(),
+            cmd: None,
+            code: BTreeMap::new(),
+            inputs,
+        }
+    }
+
     /// The step's content key: BLAKE3 over a canonical encoding of everything above. Two specs
     /// with equal keys are the same work; the store never executes a key twice unless forced.
     pub fn key(&self) -> StepKey {
@@ -154,6 +166,28 @@ pub struct StepRecord {
     pub output: ArtifactDigest,
     /// Every successful execution, oldest first.
     pub executions: Vec<Execution>,
+}
+
+impl StepRecord {
+    /// A record outside any sweep, with no executions yet: the engine adds the execution that
+    /// produced `output` before committing.
+    pub fn new(
+        key: StepKey,
+        id: StepId,
+        name: &str,
+        spec: StepSpec,
+        output: ArtifactDigest,
+    ) -> Self {
+        StepRecord {
+            key,
+            id,
+            name: name.to_string(),
+            bindings: BTreeMap::new(),
+            spec,
+            output,
+            executions: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -44,22 +44,13 @@ fn record(key: StepKey, output: ArtifactDigest, inputs: &[ArtifactDigest]) -> St
         .enumerate()
         .map(|(i, a)| (format!("in{i}"), InputDigests::One(*a)))
         .collect();
-    StepRecord {
+    StepRecord::new(
         key,
-        id: StepId::of_parts(&[key.as_bytes()]),
-        name: "s".into(),
-        bindings: BTreeMap::new(),
-        spec: StepSpec {
-            op: "exec".into(),
-            op_version: 1,
-            params: BTreeMap::new(),
-            cmd: None,
-            code: BTreeMap::new(),
-            inputs,
-        },
+        StepId::of_parts(&[key.as_bytes()]),
+        "s",
+        StepSpec::bare("exec", 1, inputs),
         output,
-        executions: vec![],
-    }
+    )
 }
 
 /// Absorb a tree of `files` and commit it as the output of step `key`.
