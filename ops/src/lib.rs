@@ -2,18 +2,37 @@
 //! that `needle worker` runs. `exec` is described here but executed by the runner directly,
 //! since it is the user's own command.
 
+pub mod context;
+pub mod dataset;
+pub mod errors;
+pub mod op;
+
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
+
+pub use context::{Input, OpContext};
+pub use errors::OpError;
+pub use op::Op;
 
 /// Every op needle knows.
 pub struct Registry {
-    ops: Vec<OpSchema>,
+    schemas: Vec<OpSchema>,
+    builtins: Vec<Box<dyn Op>>,
 }
 
 impl Registry {
     pub fn new() -> Registry {
-        Registry {
-            ops: vec![exec_schema()],
-        }
+        let builtins: Vec<Box<dyn Op>> = vec![];
+        let mut schemas = vec![exec_schema()];
+        schemas.extend(builtins.iter().map(|op| op.schema()));
+        Registry { schemas, builtins }
+    }
+
+    /// The built-in op called `name`.
+    pub fn builtin(&self, name: &str) -> Option<&dyn Op> {
+        self.builtins
+            .iter()
+            .find(|op| op.schema().name == name)
+            .map(|op| op.as_ref())
     }
 }
 
@@ -25,10 +44,10 @@ impl Default for Registry {
 
 impl OpCatalog for Registry {
     fn get(&self, name: &str) -> Option<&OpSchema> {
-        self.ops.iter().find(|op| op.name == name)
+        self.schemas.iter().find(|op| op.name == name)
     }
 
     fn all(&self) -> Vec<&OpSchema> {
-        self.ops.iter().collect()
+        self.schemas.iter().collect()
     }
 }

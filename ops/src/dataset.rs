@@ -1,0 +1,1 @@
+//! Image datasets in the image-folder convention (placeholder: see issue 3).
