@@ -432,11 +432,13 @@ impl DatasetWriter {
 }
 
 /// Encode `img` as PNG with the settings every dataset uses (fixed, so equal pixels give
-/// equal bytes).
+/// equal bytes). `Fast` (fdeflate) rather than zlib's default level: at 16×16 it is ~6× faster
+/// (8 µs against 50 µs an image) for files ~12 % larger, and encoding is what dominates writing a
+/// haystack.
 pub fn encode_png(img: &RgbImage) -> std::io::Result<Vec<u8>> {
     use image::ImageEncoder;
     let mut png = Vec::with_capacity(img.as_raw().len() / 2 + 128);
-    PngEncoder::new_with_quality(&mut png, CompressionType::Default, FilterType::Adaptive)
+    PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Adaptive)
         .write_image(
             img.as_raw(),
             img.width(),
