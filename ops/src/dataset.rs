@@ -297,11 +297,7 @@ impl DatasetWriter {
         text: &str,
         extra: Map<String, Value>,
     ) -> Result<(), OpError> {
-        if stem.is_empty()
-            || stem.starts_with('.')
-            || stem.contains(['/', '\\', '\0'])
-            || stem.contains(std::path::MAIN_SEPARATOR)
-        {
+        if stem.is_empty() || stem.starts_with('.') || stem.contains(['/', '\\', '\0']) {
             return Err(dataset_error(
                 &self.root,
                 format!("`{stem}` is not a plain file stem (no path separators, not hidden)"),
@@ -493,15 +489,18 @@ fn new_record(
     })
 }
 
-/// A `file_name` must be a relative path that stays inside the dataset.
-fn check_file_name(name: &str) -> Result<(), String> {
-    let path = Path::new(name);
-    let plain = !name.is_empty()
+/// Whether `name` can be a `file_name`: a relative, `/`-separated path that stays inside the
+/// dataset (no `..`, no root, no backslashes).
+pub(crate) fn is_inside(name: &str) -> bool {
+    !name.is_empty()
         && !name.contains('\\')
-        && path
+        && Path::new(name)
             .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if plain {
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+fn check_file_name(name: &str) -> Result<(), String> {
+    if is_inside(name) {
         Ok(())
     } else {
         Err(format!(

@@ -21,7 +21,8 @@
 //! `rating_*` columns; observable are only `file_name` and `text`.
 //!
 //! Determinism: image `i` draws from its own generator seeded by `(seed, i)`, so the output
-//! is the same bytes whatever the number of threads.
+//! is the same bytes whatever the number of threads. The `seed` param, not the step's own
+//! `ctx.seed`, seeds it: the same params give the same haystack in any recipe.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

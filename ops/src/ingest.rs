@@ -1,8 +1,8 @@
 //! `ingest`: import a folder of real images as a dataset, resized to `size`×`size`.
 //!
 //! Two source layouts, told apart by whether `metadata.jsonl` is there:
-//! - an image-folder dataset: `metadata.jsonl` with `file_name` and `text` (other columns are
-//!   carried over);
+//! - an image-folder dataset: `metadata.jsonl` with `file_name` and `text`; other columns are
+//!   carried over as they are (`rating_*` ones too: ingesting a haystack keeps its ratings);
 //! - a tree of images (png, jpg, jpeg, webp, gif, bmp; hidden files and folders ignored), each
 //!   captioned by a `.txt` of the same stem beside it.
 //!
@@ -11,7 +11,8 @@
 //! a malformed metadata line. Each is skipped and listed in `ingest.json` with its reason; the
 //! step fails only when nothing at all could be imported.
 //!
-//! Output images are named by their position in the source listing (sorted by path, or the
+//! Each record gets a `source` column, the image's path in the source folder. Output images
+//! are named by their position in the source listing (sorted by path, or the
 //! metadata's order), so the same folder gives the same bytes however many threads run.
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::context::OpContext;
-use crate::dataset::{DatasetWriter, METADATA};
+use crate::dataset::{DatasetWriter, METADATA, is_inside};
 use crate::errors::OpError;
 use crate::haystack::check_size;
 use crate::op::Op;
@@ -257,7 +258,7 @@ fn image_folder(source: &Path) -> Result<(Vec<Candidate>, Vec<Skipped>), OpError
             }
         };
         let rel = match columns.remove("file_name") {
-            Some(Value::String(f)) if inside(&f) => f,
+            Some(Value::String(f)) if is_inside(&f) => f,
             Some(other) => {
                 bad.push(bad_line(format!(
                     "`file_name` {other} is not a relative path inside the folder"
@@ -373,13 +374,6 @@ fn clean_caption(text: &str) -> Option<String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let words: Vec<&str> = text.split_whitespace().collect();
     (!words.is_empty()).then(|| words.join(" "))
-}
-
-fn inside(rel: &str) -> bool {
-    !rel.is_empty()
-        && Path::new(rel)
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 fn relative(root: &Path, path: &Path) -> String {
