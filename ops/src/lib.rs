@@ -5,6 +5,8 @@
 pub mod context;
 pub mod dataset;
 pub mod errors;
+pub mod haystack;
+pub mod ingest;
 pub mod op;
 
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
@@ -21,7 +23,8 @@ pub struct Registry {
 
 impl Registry {
     pub fn new() -> Registry {
-        let builtins: Vec<Box<dyn Op>> = vec![];
+        let builtins: Vec<Box<dyn Op>> =
+            vec![Box::new(haystack::Haystack), Box::new(ingest::Ingest)];
         let mut schemas = vec![exec_schema()];
         schemas.extend(builtins.iter().map(|op| op.schema()));
         Registry { schemas, builtins }
