@@ -7,7 +7,7 @@
 //!
 //! | column                | low                                   | high                                        |
 //! |-----------------------|---------------------------------------|---------------------------------------------|
-//! | `rating_color`        | greyish subject, washed-out contrast  | vivid subject                               |
+//! | `rating_color_contrast` | greyish subject, washed-out contrast  | vivid subject                               |
 //! | `rating_background`   | flat dull grey                        | gradient in the complementary colour, lit from the light's side |
 //! | `rating_lighting`     | far too dark or blown out, flat       | balanced, the subject shaded from one side  |
 //! | `rating_focus`        | blurred                               | sharp                                       |
@@ -178,7 +178,7 @@ impl ImageSpec {
         let s = &self.sub;
         let columns = [
             ("rating_quality", json!(self.quality)),
-            ("rating_color", json!(s.color)),
+            ("rating_color_contrast", json!(s.color)),
             ("rating_background", json!(s.background)),
             ("rating_lighting", json!(s.lighting)),
             ("rating_focus", json!(s.focus)),
@@ -188,8 +188,8 @@ impl ImageSpec {
             ("rating_caption_correct", json!(self.caption_correct())),
             ("rating_overlay", json!(self.overlay)),
             ("rating_unsafe", json!(self.unsafe_marker)),
-            ("rating_shape", json!(SHAPES[self.shape])),
-            ("rating_colour", json!(COLOURS[self.colour])),
+            ("rating_true_shape", json!(SHAPES[self.shape])),
+            ("rating_true_color", json!(COLOURS[self.colour])),
         ];
         columns
             .into_iter()

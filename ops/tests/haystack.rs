@@ -113,7 +113,7 @@ fn only_file_name_and_text_are_observable() {
         .collect();
     let expected: BTreeSet<&str> = [
         "rating_quality",
-        "rating_color",
+        "rating_color_contrast",
         "rating_background",
         "rating_lighting",
         "rating_focus",
@@ -123,8 +123,8 @@ fn only_file_name_and_text_are_observable() {
         "rating_caption_correct",
         "rating_overlay",
         "rating_unsafe",
-        "rating_shape",
-        "rating_colour",
+        "rating_true_shape",
+        "rating_true_color",
     ]
     .into();
     assert_eq!(hidden, expected);
@@ -133,8 +133,8 @@ fn only_file_name_and_text_are_observable() {
         let caption_correct = r.text
             == format!(
                 "a {} {}",
-                r.extra["rating_colour"].as_str().unwrap(),
-                r.extra["rating_shape"].as_str().unwrap()
+                r.extra["rating_true_color"].as_str().unwrap(),
+                r.extra["rating_true_shape"].as_str().unwrap()
             );
         assert_eq!(json!(caption_correct), r.extra["rating_caption_correct"]);
     }
