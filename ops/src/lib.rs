@@ -4,6 +4,7 @@
 
 pub mod context;
 pub mod dataset;
+pub mod detect;
 pub mod errors;
 pub mod haystack;
 pub mod ingest;

@@ -249,28 +249,6 @@ fn schema_defaults_are_the_params_defaults() {
 
 // What the curators see: the hidden ratings must show in the pixels.
 
-fn rgb(px: &[u8], i: usize) -> [f32; 3] {
-    [0, 1, 2].map(|c| f32::from(px[i * 3 + c]) / 255.0)
-}
-
-/// A simple "unsafe" detector: a run of pixels alternating near-magenta and near-black.
-fn has_marker(img: &image::RgbImage) -> bool {
-    let s = img.width() as usize;
-    let px = img.as_raw();
-    let magenta = |p: [f32; 3]| p[0] > 0.7 && p[2] > 0.7 && p[1] < 0.3;
-    let black = |p: [f32; 3]| p.iter().all(|&c| c < 0.3);
-    (0..s * s).any(|i| {
-        let (x, y) = (i % s, i / s);
-        x + 3 < s
-            && y + 1 < s
-            && magenta(rgb(px, i))
-            && black(rgb(px, i + 1))
-            && magenta(rgb(px, i + 2))
-            && black(rgb(px, i + s))
-            && magenta(rgb(px, i + s + 1))
-    })
-}
-
 /// Mean saturation (max − min) of the most saturated quarter of the pixels.
 fn vividness(img: &image::RgbImage) -> f32 {
     let mut sat: Vec<f32> = img
@@ -310,7 +288,7 @@ fn the_unsafe_marker_is_found_from_pixels() {
     let (mut hits, mut false_alarms, mut marked) = (0, 0, 0);
     for i in 0..400 {
         let spec = sample_spec(&p, i);
-        let found = has_marker(&render(&spec, 16));
+        let found = needle_ops::detect::unsafe_marker(render(&spec, 16).as_raw(), 16);
         marked += usize::from(spec.unsafe_marker);
         hits += usize::from(found && spec.unsafe_marker);
         false_alarms += usize::from(found && !spec.unsafe_marker);
