@@ -5,7 +5,9 @@
 pub mod context;
 pub mod dataset;
 pub mod errors;
+pub mod files;
 pub mod op;
+pub mod torch;
 
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
 
@@ -21,7 +23,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new() -> Registry {
-        let builtins: Vec<Box<dyn Op>> = vec![];
+        let builtins: Vec<Box<dyn Op>> = vec![Box::new(files::Files)];
         let mut schemas = vec![exec_schema()];
         schemas.extend(builtins.iter().map(|op| op.schema()));
         Registry { schemas, builtins }
