@@ -33,6 +33,7 @@ fi
 # the build scripts bake its lib/ into the binaries' rpath, so they run with no environment.
 TORCH_VERSION=2.11.0
 VENV=.venv
+
 # Prints the torch directory relative to the venv, or fails if torch does not import or is
 # another version (a half-finished install fails here, and is then repaired).
 torch_dir() {
@@ -62,10 +63,10 @@ if ! rel=$(torch_dir); then
     fi
   fi
   log "installing torch==$TORCH_VERSION into $VENV (about 4.6 GB, a minute or two): $VENV/bin/pip install torch==$TORCH_VERSION"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  "$VENV/bin/pip" install --disable-pip-version-check "torch==$TORCH_VERSION"
   if ! rel=$(torch_dir); then
-    log "torch does not import after the install; reinstalling it"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "torch==$TORCH_VERSION"
+    log "torch does not import after the install; reinstalling it and its dependencies"
+    "$VENV/bin/pip" install --disable-pip-version-check --force-reinstall "torch==$TORCH_VERSION"
     if ! rel=$(torch_dir); then
       log "torch==$TORCH_VERSION still does not import from $VENV: remove $VENV and retry"
       exit 1
