@@ -2,6 +2,7 @@
 # Install what `make build`, `make demo` and `make test` need and this machine lacks.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
@@ -24,4 +25,56 @@ if ! command -v python3 >/dev/null 2>&1; then
     log "python3 is missing: install it (Debian: apt-get install python3)"
     exit 1
   fi
+fi
+
+# libtorch for the tch-based ops comes from PyPI's `torch` wheel, in a project-local venv:
+# tch 0.24.0 (pinned in Cargo.toml) is built for torch 2.11.0 and refuses any other.
+# `.libtorch` points into the venv; .cargo/config.toml hands it to the build as LIBTORCH, and
+# the build scripts bake its lib/ into the binaries' rpath, so they run with no environment.
+TORCH_VERSION=2.11.0
+VENV=.venv
+
+# Prints the torch directory relative to the venv, or fails if torch does not import or is
+# another version (a half-finished install fails here, and is then repaired).
+torch_dir() {
+  "$VENV/bin/python" - "$TORCH_VERSION" 2>/dev/null <<'PY'
+import os, sys
+import torch
+if torch.__version__.split("+")[0] != sys.argv[1]:
+    sys.exit(f"torch {torch.__version__}, not {sys.argv[1]}")
+print(os.path.relpath(os.path.dirname(torch.__file__), sys.prefix))
+PY
+}
+
+if ! rel=$(torch_dir); then
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating the venv $VENV for libtorch (python3 -m venv $VENV)"
+    if ! python3 -m venv "$VENV"; then
+      if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing python3-venv"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        rm -rf "$VENV"
+        python3 -m venv "$VENV"
+      else
+        log "python3 -m venv failed: install python3-venv (Debian: apt-get install python3-venv)"
+        exit 1
+      fi
+    fi
+  fi
+  log "installing torch==$TORCH_VERSION into $VENV (about 4.6 GB, a minute or two): $VENV/bin/pip install torch==$TORCH_VERSION"
+  "$VENV/bin/pip" install --disable-pip-version-check "torch==$TORCH_VERSION"
+  if ! rel=$(torch_dir); then
+    log "torch does not import after the install; reinstalling it and its dependencies"
+    "$VENV/bin/pip" install --disable-pip-version-check --force-reinstall "torch==$TORCH_VERSION"
+    if ! rel=$(torch_dir); then
+      log "torch==$TORCH_VERSION still does not import from $VENV: remove $VENV and retry"
+      exit 1
+    fi
+  fi
+fi
+
+if [[ "$(readlink .libtorch 2>/dev/null)" != "$VENV/$rel" ]]; then
+  log "linking .libtorch -> $VENV/$rel"
+  ln -sfnT "$VENV/$rel" .libtorch
 fi

@@ -62,6 +62,10 @@ pub enum ParamType {
     Float,
     Bool,
     String,
+    /// A file or directory, as a string: relative to the recipe's directory, or absolute.
+    /// The planner folds a fingerprint of what is there into the step's key (see
+    /// [`crate::plan::fingerprint_path`]), so changing the data re-runs the step.
+    Path,
     /// One of a fixed set of strings.
     Choice(&'static [&'static str]),
     List(Box<ParamType>),
@@ -76,6 +80,7 @@ impl std::fmt::Display for ParamType {
             ParamType::Float => f.write_str("float"),
             ParamType::Bool => f.write_str("bool"),
             ParamType::String => f.write_str("string"),
+            ParamType::Path => f.write_str("path"),
             ParamType::Choice(options) => {
                 let quoted: Vec<String> = options.iter().map(|o| format!("\"{o}\"")).collect();
                 write!(f, "one of {}", quoted.join(", "))
@@ -111,7 +116,7 @@ impl ParamType {
                     .ok_or_else(mismatch)
             }
             (ParamType::Bool, Value::Bool(_)) => Ok(v.clone()),
-            (ParamType::String, Value::String(_)) => Ok(v.clone()),
+            (ParamType::String | ParamType::Path, Value::String(_)) => Ok(v.clone()),
             (ParamType::Choice(options), Value::String(s)) if options.contains(&s.as_str()) => {
                 Ok(v.clone())
             }
@@ -143,6 +148,18 @@ impl OpSchema {
         match &self.params {
             ParamsSchema::Free => None,
             ParamsSchema::Fixed(specs) => specs.iter().find(|p| p.name == name),
+        }
+    }
+
+    /// Names of the params typed [`ParamType::Path`], in schema order.
+    pub fn path_params(&self) -> Vec<&'static str> {
+        match &self.params {
+            ParamsSchema::Free => Vec::new(),
+            ParamsSchema::Fixed(specs) => specs
+                .iter()
+                .filter(|p| p.ty == ParamType::Path)
+                .map(|p| p.name)
+                .collect(),
         }
     }
 
@@ -197,6 +214,16 @@ mod tests {
         let err = t.check(&json!("c")).unwrap_err();
         assert_eq!(err.expected, "one of \"a\", \"b\"");
         assert_eq!(err.found, "string \"c\"");
+    }
+
+    #[test]
+    fn path_is_a_string() {
+        assert_eq!(
+            ParamType::Path.check(&json!("data/x")).unwrap(),
+            json!("data/x")
+        );
+        assert!(ParamType::Path.check(&json!(3)).is_err());
+        assert_eq!(ParamType::Path.to_string(), "path");
     }
 
     #[test]

@@ -17,8 +17,9 @@ use petgraph::algo::toposort;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::digest::{ArtifactDigest, BlobDigest, StepId};
+use crate::ops::OpKind;
 use crate::recipe::{
-    Arm, Expansion, InstanceInput, Recipe, Resources, RetryPolicy, bindings_label,
+    Arm, Expansion, InstanceInput, Recipe, Resources, RetryPolicy, StepDef, bindings_label,
 };
 use crate::store::{GatherMember, InputDigests, StepSpec};
 use crate::value::Value;
@@ -41,6 +42,8 @@ pub struct PlanNode {
     pub name: String,
     pub op: String,
     pub op_version: u32,
+    /// How the node runs: its `cmd`, or `needle worker OP`.
+    pub kind: OpKind,
     pub bindings: BTreeMap<String, Value>,
     /// Indices into [`Plan::arms`], ascending.
     pub arms: Vec<u32>,
@@ -48,6 +51,8 @@ pub struct PlanNode {
     pub cmd: Option<Vec<String>>,
     /// Code file (relative to the recipe dir, `/`-separated) → content digest.
     pub code: BTreeMap<String, BlobDigest>,
+    /// `path` param → fingerprint of what is there (see [`fingerprint_path`]).
+    pub paths: BTreeMap<String, String>,
     pub inputs: BTreeMap<String, NodeInput>,
     pub resources: Resources,
     pub retries: RetryPolicy,
@@ -99,15 +104,25 @@ pub enum PlanError {
     },
     #[error("code path `{path}` of step `{step}` holds a file name that is not UTF-8")]
     CodeName { step: String, path: PathBuf },
+    #[error("param `{param}` of step `{step}`: could not read `{path}`")]
+    Path {
+        step: String,
+        param: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Build the plan: hash code files, give every instance its structural id, merge equal ones.
+/// Build the plan: hash code files, fingerprint `path` params, give every instance its
+/// structural id, merge equal ones.
 pub fn build(
     recipe: Recipe,
     expansion: Expansion,
     hasher: &mut dyn CodeHasher,
 ) -> Result<Plan, PlanError> {
     let mut code_cache: HashMap<String, BTreeMap<String, BlobDigest>> = HashMap::new();
+    let mut path_cache: HashMap<PathBuf, String> = HashMap::new();
     let mut nodes: Vec<PlanNode> = Vec::new();
     let mut by_id: HashMap<StepId, usize> = HashMap::new();
     // instance index → node index
@@ -125,6 +140,29 @@ pub fn build(
                 code_cache.insert(entry.clone(), files);
             }
             code.extend(code_cache[entry].iter().map(|(k, v)| (k.clone(), *v)));
+        }
+
+        let mut paths = BTreeMap::new();
+        for param in &def.path_params {
+            // The validator checked the type: a path param is a string.
+            let Some(Value::String(p)) = inst.params.get(param) else {
+                continue;
+            };
+            let root = recipe.source.dir.join(p);
+            let fingerprint = match path_cache.get(&root) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = fingerprint_path(&root).map_err(|source| PlanError::Path {
+                        step: def.name.clone(),
+                        param: param.clone(),
+                        path: root.clone(),
+                        source,
+                    })?;
+                    path_cache.insert(root, f.clone());
+                    f
+                }
+            };
+            paths.insert(param.clone(), fingerprint);
         }
 
         let inputs: BTreeMap<String, NodeInput> = inst
@@ -148,11 +186,11 @@ pub fn build(
             .collect();
 
         let id = structural_id(
-            &def.op,
-            def.op_version,
+            def,
             &inst.params,
             inst.cmd.as_deref(),
             &code,
+            &paths,
             &inputs,
             &nodes,
         );
@@ -173,11 +211,13 @@ pub fn build(
                     name: def.name.clone(),
                     op: def.op.clone(),
                     op_version: def.op_version,
+                    kind: def.kind,
                     bindings: inst.bindings.clone(),
                     arms: inst.arms.clone(),
                     params: inst.params.clone(),
                     cmd: inst.cmd.clone(),
                     code,
+                    paths,
                     inputs,
                     resources: def.resources,
                     retries: def.retries,
@@ -196,11 +236,11 @@ pub fn build(
 }
 
 fn structural_id(
-    op: &str,
-    op_version: u32,
+    def: &StepDef,
     params: &BTreeMap<String, Value>,
     cmd: Option<&[String]>,
     code: &BTreeMap<String, BlobDigest>,
+    paths: &BTreeMap<String, String>,
     inputs: &BTreeMap<String, NodeInput>,
     nodes: &[PlanNode],
 ) -> StepId {
@@ -224,14 +264,18 @@ fn structural_id(
             (name.as_str(), v)
         })
         .collect();
-    let v = serde_json::json!({
-        "op": op,
-        "op_version": op_version,
+    let mut v = serde_json::json!({
+        "op": def.op,
+        "op_version": def.op_version,
         "params": params,
         "cmd": cmd,
         "code": code,
         "inputs": inputs,
     });
+    // Only where there are any, so ids of steps without `path` params stay what they were.
+    if !paths.is_empty() {
+        v["paths"] = serde_json::json!(paths);
+    }
     StepId::of_parts(&[&crate::canonical::encode(&v)])
 }
 
@@ -264,6 +308,67 @@ fn hash_code_entry(
         out.insert(rel, digest);
     }
     Ok(out)
+}
+
+/// The fingerprint (BLAKE3, hex) of the file or directory tree at `root`, following symlinks:
+/// for every entry under it, sorted, its path relative to `root`, whether it is a directory,
+/// and for a file its size and modification time in nanoseconds.
+///
+/// Stat only, no hashing: planning stays fast on a dataset of many gigabytes, and any edit
+/// that goes through the filesystem (write, copy, touch, `git checkout`) changes an mtime. A
+/// rewrite that keeps both size and mtime (`touch -r`, `cp -p` of other bytes) goes unseen; a
+/// touch that changes nothing re-runs the step, but its output then has the digest it had, so
+/// nothing downstream re-runs.
+pub fn fingerprint_path(root: &Path) -> std::io::Result<String> {
+    let mut buf = b"needle path fingerprint 1\0".to_vec();
+    let mut ancestors = Vec::new();
+    fingerprint_entry(root, &mut Vec::new(), &mut ancestors, &mut buf)?;
+    Ok(blake3::hash(&buf).to_hex().to_string())
+}
+
+fn fingerprint_entry(
+    path: &Path,
+    rel: &mut Vec<u8>,
+    ancestors: &mut Vec<(u64, u64)>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+
+    let meta = std::fs::metadata(path)?;
+    buf.extend_from_slice(rel);
+    buf.push(0);
+    if !meta.is_dir() {
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        buf.push(if meta.is_file() { b'f' } else { b'o' });
+        buf.extend_from_slice(&meta.size().to_le_bytes());
+        buf.extend_from_slice(&mtime_ns.to_le_bytes());
+        return Ok(());
+    }
+    buf.push(b'd');
+    let id = (meta.dev(), meta.ino());
+    if ancestors.contains(&id) {
+        return Err(std::io::Error::other(format!(
+            "`{}` is a symlink loop",
+            path.display()
+        )));
+    }
+    ancestors.push(id);
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(path)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    for name in names {
+        let len = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(name.as_bytes());
+        fingerprint_entry(&path.join(&name), rel, ancestors, buf)?;
+        rel.truncate(len);
+    }
+    ancestors.pop();
+    Ok(())
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -383,6 +488,7 @@ impl PlanNode {
             params: self.params.clone(),
             cmd: self.cmd.clone(),
             code: self.code.clone(),
+            paths: self.paths.clone(),
             inputs,
         })
     }
@@ -394,5 +500,172 @@ impl PlanNode {
         } else {
             format!("{}[{}]", self.name, bindings_label(&self.bindings))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ops::{InputsSchema, OpSchema, ParamSpec, ParamType, ParamsSchema, exec_schema};
+    use crate::recipe::{RecipeSource, expand, parse};
+
+    fn catalog() -> Vec<OpSchema> {
+        vec![
+            exec_schema(),
+            OpSchema {
+                name: "import",
+                version: 1,
+                summary: "a fake op with a path param",
+                kind: OpKind::Builtin,
+                params: ParamsSchema::Fixed(vec![ParamSpec {
+                    name: "path",
+                    ty: ParamType::Path,
+                    default: None,
+                    doc: "what to import",
+                }]),
+                inputs: InputsSchema::Fixed(vec![]),
+            },
+        ]
+    }
+
+    const RECIPE: &str = r#"
+[recipe]
+name = "paths"
+
+[steps.data]
+op = "import"
+params = { path = "data" }
+
+[steps.one]
+op = "import"
+params = { path = "data/a.txt" }
+
+[steps.other]
+op = "exec"
+cmd = ["true"]
+"#;
+
+    fn plan_in(dir: &Path, text: &str) -> Result<Plan, PlanError> {
+        let source = RecipeSource {
+            path: dir.join("recipe.toml"),
+            dir: dir.to_path_buf(),
+            text: text.to_string(),
+        };
+        let recipe = parse(source, &[], &catalog()).expect("the recipe parses");
+        let expansion = expand(&recipe, &catalog()).expect("the recipe expands");
+        build(recipe, expansion, &mut HashOnly)
+    }
+
+    /// Step name → key, for a plan without inputs.
+    fn keys(plan: &Plan) -> BTreeMap<String, String> {
+        plan.nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.spec(|_| None).unwrap().key().hex()))
+            .collect()
+    }
+
+    fn project() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data/sub")).unwrap();
+        std::fs::write(dir.path().join("data/a.txt"), "a").unwrap();
+        std::fs::write(dir.path().join("data/sub/b.txt"), "b").unwrap();
+        dir
+    }
+
+    fn set_mtime(path: &Path, t: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[test]
+    fn touching_a_file_changes_the_keys_that_read_it_and_nothing_else() {
+        let dir = project();
+        let before = keys(&plan_in(dir.path(), RECIPE).unwrap());
+        assert_eq!(
+            before,
+            keys(&plan_in(dir.path(), RECIPE).unwrap()),
+            "planning twice gives the same keys"
+        );
+
+        // Reading the files does not count.
+        std::fs::read(dir.path().join("data/sub/b.txt")).unwrap();
+        assert_eq!(before, keys(&plan_in(dir.path(), RECIPE).unwrap()));
+
+        let later = SystemTime::now() + Duration::from_secs(5);
+        set_mtime(&dir.path().join("data/sub/b.txt"), later);
+        let after = keys(&plan_in(dir.path(), RECIPE).unwrap());
+        assert_ne!(
+            before["data"], after["data"],
+            "a file under the dir changed"
+        );
+        assert_eq!(before["one"], after["one"], "`one` reads another file");
+        assert_eq!(before["other"], after["other"]);
+
+        set_mtime(&dir.path().join("data/a.txt"), later);
+        let again = keys(&plan_in(dir.path(), RECIPE).unwrap());
+        assert_ne!(after["data"], again["data"]);
+        assert_ne!(after["one"], again["one"]);
+        assert_eq!(after["other"], again["other"]);
+    }
+
+    #[test]
+    fn size_and_new_files_change_the_fingerprint() {
+        let dir = project();
+        let data = dir.path().join("data");
+        let f0 = fingerprint_path(&data).unwrap();
+        let a = data.join("a.txt");
+        let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+        std::fs::write(&a, "a longer text").unwrap();
+        set_mtime(&a, mtime);
+        let f1 = fingerprint_path(&data).unwrap();
+        assert_ne!(f0, f1, "a new size, with the old mtime");
+        std::fs::create_dir(data.join("empty")).unwrap();
+        let f2 = fingerprint_path(&data).unwrap();
+        assert_ne!(f1, f2, "a new (empty) directory");
+    }
+
+    #[test]
+    fn symlinks_are_followed_and_loops_refused() {
+        let dir = project();
+        let data = dir.path().join("data");
+        let f0 = fingerprint_path(&data).unwrap();
+        std::os::unix::fs::symlink(&data, data.join("sub/loop")).unwrap();
+        let err = fingerprint_path(&data).unwrap_err();
+        assert!(err.to_string().contains("symlink loop"), "{err}");
+        std::fs::remove_file(data.join("sub/loop")).unwrap();
+        assert_eq!(f0, fingerprint_path(&data).unwrap());
+    }
+
+    #[test]
+    fn steps_without_path_params_keep_their_encoding() {
+        let dir = project();
+        let plan = plan_in(dir.path(), RECIPE).unwrap();
+        let other = plan.nodes.iter().find(|n| n.name == "other").unwrap();
+        let spec = serde_json::to_value(other.spec(|_| None).unwrap()).unwrap();
+        assert!(spec.get("paths").is_none(), "{spec}");
+        let data = plan.nodes.iter().find(|n| n.name == "data").unwrap();
+        let spec = serde_json::to_value(data.spec(|_| None).unwrap()).unwrap();
+        assert_eq!(spec["params"], json!({"path": "data"}));
+        assert!(spec["paths"]["path"].is_string(), "{spec}");
+        assert_eq!(data.kind, OpKind::Builtin);
+        assert_eq!(other.kind, OpKind::Exec);
+    }
+
+    #[test]
+    fn a_missing_path_names_the_step_and_param() {
+        let dir = project();
+        let text = RECIPE.replace("data/a.txt", "data/nope.txt");
+        let err = plan_in(dir.path(), &text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("param `path` of step `one`"), "{msg}");
+        assert!(msg.contains("nope.txt"), "{msg}");
     }
 }

@@ -50,7 +50,13 @@ impl OpContext {
             .map_err(|e| OpError::Environment {
                 what: format!("`NEEDLE_PARAMS` is not a JSON object: {e}"),
             })?;
-        let inputs = parse_inputs(&var("NEEDLE_INPUTS")?)?;
+        let inputs = var("NEEDLE_INPUTS")?;
+        // A long one (a gather of many arms) comes as `@file`: see [`parse_inputs`].
+        let inputs = match inputs.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file).map_err(OpError::io("read", file))?,
+            None => inputs,
+        };
+        let inputs = parse_inputs(&inputs)?;
         let seed = var("NEEDLE_SEED")?
             .parse()
             .map_err(|_| OpError::Environment {
@@ -124,7 +130,9 @@ impl OpContext {
 }
 
 /// `NEEDLE_INPUTS`: `{"name": {"dir": "…"}}` for a plain input, and for a gather input
-/// `{"name": {"dir": "…", "members": [{"label": "…", "dir": "…"}, …]}}`.
+/// `{"name": {"dir": "…", "members": [{"label": "…", "dir": "…"}, …]}}`. When the JSON would
+/// be too long for one environment variable (Linux allows 128 KiB), the runner writes it to a
+/// file and sets `NEEDLE_INPUTS` to `@` and that file's path; [`OpContext::from_env`] reads it.
 pub fn parse_inputs(json: &str) -> Result<BTreeMap<String, Input>, OpError> {
     #[derive(serde::Deserialize)]
     struct Member {

@@ -474,8 +474,8 @@ impl Op for Ingest {
             params: ParamsSchema::Fixed(vec![
                 ParamSpec {
                     name: "path",
-                    // TODO(path): `ParamType::Path`, so the folder's files enter the key.
-                    ty: ParamType::String,
+                    // Its files' fingerprints enter the key: new or changed images re-ingest.
+                    ty: ParamType::Path,
                     default: None,
                     doc: "the folder to import, relative to the recipe's directory or absolute",
                 },

@@ -6,9 +6,11 @@ pub mod context;
 pub mod dataset;
 pub mod detect;
 pub mod errors;
+pub mod files;
 pub mod haystack;
 pub mod ingest;
 pub mod op;
+pub mod torch;
 
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
 
@@ -24,8 +26,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new() -> Registry {
-        let builtins: Vec<Box<dyn Op>> =
-            vec![Box::new(haystack::Haystack), Box::new(ingest::Ingest)];
+        let builtins: Vec<Box<dyn Op>> = vec![
+            Box::new(files::Files),
+            Box::new(haystack::Haystack),
+            Box::new(ingest::Ingest),
+        ];
         let mut schemas = vec![exec_schema()];
         schemas.extend(builtins.iter().map(|op| op.schema()));
         Registry { schemas, builtins }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use needle_core::digest::{ArtifactDigest, StepKey};
+use needle_core::ops::OpKind;
 use needle_core::plan::{NodeInput, Plan};
 use needle_core::store::{
     Attempt, AttemptResult, Execution, Manifest, RunRecord, RunState, RunStep, StepCommit,
@@ -123,6 +124,8 @@ pub struct Engine {
     free_slots: Vec<PathBuf>,
     /// `cmd[0]` → where it is on PATH, looked up once per name.
     programs: HashMap<String, Option<PathBuf>>,
+    /// This very binary: built-in ops run as `<it> worker OP`.
+    worker: PathBuf,
 }
 
 impl Engine {
@@ -188,6 +191,9 @@ impl Engine {
             t0: Instant::now(),
             free_slots: Vec::new(),
             programs: HashMap::new(),
+            // Should it fail (it does not on Linux), spawning `needle` from PATH is the best
+            // guess left, and a failure to spawn is the step's result.
+            worker: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("needle")),
         }
     }
 
@@ -415,13 +421,23 @@ impl Engine {
                 (name.clone(), input)
             })
             .collect();
-        let cmd = node.cmd.clone().unwrap_or_default();
-        let program = cmd.first().and_then(|first| {
-            self.programs
-                .entry(first.clone())
-                .or_insert_with(|| executor::find_on_path(first))
-                .clone()
-        });
+        let (cmd, program) = match node.kind {
+            OpKind::Builtin => {
+                let exe = self.worker.to_string_lossy().into_owned();
+                let cmd = vec![exe, "worker".to_string(), node.op.clone()];
+                (cmd, Some(self.worker.clone()))
+            }
+            OpKind::Exec => {
+                let cmd = node.cmd.clone().unwrap_or_default();
+                let program = cmd.first().and_then(|first| {
+                    self.programs
+                        .entry(first.clone())
+                        .or_insert_with(|| executor::find_on_path(first))
+                        .clone()
+                });
+                (cmd, program)
+            }
+        };
         let attempt_spec = AttemptSpec {
             node: i,
             key,

@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use needle_core::plan::PlanError;
 use needle_core::recipe::RecipeErrors;
 use needle_core::store::StoreError;
+use needle_ops::OpError;
 
 /// Documented exit codes (`needle --help`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,10 @@ pub enum CliError {
     #[error(transparent)]
     Plan(#[from] PlanError),
 
+    /// A built-in op failed in `needle worker`: the step fails.
+    #[error(transparent)]
+    Op(#[from] OpError),
+
     #[error("{context}")]
     Io {
         context: String,
@@ -64,7 +69,7 @@ impl CliError {
             | CliError::Store(StoreError::NotAStore { .. })
             | CliError::Store(StoreError::Db(_))
             | CliError::Store(StoreError::Corrupt { .. }) => Exit::StoreUnavailable,
-            CliError::Store(_) | CliError::Io { .. } => Exit::StepFailed,
+            CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) => Exit::StepFailed,
         }
     }
 

@@ -274,13 +274,37 @@ fn prepare(
             cmd.env_remove(&k);
         }
     }
+    let mut inputs_json = serde_json::Map::new();
     for (name, input) in &spec.inputs {
-        let dir = match input {
-            InputArtifacts::One(a) => store.view(a).map_err(|e| e.to_string())?,
-            InputArtifacts::Gather(members) => gather_dir(store, &staging, name, members)?,
+        // Store paths are the store root's plus ASCII names: UTF-8 wherever the root is.
+        let (dir, entry) = match input {
+            InputArtifacts::One(a) => {
+                let dir = store.view(a).map_err(|e| e.to_string())?;
+                let entry = serde_json::json!({ "dir": dir.to_string_lossy() });
+                (dir, entry)
+            }
+            InputArtifacts::Gather(members) => {
+                let (dir, views) = gather_dir(store, &staging, name, members)?;
+                let members: Vec<serde_json::Value> = members
+                    .iter()
+                    .zip(views)
+                    .map(|((label, _), view)| {
+                        serde_json::json!({ "label": label, "dir": view.to_string_lossy() })
+                    })
+                    .collect();
+                let entry = serde_json::json!({ "dir": dir.to_string_lossy(), "members": members });
+                (dir, entry)
+            }
         };
         cmd.env(format!("NEEDLE_IN_{}", env_name(name)), dir);
+        inputs_json.insert(name.clone(), entry);
     }
+    let inputs_json = serde_json::Value::Object(inputs_json).to_string();
+    cmd.env(
+        "NEEDLE_INPUTS",
+        inputs_env(&inputs_json, &staging, MAX_ENV_VALUE)
+            .map_err(|e| io("could not write", &staging.join("inputs.json"), e))?,
+    );
     for (name, v) in &spec.params {
         cmd.env(format!("NEEDLE_PARAM_{}", env_name(name)), render_plain(v));
     }
@@ -300,22 +324,40 @@ fn prepare(
     Ok((staging, cmd))
 }
 
+/// Longest `NEEDLE_INPUTS` passed as it is: Linux refuses a single environment string over
+/// 128 KiB (`MAX_ARG_STRLEN`), and the whole environment shares the argv's limit.
+const MAX_ENV_VALUE: usize = 64 * 1024;
+
+/// The value of `NEEDLE_INPUTS`: the JSON itself, or, when longer than `max`, `@` and the path
+/// of `inputs.json` in the staging slot, which holds it.
+fn inputs_env(json: &str, staging: &Path, max: usize) -> std::io::Result<String> {
+    if json.len() <= max {
+        return Ok(json.to_string());
+    }
+    let file = staging.join("inputs.json");
+    fs::write(&file, json)?;
+    Ok(format!("@{}", file.display()))
+}
+
 /// A directory with one entry per gathered artifact (a symlink to its view, named by the
-/// member's bindings) and an `index.json` listing them in order.
+/// member's bindings) and an `index.json` listing them in order. Returns the directory and
+/// each member's view.
 fn gather_dir(
     store: &Store,
     staging: &Path,
     name: &str,
     members: &[(String, ArtifactDigest)],
-) -> Result<PathBuf, String> {
+) -> Result<(PathBuf, Vec<PathBuf>), String> {
     let dir = staging.join("in").join(name);
     fs::create_dir_all(&dir).map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
     let mut index = Vec::with_capacity(members.len());
+    let mut views = Vec::with_capacity(members.len());
     for (label, artifact) in members {
         let view = store.view(artifact).map_err(|e| e.to_string())?;
         let entry = label.replace('/', "_");
         std::os::unix::fs::symlink(&view, dir.join(&entry))
             .map_err(|e| format!("could not link gather member `{label}`: {e}"))?;
+        views.push(view);
         index.push(serde_json::json!({
             "label": label,
             "dir": entry,
@@ -325,7 +367,7 @@ fn gather_dir(
     let text = serde_json::to_string_pretty(&index).expect("json");
     fs::write(dir.join("index.json"), text)
         .map_err(|e| format!("could not write gather index: {e}"))?;
-    Ok(dir)
+    Ok((dir, views))
 }
 
 /// What an attempt may have left in its slot besides its working directory.
@@ -415,6 +457,19 @@ fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_inputs_go_to_a_file() {
+        let t = tempfile::tempdir().unwrap();
+        let json = r#"{"data":{"dir":"/x"}}"#;
+        assert_eq!(inputs_env(json, t.path(), 100).unwrap(), json);
+        let long = inputs_env(json, t.path(), 10).unwrap();
+        let file = long.strip_prefix('@').expect("a file reference");
+        assert_eq!(fs::read_to_string(file).unwrap(), json);
+        // What a worker makes of both.
+        let parsed = needle_ops::context::parse_inputs(json).unwrap();
+        assert_eq!(parsed["data"], needle_ops::Input::One(PathBuf::from("/x")));
+    }
 
     #[test]
     fn env_names() {

@@ -45,6 +45,8 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Logs(args) => commands::logs::logs(cli, args),
         Command::Ops(args) => commands::ops::ops(args),
         Command::Completions(args) => commands::completions::completions(args),
+        Command::Doctor(args) => commands::doctor::doctor(cli, args),
+        Command::Worker(args) => commands::worker::worker(args),
     }
 }
 

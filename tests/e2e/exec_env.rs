@@ -89,3 +89,56 @@ cmd = ["sh", "-c", "echo $NEEDLE_SEED > \"$NEEDLE_OUT/seed\""]
         "same key, same seed, same bytes"
     );
 }
+
+#[test]
+fn needle_inputs_describes_plain_and_gather_inputs() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "inputs"
+
+[sweep]
+x = [1, 2]
+
+[steps.base]
+op = "exec"
+cmd = ["sh", "-c", "echo base > \"$NEEDLE_OUT/base\""]
+
+[steps.gen]
+op = "exec"
+cmd = ["sh", "-c", "echo ${x} > \"$NEEDLE_OUT/x\""]
+
+[steps.all]
+op = "exec"
+cmd = ["sh", "-c", "printf '%s' \"$NEEDLE_INPUTS\" > \"$NEEDLE_OUT/inputs.json\""]
+inputs = { base = "base", gens = "gen[*]" }
+"#,
+    );
+    let run = p.json(&["run", "recipe.toml"], 0);
+    let all = steps_named(&run, "all")[0];
+    let show = p.json(&["show", all["output"].as_str().unwrap()], 0);
+    let view = std::path::PathBuf::from(show["view"].as_str().unwrap());
+    let text = std::fs::read_to_string(view.join("inputs.json")).unwrap();
+    let inputs: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    let base = std::path::Path::new(inputs["base"]["dir"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(base.join("base")).unwrap(),
+        "base\n"
+    );
+    assert!(inputs["base"].get("members").is_none(), "{inputs}");
+
+    let members = inputs["gens"]["members"].as_array().expect("members[]");
+    let labels: Vec<&str> = members
+        .iter()
+        .map(|m| m["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["x=1", "x=2"]);
+    for (m, want) in members.iter().zip(["1\n", "2\n"]) {
+        let dir = std::path::Path::new(m["dir"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(dir.join("x")).unwrap(), want);
+    }
+    assert!(inputs["gens"]["dir"].is_string(), "{inputs}");
+}

@@ -3,6 +3,8 @@
 
 mod common;
 
+mod builtin;
+mod doctor;
 mod errors;
 mod exec_env;
 mod failures;

@@ -22,6 +22,7 @@ pub use expand::expand;
 pub use parse::parse;
 pub use template::{VarRef, render_template, template_vars};
 
+use crate::ops::OpKind;
 use crate::value::Value;
 
 /// Hard limits that keep a typo in a sweep from exhausting memory.
@@ -119,6 +120,10 @@ pub struct StepDef {
     pub name: String,
     pub op: String,
     pub op_version: u32,
+    /// How the op runs: the user's command, or `needle worker`.
+    pub kind: OpKind,
+    /// Params the op types as `path`: the planner fingerprints what they point at.
+    pub path_params: Vec<String>,
     /// Input name → upstream step.
     pub inputs: BTreeMap<String, InputRef>,
     /// Param templates: strings may hold `${var}`. Defaults of the op are filled in.

@@ -701,6 +701,8 @@ impl<'a> Parser<'a> {
                 name: name.to_string(),
                 op: String::new(),
                 op_version: 0,
+                kind: OpKind::Exec,
+                path_params: Vec::new(),
                 inputs: BTreeMap::new(),
                 params: BTreeMap::new(),
                 cmd: None,
@@ -720,6 +722,8 @@ impl<'a> Parser<'a> {
         if let Some(schema) = schema {
             draft.def.op = schema.name.to_string();
             draft.def.op_version = schema.version;
+            draft.def.kind = schema.kind;
+            draft.def.path_params = schema.path_params().into_iter().map(String::from).collect();
         }
         let is_exec = schema.map(|s| s.kind == OpKind::Exec);
 

@@ -95,6 +95,14 @@ pub struct Store {
     lock: lock::StoreLock,
 }
 
+/// How much the store records (see [`Store::counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StoreCounts {
+    pub steps: usize,
+    pub artifacts: usize,
+    pub runs: usize,
+}
+
 /// What a ref prefix matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
@@ -331,6 +339,16 @@ impl Store {
     /// All run summaries, oldest (lowest id) first.
     pub fn runs(&self) -> Result<Vec<RunSummary>, StoreError> {
         self.runs_inner()
+    }
+
+    /// How many steps, artifacts and runs are recorded: a scan of the keys of three trees,
+    /// no record decoded.
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
+        Ok(StoreCounts {
+            steps: self.trees.steps.len(),
+            artifacts: self.trees.artifacts.len(),
+            runs: self.trees.run_index.len(),
+        })
     }
 
     /// Step keys and artifact digests starting with `prefix` (lowercase hex), steps first,

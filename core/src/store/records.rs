@@ -125,6 +125,11 @@ pub struct StepSpec {
     /// `exec` only: code file (relative path) → content digest.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub code: BTreeMap<String, BlobDigest>,
+    /// Built-in ops' `path` params: param name → fingerprint (hex) of the files there when the
+    /// plan was made (see [`crate::plan::fingerprint_path`]). Absent from the encoding when
+    /// empty, so the keys of steps without `path` params are what they were before it existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub paths: BTreeMap<String, String>,
     pub inputs: BTreeMap<String, InputDigests>,
 }
 
@@ -137,6 +142,7 @@ impl StepSpec {
             params: BTreeMap::new(),
             cmd: None,
             code: BTreeMap::new(),
+            paths: BTreeMap::new(),
             inputs,
         }
     }

@@ -566,3 +566,28 @@ fn absorb_file_copy_refuses_a_directory() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn counts_steps_artifacts_and_runs() {
+    let t = tempfile::tempdir().unwrap();
+    let store = open(t.path());
+    let none = StoreCounts {
+        steps: 0,
+        artifacts: 0,
+        runs: 0,
+    };
+    assert_eq!(store.counts().unwrap(), none);
+    let a = commit_files(&store, StepKey::of_parts(&[b"a"]), &[("x", b"1")], &[]);
+    // A second step with the same output: two steps, one artifact.
+    commit_files(&store, StepKey::of_parts(&[b"b"]), &[("x", b"1")], &[a]);
+    store.put_run(&run_record(1, vec![])).unwrap();
+    let counts = store.counts().unwrap();
+    assert_eq!(
+        counts,
+        StoreCounts {
+            steps: 2,
+            artifacts: 1,
+            runs: 1
+        }
+    );
+}

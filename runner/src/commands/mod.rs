@@ -2,6 +2,7 @@
 //! maps to one.
 
 pub mod completions;
+pub mod doctor;
 pub mod lineage;
 pub mod logs;
 pub mod ops;
@@ -11,6 +12,7 @@ pub mod run;
 pub mod runs;
 pub mod show;
 pub mod status;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 

@@ -74,6 +74,12 @@ fn show_step(
             println!("  {path}  {}", digest.short());
         }
     }
+    if !rec.spec.paths.is_empty() {
+        println!("paths    (fingerprints of the files there when it was planned)");
+        for (param, fingerprint) in &rec.spec.paths {
+            println!("  {param}  {}", &fingerprint[..fingerprint.len().min(12)]);
+        }
+    }
     if !rec.spec.inputs.is_empty() {
         println!("inputs");
         for (name, digests) in &rec.spec.inputs {

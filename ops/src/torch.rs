@@ -1,0 +1,90 @@
+//! What the runner asks of libtorch itself: thread counts and seeds for a worker, and what
+//! `needle doctor` reports. The runner reaches torch only through here.
+
+/// The torch release this build was compiled against (`<LIBTORCH>/version.py` at build time).
+pub const BUILT_AGAINST: &str = env!("NEEDLE_LIBTORCH_VERSION");
+
+/// Set torch's intra-op threads (a worker gets as many as it holds CPU slots, so several CPU
+/// steps at once do not oversubscribe the machine) and seed its global generator.
+pub fn prepare_worker(cpus: u32, seed: u64) {
+    tch::set_num_threads(cpus.max(1) as i32);
+    // Ops seed their own generators from the context; this covers torch's global one.
+    tch::manual_seed(seed as i64);
+}
+
+/// What torch sees of the machine.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TorchInfo {
+    /// The torch release of the libtorch this process loaded, when it can be told (its
+    /// `version.py`, next to `lib/`); `None` for a libtorch without one.
+    pub version: Option<String>,
+    pub built_against: &'static str,
+    /// The directory libtorch was loaded from.
+    pub lib_dir: Option<String>,
+    pub cuda: bool,
+    pub cuda_devices: i64,
+    pub cudnn: bool,
+    /// Intra-op threads torch uses by default in this process.
+    pub threads: i32,
+}
+
+pub fn info() -> TorchInfo {
+    let lib_dir = loaded_lib_dir();
+    let version = lib_dir
+        .as_deref()
+        .and_then(|lib| std::fs::read_to_string(format!("{lib}/../version.py")).ok())
+        .and_then(|text| version_from_py(&text));
+    let cuda = tch::Cuda::is_available();
+    TorchInfo {
+        version,
+        built_against: BUILT_AGAINST,
+        lib_dir,
+        cuda,
+        cuda_devices: if cuda { tch::Cuda::device_count() } else { 0 },
+        cudnn: cuda && tch::Cuda::cudnn_is_available(),
+        threads: tch::get_num_threads(),
+    }
+}
+
+/// Where `libtorch_cpu.so` is mapped from in this process (`/proc/self/maps`).
+fn loaded_lib_dir() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .and_then(|p| p.rsplit_once('/'))
+        .map(|(dir, _)| dir.to_string())
+}
+
+/// `__version__ = '2.11.0+cu130'` → `2.11.0+cu130`.
+pub fn version_from_py(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("__version__")?.trim_start();
+        let v = rest
+            .strip_prefix('=')?
+            .trim()
+            .trim_matches(|c| c == '\'' || c == '"');
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_version_py() {
+        let text = "from typing import Optional\n__version__ = '2.11.0+cu130'\ndebug = False\n";
+        assert_eq!(version_from_py(text).as_deref(), Some("2.11.0+cu130"));
+        assert_eq!(version_from_py("x = 1"), None);
+    }
+
+    #[test]
+    fn torch_runs_on_the_cpu() {
+        let info = info();
+        assert!(info.threads >= 1);
+        assert_eq!(info.version.as_deref(), Some(BUILT_AGAINST));
+        let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        assert_eq!(t.sum(tch::Kind::Float).double_value(&[]), 6.0);
+    }
+}

@@ -1,0 +1,195 @@
+//! `needle doctor`: what this installation has to work with — libtorch, CUDA and the GPUs,
+//! CPUs — and what the store holds. Reports problems instead of failing on them; a store in
+//! use by a run is said to be so.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use needle_core::store::{LockMode, Store, StoreCounts, StoreError};
+use needle_ops::torch::{self, TorchInfo};
+use serde::Serialize;
+
+use crate::cli::{Cli, JsonArg};
+use crate::commands::print_json;
+use crate::commands::show::human_bytes;
+use crate::error::{CliError, Exit};
+
+#[derive(Debug, Serialize)]
+struct Report {
+    needle: &'static str,
+    libtorch: TorchInfo,
+    gpus: Gpus,
+    cpus: usize,
+    store: StoreReport,
+}
+
+#[derive(Debug, Serialize)]
+struct Gpus {
+    /// `nvidia-smi -L`, line by line; `None` when there is no `nvidia-smi` or it failed.
+    nvidia_smi: Option<Vec<String>>,
+    cuda_visible_devices: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StoreReport {
+    path: String,
+    exists: bool,
+    /// Bytes on disk (allocated blocks; hard links counted once).
+    size_bytes: u64,
+    /// `None` when the store could not be opened (see `locked_by`, `error`).
+    counts: Option<StoreCounts>,
+    /// Who holds the store, when a run has it open.
+    locked_by: Option<String>,
+    /// Why it could not be read, for any other reason.
+    error: Option<String>,
+}
+
+pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
+    let report = Report {
+        needle: env!("CARGO_PKG_VERSION"),
+        libtorch: torch::info(),
+        gpus: Gpus {
+            nvidia_smi: nvidia_smi(),
+            cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+        },
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        store: store_report(&cli.store),
+    };
+    if args.json {
+        print_json(&report);
+    } else {
+        print_text(&report);
+    }
+    Ok(Exit::Success)
+}
+
+fn nvidia_smi() -> Option<Vec<String>> {
+    let out = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+fn store_report(path: &Path) -> StoreReport {
+    let root = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut report = StoreReport {
+        path: root.display().to_string(),
+        exists: root.exists(),
+        size_bytes: 0,
+        counts: None,
+        locked_by: None,
+        error: None,
+    };
+    if !report.exists {
+        return report;
+    }
+    // Counted first, and the store closed again at once: never wait for the lock, never hold
+    // it longer than the counting takes.
+    match Store::open_existing(&root, LockMode::Fail).and_then(|store| store.counts()) {
+        Ok(counts) => report.counts = Some(counts),
+        Err(StoreError::Locked { holder, .. }) => report.locked_by = Some(holder),
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    report.size_bytes = disk_usage(&root);
+    report
+}
+
+/// Allocated bytes under `root`, each inode once (views hard-link their blobs), symlinks not
+/// followed. Unreadable entries are skipped: a run may be removing staging dirs meanwhile.
+fn disk_usage(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = path.symlink_metadata() else {
+            continue;
+        };
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        total += meta.blocks() * 512;
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    total
+}
+
+fn print_text(r: &Report) {
+    let t = &r.libtorch;
+    println!("needle      {}", r.needle);
+    let version = t.version.as_deref().unwrap_or("unknown version");
+    let mut libtorch = version.to_string();
+    if t.version.as_deref().is_some_and(|v| v != t.built_against) {
+        libtorch.push_str(&format!(" (built against {})", t.built_against));
+    }
+    if let Some(dir) = &t.lib_dir {
+        libtorch.push_str(&format!(", from {dir}"));
+    }
+    println!("libtorch    {libtorch}");
+
+    let listed = r.gpus.nvidia_smi.as_ref().map_or(0, Vec::len);
+    if t.cuda {
+        let cudnn = if t.cudnn { "yes" } else { "no" };
+        println!(
+            "cuda        yes: {} device(s), cudnn {cudnn}",
+            t.cuda_devices
+        );
+    } else if listed > 0 {
+        println!(
+            "cuda        no: torch sees no GPU, though nvidia-smi lists {listed} \
+             (check the driver, and CUDA_VISIBLE_DEVICES)"
+        );
+    } else {
+        println!("cuda        no");
+    }
+    match &r.gpus.nvidia_smi {
+        None => println!("gpus        none (no nvidia-smi)"),
+        Some(lines) if lines.is_empty() => println!("gpus        none (nvidia-smi lists none)"),
+        Some(lines) => {
+            for (i, l) in lines.iter().enumerate() {
+                let label = if i == 0 { "gpus" } else { "" };
+                println!("{label:<12}{l}");
+            }
+        }
+    }
+    match &r.gpus.cuda_visible_devices {
+        Some(v) => println!("            CUDA_VISIBLE_DEVICES={v}"),
+        None => println!("            CUDA_VISIBLE_DEVICES is not set"),
+    }
+    println!("cpus        {} (torch threads: {})", r.cpus, t.threads);
+
+    let s = &r.store;
+    if !s.exists {
+        println!("store       {}: none yet", s.path);
+        return;
+    }
+    let size = human_bytes(s.size_bytes);
+    match (&s.counts, &s.locked_by, &s.error) {
+        (Some(c), _, _) => println!(
+            "store       {}: {size} on disk, {} steps, {} artifacts, {} runs",
+            s.path, c.steps, c.artifacts, c.runs
+        ),
+        (None, Some(holder), _) => println!(
+            "store       {}: {size} on disk; in use by {holder}, so not counted",
+            s.path
+        ),
+        (None, None, error) => println!(
+            "store       {}: {size} on disk; unreadable: {}",
+            s.path,
+            error.as_deref().unwrap_or("unknown error")
+        ),
+    }
+}
