@@ -13,7 +13,7 @@ deps:
 
 ## Build target/release/needle (runs with no extra environment).
 build: deps
-	$(CARGO) build --release --locked -p needle-runner
+	$(CARGO) build --release --locked -p needle-runner -p needle-models
 	@echo "built $(NEEDLE)"
 
 ## Build and run the demo recipe; prints where its results are.

@@ -113,6 +113,15 @@ impl Dataset {
         &self.records
     }
 
+    /// The records at `indices`, in that order, over the same images: a view, nothing is copied
+    /// (a scorer's training sample, a judge's).
+    pub fn select(&self, indices: &[usize]) -> Dataset {
+        Dataset {
+            root: self.root.clone(),
+            records: indices.iter().map(|&i| self.records[i].clone()).collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }

@@ -1,6 +1,8 @@
-//! needle's ops: the catalog of op schemas the recipe validator reads, and the built-in ops
-//! that `needle worker` runs. `exec` is described here but executed by the runner directly,
-//! since it is the user's own command.
+//! needle's ops: the catalog of every op's schema (what the recipe validator and the planner
+//! read), the context a built-in op runs in, image datasets, and the ops that need no torch
+//! (`files`, `haystack`, `ingest`). The ops built on tch live in `needle-models`, which also
+//! holds `needle-worker`, the one binary that loads libtorch; their schemas are here so that
+//! `needle` itself never links it. `exec` is described here but run by the runner directly.
 
 pub mod context;
 pub mod dataset;
@@ -10,7 +12,7 @@ pub mod files;
 pub mod haystack;
 pub mod ingest;
 pub mod op;
-pub mod torch;
+pub mod schemas;
 
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
 
@@ -18,31 +20,39 @@ pub use context::{Input, OpContext};
 pub use errors::OpError;
 pub use op::Op;
 
-/// Every op needle knows.
+/// The schemas of every op needle knows: what the validator and the planner read.
+///
+/// Built by calling each op's `schema` directly, never through `dyn Op`, so that a binary using
+/// only the catalog (the `needle` orchestrator) references no op body and links no libtorch:
+/// loading it costs half a second a process.
 pub struct Registry {
     schemas: Vec<OpSchema>,
-    builtins: Vec<Box<dyn Op>>,
 }
 
 impl Registry {
     pub fn new() -> Registry {
-        let builtins: Vec<Box<dyn Op>> = vec![
-            Box::new(files::Files),
-            Box::new(haystack::Haystack),
-            Box::new(ingest::Ingest),
-        ];
-        let mut schemas = vec![exec_schema()];
-        schemas.extend(builtins.iter().map(|op| op.schema()));
-        Registry { schemas, builtins }
+        Registry {
+            schemas: vec![
+                exec_schema(),
+                files::Files.schema(),
+                haystack::Haystack.schema(),
+                ingest::Ingest.schema(),
+                schemas::scorer(),
+                schemas::filter(),
+            ],
+        }
     }
+}
 
-    /// The built-in op called `name`.
-    pub fn builtin(&self, name: &str) -> Option<&dyn Op> {
-        self.builtins
-            .iter()
-            .find(|op| op.schema().name == name)
-            .map(|op| op.as_ref())
-    }
+/// The built-in op called `name` among those that need no torch (`needle_models::builtin`
+/// knows them all).
+pub fn builtin(name: &str) -> Option<Box<dyn Op>> {
+    let ops: Vec<Box<dyn Op>> = vec![
+        Box::new(files::Files),
+        Box::new(haystack::Haystack),
+        Box::new(ingest::Ingest),
+    ];
+    ops.into_iter().find(|op| op.schema().name == name)
 }
 
 impl Default for Registry {

@@ -59,9 +59,6 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Check the installation: libtorch, CUDA and GPUs, CPUs, and the store.
     Doctor(JsonArg),
-    /// Run one built-in op in this process, from the environment the runner sets (internal).
-    #[command(hide = true)]
-    Worker(WorkerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -190,10 +187,4 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
-}
-
-#[derive(Debug, Args)]
-pub struct WorkerArgs {
-    /// The built-in op to run.
-    pub op: String,
 }

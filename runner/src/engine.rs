@@ -191,9 +191,7 @@ impl Engine {
             t0: Instant::now(),
             free_slots: Vec::new(),
             programs: HashMap::new(),
-            // Should it fail (it does not on Linux), spawning `needle` from PATH is the best
-            // guess left, and a failure to spawn is the step's result.
-            worker: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("needle")),
+            worker: worker_path(),
         }
     }
 
@@ -424,7 +422,7 @@ impl Engine {
         let (cmd, program) = match node.kind {
             OpKind::Builtin => {
                 let exe = self.worker.to_string_lossy().into_owned();
-                let cmd = vec![exe, "worker".to_string(), node.op.clone()];
+                let cmd = vec![exe, node.op.clone()];
                 (cmd, Some(self.worker.clone()))
             }
             OpKind::Exec => {
@@ -713,6 +711,15 @@ fn cpu_seconds(who: i32) -> f64 {
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// `needle-worker`, beside this binary. Should that fail to resolve (it does not on Linux),
+/// the name alone leaves the search to PATH, and a failure to spawn is the step's result.
+pub fn worker_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("needle-worker")))
+        .unwrap_or_else(|| PathBuf::from("needle-worker"))
 }
 
 /// Build the run record's step list from a plan.

@@ -46,7 +46,6 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Ops(args) => commands::ops::ops(args),
         Command::Completions(args) => commands::completions::completions(args),
         Command::Doctor(args) => commands::doctor::doctor(cli, args),
-        Command::Worker(args) => commands::worker::worker(args),
     }
 }
 

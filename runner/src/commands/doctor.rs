@@ -6,8 +6,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use needle_core::store::{LockMode, Store, StoreCounts, StoreError};
-use needle_ops::torch::{self, TorchInfo};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{Cli, JsonArg};
 use crate::commands::print_json;
@@ -17,10 +16,30 @@ use crate::error::{CliError, Exit};
 #[derive(Debug, Serialize)]
 struct Report {
     needle: &'static str,
-    libtorch: TorchInfo,
+    /// What `needle-worker --torch-info` reports; `{"error": …}` when it could not.
+    libtorch: TorchReport,
     gpus: Gpus,
     cpus: usize,
     store: StoreReport,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum TorchReport {
+    Info(TorchInfo),
+    Error { error: String },
+}
+
+/// `needle_models::torch::TorchInfo`, as the worker prints it.
+#[derive(Debug, Serialize, Deserialize)]
+struct TorchInfo {
+    version: Option<String>,
+    built_against: String,
+    lib_dir: Option<String>,
+    cuda: bool,
+    cuda_devices: i64,
+    cudnn: bool,
+    threads: i32,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,7 +66,10 @@ struct StoreReport {
 pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
     let report = Report {
         needle: env!("CARGO_PKG_VERSION"),
-        libtorch: torch::info(),
+        libtorch: match torch_info() {
+            Ok(info) => TorchReport::Info(info),
+            Err(error) => TorchReport::Error { error },
+        },
         gpus: Gpus {
             nvidia_smi: nvidia_smi(),
             cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
@@ -61,6 +83,24 @@ pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         print_text(&report);
     }
     Ok(Exit::Success)
+}
+
+/// libtorch is loaded only by `needle-worker`, so ask it, as a step would find it.
+fn torch_info() -> Result<TorchInfo, String> {
+    let worker = crate::engine::worker_path();
+    let out = std::process::Command::new(&worker)
+        .arg("--torch-info")
+        .output()
+        .map_err(|e| format!("could not start `{}`: {e}", worker.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{}` failed: {}",
+            worker.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("unexpected answer from the worker: {e}"))
 }
 
 fn nvidia_smi() -> Option<Vec<String>> {
@@ -128,8 +168,15 @@ fn disk_usage(root: &Path) -> u64 {
 }
 
 fn print_text(r: &Report) {
-    let t = &r.libtorch;
     println!("needle      {}", r.needle);
+    let t = match &r.libtorch {
+        TorchReport::Info(t) => t,
+        TorchReport::Error { error: e } => {
+            println!("libtorch    not usable: {e}");
+            print_store(&r.store);
+            return;
+        }
+    };
     let version = t.version.as_deref().unwrap_or("unknown version");
     let mut libtorch = version.to_string();
     if t.version.as_deref().is_some_and(|v| v != t.built_against) {
@@ -170,8 +217,10 @@ fn print_text(r: &Report) {
         None => println!("            CUDA_VISIBLE_DEVICES is not set"),
     }
     println!("cpus        {} (torch threads: {})", r.cpus, t.threads);
+    print_store(&r.store);
+}
 
-    let s = &r.store;
+fn print_store(s: &StoreReport) {
     if !s.exists {
         println!("store       {}: none yet", s.path);
         return;

@@ -12,7 +12,6 @@ pub mod run;
 pub mod runs;
 pub mod show;
 pub mod status;
-pub mod worker;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,8 @@
 //! Find libtorch (LIBTORCH, which `.cargo/config.toml` points at the `.libtorch` link that
-//! `make build` makes) and bake its `lib/` into the rpath of this crate's test binaries, so they
-//! run without `LD_LIBRARY_PATH`. The runner's build script reads the same directory from
-//! `DEP_NEEDLE_LIBTORCH_LIB` (this crate's `links` metadata).
+//! `make build` makes) and bake its `lib/` into the rpath of `needle-worker` and this crate's
+//! test binaries, so they run without `LD_LIBRARY_PATH`. Link `libtorch_cuda` into the worker
+//! explicitly: nothing references it by symbol, so the linker would drop it and torch would
+//! never see a GPU; it loads fine on a machine without one.
 
 use std::path::PathBuf;
 
@@ -27,7 +28,10 @@ fn main() {
         lib.join("libtorch_cpu.so").display()
     );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    println!("cargo:lib={}", lib.display());
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    for arg in ["-Wl,--no-as-needed", "-ltorch_cuda", "-Wl,--as-needed"] {
+        println!("cargo:rustc-link-arg-bin=needle-worker={arg}");
+    }
 
     // The torch release this build uses, for `needle doctor`.
     let version_py = lib.join("../version.py");

@@ -20,16 +20,16 @@
 
 use std::collections::BTreeMap;
 
-use needle_core::ops::{InputSpec, InputsSchema, OpKind, OpSchema, ParamSpec, ParamType, ParamsSchema};
+use needle_core::ops::OpSchema;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::context::OpContext;
-use crate::dataset::{Dataset, DatasetWriter};
-use crate::detect;
-use crate::errors::OpError;
-use crate::op::Op;
 use crate::scorer::Scorer;
+use needle_ops::Op;
+use needle_ops::OpContext;
+use needle_ops::OpError;
+use needle_ops::dataset::{Dataset, DatasetWriter};
+use needle_ops::detect;
 
 pub struct FilterOp;
 
@@ -45,49 +45,7 @@ pub struct Stage {
 
 impl Op for FilterOp {
     fn schema(&self) -> OpSchema {
-        let p = |name, ty, default: Value, doc| ParamSpec {
-            name,
-            ty,
-            default: Some(default),
-            doc,
-        };
-        OpSchema {
-            name: "filter",
-            version: 1,
-            summary: "the Emu curation funnel: automatic filters, then simulated generalist and specialist raters",
-            kind: OpKind::Builtin,
-            params: ParamsSchema::Fixed(vec![
-                p("unsafe", ParamType::Bool, json!(true), "drop images carrying the unsafe marker"),
-                p("aesthetic_top", ParamType::Float, json!(0.3), "keep this top fraction by aesthetic score (needs input `aesthetic`; 1 keeps all)"),
-                p("overlay", ParamType::Bool, json!(true), "drop images with a text overlay band"),
-                p("agreement_min", ParamType::Float, json!(0.5), "keep captions the agreement scorer rates above this (needs input `agreement`)"),
-                p("cut", ParamType::Bool, json!(true), "drop images whose subject the frame cuts"),
-                p("per_concept", ParamType::Int, json!(0), "keep at most this many images per captioned concept, best aesthetic first (0: no cap)"),
-                p("generalists", ParamType::Int, json!(2000), "how many images the generalist raters keep (0: skip the stage)"),
-                p("generalist_noise", ParamType::Float, json!(0.12), "standard deviation of a generalist's rating error"),
-                p("specialists", ParamType::Int, json!(200), "how many images the specialists keep: the tuning set (0: skip the stage)"),
-                p("specialist_noise", ParamType::Float, json!(0.03), "standard deviation of a specialist's rating error"),
-                p("recaption", ParamType::Bool, json!(true), "specialists write a true caption for every image they keep, as the paper's did"),
-                p("seed", ParamType::Int, json!(0), "seed of the raters' errors"),
-            ]),
-            inputs: InputsSchema::Fixed(vec![
-                InputSpec {
-                    name: "data",
-                    required: true,
-                    doc: "the pool: a dataset",
-                },
-                InputSpec {
-                    name: "aesthetic",
-                    required: false,
-                    doc: "a `scorer` of kind aesthetic",
-                },
-                InputSpec {
-                    name: "agreement",
-                    required: false,
-                    doc: "a `scorer` of kind agreement",
-                },
-            ]),
-        }
+        needle_ops::schemas::filter()
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
@@ -125,7 +83,9 @@ impl Op for FilterOp {
             funnel.keep("agreement", |i| f64::from(scores[i]) > min);
         }
         if ctx.param::<bool>("cut")? {
-            funnel.keep("cut", |i| detect::subject_cut(pixels.image(i), size) <= detect::CUT_THRESHOLD);
+            funnel.keep("cut", |i| {
+                detect::subject_cut(pixels.image(i), size) <= detect::CUT_THRESHOLD
+            });
         }
         let per_concept: usize = ctx.param("per_concept")?;
         if per_concept > 0 {
@@ -302,7 +262,12 @@ fn true_captions(pool: &Dataset) -> Vec<Option<String>> {
         .collect()
 }
 
-fn write_report(ctx: &OpContext, stages: &[Stage], pool: usize, recaptioned: usize) -> Result<(), OpError> {
+fn write_report(
+    ctx: &OpContext,
+    stages: &[Stage],
+    pool: usize,
+    recaptioned: usize,
+) -> Result<(), OpError> {
     let kept = stages.last().map_or(0, |s| s.out);
     let report = json!({
         "pool": pool,
@@ -311,8 +276,11 @@ fn write_report(ctx: &OpContext, stages: &[Stage], pool: usize, recaptioned: usi
         "stages": stages,
     });
     let path = ctx.out.join("funnel.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json") + "\n")
-        .map_err(OpError::io("write", &path))?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).expect("json") + "\n",
+    )
+    .map_err(OpError::io("write", &path))?;
     let mut md = String::from("| stage | in | out | mean hidden quality |\n|---|---:|---:|---:|\n");
     for s in stages {
         md.push_str(&format!(

@@ -12,16 +12,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use needle_core::ops::{InputSpec, InputsSchema, OpKind, OpSchema, ParamSpec, ParamType, ParamsSchema};
+use needle_core::ops::OpSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use crate::context::OpContext;
-use crate::dataset::{Dataset, Pixels};
-use crate::errors::OpError;
-use crate::op::Op;
+use needle_ops::Op;
+use needle_ops::OpContext;
+use needle_ops::OpError;
+use needle_ops::dataset::{Dataset, Pixels};
 
 pub struct ScorerOp;
 
@@ -45,33 +45,7 @@ pub struct ScorerConfig {
 
 impl Op for ScorerOp {
     fn schema(&self) -> OpSchema {
-        let p = |name, ty, default: Option<serde_json::Value>, doc| ParamSpec {
-            name,
-            ty,
-            default,
-            doc,
-        };
-        OpSchema {
-            name: "scorer",
-            version: 1,
-            summary: "train an aesthetic scorer (on a rated sample) or a caption-image agreement classifier",
-            kind: OpKind::Builtin,
-            params: ParamsSchema::Fixed(vec![
-                p("kind", ParamType::Choice(&["aesthetic", "agreement"]), None, "which scorer"),
-                p("sample", ParamType::Int, Some(json!(2000)), "images drawn from the pool (20% held out for validation)"),
-                p("skip", ParamType::Int, Some(json!(0)), "images skipped first, so that scorers and judges use disjoint samples"),
-                p("steps", ParamType::Int, Some(json!(800)), "optimizer steps"),
-                p("batch", ParamType::Int, Some(json!(64)), "batch size"),
-                p("lr", ParamType::Float, Some(json!(0.002)), "Adam learning rate"),
-                p("width", ParamType::Int, Some(json!(16)), "channels of the first convolution"),
-                p("seed", ParamType::Int, Some(json!(0)), "seed of the sample, the split and the initialisation"),
-            ]),
-            inputs: InputsSchema::Fixed(vec![InputSpec {
-                name: "data",
-                required: true,
-                doc: "a dataset (for `aesthetic`, with the `rating_quality` column of its rated sample)",
-            }]),
-        }
+        needle_ops::schemas::scorer()
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
@@ -132,7 +106,8 @@ impl Op for ScorerOp {
                     let loss = pred.mse_loss(&q.index_select(0, &b), tch::Reduction::Mean);
                     opt.backward_step(&loss);
                 }
-                let pred = tch::no_grad(|| model.aesthetic(&images.index_select(0, &val_idx), false));
+                let pred =
+                    tch::no_grad(|| model.aesthetic(&images.index_select(0, &val_idx), false));
                 let truth = q.index_select(0, &val_idx);
                 let pred: Vec<f64> = Vec::<f32>::try_from(pred.to_device(Device::Cpu))
                     .map_err(|e| OpError::Failed(e.to_string()))?
@@ -151,11 +126,15 @@ impl Op for ScorerOp {
                 })
             }
             ScorerKind::Agreement => {
-                let tokens = tokenize_all(&config.vocab, subset.records().iter().map(|r| r.text.as_str()))
-                    .to_device(device);
+                let tokens = tokenize_all(
+                    &config.vocab,
+                    subset.records().iter().map(|r| r.text.as_str()),
+                )
+                .to_device(device);
                 for _ in 0..steps {
                     let b = batch_of(&train_idx, batch, device);
-                    let loss = model.contrastive_loss(&images.index_select(0, &b), &tokens.index_select(0, &b));
+                    let loss = model
+                        .contrastive_loss(&images.index_select(0, &b), &tokens.index_select(0, &b));
                     opt.backward_step(&loss);
                 }
                 let val_images = images.index_select(0, &val_idx);
@@ -202,7 +181,17 @@ impl Scorer {
     pub fn new(p: &nn::Path, c: &ScorerConfig) -> Scorer {
         let w = c.width;
         let conv = |p: nn::Path, i, o, stride| {
-            nn::conv2d(p, i, o, 3, nn::ConvConfig { stride, padding: 1, ..Default::default() })
+            nn::conv2d(
+                p,
+                i,
+                o,
+                3,
+                nn::ConvConfig {
+                    stride,
+                    padding: 1,
+                    ..Default::default()
+                },
+            )
         };
         let encoder = nn::seq()
             .add(conv(p / "conv1", 3, w, 1))
@@ -228,7 +217,12 @@ impl Scorer {
                     Default::default(),
                 );
                 let joint = nn::seq()
-                    .add(nn::linear(p / "joint1", 3 * features, features, Default::default()))
+                    .add(nn::linear(
+                        p / "joint1",
+                        3 * features,
+                        features,
+                        Default::default(),
+                    ))
                     .add_fn(|x| x.relu());
                 Scorer {
                     encoder,
@@ -242,14 +236,22 @@ impl Scorer {
 
     /// Predicted quality per image (`images`: [n, 3, h, w] in [-1, 1]).
     pub fn aesthetic(&self, images: &Tensor, _train: bool) -> Tensor {
-        self.head.forward(&self.encoder.forward(images)).squeeze_dim(-1)
+        self.head
+            .forward(&self.encoder.forward(images))
+            .squeeze_dim(-1)
     }
 
     /// Agreement logit per (image, caption tokens [n, words]) pair.
     pub fn agreement(&self, images: &Tensor, tokens: &Tensor, _train: bool) -> Tensor {
         let img = self.encoder.forward(images);
-        let words = self.words.as_ref().expect("an agreement scorer has word embeddings");
-        let joint = self.joint.as_ref().expect("an agreement scorer has a joint head");
+        let words = self
+            .words
+            .as_ref()
+            .expect("an agreement scorer has word embeddings");
+        let joint = self
+            .joint
+            .as_ref()
+            .expect("an agreement scorer has a joint head");
         // Mean of the word embeddings, padding (id 0 after the last word) included as a word.
         let cap = words.forward(tokens).mean_dim(1, false, Kind::Float);
         let x = Tensor::cat(&[&img, &cap, &(&img * &cap)], 1);
@@ -273,7 +275,10 @@ impl Scorer {
     }
 
     /// Load a trained scorer from its artifact directory.
-    pub fn load(dir: &Path, device: Device) -> Result<(Scorer, ScorerConfig, nn::VarStore), OpError> {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+    ) -> Result<(Scorer, ScorerConfig, nn::VarStore), OpError> {
         let text = std::fs::read_to_string(dir.join("config.json"))
             .map_err(OpError::io("read", dir.join("config.json")))?;
         let config: ScorerConfig = serde_json::from_str(&text)
@@ -417,7 +422,12 @@ pub fn tokenize_all<'a>(vocab: &[String], captions: impl Iterator<Item = &'a str
     Tensor::from_slice(&flat).view([n, WORDS as i64])
 }
 
-fn save(out: &Path, vs: &nn::VarStore, config: &ScorerConfig, metrics: &serde_json::Value) -> Result<(), OpError> {
+fn save(
+    out: &Path,
+    vs: &nn::VarStore,
+    config: &ScorerConfig,
+    metrics: &serde_json::Value,
+) -> Result<(), OpError> {
     vs.save(out.join("model.safetensors"))
         .map_err(|e| OpError::Failed(format!("saving the scorer: {e}")))?;
     let write = |name: &str, v: &serde_json::Value| {
@@ -469,6 +479,11 @@ pub fn auc(scores: &[f32], labels: &[bool]) -> f64 {
     if pos == 0.0 || neg == 0.0 {
         return 0.5;
     }
-    let rank_sum: f64 = r.iter().zip(labels).filter(|(_, l)| **l).map(|(r, _)| r + 1.0).sum();
+    let rank_sum: f64 = r
+        .iter()
+        .zip(labels)
+        .filter(|(_, l)| **l)
+        .map(|(r, _)| r + 1.0)
+        .sum();
     (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
 }

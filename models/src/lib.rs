@@ -1,0 +1,46 @@
+//! needle's ops built on tch: the funnel's scorers and filter, and (as they land) the
+//! generative models. Everything here runs inside `needle-worker`, the one binary that links
+//! libtorch; the orchestrator knows these ops only by their schemas (`needle_ops::schemas`).
+
+pub mod filter;
+pub mod scorer;
+pub mod torch;
+
+use needle_ops::{Op, OpContext};
+
+/// The built-in op called `name`, to run: every built-in, with or without torch.
+pub fn builtin(name: &str) -> Option<Box<dyn Op>> {
+    let ops: Vec<Box<dyn Op>> = vec![Box::new(scorer::ScorerOp), Box::new(filter::FilterOp)];
+    ops.into_iter()
+        .find(|op| op.schema().name == name)
+        .or_else(|| needle_ops::builtin(name))
+}
+
+/// The device a step runs on: the first GPU the runner gave it when torch can use it, else the
+/// CPU. The runner sets `CUDA_VISIBLE_DEVICES` to the step's GPUs, so that GPU is CUDA device 0.
+pub fn device(ctx: &OpContext) -> tch::Device {
+    if !ctx.gpus.is_empty() && tch::Cuda::is_available() {
+        tch::Device::Cuda(0)
+    } else {
+        tch::Device::Cpu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use needle_core::ops::{OpCatalog, OpKind};
+
+    use super::*;
+
+    #[test]
+    fn every_builtin_in_the_catalog_has_a_body() {
+        let catalog = needle_ops::Registry::new();
+        for schema in catalog.all() {
+            if schema.kind == OpKind::Builtin {
+                let op = builtin(schema.name).expect("a body for every built-in schema");
+                assert_eq!(op.schema().name, schema.name);
+                assert_eq!(op.schema().version, schema.version);
+            }
+        }
+    }
+}
