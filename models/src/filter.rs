@@ -28,6 +28,7 @@ use crate::scorer::Scorer;
 use needle_ops::Op;
 use needle_ops::OpContext;
 use needle_ops::OpError;
+use needle_ops::SUMMARY;
 use needle_ops::dataset::{Dataset, DatasetWriter};
 use needle_ops::detect;
 
@@ -281,13 +282,16 @@ fn write_report(
         serde_json::to_string_pretty(&report).expect("json") + "\n",
     )
     .map_err(OpError::io("write", &path))?;
-    let mut md = String::from("| stage | in | out | mean hidden quality |\n|---|---:|---:|---:|\n");
+    let mut md = format!(
+        "Kept {kept} of {pool} images ({recaptioned} recaptioned by the specialists).\n\n\
+         | stage | in | out | mean hidden quality |\n|---|---:|---:|---:|\n"
+    );
     for s in stages {
         md.push_str(&format!(
             "| {} | {} | {} | {:.3} |\n",
             s.stage, s.r#in, s.out, s.mean_quality
         ));
     }
-    let path = ctx.out.join("funnel.md");
+    let path = ctx.out.join(SUMMARY);
     std::fs::write(&path, md).map_err(OpError::io("write", &path))
 }

@@ -436,7 +436,15 @@ fn save(
             .map_err(OpError::io("write", path))
     };
     write("config.json", &serde_json::to_value(config).expect("json"))?;
-    write("metrics.json", metrics)
+    write("metrics.json", metrics)?;
+    let mut md = format!("{:?} scorer, validation metrics:\n\n", config.kind).to_lowercase();
+    if let Some(m) = metrics.as_object() {
+        for (k, v) in m {
+            md.push_str(&format!("- {k}: {v}\n"));
+        }
+    }
+    let path = out.join(needle_ops::SUMMARY);
+    std::fs::write(&path, md).map_err(OpError::io("write", path))
 }
 
 pub fn mean(v: &[f32]) -> f64 {

@@ -86,6 +86,32 @@ impl OpContext {
         })
     }
 
+    /// A context outside any run, for calling an op directly (tests, notebooks): the schema's
+    /// defaults overridden by `params` (a JSON object), no inputs, one CPU, no GPU, seed 7.
+    pub fn standalone(schema: &OpSchema, params: Value, out: &Path) -> OpContext {
+        let mut all = BTreeMap::new();
+        if let needle_core::ops::ParamsSchema::Fixed(specs) = &schema.params {
+            for spec in specs {
+                if let Some(default) = &spec.default {
+                    all.insert(spec.name.to_string(), default.clone());
+                }
+            }
+        }
+        if let Value::Object(given) = params {
+            all.extend(given);
+        }
+        OpContext {
+            op: schema.name.to_string(),
+            params: all,
+            inputs: BTreeMap::new(),
+            out: out.to_path_buf(),
+            seed: 7,
+            cpus: 1,
+            gpus: Vec::new(),
+            recipe_dir: PathBuf::new(),
+        }
+    }
+
     /// A param, deserialised; the recipe validator already checked its type.
     pub fn param<T: DeserializeOwned>(&self, name: &str) -> Result<T, OpError> {
         let v = self.params.get(name).ok_or_else(|| OpError::Param {

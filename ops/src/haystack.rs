@@ -15,7 +15,8 @@
 //! | `rating_clutter`      | several distractor blobs, some in front | none                                      |
 //! | `rating_composition`  | cut off by the frame                  | on a rule-of-thirds point, fully visible    |
 //!
-//! Like web data, a share of captions is wrong (`wrong_captions`), a share carries a text
+//! Like web data, and mostly on its poorer images, a share of captions is wrong
+//! (`wrong_captions`), a share carries a text
 //! overlay band (`overlay`, what an OCR filter catches) and a share an "unsafe" marker
 //! (`unsafe`: a magenta-and-black checkerboard patch). All of it is recorded as hidden
 //! `rating_*` columns; observable are only `file_name` and `text`.
@@ -232,7 +233,7 @@ pub fn sample_spec(p: &HaystackParams, index: usize) -> ImageSpec {
     let shape = rng.random_range(0..SHAPES.len());
     let colour = rng.random_range(0..COLOURS.len());
     let (mut caption_shape, mut caption_colour) = (shape, colour);
-    if rng.random_bool(p.wrong_captions) {
+    if rng.random_bool(web_flaw(p.wrong_captions, quality)) {
         // Wrong in the shape, the colour, or both, with equal odds.
         let what = rng.random_range(0..3);
         if what != 1 {
@@ -242,8 +243,8 @@ pub fn sample_spec(p: &HaystackParams, index: usize) -> ImageSpec {
             caption_colour = (colour + rng.random_range(1..COLOURS.len())) % COLOURS.len();
         }
     }
-    let overlay = rng.random_bool(p.overlay);
-    let unsafe_marker = rng.random_bool(p.unsafe_share);
+    let overlay = rng.random_bool(web_flaw(p.overlay, quality));
+    let unsafe_marker = rng.random_bool(web_flaw(p.unsafe_share, quality));
     let layout_seed = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
     ImageSpec {
         index,
@@ -257,6 +258,16 @@ pub fn sample_spec(p: &HaystackParams, index: usize) -> ImageSpec {
         unsafe_marker,
         layout_seed,
     }
+}
+
+/// The chance that an image of quality `q` carries a flaw whose share over the pool is
+/// `share`. As on the web, the flaws gather on poor images (a careless caption, burnt-in text,
+/// spam go with careless pictures): the chance falls linearly with quality,
+/// `s + s (1 − s) ((1 − q) − 0.6) / 0.6`. Since `E[1 − q] = 0.6` under Beta(2, 3) the share over
+/// the pool stays `s`, and the chance stays within [0, 1], exactly 0 or 1 when `s` is.
+fn web_flaw(share: f64, q: f64) -> f64 {
+    let tilt = ((1.0 - q) - 0.6) / 0.6;
+    (share + share * (1.0 - share) * tilt).clamp(0.0, 1.0)
 }
 
 fn round4(x: f64) -> f64 {
@@ -701,6 +712,21 @@ pub fn generate(
     let mut text = serde_json::to_string_pretty(&summary).expect("summary serialises");
     text.push('\n');
     std::fs::write(&path, text).map_err(OpError::io("write", &path))?;
+    let md = format!(
+        "{} images of {}×{} (seed {}): mean hidden quality {:.3}, {:.1}% above {NEEDLE_QUALITY}; \
+         {} wrong captions, {} text overlays, {} unsafe markers.\n",
+        summary.images,
+        summary.size,
+        summary.size,
+        summary.seed,
+        summary.mean_quality,
+        100.0 * summary.share_needles,
+        summary.wrong_captions,
+        summary.overlays,
+        summary.unsafe_markers,
+    );
+    let path = out.join(crate::SUMMARY);
+    std::fs::write(&path, md).map_err(OpError::io("write", &path))?;
     Ok(summary)
 }
 
@@ -714,7 +740,7 @@ impl Op for Haystack {
         };
         OpSchema {
             name: "haystack",
-            version: 1,
+            version: 2,
             summary: "procedural captioned images with hidden quality ratings: the pre-training \
                       haystack and its photogenic needles",
             kind: OpKind::Builtin,

@@ -467,7 +467,7 @@ impl Op for Ingest {
     fn schema(&self) -> OpSchema {
         OpSchema {
             name: "ingest",
-            version: 1,
+            version: 2,
             summary: "import a folder of real images (an image-folder dataset, or images with \
                       .txt captions) as a dataset",
             kind: OpKind::Builtin,
@@ -505,6 +505,31 @@ impl Op for Ingest {
         let mut text = serde_json::to_string_pretty(&summary).expect("summary serialises");
         text.push('\n');
         fs::write(&path, text).map_err(OpError::io("write", &path))?;
+        let path = ctx.out.join(crate::SUMMARY);
+        fs::write(&path, summary.markdown()).map_err(OpError::io("write", &path))?;
         Ok(())
+    }
+}
+
+impl IngestSummary {
+    /// What `needle show` prints: the counts, and the first skipped files with their reasons.
+    pub fn markdown(&self) -> String {
+        let mut md = format!(
+            "Imported {} of {} images ({:?} layout); skipped {}.\n",
+            self.imported, self.found, self.layout, self.skipped
+        );
+        for (kind, n) in &self.skipped_by_kind {
+            md.push_str(&format!("- {kind:?}: {n}\n"));
+        }
+        for s in self.skipped_files.iter().take(10) {
+            md.push_str(&format!("  - `{}`: {}\n", s.file, s.reason));
+        }
+        if self.skipped_files.len() > 10 {
+            md.push_str(&format!(
+                "  - … {} more in ingest.json\n",
+                self.skipped_files.len() - 10
+            ));
+        }
+        md
     }
 }

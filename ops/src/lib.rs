@@ -17,6 +17,10 @@ pub mod schemas;
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
 
 pub use context::{Input, OpContext};
+
+/// An op may write a short Markdown summary of its output under this name; `needle show`
+/// prints it (the funnel table of `filter`, a scorer's validation metrics…).
+pub const SUMMARY: &str = "summary.md";
 pub use errors::OpError;
 pub use op::Op;
 

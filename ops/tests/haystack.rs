@@ -38,7 +38,11 @@ fn same_params_same_bytes_whatever_the_threads() {
     run(json!({"images": 200, "seed": 3}), &a, 1).unwrap();
     run(json!({"images": 200, "seed": 3}), &b, 4).unwrap();
     let (a, b) = (common::snapshot(&a), common::snapshot(&b));
-    assert_eq!(a.len(), 200 + 2);
+    assert_eq!(
+        a.len(),
+        200 + 3,
+        "images, metadata.jsonl, haystack.json, summary.md"
+    );
     assert!(a == b, "two runs of the same params differ");
 
     run(json!({"images": 200, "seed": 4}), &c, 2).unwrap();
@@ -85,6 +89,13 @@ fn web_flaws_come_at_the_asked_rates() {
     });
     assert!((0.08..0.12).contains(&shape_only), "{shape_only}");
     assert!((0.08..0.12).contains(&both), "{both}");
+    // Flaws gather on poor images, as on the web.
+    let poor: Vec<_> = s.iter().filter(|s| s.quality < 0.3).collect();
+    let good: Vec<_> = s.iter().filter(|s| s.quality > 0.6).collect();
+    let wrong_share = |set: &[&ImageSpec]| {
+        set.iter().filter(|s| !s.caption_correct()).count() as f64 / set.len() as f64
+    };
+    assert!(wrong_share(&poor) > wrong_share(&good) + 0.1);
 
     let p = HaystackParams {
         wrong_captions: 0.0,
@@ -221,7 +232,7 @@ fn bad_params_are_refused() {
 #[test]
 fn schema_defaults_are_the_params_defaults() {
     let schema = Haystack.schema();
-    assert_eq!((schema.name, schema.version), ("haystack", 1));
+    assert_eq!((schema.name, schema.version), ("haystack", 2));
     let ParamsSchema::Fixed(specs) = &schema.params else {
         panic!("fixed params")
     };

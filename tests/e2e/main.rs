@@ -4,6 +4,7 @@
 mod common;
 
 mod builtin;
+mod curation;
 mod doctor;
 mod errors;
 mod exec_env;

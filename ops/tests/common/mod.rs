@@ -4,37 +4,17 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use needle_core::ops::ParamsSchema;
 use needle_ops::{Op, OpContext};
 use serde_json::Value;
 
 /// A context for `op` writing into `out`, its params the schema's defaults overridden by
 /// `params` (a JSON object).
 pub fn context(op: &dyn Op, params: Value, out: &Path, cpus: u32) -> OpContext {
-    let schema = op.schema();
-    let mut all = BTreeMap::new();
-    if let ParamsSchema::Fixed(specs) = &schema.params {
-        for spec in specs {
-            if let Some(default) = &spec.default {
-                all.insert(spec.name.to_string(), default.clone());
-            }
-        }
-    }
-    for (k, v) in params.as_object().expect("params are a JSON object") {
-        all.insert(k.clone(), v.clone());
-    }
-    OpContext {
-        op: schema.name.to_string(),
-        params: all,
-        inputs: BTreeMap::new(),
-        out: out.to_path_buf(),
-        seed: 7,
-        cpus,
-        gpus: Vec::new(),
-        recipe_dir: PathBuf::new(),
-    }
+    let mut ctx = OpContext::standalone(&op.schema(), params, out);
+    ctx.cpus = cpus;
+    ctx
 }
 
 /// Every file under `dir`, relative path → bytes.

@@ -109,6 +109,9 @@ fn show_step(
         rec.output,
         human_bytes(size)
     );
+    if let Some(text) = manifest.as_ref().and_then(|m| summary_of(store, m)) {
+        print_summary(&text);
+    }
     println!("executions");
     for e in &rec.executions {
         let gpus = if e.gpus.is_empty() {
@@ -188,6 +191,7 @@ fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, 
             "producer": made.as_ref().map(|r| r.key),
             "consumers": readers,
             "view": store.view(a)?,
+            "summary": summary_of(store, &manifest),
         }));
         return Ok(Exit::Success);
     }
@@ -208,6 +212,9 @@ fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, 
             }
         }
     }
+    if let Some(text) = summary_of(store, &manifest) {
+        print_summary(&text);
+    }
     println!("files    (at {})", store.view(a)?.display());
     for e in manifest.entries.iter().take(200) {
         match &e.kind {
@@ -226,6 +233,28 @@ fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, 
         println!("  … {} more", manifest.entries.len() - 200);
     }
     Ok(Exit::Success)
+}
+
+/// The op's own summary of an output (`summary.md`), if it wrote a short one.
+fn summary_of(store: &Store, manifest: &needle_core::store::Manifest) -> Option<String> {
+    const MAX: u64 = 64 * 1024;
+    let entry = manifest
+        .entries
+        .iter()
+        .find(|e| e.path == needle_ops::SUMMARY)?;
+    match &entry.kind {
+        EntryKind::File { blob, size, .. } if *size <= MAX => {
+            std::fs::read_to_string(store.blob_path(blob)).ok()
+        }
+        _ => None,
+    }
+}
+
+fn print_summary(text: &str) {
+    println!("summary");
+    for line in text.lines() {
+        println!("  {line}");
+    }
 }
 
 fn made_by(store: &Store, a: &ArtifactDigest) -> Result<String, CliError> {
