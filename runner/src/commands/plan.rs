@@ -180,7 +180,7 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
 /// "once for all 6 arms", "each by 2 arms", "one per arm".
 fn sharing(plan: &Plan, nodes: &[usize]) -> String {
     let arms = plan.arms.len();
-    if nodes.is_empty() {
+    if nodes.is_empty() || arms < 2 {
         return String::new();
     }
     let sizes: Vec<usize> = nodes.iter().map(|&i| plan.nodes[i].arms.len()).collect();
