@@ -6,7 +6,9 @@ use std::time::Instant;
 use needle_ops::dataset::Dataset;
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: load_tensor DATASET_DIR");
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: load_tensor DATASET_DIR");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t0 = Instant::now();
     let data = Dataset::open(&dir).expect("a dataset");

@@ -36,6 +36,29 @@ pub struct OpContext {
     pub gpus: Vec<String>,
     /// The recipe's directory: relative `path` params resolve against it.
     pub recipe_dir: PathBuf,
+    /// A directory that survives this step's failed or interrupted attempts and is removed once
+    /// it succeeds (`NEEDLE_RESUME`): a long op keeps checkpoints here and, on its next attempt,
+    /// resumes from the last one instead of starting over. What it resumes must lead to the
+    /// same output as an uninterrupted run (save the random state with the weights).
+    pub resume: Option<PathBuf>,
+    /// Where progress lines go (`NEEDLE_PROGRESS`), read by the runner's live display.
+    pub progress: Option<PathBuf>,
+}
+
+/// One line of progress, as [`OpContext::report`] writes it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Work done so far, in `unit`s, and the total when known.
+    pub done: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// What `done` counts (`step`, `image`…).
+    pub unit: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Throughput, items per second (`images/s` for training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 impl OpContext {
@@ -83,6 +106,8 @@ impl OpContext {
             recipe_dir: std::env::var("NEEDLE_RECIPE_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_default(),
+            resume: std::env::var_os("NEEDLE_RESUME").map(PathBuf::from),
+            progress: std::env::var_os("NEEDLE_PROGRESS").map(PathBuf::from),
         })
     }
 
@@ -109,6 +134,26 @@ impl OpContext {
             cpus: 1,
             gpus: Vec::new(),
             recipe_dir: PathBuf::new(),
+            resume: None,
+            progress: None,
+        }
+    }
+
+    /// Tell the runner how far the op is (a line appended to `NEEDLE_PROGRESS`; nothing
+    /// outside a run). Cheap enough to call every few hundred milliseconds; never fails the op.
+    pub fn report(&self, p: &Progress) {
+        use std::io::Write;
+        let Some(path) = &self.progress else {
+            return;
+        };
+        let mut line = serde_json::to_string(p).expect("progress serialises");
+        line.push('\n');
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
+            let _ = f.write_all(line.as_bytes());
         }
     }
 

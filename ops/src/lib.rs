@@ -16,7 +16,7 @@ pub mod schemas;
 
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
 
-pub use context::{Input, OpContext};
+pub use context::{Input, OpContext, Progress};
 
 /// An op may write a short Markdown summary of its output under this name; `needle show`
 /// prints it (the funnel table of `filter`, a scorer's validation metrics…).
