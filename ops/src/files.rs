@@ -105,16 +105,9 @@ mod tests {
     use super::*;
 
     fn ctx(recipe_dir: &Path, path: &str, out: &Path) -> OpContext {
-        OpContext {
-            op: "files".into(),
-            params: BTreeMap::from([("path".to_string(), json!(path))]),
-            inputs: BTreeMap::new(),
-            out: out.to_path_buf(),
-            seed: 1,
-            cpus: 1,
-            gpus: Vec::new(),
-            recipe_dir: recipe_dir.to_path_buf(),
-        }
+        let mut ctx = OpContext::standalone(&Files.schema(), json!({ "path": path }), out);
+        ctx.recipe_dir = recipe_dir.to_path_buf();
+        ctx
     }
 
     /// Relative path → contents ("<dir>" for a directory), of everything under `dir`.

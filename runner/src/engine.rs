@@ -32,7 +32,7 @@ use needle_core::store::{
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::executor::{self, AttemptEnd, AttemptSpec, InputArtifacts};
-use crate::progress::Progress;
+use crate::progress::{Progress, RunningStep};
 use crate::scheduler::{Grant, Pool, ReadyQueue, Shape};
 
 /// What reaches the loop from outside.
@@ -88,6 +88,8 @@ struct Running {
     pid: Option<u32>,
     grant: Grant,
     started: Instant,
+    /// Its staging slot, where its progress lines are.
+    slot: PathBuf,
 }
 
 pub struct Engine {
@@ -436,6 +438,17 @@ impl Engine {
                 (cmd, program)
             }
         };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => match executor::new_slot(&self.store) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    self.pool.give_back(&grant);
+                    self.fail(i, format!("could not prepare a staging directory: {e}"));
+                    return;
+                }
+            },
+        };
         let attempt_spec = AttemptSpec {
             node: i,
             key,
@@ -444,7 +457,7 @@ impl Engine {
             step_name: node.name.clone(),
             cmd,
             program,
-            slot: self.free_slots.pop(),
+            slot: slot.clone(),
             code: node.code.iter().map(|(p, d)| (p.clone(), *d)).collect(),
             inputs,
             params: node.params.clone(),
@@ -468,6 +481,7 @@ impl Engine {
                 pid: None,
                 grant,
                 started: Instant::now(),
+                slot,
             },
         );
         self.progress.started(&self.record.steps[i], attempt);
@@ -639,10 +653,14 @@ impl Engine {
     }
 
     fn update_progress(&mut self) {
-        let running: Vec<(String, Duration)> = self
+        let running: Vec<RunningStep> = self
             .running
             .iter()
-            .map(|(&i, r)| (self.plan.nodes[i].display_name(), r.started.elapsed()))
+            .map(|(&i, r)| RunningStep {
+                name: self.plan.nodes[i].display_name(),
+                elapsed: r.started.elapsed(),
+                progress: executor::last_progress(&r.slot),
+            })
             .collect();
         self.progress.update(&self.counts(), &running);
     }
@@ -833,7 +851,15 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
         "commit"
     );
     match committed {
-        Ok(()) => results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o)))),
+        Ok(()) => {
+            // What the steps kept to resume from is of no use now.
+            for job in &batch {
+                if let Err(e) = store.drop_resume(&job.key) {
+                    tracing::warn!("could not remove the resume directory of {}: {e}", job.key);
+                }
+            }
+            results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o))))
+        }
         Err(e) => {
             let msg = error_chain(&e);
             results.extend(

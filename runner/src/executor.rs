@@ -44,9 +44,8 @@ pub struct AttemptSpec {
     /// Where the log goes under the store root, if the attempt writes any.
     pub log_rel: String,
     pub recipe_dir: PathBuf,
-    /// A clean staging slot from an earlier attempt (`out/` and `work/` empty), or `None` to
-    /// make a new one.
-    pub slot: Option<PathBuf>,
+    /// A clean staging slot (`out/` and `work/` empty): see [`new_slot`], [`clean_slot`].
+    pub slot: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -206,17 +205,14 @@ fn prepare(
     spec: &AttemptSpec,
 ) -> Result<(PathBuf, tokio::process::Command), String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
-    let staging = match &spec.slot {
-        Some(slot) => slot.clone(),
-        None => {
-            let staging = store.new_staging().map_err(|e| e.to_string())?;
-            for sub in ["out", "work"] {
-                let dir = staging.join(sub);
-                fs::create_dir(&dir).map_err(|e| io("could not create", &dir, e))?;
-            }
-            staging
-        }
-    };
+    let staging = spec.slot.clone();
+    let progress = staging.join(PROGRESS);
+    // A previous attempt's progress must not show as this one's.
+    if let Err(e) = fs::remove_file(&progress)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(io("could not remove", &progress, e));
+    }
     let out = staging.join("out");
     let work = staging.join("work");
 
@@ -269,10 +265,8 @@ fn prepare(
         .process_group(0)
         .kill_on_drop(true);
 
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("NEEDLE_")) {
-            cmd.env_remove(&k);
-        }
+    for k in inherited_needle_vars() {
+        cmd.env_remove(k);
     }
     let mut inputs_json = serde_json::Map::new();
     for (name, input) in &spec.inputs {
@@ -318,10 +312,51 @@ fn prepare(
         .env("NEEDLE_RUN", spec.run.to_string())
         .env("NEEDLE_ATTEMPT", spec.attempt.to_string())
         .env("NEEDLE_RECIPE_DIR", &spec.recipe_dir)
+        .env("NEEDLE_PROGRESS", &progress)
+        .env("NEEDLE_RESUME", store.resume_path(&spec.key))
         .env("NEEDLE_CPUS", spec.grant.cpus.to_string())
         .env("OMP_NUM_THREADS", spec.grant.cpus.to_string())
         .env("CUDA_VISIBLE_DEVICES", gpus.join(","));
     Ok((staging, cmd))
+}
+
+/// The file in a slot where the step's progress lines go (`NEEDLE_PROGRESS`).
+pub const PROGRESS: &str = "progress";
+
+/// A new staging slot: `out/` and `work/` under a fresh directory in `staging/`.
+pub fn new_slot(store: &Store) -> Result<PathBuf, String> {
+    let slot = store.new_staging().map_err(|e| e.to_string())?;
+    for sub in ["out", "work"] {
+        let dir = slot.join(sub);
+        fs::create_dir(&dir).map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
+    }
+    Ok(slot)
+}
+
+/// The last progress line a running step wrote, if any. Reads only the file's tail.
+pub fn last_progress(slot: &Path) -> Option<needle_ops::Progress> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(slot.join(PROGRESS)).ok()?;
+    let len = f.metadata().ok()?.len();
+    let from = len.saturating_sub(1024);
+    f.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).ok()?;
+    tail.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+}
+
+/// The runner's own `NEEDLE_*` variables, which steps must not inherit (a step gets its own),
+/// read once: scanning the environment per spawn costs an allocation per variable.
+fn inherited_needle_vars() -> &'static [std::ffi::OsString] {
+    static VARS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+    VARS.get_or_init(|| {
+        std::env::vars_os()
+            .map(|(k, _)| k)
+            .filter(|k| k.to_str().is_some_and(|k| k.starts_with("NEEDLE_")))
+            .collect()
+    })
 }
 
 /// Longest `NEEDLE_INPUTS` passed as it is: Linux refuses a single environment string over

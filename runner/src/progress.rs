@@ -21,6 +21,38 @@ macro_rules! say {
     }};
 }
 
+/// A running step as the display shows it.
+#[derive(Debug, Clone)]
+pub struct RunningStep {
+    pub name: String,
+    pub elapsed: Duration,
+    /// The last progress line it wrote (`NEEDLE_PROGRESS`), if any.
+    pub progress: Option<needle_ops::Progress>,
+}
+
+impl RunningStep {
+    /// `pretrain 1m02s 1200/3000 step · loss 0.0431 · 812/s`
+    fn describe(&self) -> String {
+        let mut s = format!("{} {}", self.name, fmt_ms(self.elapsed.as_millis() as u64));
+        if let Some(p) = &self.progress {
+            match p.total {
+                Some(total) => s.push_str(&format!(" {}/{total} {}", p.done, p.unit)),
+                None => s.push_str(&format!(" {} {}", p.done, p.unit)),
+            }
+            if let Some(loss) = p.loss {
+                s.push_str(&format!(" · loss {loss:.4}"));
+            }
+            if let Some(rate) = p.rate {
+                s.push_str(&format!(" · {rate:.0}/s"));
+            }
+        }
+        s
+    }
+}
+
+/// Plain output repeats a running step's progress this often.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(15);
+
 /// A step still running after this long gets a line saying so (plain output).
 const ANNOUNCE_AFTER: Duration = Duration::from_secs(2);
 
@@ -33,7 +65,7 @@ pub trait Progress: Send {
     fn interrupted(&mut self, count: u32, running: usize);
     /// A line of its own (e.g. how many steps a failure skipped).
     fn note(&mut self, text: &str);
-    fn update(&mut self, counts: &RunOutcome, running: &[(String, Duration)]);
+    fn update(&mut self, counts: &RunOutcome, running: &[RunningStep]);
     fn done(&mut self, outcome: &RunOutcome);
 }
 
@@ -89,8 +121,8 @@ fn retry_text(step: &RunStep, result: &AttemptResult, delay: Duration, log: &[St
 struct Plain {
     total: usize,
     finished: usize,
-    /// Running steps already announced as still running.
-    announced: std::collections::HashSet<String>,
+    /// Running steps announced as still running, and when last.
+    announced: std::collections::HashMap<String, std::time::Instant>,
 }
 
 impl Progress for Plain {
@@ -146,10 +178,20 @@ impl Progress for Plain {
         say!("{text}");
     }
 
-    fn update(&mut self, _counts: &RunOutcome, running: &[(String, Duration)]) {
-        for (name, elapsed) in running {
-            if *elapsed >= ANNOUNCE_AFTER && self.announced.insert(name.clone()) {
-                say!("running {name}");
+    fn update(&mut self, _counts: &RunOutcome, running: &[RunningStep]) {
+        for r in running {
+            if r.elapsed < ANNOUNCE_AFTER {
+                continue;
+            }
+            // Announced once; then, for steps that report progress, a line every so often.
+            let due = match self.announced.get(&r.name) {
+                None => true,
+                Some(last) => r.progress.is_some() && last.elapsed() >= PLAIN_PROGRESS_EVERY,
+            };
+            if due {
+                self.announced
+                    .insert(r.name.clone(), std::time::Instant::now());
+                say!("running {}", r.describe());
             }
         }
     }
@@ -216,7 +258,7 @@ impl Progress for Live {
         self.bar.println(text);
     }
 
-    fn update(&mut self, c: &RunOutcome, running: &[(String, Duration)]) {
+    fn update(&mut self, c: &RunOutcome, running: &[RunningStep]) {
         let mut msg = format!(
             "done {} · cached {} · running {} · failed {}",
             c.executed,
@@ -227,13 +269,9 @@ impl Progress for Live {
         if c.skipped > 0 {
             msg.push_str(&format!(" · skipped {}", c.skipped));
         }
-        let mut longest: Vec<&(String, Duration)> = running.iter().collect();
-        longest.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
-        let names: Vec<String> = longest
-            .iter()
-            .take(3)
-            .map(|(n, d)| format!("{n} {}", fmt_ms(d.as_millis() as u64)))
-            .collect();
+        let mut longest: Vec<&RunningStep> = running.iter().collect();
+        longest.sort_by_key(|r| std::cmp::Reverse(r.elapsed));
+        let names: Vec<String> = longest.iter().take(3).map(|r| r.describe()).collect();
         if !names.is_empty() {
             msg.push_str(" │ ");
             msg.push_str(&names.join(", "));

@@ -11,5 +11,6 @@ mod exec_env;
 mod failures;
 mod lineage;
 mod resources;
+mod resume;
 mod snapshots;
 mod sweep;

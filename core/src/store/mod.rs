@@ -9,6 +9,8 @@
 //!   staging/<n>/            a step's private dirs; absorbed into blobs/, then removed
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
 //!   logs/ab/<step-key>.<run>-<attempt>.log
+//!   resume/<step-key>/      what a step keeps across its failed attempts (checkpoints); removed
+//!                           once it succeeds
 //! ```
 //!
 //! **Invariant: no record ever points at a blob that is not whole.** Commit order is: blob
@@ -234,6 +236,18 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where step `key` may keep what should survive a failed or interrupted attempt (a
+    /// training checkpoint to resume from): `resume/<key>/`, created by the step if it wants
+    /// it, removed by [`Store::drop_resume`] once the step's output is committed.
+    pub fn resume_path(&self, key: &StepKey) -> PathBuf {
+        self.root.join("resume").join(key.hex())
+    }
+
+    /// Forget what step `key` kept to resume from (it succeeded).
+    pub fn drop_resume(&self, key: &StepKey) -> Result<(), StoreError> {
+        fsutil::remove_tree(&self.resume_path(key))
     }
 
     /// A new empty private directory under `staging/`.
