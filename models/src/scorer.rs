@@ -52,11 +52,13 @@ impl Op for ScorerOp {
         let kind: ScorerKind = ctx.param("kind")?;
         let sample: usize = ctx.param("sample")?;
         let skip: usize = ctx.param("skip")?;
-        let steps: i64 = ctx.param("steps")?;
-        let batch: i64 = ctx.param("batch")?;
-        let lr: f64 = ctx.param("lr")?;
-        let width: i64 = ctx.param("width")?;
         let seed: i64 = ctx.param("seed")?;
+        let training = Training {
+            steps: ctx.param("steps")?,
+            batch: ctx.param("batch")?,
+            lr: ctx.param("lr")?,
+            width: ctx.param("width")?,
+        };
         let device = crate::device(ctx);
         tch::manual_seed(seed);
 
@@ -69,103 +71,125 @@ impl Op for ScorerOp {
             )));
         }
         let subset = data.select(&chosen);
-        let pixels = subset.load_pixels(ctx.cpus as usize)?;
-        let images = to_tensor(&pixels, device);
-        let n = chosen.len() as i64;
-        let n_val = (n / 5).max(2);
-        let (val_idx, train_idx) = split(n, n_val, device);
-
-        let vs = nn::VarStore::new(device);
-        let config = match kind {
-            ScorerKind::Aesthetic => ScorerConfig {
-                kind,
-                size: pixels.height as i64,
-                width,
-                vocab: Vec::new(),
-            },
-            ScorerKind::Agreement => ScorerConfig {
-                kind,
-                size: pixels.height as i64,
-                width,
-                vocab: vocabulary(subset.records().iter().map(|r| r.text.as_str())),
-            },
-        };
-        let model = Scorer::new(&vs.root(), &config);
-        let mut opt = nn::Adam::default()
-            .build(&vs, lr)
-            .map_err(|e| OpError::Failed(format!("optimizer: {e}")))?;
-
-        let metrics = match kind {
-            ScorerKind::Aesthetic => {
-                let q = Tensor::from_slice(&subset.ratings("quality")?)
-                    .to_kind(Kind::Float)
-                    .to_device(device);
-                for _ in 0..steps {
-                    let b = batch_of(&train_idx, batch, device);
-                    let pred = model.aesthetic(&images.index_select(0, &b), true);
-                    let loss = pred.mse_loss(&q.index_select(0, &b), tch::Reduction::Mean);
-                    opt.backward_step(&loss);
-                }
-                let pred =
-                    tch::no_grad(|| model.aesthetic(&images.index_select(0, &val_idx), false));
-                let truth = q.index_select(0, &val_idx);
-                let pred: Vec<f64> = Vec::<f32>::try_from(pred.to_device(Device::Cpu))
-                    .map_err(|e| OpError::Failed(e.to_string()))?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                let truth: Vec<f64> = Vec::<f32>::try_from(truth.to_device(Device::Cpu))
-                    .map_err(|e| OpError::Failed(e.to_string()))?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                json!({
-                    "validation_images": n_val,
-                    "pearson": pearson(&pred, &truth),
-                    "spearman": spearman(&pred, &truth),
-                })
-            }
-            ScorerKind::Agreement => {
-                let tokens = tokenize_all(
-                    &config.vocab,
-                    subset.records().iter().map(|r| r.text.as_str()),
-                )
-                .to_device(device);
-                for _ in 0..steps {
-                    let b = batch_of(&train_idx, batch, device);
-                    let loss = model
-                        .contrastive_loss(&images.index_select(0, &b), &tokens.index_select(0, &b));
-                    opt.backward_step(&loss);
-                }
-                let val_images = images.index_select(0, &val_idx);
-                let val_tokens = tokens.index_select(0, &val_idx);
-                let (pos, neg) = tch::no_grad(|| {
-                    let shuffled = val_tokens.roll(1, 0);
-                    (
-                        model.agreement(&val_images, &val_tokens, false).sigmoid(),
-                        model.agreement(&val_images, &shuffled, false).sigmoid(),
-                    )
-                });
-                let pos = to_vec(&pos)?;
-                let neg = to_vec(&neg)?;
-                // Report only: how well the score finds the captions the data got right.
-                let correct = subset.ratings("caption_correct").ok().map(|c| {
-                    let val: Vec<usize> = to_indices(&val_idx);
-                    let labels: Vec<bool> = val.iter().map(|&i| c[i] > 0.5).collect();
-                    auc(&pos, &labels)
-                });
-                json!({
-                    "validation_images": n_val,
-                    "pair_accuracy": pos.iter().zip(&neg).filter(|(p, n)| p > n).count() as f64 / pos.len() as f64,
-                    "mean_score_own_caption": mean(&pos),
-                    "mean_score_other_caption": mean(&neg),
-                    "auc_caption_correct": correct,
-                })
-            }
-        };
-
+        let (vs, config, metrics) = train(kind, &subset, &training, ctx.cpus as usize, device)?;
         save(&ctx.out, &vs, &config, &metrics)
     }
+}
+
+/// How a scorer is trained.
+#[derive(Debug, Clone, Copy)]
+pub struct Training {
+    pub steps: i64,
+    pub batch: i64,
+    pub lr: f64,
+    pub width: i64,
+}
+
+/// Train a scorer of `kind` on `subset` (its last fifth held out for validation): the weights,
+/// the config to rebuild it, and the validation metrics. Seed torch's generator first.
+pub fn train(
+    kind: ScorerKind,
+    subset: &Dataset,
+    t: &Training,
+    threads: usize,
+    device: Device,
+) -> Result<(nn::VarStore, ScorerConfig, serde_json::Value), OpError> {
+    let (steps, batch, lr, width) = (t.steps, t.batch, t.lr, t.width);
+    let pixels = subset.load_pixels(threads)?;
+    let images = to_tensor(&pixels, device);
+    let n = subset.len() as i64;
+    let n_val = (n / 5).max(2);
+    let (val_idx, train_idx) = split(n, n_val, device);
+
+    let vs = nn::VarStore::new(device);
+    let config = match kind {
+        ScorerKind::Aesthetic => ScorerConfig {
+            kind,
+            size: pixels.height as i64,
+            width,
+            vocab: Vec::new(),
+        },
+        ScorerKind::Agreement => ScorerConfig {
+            kind,
+            size: pixels.height as i64,
+            width,
+            vocab: vocabulary(subset.records().iter().map(|r| r.text.as_str())),
+        },
+    };
+    let model = Scorer::new(&vs.root(), &config);
+    let mut opt = nn::Adam::default()
+        .build(&vs, lr)
+        .map_err(|e| OpError::Failed(format!("optimizer: {e}")))?;
+
+    let metrics = match kind {
+        ScorerKind::Aesthetic => {
+            let q = Tensor::from_slice(&subset.ratings("quality")?)
+                .to_kind(Kind::Float)
+                .to_device(device);
+            for _ in 0..steps {
+                let b = batch_of(&train_idx, batch, device);
+                let pred = model.aesthetic(&images.index_select(0, &b), true);
+                let loss = pred.mse_loss(&q.index_select(0, &b), tch::Reduction::Mean);
+                opt.backward_step(&loss);
+            }
+            let pred = tch::no_grad(|| model.aesthetic(&images.index_select(0, &val_idx), false));
+            let truth = q.index_select(0, &val_idx);
+            let pred: Vec<f64> = Vec::<f32>::try_from(pred.to_device(Device::Cpu))
+                .map_err(|e| OpError::Failed(e.to_string()))?
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let truth: Vec<f64> = Vec::<f32>::try_from(truth.to_device(Device::Cpu))
+                .map_err(|e| OpError::Failed(e.to_string()))?
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            json!({
+                "validation_images": n_val,
+                "pearson": pearson(&pred, &truth),
+                "spearman": spearman(&pred, &truth),
+            })
+        }
+        ScorerKind::Agreement => {
+            let tokens = tokenize_all(
+                &config.vocab,
+                subset.records().iter().map(|r| r.text.as_str()),
+            )
+            .to_device(device);
+            for _ in 0..steps {
+                let b = batch_of(&train_idx, batch, device);
+                let loss = model
+                    .contrastive_loss(&images.index_select(0, &b), &tokens.index_select(0, &b));
+                opt.backward_step(&loss);
+            }
+            let val_images = images.index_select(0, &val_idx);
+            let val_tokens = tokens.index_select(0, &val_idx);
+            let (pos, neg) = tch::no_grad(|| {
+                let shuffled = val_tokens.roll(1, 0);
+                (
+                    model.agreement(&val_images, &val_tokens, false).sigmoid(),
+                    model.agreement(&val_images, &shuffled, false).sigmoid(),
+                )
+            });
+            let pos = to_vec(&pos)?;
+            let neg = to_vec(&neg)?;
+            // Report only: how well the score finds the captions the data got right.
+            let correct = subset.ratings("caption_correct").ok().map(|c| {
+                let val: Vec<usize> = to_indices(&val_idx);
+                let labels: Vec<bool> = val.iter().map(|&i| c[i] > 0.5).collect();
+                auc(&pos, &labels)
+            });
+            json!({
+                "validation_images": n_val,
+                "pair_accuracy": pos.iter().zip(&neg).filter(|(p, n)| p > n).count() as f64 / pos.len() as f64,
+                "mean_score_own_caption": mean(&pos),
+                "mean_score_other_caption": mean(&neg),
+                "auc_caption_correct": correct,
+            })
+        }
+    };
+
+    Ok((vs, config, metrics))
 }
 
 /// The scorers' network: a small convolutional encoder, then a regression head (`aesthetic`)
@@ -179,29 +203,7 @@ pub struct Scorer {
 
 impl Scorer {
     pub fn new(p: &nn::Path, c: &ScorerConfig) -> Scorer {
-        let w = c.width;
-        let conv = |p: nn::Path, i, o, stride| {
-            nn::conv2d(
-                p,
-                i,
-                o,
-                3,
-                nn::ConvConfig {
-                    stride,
-                    padding: 1,
-                    ..Default::default()
-                },
-            )
-        };
-        let encoder = nn::seq()
-            .add(conv(p / "conv1", 3, w, 1))
-            .add_fn(|x| x.relu())
-            .add(conv(p / "conv2", w, 2 * w, 2))
-            .add_fn(|x| x.relu())
-            .add(conv(p / "conv3", 2 * w, 4 * w, 2))
-            .add_fn(|x| x.relu())
-            .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
-        let features = 4 * w;
+        let (encoder, features) = encoder(p, c.width);
         match c.kind {
             ScorerKind::Aesthetic => Scorer {
                 encoder,
@@ -326,6 +328,34 @@ impl Scorer {
         });
         to_vec(&out)
     }
+}
+
+/// The image encoder every scorer and judge shares: three convolutions (the last two halve the
+/// resolution), ReLU, global average pooling. Returns it and its feature width.
+pub fn encoder(p: &nn::Path, width: i64) -> (nn::Sequential, i64) {
+    let conv = |p: nn::Path, i, o, stride| {
+        nn::conv2d(
+            p,
+            i,
+            o,
+            3,
+            nn::ConvConfig {
+                stride,
+                padding: 1,
+                ..Default::default()
+            },
+        )
+    };
+    let w = width;
+    let encoder = nn::seq()
+        .add(conv(p / "conv1", 3, w, 1))
+        .add_fn(|x| x.relu())
+        .add(conv(p / "conv2", w, 2 * w, 2))
+        .add_fn(|x| x.relu())
+        .add(conv(p / "conv3", 2 * w, 4 * w, 2))
+        .add_fn(|x| x.relu())
+        .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
+    (encoder, 4 * w)
 }
 
 /// Images as a float tensor [n, 3, h, w] in [-1, 1].
