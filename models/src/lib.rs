@@ -2,7 +2,9 @@
 //! generative models. Everything here runs inside `needle-worker`, the one binary that links
 //! libtorch; the orchestrator knows these ops only by their schemas (`needle_ops::schemas`).
 
+pub mod evaluate;
 pub mod filter;
+pub mod judges;
 pub mod scorer;
 pub mod torch;
 
@@ -10,7 +12,12 @@ use needle_ops::{Op, OpContext};
 
 /// The built-in op called `name`, to run: every built-in, with or without torch.
 pub fn builtin(name: &str) -> Option<Box<dyn Op>> {
-    let ops: Vec<Box<dyn Op>> = vec![Box::new(scorer::ScorerOp), Box::new(filter::FilterOp)];
+    let ops: Vec<Box<dyn Op>> = vec![
+        Box::new(scorer::ScorerOp),
+        Box::new(filter::FilterOp),
+        Box::new(judges::JudgesOp),
+        Box::new(evaluate::EvaluateOp),
+    ];
     ops.into_iter()
         .find(|op| op.schema().name == name)
         .or_else(|| needle_ops::builtin(name))

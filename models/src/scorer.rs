@@ -452,7 +452,8 @@ pub fn tokenize_all<'a>(vocab: &[String], captions: impl Iterator<Item = &'a str
     Tensor::from_slice(&flat).view([n, WORDS as i64])
 }
 
-fn save(
+/// Write a trained scorer: weights, config, metrics and a summary.
+pub fn save(
     out: &Path,
     vs: &nn::VarStore,
     config: &ScorerConfig,

@@ -43,6 +43,8 @@ impl Registry {
                 ingest::Ingest.schema(),
                 schemas::scorer(),
                 schemas::filter(),
+                schemas::judges(),
+                schemas::evaluate(),
             ],
         }
     }

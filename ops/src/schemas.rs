@@ -173,3 +173,118 @@ pub fn filter() -> OpSchema {
         ]),
     }
 }
+
+/// `judges`: see `needle_models::judges`.
+pub fn judges() -> OpSchema {
+    let p = |name, ty, default: Value, doc| ParamSpec {
+        name,
+        ty,
+        default: Some(default),
+        doc,
+    };
+    OpSchema {
+        name: "judges",
+        version: 1,
+        summary: "train the evaluation panel: appeal judges (aesthetic scorers) and faithfulness judges (concept classifiers), each on its own slice of a rated sample",
+        kind: OpKind::Builtin,
+        params: ParamsSchema::Fixed(vec![
+            p("appeal", ParamType::Int, json!(5), "appeal judges"),
+            p(
+                "faithfulness",
+                ParamType::Int,
+                json!(3),
+                "faithfulness judges",
+            ),
+            p(
+                "sample",
+                ParamType::Int,
+                json!(1500),
+                "rated images per judge (disjoint)",
+            ),
+            p(
+                "steps",
+                ParamType::Int,
+                json!(600),
+                "optimizer steps per judge",
+            ),
+            p("batch", ParamType::Int, json!(64), "batch size"),
+            p("lr", ParamType::Float, json!(0.002), "Adam learning rate"),
+            p(
+                "width",
+                ParamType::Int,
+                json!(16),
+                "channels of the first convolution",
+            ),
+            p(
+                "seed",
+                ParamType::Int,
+                json!(0),
+                "seed of the slices and the initialisations",
+            ),
+        ]),
+        inputs: InputsSchema::Fixed(vec![InputSpec {
+            name: "data",
+            required: true,
+            doc: "the judges' rated sample: a dataset with hidden ratings no filter or scorer saw",
+        }]),
+    }
+}
+
+/// `evaluate`: see `needle_models::evaluate`.
+pub fn evaluate() -> OpSchema {
+    let p = |name, ty, default: Value, doc| ParamSpec {
+        name,
+        ty,
+        default: Some(default),
+        doc,
+    };
+    OpSchema {
+        name: "evaluate",
+        version: 1,
+        summary: "candidate vs baseline, pair by pair: panel votes on visual appeal and text faithfulness, with intervals and a sign test; memorisation and diversity",
+        kind: OpKind::Builtin,
+        params: ParamsSchema::Fixed(vec![
+            p(
+                "margin",
+                ParamType::Float,
+                json!(0.02),
+                "an appeal judge calls a tie when the two scores are this close",
+            ),
+            p(
+                "bootstrap",
+                ParamType::Int,
+                json!(2000),
+                "bootstrap resamples (over prompts)",
+            ),
+            p(
+                "memorised_below",
+                ParamType::Float,
+                json!(0.05),
+                "a sample whose nearest tuning image is within this RMSE counts as memorised",
+            ),
+            p("seed", ParamType::Int, json!(0), "seed of the bootstrap"),
+        ]),
+        inputs: InputsSchema::Fixed(vec![
+            InputSpec {
+                name: "candidate",
+                required: true,
+                doc: "samples of the model under test (A)",
+            },
+            InputSpec {
+                name: "baseline",
+                required: true,
+                doc: "samples of the model it is compared with (B), from the same prompts and seeds",
+            },
+            InputSpec {
+                name: "judges",
+                required: true,
+                doc: "the panel: a `judges` output",
+            },
+            InputSpec {
+                name: "tuning",
+                required: false,
+                doc: "the candidate's tuning set, for memorisation",
+            },
+        ]),
+    }
+}
