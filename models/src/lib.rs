@@ -1,12 +1,18 @@
-//! needle's ops built on tch: the funnel's scorers and filter, and (as they land) the
-//! generative models. Everything here runs inside `needle-worker`, the one binary that links
+//! needle's ops built on tch: the funnel's scorers and filter, the generative models
+//! (`pretrain`, `quality-tune`, `sample`) and the evaluation panel. Everything here runs inside `needle-worker`, the one binary that links
 //! libtorch; the orchestrator knows these ops only by their schemas (`needle_ops::schemas`).
 
+pub mod diffusion;
 pub mod evaluate;
 pub mod filter;
 pub mod judges;
+pub mod pretrain;
+pub mod sample;
 pub mod scorer;
+pub mod text;
 pub mod torch;
+pub mod train;
+pub mod unet;
 
 use needle_ops::{Op, OpContext};
 
@@ -17,6 +23,9 @@ pub fn builtin(name: &str) -> Option<Box<dyn Op>> {
         Box::new(filter::FilterOp),
         Box::new(judges::JudgesOp),
         Box::new(evaluate::EvaluateOp),
+        Box::new(pretrain::PretrainOp),
+        Box::new(pretrain::QualityTuneOp),
+        Box::new(sample::SampleOp),
     ];
     ops.into_iter()
         .find(|op| op.schema().name == name)

@@ -45,6 +45,9 @@ impl Registry {
                 schemas::filter(),
                 schemas::judges(),
                 schemas::evaluate(),
+                schemas::pretrain(),
+                schemas::quality_tune(),
+                schemas::sample(),
             ],
         }
     }

@@ -288,3 +288,247 @@ pub fn evaluate() -> OpSchema {
         ]),
     }
 }
+
+/// Params `pretrain` and `quality-tune` share, with the defaults of each.
+fn training_params(
+    steps: i64,
+    lr: f64,
+    schedule: &'static str,
+    warmup: i64,
+    ema: f64,
+    offset_noise: f64,
+    save_every: i64,
+) -> Vec<ParamSpec> {
+    let p = |name, ty, default: Value, doc| ParamSpec {
+        name,
+        ty,
+        default: Some(default),
+        doc,
+    };
+    vec![
+        p("steps", ParamType::Int, json!(steps), "optimizer steps"),
+        p("batch", ParamType::Int, json!(64), "images per step"),
+        p("lr", ParamType::Float, json!(lr), "AdamW learning rate"),
+        p(
+            "schedule",
+            ParamType::Choice(&["constant", "cosine"]),
+            json!(schedule),
+            "learning-rate schedule after warm-up (cosine decays to a tenth)",
+        ),
+        p(
+            "warmup",
+            ParamType::Int,
+            json!(warmup),
+            "steps of linear learning-rate warm-up",
+        ),
+        p(
+            "weight_decay",
+            ParamType::Float,
+            json!(0.0),
+            "AdamW's decoupled weight decay",
+        ),
+        p(
+            "ema",
+            ParamType::Float,
+            json!(ema),
+            "decay of the EMA weights, which are what the output holds",
+        ),
+        p(
+            "caption_dropout",
+            ParamType::Float,
+            json!(0.1),
+            "share of examples trained without caption (classifier-free guidance)",
+        ),
+        p(
+            "offset_noise",
+            ParamType::Float,
+            json!(offset_noise),
+            "offset noise: an extra Gaussian per image and channel, times this",
+        ),
+        p(
+            "flip",
+            ParamType::Bool,
+            json!(true),
+            "mirror training images left-right at random",
+        ),
+        p(
+            "save_every",
+            ParamType::Int,
+            json!(save_every),
+            "steps between resumable checkpoints (an interrupted step resumes from the last)",
+        ),
+        p(
+            "seed",
+            ParamType::Int,
+            json!(0),
+            "seed of the initialisation and of every step's draws",
+        ),
+    ]
+}
+
+/// `pretrain`: see `needle_models::pretrain`.
+pub fn pretrain() -> OpSchema {
+    let p = |name, ty, default: Value, doc| ParamSpec {
+        name,
+        ty,
+        default: Some(default),
+        doc,
+    };
+    let mut params = vec![
+        p(
+            "arch",
+            ParamType::Choice(&["pixel-diffusion"]),
+            json!("pixel-diffusion"),
+            "the model: a convolutional U-Net denoiser in pixel space",
+        ),
+        p(
+            "channels",
+            ParamType::Int,
+            json!(32),
+            "U-Net channels at full resolution (a multiple of 4)",
+        ),
+        p(
+            "mult",
+            ParamType::List(Box::new(ParamType::Int)),
+            json!([1, 2, 2]),
+            "channel multiplier per U-Net level; each level after the first halves the resolution",
+        ),
+        p(
+            "blocks",
+            ParamType::Int,
+            json!(1),
+            "residual blocks per level (one more on the way up)",
+        ),
+        p(
+            "text_width",
+            ParamType::Int,
+            json!(64),
+            "width of the caption transformer",
+        ),
+        p(
+            "max_tokens",
+            ParamType::Int,
+            json!(8),
+            "caption tokens read (longer captions are cut)",
+        ),
+    ];
+    params.extend(training_params(
+        3000, 0.001, "cosine", 100, 0.999, 0.02, 250,
+    ));
+    params.push(p(
+        "offset_share",
+        ParamType::Float,
+        json!(0.2),
+        "offset noise applies to this final share of the steps (Emu: the final stage)",
+    ));
+    OpSchema {
+        name: "pretrain",
+        version: 1,
+        summary: "pretrain a text-to-image diffusion model from scratch on a dataset",
+        kind: OpKind::Builtin,
+        params: ParamsSchema::Fixed(params),
+        inputs: InputsSchema::Fixed(vec![InputSpec {
+            name: "data",
+            required: true,
+            doc: "the training set: a dataset of square images and captions",
+        }]),
+    }
+}
+
+/// `quality-tune`: see `needle_models::pretrain`.
+pub fn quality_tune() -> OpSchema {
+    let mut params = training_params(400, 0.0001, "constant", 0, 0.99, 0.1, 100);
+    params.push(ParamSpec {
+        name: "checkpoint_every",
+        ty: ParamType::Int,
+        default: Some(json!(100)),
+        doc: "keep the EMA weights every this many steps in `checkpoints/` (0: only the final)",
+    });
+    OpSchema {
+        name: "quality-tune",
+        version: 1,
+        summary: "fine-tune a pretrained model on a small, very high quality dataset (the needles)",
+        kind: OpKind::Builtin,
+        params: ParamsSchema::Fixed(params),
+        inputs: InputsSchema::Fixed(vec![
+            InputSpec {
+                name: "model",
+                required: true,
+                doc: "the model to tune: a `pretrain` (or `quality-tune`) output",
+            },
+            InputSpec {
+                name: "data",
+                required: true,
+                doc: "the tuning set: a dataset, of the model's image size",
+            },
+        ]),
+    }
+}
+
+/// `sample`: see `needle_models::sample`.
+pub fn sample() -> OpSchema {
+    let p = |name, ty, default: Value, doc| ParamSpec {
+        name,
+        ty,
+        default: Some(default),
+        doc,
+    };
+    OpSchema {
+        name: "sample",
+        version: 1,
+        summary: "sample a model on prompts × seeds with deterministic DDIM; the same (prompt, seed) starts from the same noise in every model",
+        kind: OpKind::Builtin,
+        params: ParamsSchema::Fixed(vec![
+            p(
+                "prompts",
+                ParamType::List(Box::new(ParamType::String)),
+                json!([]),
+                "the prompt set (or give a dataset as input `prompts`)",
+            ),
+            p("seeds", ParamType::Int, json!(15), "images per prompt"),
+            p("steps", ParamType::Int, json!(25), "DDIM steps"),
+            p(
+                "guidance",
+                ParamType::Float,
+                json!(3.0),
+                "classifier-free guidance scale (1: none)",
+            ),
+            p(
+                "checkpoint",
+                ParamType::Int,
+                json!(0),
+                "sample the EMA weights kept at this step (0: the final weights)",
+            ),
+            p(
+                "noise_seed",
+                ParamType::Int,
+                json!(0),
+                "seed of the initial noise (keep it equal across models you compare)",
+            ),
+            p(
+                "batch",
+                ParamType::Int,
+                json!(256),
+                "images denoised at once",
+            ),
+            p(
+                "grid_scale",
+                ParamType::Int,
+                json!(4),
+                "each image's enlargement in grid.png",
+            ),
+        ]),
+        inputs: InputsSchema::Fixed(vec![
+            InputSpec {
+                name: "model",
+                required: true,
+                doc: "a `pretrain` or `quality-tune` output",
+            },
+            InputSpec {
+                name: "prompts",
+                required: false,
+                doc: "a dataset whose distinct captions are the prompts",
+            },
+        ]),
+    }
+}

@@ -341,7 +341,11 @@ impl Engine {
 
     fn push_ready(&mut self, i: usize) {
         self.phase[i] = Phase::Ready;
-        let shape = Shape::of(&self.plan.nodes[i].resources, self.opts.cpus);
+        let shape = Shape::of(
+            &self.plan.nodes[i].resources,
+            self.opts.cpus,
+            self.opts.gpus.len() as u32,
+        );
         self.ready.push(i, self.priority[i], shape);
     }
 

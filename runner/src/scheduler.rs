@@ -21,10 +21,11 @@ pub struct Shape {
 
 impl Shape {
     /// The shape of `r`, with CPU slots clamped to what the pool has (a step asking for more
-    /// CPUs than the machine has still runs, alone).
-    pub fn of(r: &Resources, total_cpus: u32) -> Shape {
+    /// CPUs than the machine has still runs, alone). In a run without any GPU, a step asking
+    /// for GPUs runs on the CPU: the ops fall back to it when `CUDA_VISIBLE_DEVICES` is empty.
+    pub fn of(r: &Resources, total_cpus: u32, total_gpus: u32) -> Shape {
         Shape {
-            gpus: r.gpus,
+            gpus: if total_gpus == 0 { 0 } else { r.gpus },
             cpus: r.cpus.clamp(1, total_cpus.max(1)),
             mem_mb: (r.mem_gb * 1024.0).ceil() as u64,
         }
@@ -218,7 +219,7 @@ mod tests {
             mem_gb: 0.5,
         };
         assert_eq!(
-            Shape::of(&r, 2),
+            Shape::of(&r, 2, 4),
             Shape {
                 gpus: 0,
                 cpus: 2,

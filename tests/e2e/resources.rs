@@ -72,3 +72,30 @@ resources = { gpus = 1 }
         assert!(busy <= 4, "{busy} GPUs in use at once");
     }
 }
+
+#[test]
+fn without_any_gpu_steps_asking_for_gpus_run_on_the_cpu() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "cpu-fallback"
+
+[steps.train]
+op = "exec"
+cmd = ["sh", "-c", "echo \"[$CUDA_VISIBLE_DEVICES]\" > \"$NEEDLE_OUT/gpus\""]
+resources = { gpus = 2 }
+"#,
+    );
+    let out = p.needle(&["run", "recipe.toml", "--gpus", "none"]);
+    assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains("no GPU in this run: `train` runs on the CPU"),
+        "{}",
+        stderr(&out)
+    );
+    let show = p.json(&["show", "last:train"], 0);
+    let view = std::path::PathBuf::from(show["view"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(view.join("gpus")).unwrap(), "[]\n");
+}

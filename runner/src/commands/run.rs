@@ -33,6 +33,21 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
         .max(1);
     let mem_mb = total_memory_mb();
     check_resources(recipe, gpus.len() as u32, mem_mb)?;
+    if gpus.is_empty() {
+        let wanting: Vec<String> = recipe
+            .steps
+            .iter()
+            .filter(|s| s.resources.gpus > 0)
+            .map(|s| format!("`{}`", s.name))
+            .collect();
+        if !wanting.is_empty() {
+            eprintln!(
+                "note: no GPU in this run: {} {} on the CPU (--gpus gives a run GPUs)",
+                wanting.join(", "),
+                if wanting.len() == 1 { "runs" } else { "run" }
+            );
+        }
+    }
     let names: BTreeSet<&str> = recipe.steps.iter().map(|s| s.name.as_str()).collect();
     for f in &exec.force {
         if !names.contains(f.as_str()) {
@@ -53,10 +68,11 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
 }
 
 /// A step asking for more GPUs or memory than the run has can never start: say so up front.
+/// A run without any GPU is the exception: its steps run on the CPU (see `Shape::of`).
 pub fn check_resources(recipe: &Recipe, gpus: u32, mem_mb: u64) -> Result<(), CliError> {
     let mut problems = Vec::new();
     for step in &recipe.steps {
-        if step.resources.gpus > gpus {
+        if gpus > 0 && step.resources.gpus > gpus {
             problems.push(format!(
                 "step `{}` asks for {} GPU(s), but this run has {gpus} (hint: --gpus N hands out N GPU ids)",
                 step.name, step.resources.gpus

@@ -40,6 +40,9 @@ fn show_step(
         .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", key.short())))?;
     if json {
         let mut v = serde_json::to_value(&rec).expect("records serialise");
+        if store.manifest(&rec.output)?.is_some() {
+            v["view"] = serde_json::to_value(store.view(&rec.output)?).expect("serialise");
+        }
         if let Some(step) = in_run {
             v["run_status"] = serde_json::to_value(&step.status).expect("serialise");
             v["run_attempts"] = serde_json::to_value(&step.attempts).expect("serialise");
@@ -111,6 +114,19 @@ fn show_step(
     );
     if let Some(text) = manifest.as_ref().and_then(|m| summary_of(store, m)) {
         print_summary(&text);
+    }
+    if let Some(m) = &manifest {
+        let view = store.view(&rec.output)?;
+        println!("files    {}", view.display());
+        // The pictures an op leaves at the top of its output (grids, plots): openable as is.
+        for e in &m.entries {
+            if matches!(e.kind, EntryKind::File { .. })
+                && !e.path.contains('/')
+                && e.path.ends_with(".png")
+            {
+                println!("  {}", view.join(&e.path).display());
+            }
+        }
     }
     println!("executions");
     for e in &rec.executions {

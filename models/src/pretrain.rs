@@ -1,0 +1,313 @@
+//! `pretrain` and `quality-tune`: the two training stages of the paper.
+//!
+//! - `pretrain` trains a `pixel-diffusion` model from scratch on a dataset (the haystack); its
+//!   vocabulary is built from that dataset's captions. Offset noise (Emu: 0.02) applies to the
+//!   final share of steps only.
+//! - `quality-tune` continues a trained model on a small dataset (the needles) with a small
+//!   batch and stronger offset noise (Emu: 64 and 0.1), keeping the EMA weights every K steps
+//!   in `checkpoints/` for an early-stopping curve.
+//!
+//! Output: `model.safetensors` (the EMA weights: what `sample` uses), `config.json`,
+//! `checkpoints/step-NNNNNN.safetensors` (quality-tune), `metrics.json` (loss curve, images/s,
+//! seconds, parameters), `summary.md`.
+
+use std::path::{Path, PathBuf};
+
+use needle_core::ops::OpSchema;
+use needle_ops::dataset::Dataset;
+use needle_ops::{Op, OpContext, OpError};
+use serde_json::json;
+use tch::nn;
+
+use crate::diffusion::{self, ARCH, Model, ModelConfig, WEIGHTS};
+use crate::text::Vocabulary;
+use crate::train::{self, Examples, LrSchedule, Record, Settings};
+use crate::unet::UNetShape;
+
+pub struct PretrainOp;
+pub struct QualityTuneOp;
+
+impl Op for PretrainOp {
+    fn schema(&self) -> OpSchema {
+        needle_ops::schemas::pretrain()
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        let arch: String = ctx.param("arch")?;
+        if arch != ARCH {
+            return Err(OpError::Param {
+                name: "arch".into(),
+                why: format!("`{arch}` is not an architecture this build has (`{ARCH}`)"),
+            });
+        }
+        let steps: i64 = ctx.param("steps")?;
+        let share: f64 = ctx.param("offset_share")?;
+        if !(0.0..=1.0).contains(&share) {
+            return Err(OpError::Param {
+                name: "offset_share".into(),
+                why: format!("{share} must be in [0, 1]"),
+            });
+        }
+        let settings = Settings {
+            offset_from: steps - (share * steps as f64).round() as i64,
+            keep_every: 0,
+            ..settings(ctx)?
+        };
+        let device = crate::device(ctx);
+        let data = Dataset::open(ctx.input("data")?)?;
+        let pixels = load_square(&data, ctx)?;
+        let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
+        let unet = UNetShape {
+            channels: ctx.param("channels")?,
+            mult: ctx.param("mult")?,
+            blocks: ctx.param("blocks")?,
+        };
+        unet.check(pixels.height as i64)
+            .map_err(|why| OpError::Param {
+                name: "mult".into(),
+                why,
+            })?;
+        let config = ModelConfig {
+            arch,
+            size: pixels.height as i64,
+            unet,
+            text_width: ctx.param("text_width")?,
+            vocabulary: Vocabulary::build(captions.iter().copied(), ctx.param("max_tokens")?),
+            prediction: "v".into(),
+            schedule: "cosine".into(),
+        };
+        tch::manual_seed(settings.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Model::new(&vs.root(), config.clone());
+        let mut ema_vs = nn::VarStore::new(device);
+        let _ema_model = Model::new(&ema_vs.root(), config.clone());
+        ema_vs
+            .copy(&vs)
+            .map_err(|e| OpError::Failed(format!("copying the initial weights: {e}")))?;
+        let data = train::examples(&pixels, config.vocabulary.tokenize(&captions), device);
+        fit(ctx, &model, &vs, &ema_vs, &data, &settings, "pretrain", &[])
+    }
+}
+
+impl Op for QualityTuneOp {
+    fn schema(&self) -> OpSchema {
+        needle_ops::schemas::quality_tune()
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        let settings = Settings {
+            offset_from: 0,
+            keep_every: ctx.param("checkpoint_every")?,
+            ..settings(ctx)?
+        };
+        let device = crate::device(ctx);
+        let base = ctx.input("model")?;
+        let (model, vs) = Model::load(base, &base.join(WEIGHTS), device)?;
+        let (_ema_model, ema_vs) = Model::load(base, &base.join(WEIGHTS), device)?;
+        let config = model.config.clone();
+        let data = Dataset::open(ctx.input("data")?)?;
+        let pixels = load_square(&data, ctx)?;
+        if pixels.height as i64 != config.size {
+            return Err(OpError::Input {
+                name: "data".into(),
+                why: format!(
+                    "its images are {0}×{0}, the model makes {1}×{1}",
+                    pixels.height, config.size
+                ),
+            });
+        }
+        let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
+        let unknown = config.vocabulary.unknown(&captions);
+        let data = train::examples(&pixels, config.vocabulary.tokenize(&captions), device);
+        fit(
+            ctx,
+            &model,
+            &vs,
+            &ema_vs,
+            &data,
+            &settings,
+            "quality-tune",
+            &unknown,
+        )
+    }
+}
+
+/// The settings both ops read the same way.
+fn settings(ctx: &OpContext) -> Result<Settings, OpError> {
+    Ok(Settings {
+        steps: ctx.param("steps")?,
+        batch: ctx.param("batch")?,
+        lr: ctx.param("lr")?,
+        schedule: ctx.param::<LrSchedule>("schedule")?,
+        warmup: ctx.param("warmup")?,
+        weight_decay: ctx.param("weight_decay")?,
+        ema: ctx.param("ema")?,
+        caption_dropout: ctx.param("caption_dropout")?,
+        offset_noise: ctx.param("offset_noise")?,
+        offset_from: 0,
+        flip: ctx.param("flip")?,
+        save_every: ctx.param("save_every")?,
+        keep_every: 0,
+        seed: ctx.param("seed")?,
+        interrupt_after: None,
+    })
+}
+
+/// The dataset's pixels, refused unless its images are square.
+fn load_square(data: &Dataset, ctx: &OpContext) -> Result<needle_ops::dataset::Pixels, OpError> {
+    if data.is_empty() {
+        return Err(OpError::Input {
+            name: "data".into(),
+            why: format!("`{}` holds no images", data.root().display()),
+        });
+    }
+    let pixels = data.load_pixels(ctx.cpus as usize)?;
+    if pixels.height != pixels.width {
+        return Err(OpError::Input {
+            name: "data".into(),
+            why: format!(
+                "its images are {}×{}; pixel-diffusion needs square images",
+                pixels.width, pixels.height
+            ),
+        });
+    }
+    Ok(pixels)
+}
+
+/// Train, then write the output: EMA weights, config, kept checkpoints, metrics, summary.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    ctx: &OpContext,
+    model: &Model,
+    vs: &nn::VarStore,
+    ema_vs: &nn::VarStore,
+    data: &Examples,
+    settings: &Settings,
+    stage: &str,
+    unknown_words: &[String],
+) -> Result<(), OpError> {
+    let work = Workdir::for_ctx(ctx)?;
+    let record = train::train(ctx, model, vs, ema_vs, data, settings, work.path())?;
+    let out = &ctx.out;
+    let weights = out.join(WEIGHTS);
+    ema_vs
+        .save(&weights)
+        .map_err(|e| OpError::Failed(format!("saving `{}`: {e}", weights.display())))?;
+    diffusion::write_config(out, &model.config)?;
+    if !record.kept.is_empty() {
+        let dir = out.join("checkpoints");
+        std::fs::create_dir_all(&dir).map_err(OpError::io("create", &dir))?;
+        for &step in &record.kept {
+            let from = train::kept_path(work.path(), step);
+            let to = train::kept_path(out, step);
+            if std::fs::rename(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(OpError::io("copy", &from))?;
+            }
+        }
+    }
+    let device = match vs.device() {
+        tch::Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        d => format!("{d:?}").to_lowercase(),
+    };
+    let metrics = json!({
+        "stage": stage,
+        "images": data.images.size()[0],
+        "steps": settings.steps,
+        "batch": settings.batch,
+        "parameters": train::parameter_count(vs),
+        "device": device,
+        "images_per_second": record.images_per_second,
+        "train_seconds": record.train_seconds,
+        "resumed_from": record.resumed_from,
+        "first_loss": record.loss_curve.first().map(|p| p.1),
+        "last_loss": record.loss_curve.last().map(|p| p.1),
+        "loss_curve": record.loss_curve,
+        "checkpoints": record.kept,
+        "unknown_words": unknown_words,
+    });
+    let path = out.join("metrics.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&metrics).expect("json") + "\n",
+    )
+    .map_err(OpError::io("write", &path))?;
+    let path = out.join(needle_ops::SUMMARY);
+    std::fs::write(
+        &path,
+        summary(stage, settings, &record, data, &device, unknown_words),
+    )
+    .map_err(OpError::io("write", &path))?;
+    work.finish()
+}
+
+fn summary(
+    stage: &str,
+    s: &Settings,
+    r: &Record,
+    data: &Examples,
+    device: &str,
+    unknown_words: &[String],
+) -> String {
+    let mut md = format!(
+        "{stage}: {} steps at batch {} on {} images, {device}: {:.0} images/s, {:.0} s in the training loop",
+        s.steps,
+        s.batch,
+        data.images.size()[0],
+        r.images_per_second,
+        r.train_seconds
+    );
+    if r.resumed_from > 0 {
+        md.push_str(&format!(" (resumed from step {})", r.resumed_from));
+    }
+    md.push_str(".\n\n| step | loss |\n|---:|---:|\n");
+    // About ten rows of the curve, always the last.
+    let every = (r.loss_curve.len() / 10).max(1);
+    for (i, (step, loss)) in r.loss_curve.iter().enumerate() {
+        if i % every == 0 || i + 1 == r.loss_curve.len() {
+            md.push_str(&format!("| {step} | {loss:.4} |\n"));
+        }
+    }
+    if !r.kept.is_empty() {
+        let steps: Vec<String> = r.kept.iter().map(|s| s.to_string()).collect();
+        md.push_str(&format!(
+            "\nEMA checkpoints kept at steps {} (`checkpoints/`; `sample` reads one with `checkpoint = STEP`).\n",
+            steps.join(", ")
+        ));
+    }
+    if !unknown_words.is_empty() {
+        md.push_str(&format!(
+            "\nCaption words the model's vocabulary lacks (read as unknown): {}.\n",
+            unknown_words.join(", ")
+        ));
+    }
+    md
+}
+
+/// Where training keeps its resumable state: the runner's resume directory when there is one
+/// (it survives a failed attempt), else a directory inside the output removed at the end.
+struct Workdir {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl Workdir {
+    fn for_ctx(ctx: &OpContext) -> Result<Workdir, OpError> {
+        let (path, temporary) = match &ctx.resume {
+            Some(dir) => (dir.clone(), false),
+            None => (ctx.out.join(".train"), true),
+        };
+        std::fs::create_dir_all(&path).map_err(OpError::io("create", &path))?;
+        Ok(Workdir { path, temporary })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn finish(self) -> Result<(), OpError> {
+        if self.temporary {
+            std::fs::remove_dir_all(&self.path).map_err(OpError::io("remove", &self.path))?;
+        }
+        Ok(())
+    }
+}

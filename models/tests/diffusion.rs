@@ -1,0 +1,302 @@
+//! The generative ops at tiny sizes, on the CPU: pretraining lowers the loss, quality-tuning
+//! keeps checkpoints, sampling is deterministic and pairs images across models, and an
+//! interrupted training run resumes to the very weights an uninterrupted one reaches.
+
+use std::path::{Path, PathBuf};
+
+use needle_models::diffusion::{Model, ModelConfig};
+use needle_models::pretrain::{PretrainOp, QualityTuneOp};
+use needle_models::sample::SampleOp;
+use needle_models::text::Vocabulary;
+use needle_models::train::{self, LrSchedule, Settings};
+use needle_models::unet::UNetShape;
+use needle_ops::dataset::Dataset;
+use needle_ops::haystack::Haystack;
+use needle_ops::{Input, Op, OpContext, OpError};
+use serde_json::{Value, json};
+use tch::nn;
+
+/// Training and sampling seed torch's one global generator, as a worker process (one op per
+/// process) may; tests running in parallel threads would draw from each other's stream, so
+/// each test holds this lock.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn context(op: &dyn Op, params: Value, inputs: &[(&str, &Path)], out: &Path) -> OpContext {
+    std::fs::create_dir_all(out).unwrap();
+    let mut ctx = OpContext::standalone(&op.schema(), params, out);
+    for (name, dir) in inputs {
+        ctx.inputs
+            .insert(name.to_string(), Input::One(dir.to_path_buf()));
+    }
+    ctx
+}
+
+fn run(op: &dyn Op, params: Value, inputs: &[(&str, &Path)], out: &Path) {
+    let ctx = context(op, params, inputs, out);
+    op.run(&ctx)
+        .unwrap_or_else(|e| panic!("{} failed: {e}", op.schema().name));
+}
+
+fn json_file(path: PathBuf) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+const TINY: &str = r#"{"channels": 8, "mult": [1, 2], "text_width": 16, "batch": 16, "warmup": 5}"#;
+
+fn tiny(extra: Value) -> Value {
+    let mut p: Value = serde_json::from_str(TINY).unwrap();
+    p.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    p
+}
+
+#[test]
+fn pretrain_lowers_the_loss_and_sampling_pairs_models_image_by_image() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    run(
+        &Haystack,
+        json!({"images": 400, "seed": 1}),
+        &[],
+        &dir("data"),
+    );
+
+    run(
+        &PretrainOp,
+        tiny(json!({"steps": 120, "lr": 0.003})),
+        &[("data", &dir("data"))],
+        &dir("pretrained"),
+    );
+    let m = json_file(dir("pretrained").join("metrics.json"));
+    let (first, last) = (
+        m["first_loss"].as_f64().unwrap(),
+        m["last_loss"].as_f64().unwrap(),
+    );
+    assert!(last < 0.8 * first, "the loss should fall: {m}");
+    assert!(m["images_per_second"].as_f64().unwrap() > 0.0);
+    for f in ["model.safetensors", "config.json", "summary.md"] {
+        assert!(dir("pretrained").join(f).exists(), "{f}");
+    }
+    assert!(!dir("pretrained").join(".train").exists());
+    let config: ModelConfig =
+        serde_json::from_value(json_file(dir("pretrained").join("config.json"))).unwrap();
+    assert_eq!(config.size, 16);
+    assert!(config.vocabulary.words.contains(&"circle".to_string()));
+
+    run(
+        &QualityTuneOp,
+        tiny(json!({"steps": 20, "checkpoint_every": 10, "lr": 0.001})),
+        &[("model", &dir("pretrained")), ("data", &dir("data"))],
+        &dir("tuned"),
+    );
+    for step in ["step-000010", "step-000020"] {
+        assert!(
+            dir("tuned")
+                .join(format!("checkpoints/{step}.safetensors"))
+                .exists()
+        );
+    }
+
+    let prompts = json!({"prompts": ["a red circle", "a blue square"], "seeds": 3, "steps": 5});
+    run(
+        &SampleOp,
+        prompts.clone(),
+        &[("model", &dir("pretrained"))],
+        &dir("a"),
+    );
+    run(
+        &SampleOp,
+        prompts.clone(),
+        &[("model", &dir("pretrained"))],
+        &dir("a2"),
+    );
+    run(
+        &SampleOp,
+        prompts.clone(),
+        &[("model", &dir("tuned"))],
+        &dir("b"),
+    );
+    let a = Dataset::open(dir("a")).unwrap();
+    assert_eq!(a.len(), 6);
+    let first = &a.records()[0];
+    assert_eq!(first.text, "a red circle");
+    assert_eq!(first.extra["seed_index"], json!(0));
+    assert_eq!(first.extra["prompt_index"], json!(0));
+    let px = a.load_pixels(1).unwrap();
+    assert_eq!((px.n, px.height, px.width), (6, 16, 16));
+    let grid = image::open(dir("a").join("grid.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (3 * 65 + 1, 2 * 65 + 1));
+
+    // Deterministic: the same model and params give the same bytes.
+    for rec in a.records() {
+        let read = |d: &str| std::fs::read(dir(d).join(&rec.file_name)).unwrap();
+        assert_eq!(read("a"), read("a2"), "{}", rec.file_name);
+    }
+    // Another model, the same (prompt, seed) pairs: same names, other images.
+    let b = Dataset::open(dir("b")).unwrap();
+    let names = |d: &Dataset| {
+        d.records()
+            .iter()
+            .map(|r| r.file_name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&a), names(&b));
+    assert_ne!(px, b.load_pixels(1).unwrap());
+
+    // A kept checkpoint samples; one never kept is refused, saying so.
+    run(
+        &SampleOp,
+        json!({"prompts": ["a red circle"], "seeds": 1, "steps": 2, "checkpoint": 10}),
+        &[("model", &dir("tuned"))],
+        &dir("c"),
+    );
+    let ctx = context(
+        &SampleOp,
+        json!({"prompts": ["a red circle"], "seeds": 1, "steps": 2, "checkpoint": 15}),
+        &[("model", &dir("tuned"))],
+        &dir("d"),
+    );
+    let err = SampleOp.run(&ctx).unwrap_err().to_string();
+    assert!(err.contains("no checkpoint at step 15"), "{err}");
+}
+
+#[test]
+fn bad_inputs_are_refused_with_the_reason() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    run(
+        &Haystack,
+        json!({"images": 20, "seed": 1, "size": 12}),
+        &[],
+        &dir("data"),
+    );
+    // 12 is not divisible by 8: four levels cannot halve it three times.
+    let ctx = context(
+        &PretrainOp,
+        json!({"mult": [1, 2, 2, 2], "steps": 1}),
+        &[("data", &dir("data"))],
+        &dir("out"),
+    );
+    let err = PretrainOp.run(&ctx).unwrap_err();
+    assert!(matches!(err, OpError::Param { .. }), "{err}");
+    assert!(err.to_string().contains("not divisible by 8"), "{err}");
+
+    // `sample` needs prompts, from exactly one place.
+    let ctx = context(&SampleOp, json!({}), &[("model", &dir("data"))], &dir("s"));
+    assert!(
+        SampleOp
+            .run(&ctx)
+            .unwrap_err()
+            .to_string()
+            .contains("no prompts")
+    );
+    let ctx = context(
+        &SampleOp,
+        json!({"prompts": ["a red circle"]}),
+        &[("model", &dir("data"))],
+        &dir("s"),
+    );
+    let err = SampleOp.run(&ctx).unwrap_err().to_string();
+    assert!(err.contains("no model config"), "{err}");
+}
+
+/// A tiny model and its data for calling `train::train` directly.
+fn tiny_model(vs: &nn::VarStore, data: &Dataset) -> Model {
+    let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
+    let config = ModelConfig {
+        arch: "pixel-diffusion".into(),
+        size: 16,
+        unet: UNetShape {
+            channels: 8,
+            mult: vec![1, 2],
+            blocks: 1,
+        },
+        text_width: 16,
+        vocabulary: Vocabulary::build(captions.into_iter(), 6),
+        prediction: "v".into(),
+        schedule: "cosine".into(),
+    };
+    Model::new(&vs.root(), config)
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    run(
+        &Haystack,
+        json!({"images": 64, "seed": 3}),
+        &[],
+        &dir("data"),
+    );
+    let data = Dataset::open(dir("data")).unwrap();
+    let pixels = data.load_pixels(1).unwrap();
+    let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
+    let settings = Settings {
+        steps: 30,
+        batch: 8,
+        lr: 0.002,
+        schedule: LrSchedule::Cosine,
+        warmup: 3,
+        weight_decay: 0.01,
+        ema: 0.9,
+        caption_dropout: 0.2,
+        offset_noise: 0.1,
+        offset_from: 15,
+        flip: true,
+        save_every: 10,
+        keep_every: 0,
+        seed: 5,
+        interrupt_after: None,
+    };
+    // Train from the same initial weights: once straight through, once cut after step 25 (its
+    // last checkpoint at 20) and run again.
+    let train_in = |work: &Path, s: &Settings| {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let model = tiny_model(&vs, &data);
+        let mut ema = nn::VarStore::new(tch::Device::Cpu);
+        let _ = tiny_model(&ema, &data);
+        ema.copy(&vs).unwrap();
+        let examples = train::examples(
+            &pixels,
+            model.config.vocabulary.tokenize(&captions),
+            tch::Device::Cpu,
+        );
+        let ctx = context(&PretrainOp, json!({}), &[], &dir("out"));
+        let result = train::train(&ctx, &model, &vs, &ema, &examples, s, work);
+        (result, vs, ema)
+    };
+    let (whole, vs_whole, ema_whole) = train_in(&dir("whole"), &settings);
+    let whole = whole.unwrap();
+    assert_eq!(whole.resumed_from, 0);
+
+    let cut = Settings {
+        interrupt_after: Some(25),
+        ..settings.clone()
+    };
+    let (err, ..) = train_in(&dir("cut"), &cut);
+    assert!(
+        err.unwrap_err()
+            .to_string()
+            .contains("interrupted after step 25")
+    );
+    let (resumed, vs_resumed, ema_resumed) = train_in(&dir("cut"), &settings);
+    let resumed = resumed.unwrap();
+    assert_eq!(resumed.resumed_from, 20);
+    assert_eq!(resumed.loss_curve, whole.loss_curve);
+    for (a, b) in [(&vs_whole, &vs_resumed), (&ema_whole, &ema_resumed)] {
+        let (a, b) = (a.variables(), b.variables());
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{name} differs after resuming");
+        }
+    }
+}
