@@ -10,6 +10,7 @@ mod errors;
 mod exec_env;
 mod failures;
 mod lineage;
+mod models;
 mod resources;
 mod resume;
 mod snapshots;

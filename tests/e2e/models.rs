@@ -1,0 +1,131 @@
+//! The generative ops through the binaries: a tiny pretrain → quality-tune → sample recipe
+//! written for a GPU runs on the CPU, its pictures are where `show` says, a second run executes
+//! nothing, and a training step stopped by Ctrl-C resumes from its checkpoint under its key.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const RECIPE: &str = r#"
+[recipe]
+name = "tiny-models"
+
+[vars]
+steps = 40
+
+[steps.data]
+op = "haystack"
+params = { images = 200, seed = 1 }
+
+[steps.pretrained]
+op = "pretrain"
+inputs = { data = "data" }
+params = { steps = "${steps}", batch = 8, channels = 8, mult = [1, 2], text_width = 16, warmup = 2, save_every = 10 }
+resources = { cpus = 1, gpus = 1 }
+
+[steps.tuned]
+op = "quality-tune"
+inputs = { model = "pretrained", data = "data" }
+params = { steps = 10, batch = 8, checkpoint_every = 5 }
+resources = { gpus = 1 }
+
+[steps.samples]
+op = "sample"
+inputs = { model = "tuned" }
+params = { prompts = ["a red circle", "a blue star"], seeds = 2, steps = 3 }
+"#;
+
+#[test]
+fn a_gpu_recipe_trains_and_samples_on_the_cpu_and_shows_its_pictures() {
+    let p = Project::new();
+    p.write("recipe.toml", RECIPE);
+    let run = p.json(&["run", "recipe.toml", "--gpus", "none"], 0);
+    assert_eq!(run["executed"], 4, "{run}");
+
+    let show = p.needle(&["show", "last:samples"]);
+    assert_code(&show, 0);
+    let text = stdout(&show);
+    let grid = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.ends_with("/grid.png"))
+        .unwrap_or_else(|| panic!("no grid.png in:\n{text}"));
+    let bytes = std::fs::read(grid).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+
+    let tuned = p.json(&["show", "last:tuned"], 0);
+    let view = PathBuf::from(tuned["view"].as_str().unwrap());
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "checkpoints/step-000005.safetensors",
+    ] {
+        assert!(view.join(f).exists(), "{f}");
+    }
+
+    let again = p.json(&["run", "recipe.toml", "--gpus", "none"], 0);
+    assert_eq!(again["executed"], 0, "{again}");
+}
+
+#[test]
+fn an_interrupted_pretrain_resumes_from_its_checkpoint_under_the_same_key() {
+    let p = Project::new();
+    p.write("recipe.toml", RECIPE);
+    let child = std::process::Command::new(bin())
+        .current_dir(p.dir.path())
+        .env("NEEDLE_STORE", p.store())
+        .args(["run", "recipe.toml", "--set", "steps=400", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first checkpoint of `pretrained`, then press Ctrl-C.
+    let t0 = Instant::now();
+    let state = loop {
+        let found = std::fs::read_dir(p.store().join("resume"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("state/state.json"))
+            .find(|s| s.exists());
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: sending SIGINT to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 130);
+    let key = state
+        .parent()
+        .and_then(|s| s.parent())
+        .and_then(|k| k.file_name())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+
+    let run = p.json(&["run", "recipe.toml", "--set", "steps=400"], 0);
+    let pretrained = &steps_named(&run, "pretrained")[0];
+    assert_eq!(pretrained["key"], key.as_str());
+    let show = p.json(&["show", "last:pretrained"], 0);
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(show["view"].as_str().unwrap()).join("metrics.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let resumed = metrics["resumed_from"].as_i64().unwrap();
+    assert!(
+        resumed >= 10 && resumed % 10 == 0 && resumed < 400,
+        "{metrics}"
+    );
+    // Once the step succeeded, its resume directory is gone.
+    assert!(!p.store().join("resume").join(&key).exists());
+}
