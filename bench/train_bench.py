@@ -10,6 +10,8 @@ The batch is drawn from a tensor of images in memory, as the Rust op does: what 
 the training step.
 
     python bench/train_bench.py --steps 200 --batch 64 --threads 2 [--device cuda]
+    python bench/train_bench.py --load DIR     loads a needle model output into this module,
+                                               strictly: the same names and shapes
 
 Prints one JSON line: steps, batch, seconds, images_per_second, parameters, final loss.
 """
@@ -64,16 +66,17 @@ class UNet(nn.Module):
             if level + 1 < len(widths):
                 down = nn.Conv2d(width, width, 3, stride=2, padding=1)
                 skips.append(width)
-            self.down.append(nn.ModuleDict({"blocks": blocks_, **({"down": down} if down else {})}))
+            self.down.append(nn.ModuleDict({"block": blocks_, **({"downsample": down} if down else {})}))
         self.middle = nn.ModuleList([ResBlock(width, width, cond), ResBlock(width, width, cond)])
-        self.up = nn.ModuleList()
+        ups = [None] * len(widths)  # indexed by level, as needle names them; run last to first
         for level, w in reversed(list(enumerate(widths))):
             blocks_ = nn.ModuleList()
             for _ in range(blocks + 1):
                 blocks_.append(ResBlock(width + skips.pop(), w, cond))
                 width = w
             up = nn.Conv2d(width, width, 3, padding=1) if level > 0 else None
-            self.up.append(nn.ModuleDict({"blocks": blocks_, **({"up": up} if up else {})}))
+            ups[level] = nn.ModuleDict({"block": blocks_, **({"upsample": up} if up else {})})
+        self.up = nn.ModuleList(ups)
         self.out_norm = nn.GroupNorm(groups(width), width)
         self.output = nn.Conv2d(width, 3, 3, padding=1)
         nn.init.zeros_(self.output.weight)
@@ -83,19 +86,19 @@ class UNet(nn.Module):
         h = self.input(x)
         skips = [h]
         for level in self.down:
-            for block in level["blocks"]:
+            for block in level["block"]:
                 h = block(h, c)
                 skips.append(h)
-            if "down" in level:
-                h = level["down"](h)
+            if "downsample" in level:
+                h = level["downsample"](h)
                 skips.append(h)
         for block in self.middle:
             h = block(h, c)
-        for level in self.up:
-            for block in level["blocks"]:
+        for level in reversed(self.up):
+            for block in level["block"]:
                 h = block(torch.cat([h, skips.pop()], 1), c)
-            if "up" in level:
-                h = level["up"](F.interpolate(h, scale_factor=2, mode="nearest"))
+            if "upsample" in level:
+                h = level["upsample"](F.interpolate(h, scale_factor=2, mode="nearest"))
         return self.output(F.silu(self.out_norm(h)))
 
 
@@ -109,7 +112,8 @@ class TextEncoder(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.attn_out = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp1 = nn.Linear(width, 4 * width)
+        self.mlp2 = nn.Linear(4 * width, width)
         self.project = nn.Linear(width, out)
 
     def forward(self, tokens):
@@ -123,7 +127,7 @@ class TextEncoder(nn.Module):
         scores = scores.masked_fill(~keep.view(n, 1, 1, length), float("-inf"))
         att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, length, -1)
         x = x + self.attn_out(att)
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.mlp2(F.gelu(self.mlp1(self.norm2(x))))
         w = keep.float().unsqueeze(-1)
         return self.project((x * w).sum(1) / w.sum(1))
 
@@ -136,7 +140,8 @@ class Model(nn.Module):
         self.unet = UNet(channels, mult, blocks)
         self.text = TextEncoder(vocab, max_tokens, text_width, cond)
         self.null_caption = nn.Parameter(torch.zeros(cond))
-        self.time = nn.Sequential(nn.Linear(channels, cond), nn.SiLU(), nn.Linear(cond, cond))
+        self.time1 = nn.Linear(channels, cond)
+        self.time2 = nn.Linear(cond, cond)
 
     def forward(self, x, t, tokens, drop):
         half = self.channels // 2
@@ -144,8 +149,36 @@ class Model(nn.Module):
         args = (t * 1000.0)[:, None] * freqs[None]
         cap = self.text(tokens)
         cap = torch.where(drop[:, None], self.null_caption[None], cap)
-        cond = self.time(torch.cat([args.sin(), args.cos()], -1)) + cap
+        cond = self.time2(F.silu(self.time1(torch.cat([args.sin(), args.cos()], -1)))) + cap
         return self.unet(x, cond)
+
+
+def load_safetensors(path):
+    """A safetensors file as {name: tensor}, read by hand (no extra package needed)."""
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16}
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    body = data[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        t = torch.frombuffer(bytearray(body[lo:hi]), dtype=dtypes[info["dtype"]])
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+def load_needle_model(directory):
+    """The model a needle `pretrain` / `quality-tune` output holds, as this PyTorch module."""
+    config = json.load(open(f"{directory}/config.json"))
+    u = config["unet"]
+    v = config["vocabulary"]
+    model = Model(u["channels"], u["mult"], u["blocks"], config["text_width"], len(v["words"]) + 3, v["max_tokens"])
+    model.load_state_dict(load_safetensors(f"{directory}/model.safetensors"), strict=True)
+    return model, config
 
 
 def alpha_bar(t, s=0.008):
@@ -166,12 +199,18 @@ def main():
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--load", metavar="DIR", help="only load a needle model output strictly into this module and say so")
     a = ap.parse_args()
+    if a.load:
+        model, config = load_needle_model(a.load)
+        n = sum(p.numel() for p in model.parameters())
+        print(json.dumps({"loaded": a.load, "parameters": n, "arch": config["arch"], "size": config["size"]}))
+        return
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device(a.device)
 
-    vocab, max_tokens = 3 + 11, 8
+    vocab, max_tokens = 3 + 9, 8  # the haystack's words: "a", 4 colours, 4 shapes
     model = Model(a.channels, [int(m) for m in a.mult.split(",")], a.blocks, a.text_width, vocab, max_tokens).to(dev)
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)

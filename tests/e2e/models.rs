@@ -64,6 +64,22 @@ fn a_gpu_recipe_trains_and_samples_on_the_cpu_and_shows_its_pictures() {
         assert!(view.join(f).exists(), "{f}");
     }
 
+    // The checkpoint loads in PyTorch, strictly, into the module `bench/train_bench.py`
+    // writes out: the same parameter names and shapes.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .arg(root.join("bench/train_bench.py"))
+        .arg("--load")
+        .arg(&view)
+        .output()
+        .expect("the venv's python runs (make sets it up)");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"loaded\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let again = p.json(&["run", "recipe.toml", "--gpus", "none"], 0);
     assert_eq!(again["executed"], 0, "{again}");
 }
