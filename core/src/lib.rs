@@ -11,5 +11,6 @@ pub mod plan;
 pub mod recipe;
 pub mod store;
 pub mod value;
+pub mod why;
 
 pub use digest::{ArtifactDigest, BlobDigest, Digest, StepId, StepKey};

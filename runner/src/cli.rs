@@ -51,6 +51,9 @@ pub enum Command {
     Lineage(LineageArgs),
     /// Show one step or artifact: op, params, inputs, output, timings, attempts.
     Show(ShowArgs),
+    /// Why a step ran: what in its key differs from the closest earlier step of its name.
+    #[command(alias = "explain")]
+    Why(WhyArgs),
     /// Print the log of a step's attempt.
     Logs(LogsArgs),
     /// List the ops recipes can use, with their params and defaults.
@@ -118,6 +121,18 @@ pub struct PlanArgs {
     #[arg(long)]
     pub steps: bool,
 
+    /// Say, for each step that will run, what differs from the closest stored step of its name.
+    #[arg(long)]
+    pub why: bool,
+
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    /// A step key or artifact digest prefix, or RUN:STEP (`last:train[lr=0.1]`).
+    pub reference: String,
     #[arg(long)]
     pub json: bool,
 }

@@ -41,6 +41,7 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Status(args) => commands::status::status(cli, args),
         Command::Rerun(args) => commands::rerun::rerun(cli, args),
         Command::Lineage(args) => commands::lineage::lineage(cli, args),
+        Command::Why(args) => commands::why::why(cli, args),
         Command::Show(args) => commands::show::show(cli, args),
         Command::Logs(args) => commands::logs::logs(cli, args),
         Command::Ops(args) => commands::ops::ops(args),

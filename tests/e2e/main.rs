@@ -15,3 +15,4 @@ mod resources;
 mod resume;
 mod snapshots;
 mod sweep;
+mod why;

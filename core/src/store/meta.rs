@@ -143,6 +143,26 @@ impl Store {
         get_json(&self.trees.steps, "steps", key.hex().as_bytes())
     }
 
+    pub(super) fn steps_named_inner(&self, name: &str) -> Result<Vec<StepRecord>, StoreError> {
+        // A full scan, decoding only records whose name matches: the name sits near the start
+        // of every record, so a cheap byte search skips most of them undecoded.
+        let needle = format!(
+            "\"name\":{}",
+            serde_json::to_string(name).expect("a string")
+        );
+        let mut out = Vec::new();
+        for item in self.trees.steps.iter() {
+            let (key, value) = item?;
+            if contains_bytes(&value, needle.as_bytes()) {
+                let rec: StepRecord = decode("steps", &key, &value)?;
+                if rec.name == name {
+                    out.push(rec);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) fn manifest_inner(
         &self,
         artifact: &ArtifactDigest,
@@ -289,6 +309,10 @@ fn parse_key<K: DigestKind>(key: &[u8], tree: &str) -> Result<Digest<K>, StoreEr
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     // The record types are plain data: maps with string keys, no fallible Serialize impls.
     serde_json::to_vec(value).expect("store records serialise to JSON")
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn get_json<T: DeserializeOwned>(

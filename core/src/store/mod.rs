@@ -313,6 +313,11 @@ impl Store {
         self.step_inner(key)
     }
 
+    /// Every stored step with this recipe step name, in key order.
+    pub fn steps_named(&self, name: &str) -> Result<Vec<StepRecord>, StoreError> {
+        self.steps_named_inner(name)
+    }
+
     pub fn manifest(&self, artifact: &ArtifactDigest) -> Result<Option<Manifest>, StoreError> {
         self.manifest_inner(artifact)
     }

@@ -12,6 +12,7 @@ pub mod run;
 pub mod runs;
 pub mod show;
 pub mod status;
+pub mod why;
 
 use std::path::{Path, PathBuf};
 

@@ -76,12 +76,98 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     let plan = plan::build(recipe, expansion, &mut HashOnly)?;
     let store = open_if_exists(cli)?;
     let predicted = predict(&plan, store.as_ref())?;
+    let reasons = if args.why {
+        Some(reasons(&plan, &predicted, store.as_ref())?)
+    } else {
+        None
+    };
     if args.json {
-        print_json(&plan_json(&plan, &predicted));
+        let mut v = plan_json(&plan, &predicted);
+        if let Some(reasons) = &reasons {
+            for (step, r) in v["steps"]
+                .as_array_mut()
+                .expect("steps")
+                .iter_mut()
+                .zip(reasons)
+            {
+                step["why"] = serde_json::json!(r);
+            }
+        }
+        print_json(&v);
     } else {
         print_plan(&plan, &predicted, args.steps);
+        if let Some(reasons) = &reasons {
+            print_reasons(&plan, &predicted, reasons);
+        }
     }
     Ok(Exit::Success)
+}
+
+/// Per node, why it runs: nothing for a cached node, else one line per difference from the
+/// closest stored step of its name (or why there is none).
+fn reasons(
+    plan: &Plan,
+    predicted: &[Predicted],
+    store: Option<&Store>,
+) -> Result<Vec<Vec<String>>, CliError> {
+    let outputs: Vec<Option<ArtifactDigest>> = predicted
+        .iter()
+        .map(|p| match p {
+            Predicted::Cached { output, .. } => Some(*output),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::with_capacity(plan.nodes.len());
+    for (node, p) in plan.nodes.iter().zip(predicted) {
+        let lines = match p {
+            Predicted::Cached { .. } => Vec::new(),
+            Predicted::RunAfterInputs => {
+                let upstream: Vec<String> = node
+                    .inputs
+                    .values()
+                    .flat_map(|i| i.nodes())
+                    .filter(|&u| !predicted[u].is_cached())
+                    .map(|u| format!("`{}`", plan.nodes[u].display_name()))
+                    .collect();
+                vec![format!(
+                    "its inputs are not made yet: {} run first (it is cached after all if they come out as before)",
+                    upstream.join(", ")
+                )]
+            }
+            Predicted::Run { .. } => {
+                let spec = node
+                    .spec(|u| outputs[u])
+                    .expect("a Run node's inputs are known");
+                match store {
+                    Some(store) => crate::commands::why::Reason::find(
+                        store,
+                        &node.name,
+                        &node.bindings,
+                        &spec,
+                        None,
+                    )?
+                    .lines(&node.name),
+                    None => vec!["the store is empty".into()],
+                }
+            }
+        };
+        out.push(lines);
+    }
+    Ok(out)
+}
+
+fn print_reasons(plan: &Plan, predicted: &[Predicted], reasons: &[Vec<String>]) {
+    println!();
+    println!("  why each step runs:");
+    for ((node, p), lines) in plan.nodes.iter().zip(predicted).zip(reasons) {
+        if p.is_cached() {
+            continue;
+        }
+        println!("  {}", node.display_name());
+        for line in lines {
+            println!("    - {line}");
+        }
+    }
 }
 
 fn plan_json(plan: &Plan, predicted: &[Predicted]) -> serde_json::Value {
