@@ -157,6 +157,7 @@ pub struct RerunArgs {
 pub enum LineageFormat {
     Tree,
     Dot,
+    Mermaid,
     Json,
 }
 

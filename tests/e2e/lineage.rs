@@ -43,6 +43,13 @@ fn lineage_up_shows_every_ancestor_with_op_and_params() {
     assert_code(&dot, 0);
     assert!(stdout(&dot).starts_with("digraph lineage {"));
     assert_eq!(stdout(&dot).matches(" -> ").count(), 3);
+
+    let mermaid = p.needle(&["lineage", "1:s3[x=2,y=q]", "--format", "mermaid"]);
+    assert_code(&mermaid, 0);
+    let text = stdout(&mermaid);
+    assert!(text.starts_with("flowchart LR\n"), "{text}");
+    assert_eq!(text.matches(" -->|").count(), 3, "{text}");
+    assert!(text.contains("s3<br/>[x=2,y=q]"), "{text}");
 }
 
 #[test]

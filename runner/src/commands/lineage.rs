@@ -43,6 +43,7 @@ pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
     match format {
         LineageFormat::Json => crate::commands::print_json(&graph),
         LineageFormat::Dot => print!("{}", dot(&graph)),
+        LineageFormat::Mermaid => print!("{}", mermaid(&graph)),
         LineageFormat::Tree => print!("{}", tree(&graph)),
     }
     Ok(Exit::Success)
@@ -145,6 +146,32 @@ fn print_children(
             ));
         }
     }
+}
+
+/// A Mermaid flowchart (GitHub and many notebooks render it inline).
+fn mermaid(g: &LineageGraph) -> String {
+    let escape = |t: &str| t.replace('"', "#quot;");
+    let mut out = String::from("flowchart LR\n");
+    for s in &g.steps {
+        let mut label = s.name.clone();
+        if !s.bindings.is_empty() {
+            label.push_str(&format!(
+                "<br/>[{}]",
+                needle_core::recipe::bindings_label(&s.bindings)
+            ));
+        }
+        label.push_str(&format!("<br/>{} {}", s.op, s.key.short()));
+        out.push_str(&format!("  s{}[\"{}\"]\n", s.key.short(), escape(&label)));
+    }
+    for e in &g.edges {
+        out.push_str(&format!(
+            "  s{} -->|\"{}\"| s{}\n",
+            e.from.short(),
+            escape(&e.input),
+            e.to.short()
+        ));
+    }
+    out
 }
 
 fn dot(g: &LineageGraph) -> String {
