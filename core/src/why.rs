@@ -84,10 +84,7 @@ pub fn diff(before: &StepSpec, after: &StepSpec) -> Vec<Change> {
             });
         }
     }
-    // A param already explains an argv that only differs by its value; report the argv
-    // only when no param changed, e.g. an edited `cmd`.
-    let params_changed = out.iter().any(|c| matches!(c, Change::Param { .. }));
-    if before.cmd != after.cmd && !params_changed {
+    if before.cmd != after.cmd && !argv_explained(before, after, &out) {
         out.push(Change::Argv {
             before: before.cmd.clone(),
             after: after.cmd.clone(),
@@ -111,6 +108,35 @@ pub fn diff(before: &StepSpec, after: &StepSpec) -> Vec<Change> {
         }
     }
     out
+}
+
+/// Whether the changed params explain every difference between the two argvs: each differing
+/// argument becomes the new one when the changed params' old values are replaced by their new
+/// ones in it (`--lr ${lr}`, `echo lr=${lr}` after an edit of `lr`).
+fn argv_explained(before: &StepSpec, after: &StepSpec, changes: &[Change]) -> bool {
+    let (Some(b), Some(a)) = (&before.cmd, &after.cmd) else {
+        return false;
+    };
+    if b.len() != a.len() {
+        return false;
+    }
+    let pairs: Vec<(String, String)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Param {
+                before: Some(x),
+                after: Some(y),
+                ..
+            } => Some((crate::value::render_short(x), crate::value::render_short(y))),
+            _ => None,
+        })
+        .collect();
+    b.iter().zip(a).filter(|(x, y)| x != y).all(|(x, y)| {
+        let replaced = pairs
+            .iter()
+            .fold(x.to_string(), |t, (px, py)| t.replace(px.as_str(), py));
+        replaced == *y
+    })
 }
 
 fn keyed<V: PartialEq>(
@@ -251,6 +277,19 @@ mod tests {
         let changes = diff(&a, &b);
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(changes[0].to_string(), "param lr changed: 0.1 → 0.2");
+    }
+
+    #[test]
+    fn an_argv_difference_no_param_explains_is_reported() {
+        let mut a = spec(json!({"lr": 0.1}));
+        let mut b = spec(json!({"lr": 0.2}));
+        a.cmd = Some(vec!["train".into(), "0.1".into(), "1".into()]);
+        b.cmd = Some(vec!["train".into(), "0.2".into(), "1".into()]);
+        assert_eq!(diff(&a, &b).len(), 1, "the param explains the argv");
+        b.cmd = Some(vec!["train".into(), "0.2".into(), "2".into()]);
+        let text: Vec<String> = diff(&a, &b).iter().map(|c| c.to_string()).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert_eq!(text[1], "command changed: train 0.1 1 → train 0.2 2");
     }
 
     #[test]

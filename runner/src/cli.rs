@@ -51,6 +51,10 @@ pub enum Command {
     Lineage(LineageArgs),
     /// Show one step or artifact: op, params, inputs, output, timings, attempts.
     Show(ShowArgs),
+    /// Two artifacts' ancestries side by side: only the steps and params that differ.
+    Diff(DiffArgs),
+    /// Copy an artifact out of the store as plain files into a new or empty directory.
+    Export(ExportArgs),
     /// Why a step ran: what in its key differs from the closest earlier step of its name.
     #[command(alias = "explain")]
     Why(WhyArgs),
@@ -127,6 +131,24 @@ pub struct PlanArgs {
 
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// A step key or artifact digest prefix, or RUN:STEP.
+    pub a: String,
+    /// The other one.
+    pub b: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A step key or artifact digest prefix, or RUN:STEP: the artifact, or the step's output.
+    pub reference: String,
+    /// Where to write (created; must be empty if it exists).
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,8 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Rerun(args) => commands::rerun::rerun(cli, args),
         Command::Lineage(args) => commands::lineage::lineage(cli, args),
         Command::Why(args) => commands::why::why(cli, args),
+        Command::Export(args) => commands::export::export(cli, args),
+        Command::Diff(args) => commands::diff::diff_cmd(cli, args),
         Command::Show(args) => commands::show::show(cli, args),
         Command::Logs(args) => commands::logs::logs(cli, args),
         Command::Ops(args) => commands::ops::ops(args),

@@ -34,6 +34,22 @@ impl Target {
     }
 }
 
+/// The stored step a target stands for: the step itself, or an artifact's producer. `text` is
+/// the reference as given, for the error.
+pub fn stored_step(store: &Store, target: &Target, text: &str) -> Result<StepKey, CliError> {
+    match target {
+        Target::Artifact(a) => needle_core::lineage::producer(store, a)?
+            .map(|r| r.key)
+            .ok_or_else(|| CliError::usage(format!("no recorded step produced `{}`", a.short()))),
+        other => match other.step_key() {
+            Some(k) if store.step(&k)?.is_some() => Ok(k),
+            _ => Err(CliError::usage(format!(
+                "`{text}` has no output in the store (it failed or never ran); lineage follows artifacts"
+            ))),
+        },
+    }
+}
+
 pub fn resolve(store: &Store, text: &str) -> Result<Target, CliError> {
     if let Some((run, step)) = text.split_once(':') {
         return resolve_run_step(store, run, step);

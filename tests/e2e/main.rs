@@ -9,6 +9,7 @@ mod doctor;
 mod errors;
 mod exec_env;
 mod failures;
+mod inspect;
 mod lineage;
 mod models;
 mod resources;

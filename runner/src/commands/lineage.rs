@@ -3,32 +3,19 @@
 use std::collections::{HashMap, HashSet};
 
 use needle_core::digest::StepKey;
-use needle_core::lineage::{Direction, LineageGraph, LineageStep, producer, walk};
+use needle_core::lineage::{Direction, LineageGraph, LineageStep, walk};
 use needle_core::store::fmt_ms;
 
 use crate::cli::{Cli, LineageArgs, LineageFormat};
 use crate::commands::open_existing;
 use crate::commands::show::shell_words;
 use crate::error::{CliError, Exit};
-use crate::refs::{Target, resolve};
+use crate::refs::resolve;
 
 pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
     let store = open_existing(cli)?;
     let target = resolve(&store, &args.reference)?;
-    let key = match &target {
-        Target::Artifact(a) => producer(&store, a)?
-            .map(|r| r.key)
-            .ok_or_else(|| CliError::usage(format!("no recorded step produced `{}`", a.short())))?,
-        other => match other.step_key() {
-            Some(k) if store.step(&k)?.is_some() => k,
-            _ => {
-                return Err(CliError::usage(format!(
-                    "`{}` has no output in the store (it failed or never ran); lineage follows artifacts",
-                    args.reference
-                )));
-            }
-        },
-    };
+    let key = crate::refs::stored_step(&store, &target, &args.reference)?;
     let direction = if args.down {
         Direction::Down
     } else {

@@ -2,7 +2,9 @@
 //! maps to one.
 
 pub mod completions;
+pub mod diff;
 pub mod doctor;
+pub mod export;
 pub mod lineage;
 pub mod logs;
 pub mod ops;
