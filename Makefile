@@ -21,7 +21,8 @@ demo: build
 	@scripts/demo.sh
 
 ## Build and run every test (unit, property, snapshot and end-to-end).
-test: deps
+test:
+	@scripts/setup.sh --test
 	$(CARGO) test --workspace --locked
 
 ## Benchmarks (not tests): see BENCHMARKS.md.

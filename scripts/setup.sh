@@ -78,3 +78,15 @@ if [[ "$(readlink .libtorch 2>/dev/null)" != "$VENV/$rel" ]]; then
   log "linking .libtorch -> $VENV/$rel"
   ln -sfnT "$VENV/$rel" .libtorch
 fi
+
+# `make test` only: the report test opens an HTML report in headless Chromium.
+if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium (headless, for the report test)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    log "chromium is missing: the report test needs it (Debian: apt-get install chromium)"
+    exit 1
+  fi
+fi

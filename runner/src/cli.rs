@@ -51,6 +51,8 @@ pub enum Command {
     Lineage(LineageArgs),
     /// Show one step or artifact: op, params, inputs, output, timings, attempts.
     Show(ShowArgs),
+    /// One self-contained HTML report of a run: timeline, results and plots, summaries, grids.
+    Report(ReportArgs),
     /// Two artifacts' ancestries side by side: only the steps and params that differ.
     Diff(DiffArgs),
     /// Copy an artifact out of the store as plain files into a new or empty directory.
@@ -131,6 +133,15 @@ pub struct PlanArgs {
 
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run id, or `last`.
+    pub run: String,
+    /// Where to write the HTML (default: report-RUN.html).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ mod executor;
 mod gpus;
 mod progress;
 mod refs;
+mod report;
 mod scheduler;
 
 use clap::Parser;
@@ -44,6 +45,7 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Why(args) => commands::why::why(cli, args),
         Command::Export(args) => commands::export::export(cli, args),
         Command::Diff(args) => commands::diff::diff_cmd(cli, args),
+        Command::Report(args) => commands::report::report(cli, args),
         Command::Show(args) => commands::show::show(cli, args),
         Command::Logs(args) => commands::logs::logs(cli, args),
         Command::Ops(args) => commands::ops::ops(args),

@@ -12,6 +12,7 @@ mod failures;
 mod inspect;
 mod lineage;
 mod models;
+mod report;
 mod resources;
 mod resume;
 mod snapshots;

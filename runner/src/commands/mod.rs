@@ -9,6 +9,7 @@ pub mod lineage;
 pub mod logs;
 pub mod ops;
 pub mod plan;
+pub mod report;
 pub mod rerun;
 pub mod run;
 pub mod runs;
