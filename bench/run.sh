@@ -63,6 +63,9 @@ for N in $NS; do
   plan_cached=$(t "$NEEDLE" plan "$W/recipe.toml")
   change=$(t "$NEEDLE" run "$W/changed/recipe.toml" --gpus none -j $JOBS)
   executed=$("$NEEDLE" status last --json | python3 -c 'import json,sys; print(sum(s["status"]=="succeeded" for s in json.load(sys.stdin)["steps"]))')
+  # The final step gathers every arm: its ancestry is the whole sweep.
+  lineage=$(t "$NEEDLE" lineage 1:final)
+  lineage_json=$(t "$NEEDLE" lineage 1:final --json)
 
   s_plan=- s_first=- s_noop=-
   if [[ $SNAKE == 1 ]]; then
@@ -78,6 +81,7 @@ for N in $NS; do
     echo "| $N | no-op rerun | $noop | $s_noop | | $( [[ $s_noop != - ]] && ratio "$noop" "$s_noop" ) vs snakemake |"
     echo "| $N | plan (all cached) | $plan_cached | | | |"
     echo "| $N | one arm changed ($executed steps run) | $change | | | |"
+    echo "| $N | lineage of the final step (tree / json) | $lineage / $lineage_json | | | |"
   } >>"$RESULTS"
   unset NEEDLE_STORE
 done

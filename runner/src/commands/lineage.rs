@@ -36,6 +36,18 @@ pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
     Ok(Exit::Success)
 }
 
+/// The default of `op`'s param `name`, if the op has one.
+fn default_of(op: &str, name: &str) -> Option<needle_core::value::Value> {
+    use needle_core::ops::{OpCatalog, ParamsSchema};
+    thread_local! {
+        static CATALOG: needle_ops::Registry = needle_ops::Registry::new();
+    }
+    CATALOG.with(|c| match &c.get(op)?.params {
+        ParamsSchema::Fixed(specs) => specs.iter().find(|p| p.name == name)?.default.clone(),
+        ParamsSchema::Free => None,
+    })
+}
+
 fn describe(s: &LineageStep) -> String {
     let mut out = s.name.clone();
     if !s.bindings.is_empty() {
@@ -45,12 +57,20 @@ fn describe(s: &LineageStep) -> String {
         ));
     }
     out.push_str(&format!("  ({})  {}", s.op, s.key.short()));
-    if !s.params.is_empty() {
-        let params: Vec<String> = s
-            .params
-            .iter()
-            .map(|(k, v)| format!("{k}={}", needle_core::value::render_short(v)))
-            .collect();
+    // Only what the recipe set: a built-in op's defaults would drown it.
+    let params: Vec<String> = s
+        .params
+        .iter()
+        .filter(|(k, v)| default_of(&s.op, k).as_ref() != Some(*v))
+        .map(|(k, v)| {
+            let mut v = needle_core::value::render_short(v);
+            if v.chars().count() > 40 {
+                v = v.chars().take(39).collect::<String>() + "…";
+            }
+            format!("{k}={v}")
+        })
+        .collect();
+    if !params.is_empty() {
         out.push_str(&format!("  {}", params.join(" ")));
     }
     if let Some(cmd) = &s.cmd {
