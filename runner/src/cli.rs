@@ -51,6 +51,8 @@ pub enum Command {
     Lineage(LineageArgs),
     /// Show one step or artifact: op, params, inputs, output, timings, attempts.
     Show(ShowArgs),
+    /// A run's result table: one row per step instance with a metrics.json (every evaluation).
+    Results(ResultsArgs),
     /// One self-contained HTML report of a run: timeline, results and plots, summaries, grids.
     Report(ReportArgs),
     /// Two artifacts' ancestries side by side: only the steps and params that differ.
@@ -131,6 +133,20 @@ pub struct PlanArgs {
     #[arg(long)]
     pub why: bool,
 
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResultsArgs {
+    /// Run id, or `last`.
+    pub run: String,
+    /// Only this recipe step's rows.
+    #[arg(long)]
+    pub step: Option<String>,
+    /// Comma-separated values.
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -136,3 +136,33 @@ fn the_report_of_a_sweep_renders_its_table_plot_and_images() {
     let png = std::fs::read(&shot).expect("a screenshot");
     assert_eq!(&png[1..4], b"PNG");
 }
+
+#[test]
+fn results_prints_the_sweep_table_as_text_csv_and_json() {
+    let p = Project::new();
+    p.write("eval.py", EVAL);
+    p.write("recipe.toml", RECIPE);
+    p.json(&["run", "recipe.toml"], 0);
+
+    let text = stdout(&p.needle(&["results", "last"]));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("step") && lines[0].contains("appeal win"), "{text}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("evaluate")).count(), 6, "{text}");
+    assert!(text.contains("95.0% [90.0–99.0]"), "arch b, size 1000:\n{text}");
+
+    let csv = stdout(&p.needle(&["results", "last", "--csv"]));
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 7, "{csv}");
+    assert_eq!(
+        rows[0],
+        "step,arch,size,appeal win,appeal lose,faithfulness win,faithfulness lose"
+    );
+
+    let json = p.json(&["results", "last"], 0);
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["metrics"]["appeal"]["win"].is_number()));
+
+    let none = stdout(&p.needle(&["results", "last", "--step", "data"]));
+    assert!(none.contains("no step wrote a metrics.json"), "{none}");
+}

@@ -11,6 +11,7 @@ pub mod ops;
 pub mod plan;
 pub mod report;
 pub mod rerun;
+pub mod results;
 pub mod run;
 pub mod runs;
 pub mod show;

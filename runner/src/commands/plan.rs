@@ -240,8 +240,24 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
         return;
     }
     // One line per recipe step: how many unique instances, and how the sweep shares them.
+    let name_w = plan
+        .recipe
+        .steps
+        .iter()
+        .map(|d| d.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let op_w = plan
+        .recipe
+        .steps
+        .iter()
+        .map(|d| d.op.len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
     println!(
-        "  {:<20} {:<10} {:>6} {:>7} {:>7}  shared",
+        "  {:<name_w$} {:<op_w$} {:>6} {:>7} {:>7}  shared",
         "step", "op", "unique", "cached", "to run"
     );
     for (s, def) in plan.recipe.steps.iter().enumerate() {
@@ -251,7 +267,7 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
         let c = nodes.iter().filter(|&&i| predicted[i].is_cached()).count();
         let shared = sharing(plan, &nodes);
         println!(
-            "  {:<20} {:<10} {:>6} {:>7} {:>7}  {shared}",
+            "  {:<name_w$} {:<op_w$} {:>6} {:>7} {:>7}  {shared}",
             def.name,
             def.op,
             nodes.len(),

@@ -150,10 +150,13 @@ fn timeline(run: &RunRecord, out: &mut String) {
 }
 
 /// What a metrics file says, flattened to the columns the table shows.
-struct Row {
-    step: usize,
+pub struct Row {
+    /// Index into the run's steps.
+    pub step: usize,
+    /// The whole `metrics.json`.
+    pub metrics: serde_json::Value,
     /// (column, cell), in the order the metrics give them.
-    columns: Vec<(String, String)>,
+    pub columns: Vec<(String, String)>,
     /// For the plots.
     axes: Vec<AxisResult>,
 }
@@ -203,13 +206,15 @@ fn metrics_row(step: usize, m: &serde_json::Value) -> Row {
     }
     Row {
         step,
+        metrics: m.clone(),
         columns,
         axes,
     }
 }
 
-fn results(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
-    let mut by_name: BTreeMap<&str, Vec<Row>> = BTreeMap::new();
+/// Every step of the run whose output holds a `metrics.json`, by step name, in run order.
+pub fn metric_rows(store: &Store, run: &RunRecord) -> Result<BTreeMap<String, Vec<Row>>, CliError> {
+    let mut by_name: BTreeMap<String, Vec<Row>> = BTreeMap::new();
     for (i, s) in run.steps.iter().enumerate() {
         let Some(output) = output_of(s) else { continue };
         let Some(bytes) = read_file(store, &output, "metrics.json", 1 << 20)? else {
@@ -218,23 +223,50 @@ fn results(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliEr
         let Ok(m) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
             continue;
         };
-        by_name.entry(&s.name).or_default().push(metrics_row(i, &m));
+        by_name
+            .entry(s.name.clone())
+            .or_default()
+            .push(metrics_row(i, &m));
     }
+    Ok(by_name)
+}
+
+/// The swept vars of `rows`' steps and their union of columns, in first-seen order.
+pub fn table_columns<'a>(
+    run: &'a RunRecord,
+    rows: &'a [Row],
+) -> (Vec<&'a String>, Vec<&'a String>) {
+    let vars: BTreeSet<&String> = rows
+        .iter()
+        .flat_map(|r| run.steps[r.step].bindings.keys())
+        .collect();
+    let mut cols: Vec<&String> = Vec::new();
+    for (c, _) in rows.iter().flat_map(|r| &r.columns) {
+        if !cols.contains(&c) {
+            cols.push(c);
+        }
+    }
+    (vars.into_iter().collect(), cols)
+}
+
+impl Row {
+    /// The cell of `column`, empty when this row has none.
+    pub fn cell(&self, column: &str) -> &str {
+        self.columns
+            .iter()
+            .find(|(k, _)| k == column)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+fn results(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
+    let by_name = metric_rows(store, run)?;
     if by_name.is_empty() {
         return Ok(());
     }
     out.push_str("<h2>Results</h2>");
     for (name, rows) in &by_name {
-        let vars: BTreeSet<&String> = rows
-            .iter()
-            .flat_map(|r| run.steps[r.step].bindings.keys())
-            .collect();
-        let mut cols: Vec<&String> = Vec::new();
-        for (c, _) in rows.iter().flat_map(|r| &r.columns) {
-            if !cols.contains(&c) {
-                cols.push(c);
-            }
-        }
+        let (vars, cols) = table_columns(run, rows);
         let _ = write!(out, "<h3>{}</h3><table class=\"results\"><tr>", esc(name));
         for v in vars.iter().chain(cols.iter()) {
             let _ = write!(out, "<th>{}</th>", esc(v));
@@ -251,15 +283,7 @@ fn results(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliEr
                 );
             }
             for c in &cols {
-                let _ = write!(
-                    out,
-                    "<td>{}</td>",
-                    esc(r
-                        .columns
-                        .iter()
-                        .find(|(k, _)| k == *c)
-                        .map_or("", |(_, v)| v.as_str()))
-                );
+                let _ = write!(out, "<td>{}</td>", esc(r.cell(c)));
             }
             out.push_str("</tr>");
         }
