@@ -110,23 +110,60 @@ impl Model {
         let cond = self.time.forward(&self.time_features(t)) + captions;
         self.unet.forward(x, &cond)
     }
+}
 
-    /// Load a model saved by [`save`] from `dir` (the weights file `weights` in it).
-    pub fn load(
-        dir: &Path,
-        weights: &Path,
+impl crate::generator::Generator for Model {
+    fn arch(&self) -> &'static str {
+        ARCH
+    }
+
+    fn size(&self) -> i64 {
+        self.config.size
+    }
+
+    fn vocabulary(&self) -> &Vocabulary {
+        &self.config.vocabulary
+    }
+
+    /// v-prediction MSE at a uniform noise level, with offset noise when `offset` > 0.
+    fn loss(&self, x0: &Tensor, tokens: &Tensor, drop: &Tensor, offset: f64) -> Tensor {
+        let (n, device) = (x0.size()[0], x0.device());
+        let t = Tensor::rand([n], (Kind::Float, device));
+        let mut noise = x0.randn_like();
+        if offset > 0.0 {
+            noise += Tensor::randn([n, 3, 1, 1], (Kind::Float, device)) * offset;
+        }
+        let ab = alpha_bar(&t).view([n, 1, 1, 1]);
+        let (a, b) = (ab.sqrt(), (-&ab + 1.0).sqrt());
+        let xt = &a * x0 + &b * &noise;
+        let target = &a * &noise - &b * x0;
+        let pred = self.predict(&xt, &t, &self.captions(tokens, Some(drop)));
+        pred.mse_loss(&target, tch::Reduction::Mean)
+    }
+
+    fn generate(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        noise_seed: u64,
+        steps: i64,
+        guidance: f64,
         device: Device,
-    ) -> Result<(Model, nn::VarStore), OpError> {
-        let config = read_config(dir)?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Model::new(&vs.root(), config);
-        vs.load(weights).map_err(|e| {
-            OpError::Failed(format!(
-                "loading the model's weights `{}`: {e}",
-                weights.display()
-            ))
-        })?;
-        Ok((model, vs))
+        on_step: &mut dyn FnMut(i64),
+    ) -> Tensor {
+        let size = self.config.size;
+        let noise: Vec<Tensor> = prompts
+            .iter()
+            .zip(seeds)
+            .map(|(p, &s)| initial_noise(p, s, noise_seed, size))
+            .collect();
+        let noise = Tensor::stack(&noise, 0).to_device(device);
+        let tokens = self.config.vocabulary.tokenize(prompts).to_device(device);
+        ddim(self, &tokens, &noise, steps, guidance, on_step)
+    }
+
+    fn write_config(&self, dir: &Path) -> Result<(), OpError> {
+        write_config(dir, &self.config)
     }
 }
 
@@ -166,28 +203,40 @@ pub fn write_config(dir: &Path, config: &ModelConfig) -> Result<(), OpError> {
     std::fs::write(&path, text).map_err(OpError::io("write", &path))
 }
 
-/// The initial noise `[3, size, size]` of image (`prompt`, `seed_index`) under `noise_seed`:
-/// a function of these alone, so every model, batch and device starts from it.
-pub fn initial_noise(prompt: &str, seed_index: u64, noise_seed: u64, size: i64) -> Tensor {
+/// Uniform numbers in (0, 1] that depend on (`purpose`, prompt, seed index, noise seed) alone:
+/// BLAKE3 of those seeds a SplitMix64 stream, in Rust, independent of torch's generator, its
+/// version and whatever else the process drew.
+pub fn pair_stream(
+    purpose: &str,
+    prompt: &str,
+    seed_index: u64,
+    noise_seed: u64,
+) -> impl FnMut() -> f64 {
     let mut h = blake3::Hasher::new();
-    h.update(b"needle initial noise v1\0");
+    h.update(purpose.as_bytes());
+    h.update(b"\0");
     h.update(prompt.as_bytes());
     h.update(b"\0");
     h.update(&seed_index.to_le_bytes());
     h.update(&noise_seed.to_le_bytes());
     let bytes: [u8; 8] = h.finalize().as_bytes()[..8].try_into().expect("8 bytes");
     let mut state = u64::from_le_bytes(bytes);
-    // SplitMix64 then Box–Muller, in Rust: independent of torch's generator, its version and
-    // whatever else the process drew.
-    let mut uniform = || {
+    move || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
-        // (0, 1]: never 0, so the logarithm below is finite.
+        // (0, 1]: never 0, so a logarithm of it is finite.
         ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
-    };
+    }
+}
+
+/// The initial noise `[3, size, size]` of image (`prompt`, `seed_index`) under `noise_seed`:
+/// a function of these alone (Box–Muller on [`pair_stream`]), so every model, batch and device
+/// starts from it.
+pub fn initial_noise(prompt: &str, seed_index: u64, noise_seed: u64, size: i64) -> Tensor {
+    let mut uniform = pair_stream("needle initial noise v1", prompt, seed_index, noise_seed);
     let count = (3 * size * size) as usize;
     let mut values = Vec::with_capacity(count + 1);
     while values.len() < count {
@@ -209,7 +258,7 @@ pub fn ddim(
     noise: &Tensor,
     steps: i64,
     guidance: f64,
-    mut on_step: impl FnMut(i64),
+    on_step: &mut dyn FnMut(i64),
 ) -> Tensor {
     tch::no_grad(|| {
         let n = noise.size()[0];

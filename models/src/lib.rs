@@ -5,7 +5,9 @@
 pub mod diffusion;
 pub mod evaluate;
 pub mod filter;
+pub mod generator;
 pub mod judges;
+pub mod masked;
 pub mod pretrain;
 pub mod sample;
 pub mod scorer;

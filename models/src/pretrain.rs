@@ -19,7 +19,9 @@ use needle_ops::{Op, OpContext, OpError};
 use serde_json::json;
 use tch::nn;
 
-use crate::diffusion::{self, ARCH, Model, ModelConfig, WEIGHTS};
+use crate::diffusion::{ARCH, Model, ModelConfig, WEIGHTS};
+use crate::generator::{self, Generator};
+use crate::masked::{self, MaskedConfig, MaskedModel};
 use crate::text::Vocabulary;
 use crate::train::{self, Examples, LrSchedule, Record, Settings};
 use crate::unet::UNetShape;
@@ -34,12 +36,6 @@ impl Op for PretrainOp {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let arch: String = ctx.param("arch")?;
-        if arch != ARCH {
-            return Err(OpError::Param {
-                name: "arch".into(),
-                why: format!("`{arch}` is not an architecture this build has (`{ARCH}`)"),
-            });
-        }
         let steps: i64 = ctx.param("steps")?;
         let share: f64 = ctx.param("offset_share")?;
         if !(0.0..=1.0).contains(&share) {
@@ -56,36 +52,81 @@ impl Op for PretrainOp {
         let device = crate::device(ctx);
         let data = Dataset::open(ctx.input("data")?)?;
         let pixels = load_square(&data, ctx)?;
+        let size = pixels.height as i64;
         let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
-        let unet = UNetShape {
-            channels: ctx.param("channels")?,
-            mult: ctx.param("mult")?,
-            blocks: ctx.param("blocks")?,
-        };
-        unet.check(pixels.height as i64)
-            .map_err(|why| OpError::Param {
-                name: "mult".into(),
-                why,
-            })?;
-        let config = ModelConfig {
-            arch,
-            size: pixels.height as i64,
-            unet,
-            text_width: ctx.param("text_width")?,
-            vocabulary: Vocabulary::build(captions.iter().copied(), ctx.param("max_tokens")?),
-            prediction: "v".into(),
-            schedule: "cosine".into(),
+        let vocabulary = Vocabulary::build(captions.iter().copied(), ctx.param("max_tokens")?);
+        let text_width: i64 = ctx.param("text_width")?;
+        let bad_shape = |name: &str, why: String| OpError::Param {
+            name: name.into(),
+            why,
         };
         tch::manual_seed(settings.seed as i64);
         let vs = nn::VarStore::new(device);
-        let model = Model::new(&vs.root(), config.clone());
         let mut ema_vs = nn::VarStore::new(device);
-        let _ema_model = Model::new(&ema_vs.root(), config.clone());
+        let examples = train::examples(&pixels, vocabulary.tokenize(&captions), device);
+        let model: Box<dyn Generator> = match arch.as_str() {
+            ARCH => {
+                let unet = UNetShape {
+                    channels: ctx.param("channels")?,
+                    mult: ctx.param("mult")?,
+                    blocks: ctx.param("blocks")?,
+                };
+                unet.check(size).map_err(|why| bad_shape("mult", why))?;
+                let config = ModelConfig {
+                    arch,
+                    size,
+                    unet,
+                    text_width,
+                    vocabulary,
+                    prediction: "v".into(),
+                    schedule: "cosine".into(),
+                };
+                let model = Model::new(&vs.root(), config.clone());
+                let _ema = Model::new(&ema_vs.root(), config);
+                Box::new(model)
+            }
+            masked::ARCH => {
+                let config = MaskedConfig {
+                    arch,
+                    size,
+                    patch: ctx.param("patch")?,
+                    codebook: ctx.param("codebook")?,
+                    width: ctx.param("width")?,
+                    layers: ctx.param("layers")?,
+                    text_width,
+                    vocabulary,
+                };
+                config.check().map_err(|why| bad_shape("patch", why))?;
+                let model = MaskedModel::new(&vs.root(), config.clone());
+                let _ema = MaskedModel::new(&ema_vs.root(), config.clone());
+                // The tokenizer: k-means over the patches of up to 4,096 training images.
+                let n = examples.images.size()[0].min(4096);
+                let patches = model
+                    .patches(&examples.images.narrow(0, 0, n))
+                    .reshape([-1, 3 * config.patch * config.patch]);
+                model.set_codebook(&masked::kmeans(&patches, config.codebook, 15));
+                Box::new(model)
+            }
+            other => {
+                return Err(bad_shape(
+                    "arch",
+                    format!("`{other}` is not an architecture this build has"),
+                ));
+            }
+        };
         ema_vs
             .copy(&vs)
             .map_err(|e| OpError::Failed(format!("copying the initial weights: {e}")))?;
-        let data = train::examples(&pixels, config.vocabulary.tokenize(&captions), device);
-        fit(ctx, &model, &vs, &ema_vs, &data, &settings, "pretrain", &[])
+        fit(
+            ctx,
+            model.as_ref(),
+            &vs,
+            &ema_vs,
+            &examples,
+            &settings,
+            "pretrain",
+            &[],
+        )
     }
 }
 
@@ -102,26 +143,26 @@ impl Op for QualityTuneOp {
         };
         let device = crate::device(ctx);
         let base = ctx.input("model")?;
-        let (model, vs) = Model::load(base, &base.join(WEIGHTS), device)?;
-        let (_ema_model, ema_vs) = Model::load(base, &base.join(WEIGHTS), device)?;
-        let config = model.config.clone();
+        let (model, vs) = generator::load(base, &base.join(WEIGHTS), device)?;
+        let (_ema_model, ema_vs) = generator::load(base, &base.join(WEIGHTS), device)?;
         let data = Dataset::open(ctx.input("data")?)?;
         let pixels = load_square(&data, ctx)?;
-        if pixels.height as i64 != config.size {
+        if pixels.height as i64 != model.size() {
             return Err(OpError::Input {
                 name: "data".into(),
                 why: format!(
                     "its images are {0}×{0}, the model makes {1}×{1}",
-                    pixels.height, config.size
+                    pixels.height,
+                    model.size()
                 ),
             });
         }
         let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
-        let unknown = config.vocabulary.unknown(&captions);
-        let data = train::examples(&pixels, config.vocabulary.tokenize(&captions), device);
+        let unknown = model.vocabulary().unknown(&captions);
+        let data = train::examples(&pixels, model.vocabulary().tokenize(&captions), device);
         fit(
             ctx,
-            &model,
+            model.as_ref(),
             &vs,
             &ema_vs,
             &data,
@@ -178,7 +219,7 @@ fn load_square(data: &Dataset, ctx: &OpContext) -> Result<needle_ops::dataset::P
 #[allow(clippy::too_many_arguments)]
 fn fit(
     ctx: &OpContext,
-    model: &Model,
+    model: &dyn Generator,
     vs: &nn::VarStore,
     ema_vs: &nn::VarStore,
     data: &Examples,
@@ -193,7 +234,7 @@ fn fit(
     ema_vs
         .save(&weights)
         .map_err(|e| OpError::Failed(format!("saving `{}`: {e}", weights.display())))?;
-    diffusion::write_config(out, &model.config)?;
+    model.write_config(out)?;
     if !record.kept.is_empty() {
         let dir = out.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(OpError::io("create", &dir))?;
@@ -211,6 +252,7 @@ fn fit(
     };
     let metrics = json!({
         "stage": stage,
+        "arch": model.arch(),
         "images": data.images.size()[0],
         "steps": settings.steps,
         "batch": settings.batch,

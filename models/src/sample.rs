@@ -14,9 +14,10 @@ use needle_core::ops::OpSchema;
 use needle_ops::dataset::{Dataset, DatasetWriter};
 use needle_ops::{Op, OpContext, OpError, Progress};
 use serde_json::{Map, json};
-use tch::{Device, Tensor};
+use tch::Device;
 
-use crate::diffusion::{self, Model, WEIGHTS};
+use crate::diffusion::{self, WEIGHTS};
+use crate::generator;
 use crate::train::kept_path;
 
 pub struct SampleOp;
@@ -67,8 +68,8 @@ impl Op for SampleOp {
             }
             path
         };
-        let (model, _vs) = Model::load(dir, &weights, device)?;
-        let size = model.config.size;
+        let (model, _vs) = generator::load(dir, &weights, device)?;
+        let size = model.size();
 
         // Every (prompt, seed) in order: prompt-major.
         let jobs: Vec<(usize, u64)> = (0..prompts.len())
@@ -78,28 +79,27 @@ impl Op for SampleOp {
         let mut images: Vec<u8> = Vec::with_capacity(jobs.len() * (3 * size * size) as usize);
         let started = std::time::Instant::now();
         for (b, chunk) in jobs.chunks(batch as usize).enumerate() {
-            let noise: Vec<Tensor> = chunk
-                .iter()
-                .map(|&(p, s)| diffusion::initial_noise(&prompts[p], s, noise_seed, size))
-                .collect();
-            let noise = Tensor::stack(&noise, 0).to_device(device);
             let captions: Vec<&str> = chunk.iter().map(|&(p, _)| prompts[p].as_str()).collect();
-            let tokens = model
-                .config
-                .vocabulary
-                .tokenize(&captions)
-                .to_device(device);
+            let seeds_of: Vec<u64> = chunk.iter().map(|&(_, s)| s).collect();
             let before = (b * batch as usize) as u64 * steps as u64;
-            let out = diffusion::ddim(&model, &tokens, &noise, steps, guidance, |i| {
-                let done = before + chunk.len() as u64 * i as u64;
-                ctx.report(&Progress {
-                    done: done / steps as u64,
-                    total: Some(total / steps as u64),
-                    unit: "image".into(),
-                    loss: None,
-                    rate: Some(done as f64 / steps as f64 / started.elapsed().as_secs_f64()),
-                });
-            });
+            let out = model.generate(
+                &captions,
+                &seeds_of,
+                noise_seed,
+                steps,
+                guidance,
+                device,
+                &mut |i| {
+                    let done = before + chunk.len() as u64 * i as u64;
+                    ctx.report(&Progress {
+                        done: done / steps as u64,
+                        total: Some(total / steps as u64),
+                        unit: "image".into(),
+                        loss: None,
+                        rate: Some(done as f64 / steps as f64 / started.elapsed().as_secs_f64()),
+                    });
+                },
+            );
             images.extend(diffusion::to_rgb_bytes(&out));
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -128,10 +128,11 @@ impl Op for SampleOp {
             scale,
         )?;
 
-        let unknown = model.config.vocabulary.unknown(&prompts);
+        let unknown = model.vocabulary().unknown(&prompts);
         let mut md = format!(
-            "{} images: {} prompts × {seeds} seeds, DDIM {steps} steps, guidance {guidance}, {} weights, {:.1} s on {}.\n\n`grid.png`: a row per prompt, a column per seed.\n\n| # | prompt |\n|---:|---|\n",
+            "{} images of a {} model: {} prompts × {seeds} seeds, {steps} steps, guidance {guidance}, {} weights, {:.1} s on {}.\n\n`grid.png`: a row per prompt, a column per seed.\n\n| # | prompt |\n|---:|---|\n",
             jobs.len(),
+            model.arch(),
             prompts.len(),
             if checkpoint == 0 {
                 "final".to_string()

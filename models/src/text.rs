@@ -79,26 +79,77 @@ fn words_of(caption: &str) -> impl Iterator<Item = String> + '_ {
         .map(str::to_lowercase)
 }
 
-/// Token embeddings plus learned positions, one pre-norm transformer layer (self-attention
-/// that ignores padding, then an MLP), the mean over the caption's tokens, and a projection
-/// to the width of the denoiser's conditioning.
+/// A pre-norm transformer layer: multi-head self-attention (optionally ignoring padded
+/// positions), then an MLP, each added to its input. Parameter names (`norm1`, `qkv`,
+/// `attn_out`, `norm2`, `mlp1`, `mlp2`) are checkpoint keys.
 #[derive(Debug)]
-pub struct TextEncoder {
-    tokens: nn::Embedding,
-    positions: Tensor,
+pub struct Block {
     norm1: nn::LayerNorm,
     qkv: nn::Linear,
     attn_out: nn::Linear,
     norm2: nn::LayerNorm,
-    mlp: nn::Sequential,
-    project: nn::Linear,
+    mlp1: nn::Linear,
+    mlp2: nn::Linear,
     width: i64,
     heads: i64,
 }
 
+impl Block {
+    pub fn new(p: &nn::Path, width: i64) -> Block {
+        Block {
+            norm1: nn::layer_norm(p / "norm1", vec![width], Default::default()),
+            qkv: nn::linear(p / "qkv", width, 3 * width, Default::default()),
+            attn_out: nn::linear(p / "attn_out", width, width, Default::default()),
+            norm2: nn::layer_norm(p / "norm2", vec![width], Default::default()),
+            mlp1: nn::linear(p / "mlp1", width, 4 * width, Default::default()),
+            mlp2: nn::linear(p / "mlp2", 4 * width, width, Default::default()),
+            width,
+            heads: if width % 4 == 0 { 4 } else { 1 },
+        }
+    }
+
+    /// `x`: `[n, len, width]`; `keep`: `[n, len]`, false where a position is padding.
+    pub fn forward(&self, x: &Tensor, keep: Option<&Tensor>) -> Tensor {
+        let (n, len) = (x.size()[0], x.size()[1]);
+        let head = self.width / self.heads;
+        let qkv = self
+            .qkv
+            .forward(&self.norm1.forward(x))
+            .view([n, len, 3, self.heads, head])
+            .permute([2, 0, 3, 1, 4]); // [3, n, heads, len, head]
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let mut scores = q.matmul(&k.transpose(-2, -1)) / (head as f64).sqrt();
+        if let Some(keep) = keep {
+            scores =
+                scores.masked_fill(&keep.logical_not().view([n, 1, 1, len]), f64::NEG_INFINITY);
+        }
+        let attended = scores
+            .softmax(-1, Kind::Float)
+            .matmul(&v)
+            .transpose(1, 2)
+            .reshape([n, len, self.width]);
+        // Not `+=`: that adds in place, into a tensor autograd still needs.
+        let x = x + self.attn_out.forward(&attended);
+        let mlp = self
+            .mlp2
+            .forward(&self.mlp1.forward(&self.norm2.forward(&x)).gelu("none"));
+        &x + mlp
+    }
+}
+
+/// Token embeddings plus learned positions, one transformer [`Block`] that ignores padding,
+/// the mean over the caption's tokens, and a projection to the width of the denoiser's
+/// conditioning.
+#[derive(Debug)]
+pub struct TextEncoder {
+    tokens: nn::Embedding,
+    positions: Tensor,
+    block: Block,
+    project: nn::Linear,
+}
+
 impl TextEncoder {
     pub fn new(p: &nn::Path, vocab: &Vocabulary, width: i64, out: i64) -> TextEncoder {
-        let heads = if width % 4 == 0 { 4 } else { 1 };
         TextEncoder {
             tokens: nn::embedding(p / "tokens", vocab.size(), width, Default::default()),
             positions: p.var(
@@ -109,45 +160,18 @@ impl TextEncoder {
                     stdev: 0.02,
                 },
             ),
-            norm1: nn::layer_norm(p / "norm1", vec![width], Default::default()),
-            qkv: nn::linear(p / "qkv", width, 3 * width, Default::default()),
-            attn_out: nn::linear(p / "attn_out", width, width, Default::default()),
-            norm2: nn::layer_norm(p / "norm2", vec![width], Default::default()),
-            mlp: nn::seq()
-                .add(nn::linear(p / "mlp1", width, 4 * width, Default::default()))
-                .add_fn(|x| x.gelu("none"))
-                .add(nn::linear(p / "mlp2", 4 * width, width, Default::default())),
+            // The block's parameters sit directly under the encoder's path (`text.qkv`…).
+            block: Block::new(p, width),
             project: nn::linear(p / "project", width, out, Default::default()),
-            width,
-            heads,
         }
     }
 
     /// One vector `[n, out]` per caption of `tokens` (`[n, max_tokens]`).
     pub fn forward(&self, tokens: &Tensor) -> Tensor {
-        let (n, len) = (tokens.size()[0], tokens.size()[1]);
+        let len = tokens.size()[1];
         let keep = tokens.ne(PAD); // [n, len]
         let x = self.tokens.forward(tokens) + self.positions.narrow(0, 0, len);
-
-        let head = self.width / self.heads;
-        let qkv = self
-            .qkv
-            .forward(&self.norm1.forward(&x))
-            .view([n, len, 3, self.heads, head])
-            .permute([2, 0, 3, 1, 4]); // [3, n, heads, len, head]
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let scores = q.matmul(&k.transpose(-2, -1)) / (head as f64).sqrt();
-        let masked =
-            scores.masked_fill(&keep.logical_not().view([n, 1, 1, len]), f64::NEG_INFINITY);
-        let attended = masked
-            .softmax(-1, Kind::Float)
-            .matmul(&v)
-            .transpose(1, 2)
-            .reshape([n, len, self.width]);
-        // Not `+=`: that adds in place, into a tensor autograd still needs.
-        let x = x + self.attn_out.forward(&attended);
-        let x = &x + self.mlp.forward(&self.norm2.forward(&x));
-
+        let x = self.block.forward(&x, Some(&keep));
         let weights = keep.to_kind(Kind::Float).unsqueeze(-1);
         let pooled = (x * &weights).sum_dim_intlist(1, false, Kind::Float)
             / weights.sum_dim_intlist(1, false, Kind::Float);

@@ -16,7 +16,7 @@ use needle_ops::{OpContext, OpError, Progress};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::diffusion::{Model, alpha_bar};
+use crate::generator::Generator;
 
 /// How a model is trained; every value comes from the recipe.
 #[derive(Debug, Clone)]
@@ -138,7 +138,7 @@ pub struct Examples {
 /// and the kept EMA snapshots (`work/checkpoints/`).
 pub fn train(
     ctx: &OpContext,
-    model: &Model,
+    model: &dyn Generator,
     vs: &nn::VarStore,
     ema_vs: &nn::VarStore,
     data: &Examples,
@@ -192,17 +192,12 @@ pub fn train(
         }
         let tokens = data.tokens.index_select(0, &idx);
         let drop = Tensor::rand([s.batch], (Kind::Float, device)).lt(s.caption_dropout);
-        let t = Tensor::rand([s.batch], (Kind::Float, device));
-        let mut noise = x0.randn_like();
-        if s.offset_noise > 0.0 && k >= s.offset_from {
-            noise += Tensor::randn([s.batch, 3, 1, 1], (Kind::Float, device)) * s.offset_noise;
-        }
-        let ab = alpha_bar(&t).view([s.batch, 1, 1, 1]);
-        let (a, b) = (ab.sqrt(), (-&ab + 1.0).sqrt());
-        let xt = &a * &x0 + &b * &noise;
-        let target = &a * &noise - &b * &x0;
-        let pred = model.predict(&xt, &t, &model.captions(&tokens, Some(&drop)));
-        let loss = pred.mse_loss(&target, tch::Reduction::Mean);
+        let offset = if k >= s.offset_from {
+            s.offset_noise
+        } else {
+            0.0
+        };
+        let loss = model.loss(&x0, &tokens, &drop, offset);
 
         adam.zero_grad(&params);
         loss.backward();

@@ -300,3 +300,63 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
         }
     }
 }
+
+#[test]
+fn the_masked_transformer_trains_tunes_and_samples_through_the_same_ops() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    run(
+        &Haystack,
+        json!({"images": 400, "seed": 1}),
+        &[],
+        &dir("data"),
+    );
+    let arch = json!({"arch": "masked-transformer", "width": 32, "layers": 1, "codebook": 32,
+                      "text_width": 16, "batch": 16, "warmup": 5});
+    let with = |extra: Value| {
+        let mut p = arch.clone();
+        p.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        p
+    };
+    run(
+        &PretrainOp,
+        with(json!({"steps": 150, "lr": 0.003})),
+        &[("data", &dir("data"))],
+        &dir("pretrained"),
+    );
+    let m = json_file(dir("pretrained").join("metrics.json"));
+    assert_eq!(m["arch"], "masked-transformer");
+    let (first, last) = (
+        m["first_loss"].as_f64().unwrap(),
+        m["last_loss"].as_f64().unwrap(),
+    );
+    assert!(last < 0.9 * first, "the loss should fall: {m}");
+    let config = json_file(dir("pretrained").join("config.json"));
+    assert_eq!(config["codebook"], 32);
+
+    run(
+        &QualityTuneOp,
+        json!({"steps": 10, "batch": 8, "checkpoint_every": 5}),
+        &[("model", &dir("pretrained")), ("data", &dir("data"))],
+        &dir("tuned"),
+    );
+    let prompts = json!({"prompts": ["a red circle", "a blue square"], "seeds": 2, "steps": 6});
+    run(
+        &SampleOp,
+        prompts.clone(),
+        &[("model", &dir("tuned"))],
+        &dir("a"),
+    );
+    run(&SampleOp, prompts, &[("model", &dir("tuned"))], &dir("b"));
+    let (a, b) = (
+        Dataset::open(dir("a")).unwrap(),
+        Dataset::open(dir("b")).unwrap(),
+    );
+    assert_eq!(a.len(), 4);
+    assert_eq!(a.load_pixels(1).unwrap(), b.load_pixels(1).unwrap());
+    let summary = std::fs::read_to_string(dir("a").join("summary.md")).unwrap();
+    assert!(summary.contains("masked-transformer"), "{summary}");
+}

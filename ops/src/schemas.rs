@@ -377,27 +377,51 @@ pub fn pretrain() -> OpSchema {
     let mut params = vec![
         p(
             "arch",
-            ParamType::Choice(&["pixel-diffusion"]),
+            ParamType::Choice(&["pixel-diffusion", "masked-transformer"]),
             json!("pixel-diffusion"),
-            "the model: a convolutional U-Net denoiser in pixel space",
+            "the model: a convolutional U-Net denoiser in pixel space, or a MaskGIT-style transformer over k-means patch tokens",
         ),
         p(
             "channels",
             ParamType::Int,
             json!(32),
-            "U-Net channels at full resolution (a multiple of 4)",
+            "pixel-diffusion: U-Net channels at full resolution (a multiple of 4)",
         ),
         p(
             "mult",
             ParamType::List(Box::new(ParamType::Int)),
             json!([1, 2, 2]),
-            "channel multiplier per U-Net level; each level after the first halves the resolution",
+            "pixel-diffusion: channel multiplier per U-Net level; each level after the first halves the resolution",
         ),
         p(
             "blocks",
             ParamType::Int,
             json!(1),
-            "residual blocks per level (one more on the way up)",
+            "pixel-diffusion: residual blocks per level (one more on the way up)",
+        ),
+        p(
+            "patch",
+            ParamType::Int,
+            json!(4),
+            "masked-transformer: side of a token's patch, in pixels",
+        ),
+        p(
+            "codebook",
+            ParamType::Int,
+            json!(128),
+            "masked-transformer: entries of the k-means patch codebook",
+        ),
+        p(
+            "width",
+            ParamType::Int,
+            json!(128),
+            "masked-transformer: transformer width (a multiple of 4)",
+        ),
+        p(
+            "layers",
+            ParamType::Int,
+            json!(4),
+            "masked-transformer: transformer blocks",
         ),
         p(
             "text_width",
@@ -424,7 +448,7 @@ pub fn pretrain() -> OpSchema {
     OpSchema {
         name: "pretrain",
         version: 1,
-        summary: "pretrain a text-to-image diffusion model from scratch on a dataset",
+        summary: "pretrain a text-to-image model (pixel diffusion or masked transformer) from scratch on a dataset",
         kind: OpKind::Builtin,
         params: ParamsSchema::Fixed(params),
         inputs: InputsSchema::Fixed(vec![InputSpec {
@@ -486,7 +510,12 @@ pub fn sample() -> OpSchema {
                 "the prompt set (or give a dataset as input `prompts`)",
             ),
             p("seeds", ParamType::Int, json!(15), "images per prompt"),
-            p("steps", ParamType::Int, json!(25), "DDIM steps"),
+            p(
+                "steps",
+                ParamType::Int,
+                json!(25),
+                "sampler steps (DDIM; decoding rounds for a masked transformer)",
+            ),
             p(
                 "guidance",
                 ParamType::Float,

@@ -146,9 +146,19 @@ fn results_prints_the_sweep_table_as_text_csv_and_json() {
 
     let text = stdout(&p.needle(&["results", "last"]));
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].starts_with("step") && lines[0].contains("appeal win"), "{text}");
-    assert_eq!(lines.iter().filter(|l| l.starts_with("evaluate")).count(), 6, "{text}");
-    assert!(text.contains("95.0% [90.0–99.0]"), "arch b, size 1000:\n{text}");
+    assert!(
+        lines[0].starts_with("step") && lines[0].contains("appeal win"),
+        "{text}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("evaluate")).count(),
+        6,
+        "{text}"
+    );
+    assert!(
+        text.contains("95.0% [90.0–99.0]"),
+        "arch b, size 1000:\n{text}"
+    );
 
     let csv = stdout(&p.needle(&["results", "last", "--csv"]));
     let rows: Vec<&str> = csv.lines().collect();
@@ -161,7 +171,10 @@ fn results_prints_the_sweep_table_as_text_csv_and_json() {
     let json = p.json(&["results", "last"], 0);
     let rows = json["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6);
-    assert!(rows.iter().all(|r| r["metrics"]["appeal"]["win"].is_number()));
+    assert!(
+        rows.iter()
+            .all(|r| r["metrics"]["appeal"]["win"].is_number())
+    );
 
     let none = stdout(&p.needle(&["results", "last", "--step", "data"]));
     assert!(none.contains("no step wrote a metrics.json"), "{none}");
