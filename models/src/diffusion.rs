@@ -169,24 +169,13 @@ impl crate::generator::Generator for Model {
 
 /// The config of the model saved in `dir`, checked to be one this build knows.
 pub fn read_config(dir: &Path) -> Result<ModelConfig, OpError> {
-    let path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| OpError::Input {
-        name: "model".into(),
-        why: format!(
-            "`{}` has no model config ({e}); is it a `pretrain` or `quality-tune` output?",
-            path.display()
-        ),
-    })?;
-    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| OpError::Input {
-        name: "model".into(),
-        why: format!("`{}` is not a model config: {e}", path.display()),
-    })?;
+    let config: ModelConfig = crate::generator::read_config(dir)?;
     if config.arch != ARCH || config.prediction != "v" || config.schedule != "cosine" {
         return Err(OpError::Input {
             name: "model".into(),
             why: format!(
                 "`{}` describes a model this build cannot run (arch {}, prediction {}, schedule {})",
-                path.display(),
+                dir.join(CONFIG).display(),
                 config.arch,
                 config.prediction,
                 config.schedule

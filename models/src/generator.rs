@@ -38,12 +38,8 @@ pub trait Generator {
     fn write_config(&self, dir: &Path) -> Result<(), OpError>;
 }
 
-/// The `arch` of the model saved in `dir`.
-pub fn read_arch(dir: &Path) -> Result<String, OpError> {
-    #[derive(serde::Deserialize)]
-    struct Arch {
-        arch: String,
-    }
+/// The `config.json` of the model saved in `dir`, as `T`.
+pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, OpError> {
     let path = dir.join(crate::diffusion::CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| OpError::Input {
         name: "model".into(),
@@ -52,11 +48,22 @@ pub fn read_arch(dir: &Path) -> Result<String, OpError> {
             path.display()
         ),
     })?;
-    let a: Arch = serde_json::from_str(&text).map_err(|e| OpError::Input {
+    serde_json::from_str(&text).map_err(|e| OpError::Input {
         name: "model".into(),
-        why: format!("`{}` is not a model config: {e}", path.display()),
-    })?;
-    Ok(a.arch)
+        why: format!(
+            "`{}` is not a model config this build reads: {e}",
+            path.display()
+        ),
+    })
+}
+
+/// The `arch` of the model saved in `dir`.
+pub fn read_arch(dir: &Path) -> Result<String, OpError> {
+    #[derive(serde::Deserialize)]
+    struct Arch {
+        arch: String,
+    }
+    Ok(read_config::<Arch>(dir)?.arch)
 }
 
 /// Load the model saved in `dir` (its weights file `weights`), whatever its architecture.

@@ -67,15 +67,7 @@ impl MaskedConfig {
 }
 
 pub fn read_config(dir: &Path) -> Result<MaskedConfig, OpError> {
-    let path = dir.join(crate::diffusion::CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(OpError::io("read", &path))?;
-    serde_json::from_str(&text).map_err(|e| OpError::Input {
-        name: "model".into(),
-        why: format!(
-            "`{}` is not a masked-transformer config: {e}",
-            path.display()
-        ),
-    })
+    crate::generator::read_config(dir)
 }
 
 #[derive(Debug)]

@@ -47,12 +47,17 @@ fn json_file(path: PathBuf) -> Value {
 
 const TINY: &str = r#"{"channels": 8, "mult": [1, 2], "text_width": 16, "batch": 16, "warmup": 5}"#;
 
-fn tiny(extra: Value) -> Value {
-    let mut p: Value = serde_json::from_str(TINY).unwrap();
+/// `base` with the keys of `extra` laid over it.
+fn merged(base: &Value, extra: Value) -> Value {
+    let mut p = base.clone();
     p.as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
     p
+}
+
+fn tiny(extra: Value) -> Value {
+    merged(&serde_json::from_str(TINY).unwrap(), extra)
 }
 
 #[test]
