@@ -68,6 +68,8 @@ pub enum Command {
     Ops(JsonArg),
     /// Print shell completions.
     Completions(CompletionsArgs),
+    /// Check the store's records against its bytes: manifests, blobs, keys, indices, runs.
+    Verify(VerifyArgs),
     /// Check the installation: libtorch, CUDA and GPUs, CPUs, and the store.
     Doctor(JsonArg),
 }
@@ -133,6 +135,15 @@ pub struct PlanArgs {
     #[arg(long)]
     pub why: bool,
 
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Also re-hash every blob (reads every byte of the store).
+    #[arg(long)]
+    pub hash: bool,
     #[arg(long)]
     pub json: bool,
 }

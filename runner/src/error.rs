@@ -12,7 +12,7 @@ use needle_ops::OpError;
 pub enum Exit {
     /// Every step succeeded or was cached.
     Success = 0,
-    /// At least one step failed (its dependents were skipped).
+    /// At least one step failed (its dependents were skipped); or `verify` found a problem.
     StepFailed = 1,
     /// Bad invocation or recipe; nothing was written to the store.
     BadInput = 2,

@@ -47,6 +47,7 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Diff(args) => commands::diff::diff_cmd(cli, args),
         Command::Report(args) => commands::report::report(cli, args),
         Command::Results(args) => commands::results::results(cli, args),
+        Command::Verify(args) => commands::verify::verify(cli, args),
         Command::Show(args) => commands::show::show(cli, args),
         Command::Logs(args) => commands::logs::logs(cli, args),
         Command::Ops(args) => commands::ops::ops(args),

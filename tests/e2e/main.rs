@@ -17,4 +17,5 @@ mod resources;
 mod resume;
 mod snapshots;
 mod sweep;
+mod verify;
 mod why;

@@ -50,6 +50,7 @@ mod fsutil;
 mod lock;
 mod meta;
 pub mod records;
+mod verify;
 mod view;
 
 use std::fs;
@@ -62,6 +63,7 @@ use std::time::Duration;
 pub use errors::StoreError;
 pub use lock::LockMode;
 pub use records::*;
+pub use verify::VerifyReport;
 
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
 

@@ -16,6 +16,7 @@ pub mod run;
 pub mod runs;
 pub mod show;
 pub mod status;
+pub mod verify;
 pub mod why;
 
 use std::path::{Path, PathBuf};

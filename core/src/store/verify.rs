@@ -1,0 +1,160 @@
+//! `Store::verify`: the store's promises, checked from its records down to its bytes. Reads
+//! only; a problem is reported, never repaired here.
+//!
+//! - every artifact's manifest hashes to its digest, and every file it lists is a blob in
+//!   `blobs/` of the recorded size (and, with `hash`, of the recorded content);
+//! - every step's key is the digest of its spec, its output artifact is recorded, and the
+//!   producer index lists it;
+//! - every run's finished steps point at recorded artifacts.
+
+use std::collections::HashSet;
+
+use crate::digest::{ArtifactDigest, BlobDigest};
+use crate::store::{EntryKind, Manifest, StepRecord, StepStatus, Store, StoreError};
+
+/// What [`Store::verify`] looked at and what it found wrong.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub steps: usize,
+    pub artifacts: usize,
+    pub runs: usize,
+    /// Distinct blobs checked (size, and content when hashing).
+    pub blobs: usize,
+    pub bytes_hashed: u64,
+    /// One line per problem, naming the record and what is wrong.
+    pub problems: Vec<String>,
+}
+
+impl Store {
+    /// Check every record against the bytes on disk; `hash` also re-hashes every blob.
+    pub fn verify(&self, hash: bool) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let mut seen_blobs: HashSet<BlobDigest> = HashSet::new();
+        for item in self.trees.artifacts.iter() {
+            let (key, value) = item?;
+            report.artifacts += 1;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let manifest: Manifest = match serde_json::from_slice(&value) {
+                Ok(m) => m,
+                Err(e) => {
+                    report
+                        .problems
+                        .push(format!("artifact {name}: unreadable manifest ({e})"));
+                    continue;
+                }
+            };
+            if manifest.digest().hex() != name {
+                report.problems.push(format!(
+                    "artifact {name}: its manifest hashes to {}",
+                    manifest.digest().hex()
+                ));
+            }
+            for e in &manifest.entries {
+                let EntryKind::File { blob, size, .. } = &e.kind else {
+                    continue;
+                };
+                if !seen_blobs.insert(*blob) {
+                    continue;
+                }
+                report.blobs += 1;
+                let path = self.blob_path(blob);
+                match std::fs::metadata(&path) {
+                    Err(_) => report.problems.push(format!(
+                        "artifact {name}: `{}` is blob {}, which is missing",
+                        e.path,
+                        blob.hex()
+                    )),
+                    Ok(m) if m.len() != *size => report.problems.push(format!(
+                        "artifact {name}: `{}` is blob {} of {} bytes, but {} are on disk",
+                        e.path,
+                        blob.hex(),
+                        size,
+                        m.len()
+                    )),
+                    Ok(_) if hash => {
+                        let mut h = blake3::Hasher::new();
+                        let read = std::fs::File::open(&path)
+                            .and_then(|mut f| std::io::copy(&mut f, &mut h));
+                        match read {
+                            Ok(n) => {
+                                report.bytes_hashed += n;
+                                if BlobDigest::from_hasher(&h) != *blob {
+                                    report.problems.push(format!(
+                                        "artifact {name}: `{}` is blob {}, whose bytes on disk hash otherwise",
+                                        e.path,
+                                        blob.hex()
+                                    ));
+                                }
+                            }
+                            Err(err) => report
+                                .problems
+                                .push(format!("blob {}: unreadable ({err})", blob.hex())),
+                        }
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        for item in self.trees.steps.iter() {
+            let (key, value) = item?;
+            report.steps += 1;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let rec: StepRecord = match serde_json::from_slice(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    report
+                        .problems
+                        .push(format!("step {name}: unreadable record ({e})"));
+                    continue;
+                }
+            };
+            if rec.spec.key().hex() != name {
+                report.problems.push(format!(
+                    "step {name} ({}): its spec hashes to {}",
+                    rec.name,
+                    rec.spec.key().hex()
+                ));
+            }
+            if !self.has_artifact(&rec.output)? {
+                report.problems.push(format!(
+                    "step {name} ({}): its output {} has no manifest",
+                    rec.name,
+                    rec.output.hex()
+                ));
+            }
+            if !self.producers(&rec.output)?.contains(&rec.key) {
+                report.problems.push(format!(
+                    "step {name} ({}): the producer index does not list it for {}",
+                    rec.name,
+                    rec.output.hex()
+                ));
+            }
+        }
+        for summary in self.runs()? {
+            report.runs += 1;
+            let Some(run) = self.run(summary.id)? else {
+                report
+                    .problems
+                    .push(format!("run {}: listed but not recorded", summary.id));
+                continue;
+            };
+            for s in &run.steps {
+                if let StepStatus::Cached { output } | StepStatus::Succeeded { output } = &s.status
+                    && !self.has_artifact(output)?
+                {
+                    report.problems.push(format!(
+                        "run {}: step {} finished with {}, which has no manifest",
+                        run.id,
+                        s.name,
+                        output.hex()
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn has_artifact(&self, a: &ArtifactDigest) -> Result<bool, StoreError> {
+        Ok(self.trees.artifacts.contains_key(a.hex().as_bytes())?)
+    }
+}

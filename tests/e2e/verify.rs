@@ -1,0 +1,78 @@
+//! `needle verify`: a healthy store passes; a blob damaged behind the store's back is found and
+//! named (by size, or with `--hash` by content).
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::common::*;
+
+#[test]
+fn verify_passes_a_healthy_store_and_names_a_damaged_blob() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "verify"
+[steps.a]
+op = "exec"
+cmd = ["sh", "-c", "echo hello > \"$NEEDLE_OUT/greeting\"; echo world > \"$NEEDLE_OUT/other\""]
+"#,
+    );
+    p.json(&["run", "recipe.toml"], 0);
+    let ok = p.needle(&["verify", "--hash"]);
+    assert_code(&ok, 0);
+    assert!(
+        stdout(&ok).contains("the store is consistent"),
+        "{}",
+        stdout(&ok)
+    );
+
+    // Flip one byte of a blob, keeping its size: only hashing can tell.
+    let show = p.json(&["show", "last:a"], 0);
+    let view = std::path::PathBuf::from(show["view"].as_str().unwrap());
+    let blob = std::fs::canonicalize(view.join("greeting")).unwrap();
+    let blob = if blob.starts_with(p.store().join("blobs")) {
+        blob
+    } else {
+        // Views hold hard links: find the blob by its inode.
+        find_blob(&p.store().join("blobs"), &view.join("greeting"))
+    };
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&blob, "jello\n").unwrap();
+    assert_code(&p.needle(&["verify"]), 0);
+    let bad = p.needle(&["verify", "--hash"]);
+    assert_code(&bad, 1);
+    assert!(
+        stdout(&bad).contains("`greeting` is blob") && stdout(&bad).contains("hash otherwise"),
+        "{}",
+        stdout(&bad)
+    );
+
+    // Truncate it: the sizes alone tell.
+    std::fs::write(&blob, "j").unwrap();
+    let bad = p.needle(&["verify"]);
+    assert_code(&bad, 1);
+    assert!(
+        stdout(&bad).contains("but 1 are on disk"),
+        "{}",
+        stdout(&bad)
+    );
+}
+
+fn find_blob(blobs: &std::path::Path, file: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(file).unwrap().ino();
+    let mut stack = vec![blobs.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = e.path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            if m.is_dir() {
+                stack.push(path);
+            } else if m.ino() == ino {
+                return path;
+            }
+        }
+    }
+    panic!("no blob shares {}'s inode", file.display());
+}
