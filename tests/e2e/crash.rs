@@ -66,3 +66,80 @@ cmd = ["sh", "-c", "echo ${i} >> \"$NEEDLE_RECIPE_DIR/executions\"; sleep 0.2; s
     let again = p.json(&["run", "recipe.toml"], 0);
     assert_eq!(again["executed"], 0);
 }
+
+const SMALL: &str = r#"
+[recipe]
+name = "crash-small"
+
+[sweep]
+i = [0, 1, 2, 3, 4, 5, 6, 7]
+
+[steps.work]
+op = "exec"
+cmd = ["sh", "-c", "sleep 0.05; seq 1 ${i}00 > \"$NEEDLE_OUT/data\""]
+
+[steps.total]
+op = "exec"
+inputs = { parts = "work[*]" }
+cmd = ["sh", "-c", "cat \"$NEEDLE_IN_PARTS\"/*/data | wc -l > \"$NEEDLE_OUT/total\""]
+"#;
+
+/// (step label, output digest) of every step of a `run --json` answer, sorted.
+fn outputs(run: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                format!("{}{}", s["name"], s["bindings"]),
+                s["output"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn fifty_kills_at_spread_out_moments_never_change_the_final_digests() {
+    let reference = Project::new();
+    reference.write("recipe.toml", SMALL);
+    let want = outputs(&reference.json(&["run", "recipe.toml", "-j", "2"], 0));
+    assert_eq!(want.len(), 9);
+
+    let mut killed_mid_run = 0;
+    for k in 0..50u64 {
+        let p = Project::new();
+        p.write("recipe.toml", SMALL);
+        let mut child = std::process::Command::new(bin())
+            .current_dir(p.dir.path())
+            .env("NEEDLE_STORE", p.store())
+            .args(["run", "recipe.toml", "-j", "2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Crash points spread over the run's life: from before the store opens to after it ends.
+        let delay = Duration::from_millis((k * 37 % 50) * 4);
+        std::thread::sleep(delay);
+        // SAFETY: SIGKILL to the child we spawned.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        if status.code().is_none() {
+            killed_mid_run += 1;
+        }
+        // Killed before the store's FORMAT file was written, there is no store yet (a later
+        // run creates it); otherwise it must verify.
+        if p.store().join("FORMAT").exists() {
+            let verify = p.needle(&["verify", "--hash"]);
+            assert_code(&verify, 0);
+        }
+        let got = outputs(&p.json(&["run", "recipe.toml", "-j", "2"], 0));
+        assert_eq!(got, want, "kill after {delay:?}");
+    }
+    assert!(
+        killed_mid_run >= 25,
+        "only {killed_mid_run} of 50 kills hit a running run"
+    );
+}
