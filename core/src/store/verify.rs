@@ -7,7 +7,7 @@
 //!   producer index lists it;
 //! - every run's finished steps point at recorded artifacts.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
 use crate::digest::{ArtifactDigest, BlobDigest};
 use crate::store::{EntryKind, Manifest, StepRecord, StepStatus, Store, StoreError};
@@ -29,7 +29,9 @@ impl Store {
     /// Check every record against the bytes on disk; `hash` also re-hashes every blob.
     pub fn verify(&self, hash: bool) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
-        let mut seen_blobs: HashSet<BlobDigest> = HashSet::new();
+        // Every blob with the artifacts (and paths in them) that use it, so that a damaged
+        // blob is reported with all of them.
+        let mut users: BTreeMap<BlobDigest, (u64, Vec<String>)> = BTreeMap::new();
         for item in self.trees.artifacts.iter() {
             let (key, value) = item?;
             report.artifacts += 1;
@@ -50,49 +52,53 @@ impl Store {
                 ));
             }
             for e in &manifest.entries {
-                let EntryKind::File { blob, size, .. } = &e.kind else {
-                    continue;
-                };
-                if !seen_blobs.insert(*blob) {
-                    continue;
+                if let EntryKind::File { blob, size, .. } = &e.kind {
+                    users
+                        .entry(*blob)
+                        .or_insert((*size, Vec::new()))
+                        .1
+                        .push(format!(
+                            "`{}` of artifact {}",
+                            e.path,
+                            &name[..12.min(name.len())]
+                        ));
                 }
-                report.blobs += 1;
-                let path = self.blob_path(blob);
-                match std::fs::metadata(&path) {
-                    Err(_) => report.problems.push(format!(
-                        "artifact {name}: `{}` is blob {}, which is missing",
-                        e.path,
-                        blob.hex()
-                    )),
-                    Ok(m) if m.len() != *size => report.problems.push(format!(
-                        "artifact {name}: `{}` is blob {} of {} bytes, but {} are on disk",
-                        e.path,
-                        blob.hex(),
-                        size,
-                        m.len()
-                    )),
-                    Ok(_) if hash => {
-                        let mut h = blake3::Hasher::new();
-                        let read = std::fs::File::open(&path)
-                            .and_then(|mut f| std::io::copy(&mut f, &mut h));
-                        match read {
-                            Ok(n) => {
-                                report.bytes_hashed += n;
-                                if BlobDigest::from_hasher(&h) != *blob {
-                                    report.problems.push(format!(
-                                        "artifact {name}: `{}` is blob {}, whose bytes on disk hash otherwise",
-                                        e.path,
-                                        blob.hex()
-                                    ));
-                                }
+            }
+        }
+        for (blob, (size, used_by)) in &users {
+            report.blobs += 1;
+            let path = self.blob_path(blob);
+            let used = used_by.join(", ");
+            match std::fs::metadata(&path) {
+                Err(_) => report
+                    .problems
+                    .push(format!("blob {} is missing; used by {used}", blob.hex())),
+                Ok(m) if m.len() != *size => report.problems.push(format!(
+                    "blob {} should hold {size} bytes, but {} are on disk; used by {used}",
+                    blob.hex(),
+                    m.len()
+                )),
+                Ok(_) if hash => {
+                    let mut h = blake3::Hasher::new();
+                    let read =
+                        std::fs::File::open(&path).and_then(|mut f| std::io::copy(&mut f, &mut h));
+                    match read {
+                        Ok(n) => {
+                            report.bytes_hashed += n;
+                            if BlobDigest::from_hasher(&h) != *blob {
+                                report.problems.push(format!(
+                                    "blob {}: its bytes on disk hash otherwise; used by {used}",
+                                    blob.hex()
+                                ));
                             }
-                            Err(err) => report
-                                .problems
-                                .push(format!("blob {}: unreadable ({err})", blob.hex())),
                         }
+                        Err(err) => report.problems.push(format!(
+                            "blob {}: unreadable ({err}); used by {used}",
+                            blob.hex()
+                        )),
                     }
-                    Ok(_) => {}
                 }
+                Ok(_) => {}
             }
         }
         for item in self.trees.steps.iter() {
