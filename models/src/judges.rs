@@ -108,12 +108,7 @@ impl Op for JudgesOp {
         let faithfulness: usize = ctx.param("faithfulness")?;
         let sample: usize = ctx.param("sample")?;
         let seed: i64 = ctx.param("seed")?;
-        let training = Training {
-            steps: ctx.param("steps")?,
-            batch: ctx.param("batch")?,
-            lr: ctx.param("lr")?,
-            width: ctx.param("width")?,
-        };
+        let training = Training::from_ctx(ctx)?;
         let device = crate::device(ctx);
         let threads = ctx.cpus as usize;
         let data = Dataset::open(ctx.input("data")?)?;

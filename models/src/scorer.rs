@@ -53,12 +53,7 @@ impl Op for ScorerOp {
         let sample: usize = ctx.param("sample")?;
         let skip: usize = ctx.param("skip")?;
         let seed: i64 = ctx.param("seed")?;
-        let training = Training {
-            steps: ctx.param("steps")?,
-            batch: ctx.param("batch")?,
-            lr: ctx.param("lr")?,
-            width: ctx.param("width")?,
-        };
+        let training = Training::from_ctx(ctx)?;
         let device = crate::device(ctx);
         tch::manual_seed(seed);
 
@@ -83,6 +78,18 @@ pub struct Training {
     pub batch: i64,
     pub lr: f64,
     pub width: i64,
+}
+
+impl Training {
+    /// The `steps`, `batch`, `lr` and `width` params every scorer-training op has.
+    pub fn from_ctx(ctx: &OpContext) -> Result<Training, OpError> {
+        Ok(Training {
+            steps: ctx.param("steps")?,
+            batch: ctx.param("batch")?,
+            lr: ctx.param("lr")?,
+            width: ctx.param("width")?,
+        })
+    }
 }
 
 /// Train a scorer of `kind` on `subset` (its last fifth held out for validation): the weights,

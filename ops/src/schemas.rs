@@ -6,56 +6,64 @@ use needle_core::ops::{
 };
 use serde_json::{Value, json};
 
-/// `scorer`: see `needle_models::scorer`.
-pub fn scorer() -> OpSchema {
-    let p = |name, ty, default: Option<serde_json::Value>, doc| ParamSpec {
+/// A param with a default.
+fn p(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> ParamSpec {
+    ParamSpec {
         name,
         ty,
-        default,
+        default: Some(default),
         doc,
-    };
+    }
+}
+
+/// A param the recipe must give.
+fn required(name: &'static str, ty: ParamType, doc: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        ty,
+        default: None,
+        doc,
+    }
+}
+
+/// `scorer`: see `needle_models::scorer`.
+pub fn scorer() -> OpSchema {
     OpSchema {
         name: "scorer",
         version: 1,
         summary: "train an aesthetic scorer (on a rated sample) or a caption-image agreement classifier",
         kind: OpKind::Builtin,
         params: ParamsSchema::Fixed(vec![
-            p(
+            required(
                 "kind",
                 ParamType::Choice(&["aesthetic", "agreement"]),
-                None,
                 "which scorer",
             ),
             p(
                 "sample",
                 ParamType::Int,
-                Some(json!(2000)),
+                json!(2000),
                 "images drawn from the pool (20% held out for validation)",
             ),
             p(
                 "skip",
                 ParamType::Int,
-                Some(json!(0)),
+                json!(0),
                 "images skipped first, so that scorers and judges use disjoint samples",
             ),
-            p("steps", ParamType::Int, Some(json!(800)), "optimizer steps"),
-            p("batch", ParamType::Int, Some(json!(64)), "batch size"),
-            p(
-                "lr",
-                ParamType::Float,
-                Some(json!(0.002)),
-                "Adam learning rate",
-            ),
+            p("steps", ParamType::Int, json!(800), "optimizer steps"),
+            p("batch", ParamType::Int, json!(64), "batch size"),
+            p("lr", ParamType::Float, json!(0.002), "Adam learning rate"),
             p(
                 "width",
                 ParamType::Int,
-                Some(json!(16)),
+                json!(16),
                 "channels of the first convolution",
             ),
             p(
                 "seed",
                 ParamType::Int,
-                Some(json!(0)),
+                json!(0),
                 "seed of the sample, the split and the initialisation",
             ),
         ]),
@@ -69,12 +77,6 @@ pub fn scorer() -> OpSchema {
 
 /// `filter`: see `needle_models::filter`.
 pub fn filter() -> OpSchema {
-    let p = |name, ty, default: Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
     OpSchema {
         name: "filter",
         version: 1,
@@ -176,12 +178,6 @@ pub fn filter() -> OpSchema {
 
 /// `judges`: see `needle_models::judges`.
 pub fn judges() -> OpSchema {
-    let p = |name, ty, default: Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
     OpSchema {
         name: "judges",
         version: 1,
@@ -232,12 +228,6 @@ pub fn judges() -> OpSchema {
 
 /// `evaluate`: see `needle_models::evaluate`.
 pub fn evaluate() -> OpSchema {
-    let p = |name, ty, default: Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
     OpSchema {
         name: "evaluate",
         version: 1,
@@ -299,12 +289,6 @@ fn training_params(
     offset_noise: f64,
     save_every: i64,
 ) -> Vec<ParamSpec> {
-    let p = |name, ty, default: Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
     vec![
         p("steps", ParamType::Int, json!(steps), "optimizer steps"),
         p("batch", ParamType::Int, json!(64), "images per step"),
@@ -368,12 +352,6 @@ fn training_params(
 
 /// `pretrain`: see `needle_models::pretrain`.
 pub fn pretrain() -> OpSchema {
-    let p = |name, ty, default: Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
     let mut params = vec![
         p(
             "arch",
@@ -462,12 +440,12 @@ pub fn pretrain() -> OpSchema {
 /// `quality-tune`: see `needle_models::pretrain`.
 pub fn quality_tune() -> OpSchema {
     let mut params = training_params(400, 0.0001, "constant", 0, 0.99, 0.1, 100);
-    params.push(ParamSpec {
-        name: "checkpoint_every",
-        ty: ParamType::Int,
-        default: Some(json!(100)),
-        doc: "keep the EMA weights every this many steps in `checkpoints/` (0: only the final)",
-    });
+    params.push(p(
+        "checkpoint_every",
+        ParamType::Int,
+        json!(100),
+        "keep the EMA weights every this many steps in `checkpoints/` (0: only the final)",
+    ));
     OpSchema {
         name: "quality-tune",
         version: 1,
@@ -491,12 +469,6 @@ pub fn quality_tune() -> OpSchema {
 
 /// `sample`: see `needle_models::sample`.
 pub fn sample() -> OpSchema {
-    let p = |name, ty, default: Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
     OpSchema {
         name: "sample",
         version: 1,

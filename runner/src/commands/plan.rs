@@ -118,6 +118,7 @@ fn reasons(
         })
         .collect();
     let mut out = Vec::with_capacity(plan.nodes.len());
+    let mut named: BTreeMap<&str, Vec<needle_core::store::StepRecord>> = BTreeMap::new();
     for (node, p) in plan.nodes.iter().zip(predicted) {
         let lines = match p {
             Predicted::Cached { .. } => Vec::new(),
@@ -139,15 +140,20 @@ fn reasons(
                     .spec(|u| outputs[u])
                     .expect("a Run node's inputs are known");
                 match store {
-                    Some(store) => crate::commands::why::Reason::find(
-                        store,
-                        &node.name,
-                        &node.bindings,
-                        &spec,
-                        None,
-                    )?
-                    .lines(&node.name),
-                    None => vec!["the store is empty".into()],
+                    Some(store) => {
+                        // One scan of the store per step name, however many arms it has.
+                        if !named.contains_key(node.name.as_str()) {
+                            named.insert(node.name.as_str(), store.steps_named(&node.name)?);
+                        }
+                        crate::commands::why::Reason::find(
+                            &named[node.name.as_str()],
+                            &node.bindings,
+                            &spec,
+                            None,
+                        )
+                        .lines(&node.name)
+                    }
+                    None => vec!["there is no store yet: nothing ran before".into()],
                 }
             }
         };

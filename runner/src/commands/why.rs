@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use needle_core::digest::StepKey;
 use needle_core::lineage::producer;
-use needle_core::store::{Execution, StepRecord, StepSpec, StepStatus, Store};
+use needle_core::store::{Execution, StepRecord, StepSpec, StepStatus};
 use needle_core::value::Value;
 use needle_core::why::{Change, closest};
 
@@ -25,24 +25,22 @@ pub struct Reason {
 }
 
 impl Reason {
-    /// `name` (of the arm `bindings`) with `spec`, against the stored steps of that name:
-    /// with `since`, only those first executed by an earlier run, before that time.
+    /// A step of the arm `bindings` with `spec`, against `named` (the stored steps of its
+    /// name, `Store::steps_named`): with `since`, only those first executed by an earlier
+    /// run, before that time.
     pub fn find(
-        store: &Store,
-        name: &str,
+        named: &[StepRecord],
         bindings: &BTreeMap<String, Value>,
         spec: &StepSpec,
         since: Option<&Execution>,
-    ) -> Result<Reason, CliError> {
-        let earlier: Vec<StepRecord> = store
-            .steps_named(name)?
-            .into_iter()
+    ) -> Reason {
+        let earlier = named
+            .iter()
             .filter(|r| match (since, r.executions.first()) {
                 (Some(t), Some(e)) => e.run < t.run && e.started < t.started,
                 _ => true,
-            })
-            .collect();
-        Ok(match closest(spec, bindings, &earlier) {
+            });
+        match closest(spec, bindings, earlier) {
             Some((r, changes)) => Reason {
                 closest: Some(r.key),
                 closest_run: r.executions.last().map(|e| e.run),
@@ -53,7 +51,7 @@ impl Reason {
                 closest_run: None,
                 changes: Vec::new(),
             },
-        })
+        }
     }
 
     /// One line per change, or why there is none to show.
@@ -121,7 +119,8 @@ pub fn why(cli: &Cli, args: &WhyArgs) -> Result<Exit, CliError> {
         );
         return finish(args.json, &label, Some(key), &msg, None);
     }
-    let reason = Reason::find(&store, &rec.name, &rec.bindings, &rec.spec, first)?;
+    let named = store.steps_named(&rec.name)?;
+    let reason = Reason::find(&named, &rec.bindings, &rec.spec, first);
     let head = match (&reason.closest, first) {
         (Some(c), Some(e)) => format!(
             "{label} (key {}) executed in run {} because, compared with the closest earlier `{}` (key {}{}):",
