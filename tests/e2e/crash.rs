@@ -67,6 +67,69 @@ cmd = ["sh", "-c", "echo ${i} >> \"$NEEDLE_RECIPE_DIR/executions\"; sleep 0.2; s
     assert_eq!(again["executed"], 0);
 }
 
+#[test]
+fn a_step_dies_with_its_killed_runner() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "orphan"
+[steps.long]
+op = "exec"
+cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; exec sleep 60"]
+"#,
+    );
+    let mut child = std::process::Command::new(bin())
+        .current_dir(p.dir.path())
+        .env("NEEDLE_STORE", p.store())
+        .args(["run", "recipe.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let step_pid: i32 = loop {
+        if let Some(pid) = p.lines("pid").first().and_then(|l| l.parse().ok()) {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the step never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: SIGKILL to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while runs(step_pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the step outlived its runner by 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next run starts at once and runs the step again.
+    p.write(
+        "recipe.toml",
+        &std::fs::read_to_string(p.path("recipe.toml"))
+            .unwrap()
+            .replace("exec sleep 60", "true"),
+    );
+    let run = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(run["executed"], 1, "{run}");
+}
+
+/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 const SMALL: &str = r#"
 [recipe]
 name = "crash-small"

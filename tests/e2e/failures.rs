@@ -240,3 +240,41 @@ cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/started\"; sleep 2; echo > \"$NEE
     let mut first = first;
     assert!(first.wait().unwrap().success());
 }
+
+#[test]
+fn a_lock_left_to_a_dead_runners_child_is_waited_for_briefly() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "after-a-crash"
+[steps.one]
+op = "exec"
+cmd = ["sh", "-c", "echo 1 > \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    assert_code(&p.needle(&["run", "recipe.toml"]), 0);
+    // The lock names a runner that has exited, but a process it forked (not exec'd yet, so
+    // still sharing the lock) holds it a little longer.
+    let lock = p.store().join("lock");
+    std::fs::write(
+        &lock,
+        "pid 2147483000 (needle run recipe.toml) since 2026-11-30T09:14:18Z\n",
+    )
+    .unwrap();
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "1"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let run = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(run["cached"], 1, "{run}");
+    assert!(
+        t0.elapsed() > Duration::from_millis(300),
+        "it waited for the lock"
+    );
+    holder.wait().unwrap();
+}

@@ -3,6 +3,11 @@
 //! The lock is tied to an open file description, so it is released when the holder exits,
 //! however it exits; a stale lock file is harmless. The holder writes a line naming itself
 //! into the file after locking, so a second process can say who holds the store.
+//!
+//! A process the holder started shares the lock's file description from its fork until its
+//! exec (which closes it: the file is close-on-exec). When the holder is killed in that
+//! window, the lock outlives it by the child's few milliseconds: a process finding the lock
+//! held by a holder that has exited waits for it, briefly, instead of failing.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -40,16 +45,25 @@ impl StoreLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let holder = read_holder(&mut file);
-                match mode {
-                    LockMode::Fail => {
-                        return Err(StoreError::Locked {
-                            root: root.to_path_buf(),
-                            holder,
-                        });
-                    }
-                    LockMode::Wait => {
-                        tracing::info!(store = %root.display(), %holder, "waiting for the store lock");
-                        file.lock().map_err(StoreError::io("lock", &path))?;
+                let exited = holder_pid(&holder).is_some_and(|pid| !is_alive(pid));
+                if !(exited && wait_for_release(&file, &path, RELEASE_WAIT)?) {
+                    // Another process may have taken the lock meanwhile: name that one.
+                    let holder = if exited {
+                        read_holder(&mut file)
+                    } else {
+                        holder
+                    };
+                    match mode {
+                        LockMode::Fail => {
+                            return Err(StoreError::Locked {
+                                root: root.to_path_buf(),
+                                holder,
+                            });
+                        }
+                        LockMode::Wait => {
+                            tracing::info!(store = %root.display(), %holder, "waiting for the store lock");
+                            file.lock().map_err(StoreError::io("lock", &path))?;
+                        }
                     }
                 }
             }
@@ -61,6 +75,43 @@ impl StoreLock {
             .and_then(|_| file.write_all(line.as_bytes()))
             .map_err(StoreError::io("write the lock file", &path))?;
         Ok(StoreLock { file })
+    }
+}
+
+/// How long a lock whose holder has exited may take to be released (see the module's doc).
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// Poll for the lock for up to `limit`; true once it is ours.
+fn wait_for_release(file: &File, path: &Path, limit: Duration) -> Result<bool, StoreError> {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(10));
+        match file.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => {
+                return Err(StoreError::io("lock", path)(e));
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// The pid at the start of a holder line (see [`describe_self`]).
+fn holder_pid(holder: &str) -> Option<i32> {
+    holder.strip_prefix("pid ")?.split(' ').next()?.parse().ok()
+}
+
+/// Whether process `pid` still runs on this machine (a zombie has closed its files: it does
+/// not count).
+fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 
@@ -101,4 +152,27 @@ fn read_holder(file: &mut File) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
     "another process (it has not said which)".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_lines_name_their_pid() {
+        assert_eq!(
+            holder_pid("pid 1234 (needle run x.toml) since 2026-11-30T03:10:00Z"),
+            Some(1234)
+        );
+        assert_eq!(holder_pid("another process (it has not said which)"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_reaped_child_is_not() {
+        assert!(is_alive(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(!is_alive(pid));
+    }
 }

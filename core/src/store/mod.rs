@@ -6,7 +6,7 @@
 //!   lock                    flock held by the one process that has the store open
 //!   meta/                   sled: steps, artifacts, producers, consumers, runs, run_index
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
-//!   staging/<n>/            a step's private dirs; absorbed into blobs/, then removed
+//!   staging/<pid>-<n>/      a step's private dirs; absorbed into blobs/, then removed
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
 //!   logs/ab/<step-key>.<run>-<attempt>.log
 //!   resume/<step-key>/      what a step keeps across its failed attempts (checkpoints); removed
@@ -252,11 +252,13 @@ impl Store {
         fsutil::remove_tree(&self.resume_path(key))
     }
 
-    /// A new empty private directory under `staging/`.
+    /// A new empty private directory under `staging/`, named `<pid>-<n>`: never the name of a
+    /// slot an earlier process made, so a step process that outlived its killed runner cannot
+    /// write into a later run's slot.
     pub fn new_staging(&self) -> Result<PathBuf, StoreError> {
         let staging = self.root.join("staging");
         loop {
-            let dir = staging.join(self.next_seq().to_string());
+            let dir = staging.join(format!("{}-{}", std::process::id(), self.next_seq()));
             match fs::create_dir(&dir) {
                 Ok(()) => return Ok(dir),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
