@@ -90,3 +90,14 @@ if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# `make test` only: the Slurm executor's tests run against a real single-node Slurm with four
+# fake GPUs on localhost (slurmctld, slurmd and munge from Debian's packages, no systemd).
+if [[ "${1:-}" == "--test" ]]; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    SLURM_SMOKE=0 scripts/slurm-local.sh start >/dev/null
+  elif ! sinfo -h >/dev/null 2>&1; then
+    log "no local Slurm: the Slurm tests need one; as root, scripts/slurm-local.sh start sets it up"
+    exit 1
+  fi
+fi

@@ -163,6 +163,7 @@ impl Model {
             gpus: vec![],
             cpus: 1,
             log: Store::log_rel_path(&key, run, 1),
+            job: None,
         });
         let mut record = StepRecord::new(
             key,

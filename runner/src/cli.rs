@@ -108,6 +108,47 @@ pub struct ExecArgs {
     /// Machine-readable summary on stdout (progress goes to stderr).
     #[arg(long)]
     pub json: bool,
+
+    /// Where steps run: child processes here, or Slurm batch jobs (default: the config
+    /// file's `[executor] kind`, else local).
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorKind>,
+
+    /// Config file with an `[executor]` table (default: $NEEDLE_CONFIG, else ./needle.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Slurm partition (`sbatch --partition`).
+    #[arg(long, help_heading = "Slurm")]
+    pub partition: Option<String>,
+
+    /// Slurm account (`sbatch --account`).
+    #[arg(long, help_heading = "Slurm")]
+    pub account: Option<String>,
+
+    /// Most Slurm jobs in flight at once; the other ready steps wait in needle (default 100).
+    #[arg(long, help_heading = "Slurm")]
+    pub max_jobs: Option<u32>,
+
+    /// How often to ask Slurm about the jobs (default 2s).
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Slurm")]
+    pub poll: Option<std::time::Duration>,
+
+    /// An extra argument for every sbatch (repeatable): `--sbatch-arg=--qos=high`.
+    #[arg(
+        long = "sbatch-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        help_heading = "Slurm"
+    )]
+    pub sbatch_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
 }
 
 #[derive(Debug, Args)]

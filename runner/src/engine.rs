@@ -34,13 +34,15 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::executor::{self, AttemptEnd, AttemptSpec, InputArtifacts};
 use crate::progress::{Progress, RunningStep};
 use crate::scheduler::{Grant, Pool, ReadyQueue, Shape};
+use crate::slurm::{Slurm, SlurmConfig};
 
 /// What reaches the loop from outside.
 #[derive(Debug)]
 pub enum Event {
-    Spawned {
+    /// An attempt's process runs, or its batch job was submitted.
+    Started {
         node: usize,
-        pid: u32,
+        handle: Handle,
     },
     Ended(AttemptEnd),
     /// Results of one commit batch, and the staging slots it has cleaned for reuse.
@@ -50,8 +52,38 @@ pub enum Event {
     },
 }
 
+/// What the runner holds of a started attempt, to stop it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handle {
+    /// The pid of a local attempt, leader of its process group.
+    Process(u32),
+    /// A Slurm job id.
+    Job(String),
+}
+
+/// Where attempts run.
+#[derive(Clone, Default)]
+pub enum Executor {
+    /// Child processes of the runner, on the GPUs and CPU slots of this machine.
+    #[default]
+    Local,
+    /// Slurm batch jobs: the cluster places them; the runner limits how many are in flight.
+    Slurm(Arc<Slurm>),
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Executor::Local => f.write_str("Local"),
+            Executor::Slurm(_) => f.write_str("Slurm"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// Run through Slurm, configured so; `None`: locally.
+    pub slurm: Option<SlurmConfig>,
     pub gpus: Vec<u32>,
     pub cpus: u32,
     pub mem_mb: u64,
@@ -85,7 +117,7 @@ enum Phase {
 }
 
 struct Running {
-    pid: Option<u32>,
+    handle: Option<Handle>,
     grant: Grant,
     started: Instant,
     /// Its staging slot, where its progress lines are.
@@ -94,6 +126,7 @@ struct Running {
 
 pub struct Engine {
     store: Arc<Store>,
+    executor: Executor,
     plan: Plan,
     opts: EngineOptions,
     record: RunRecord,
@@ -162,9 +195,18 @@ impl Engine {
                 .spawn(move || commit_loop(store, commit_rx, events))
                 .expect("spawning the commit thread")
         };
-        let pool = Pool::new(&opts.gpus, opts.cpus, opts.mem_mb);
+        let executor = match &opts.slurm {
+            None => Executor::Local,
+            Some(config) => Executor::Slurm(Arc::new(Slurm::new(config.clone(), store.root()))),
+        };
+        let pool = match &executor {
+            Executor::Local => Pool::new(&opts.gpus, opts.cpus, opts.mem_mb),
+            // One token per job in flight: Slurm places jobs, needle only throttles them.
+            Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
+        };
         Engine {
             store,
+            executor,
             plan,
             opts,
             record,
@@ -197,6 +239,25 @@ impl Engine {
         }
     }
 
+    /// Make sure the executor can run anything, before the run is recorded: for Slurm, that
+    /// the controller answers; the jobs a killed runner left for this store are cancelled.
+    pub async fn start_executor(&mut self) -> Result<(), String> {
+        match &self.executor {
+            Executor::Local => Ok(()),
+            Executor::Slurm(slurm) => {
+                let stale = slurm.start().await?;
+                if !stale.is_empty() {
+                    self.progress.note(&format!(
+                        "cancelled {} Slurm job(s) an earlier runner of this store left: {}",
+                        stale.len(),
+                        stale.join(" ")
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Run to the end (or to Ctrl-C). The run record is written before the first step starts
     /// and again at the end.
     pub async fn execute(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
@@ -207,6 +268,11 @@ impl Engine {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing the SIGTERM handler");
+        // Follows the run's Slurm jobs; dropped (and so stopped) with the run.
+        let _poller = match &self.executor {
+            Executor::Local => None,
+            Executor::Slurm(slurm) => Some(AbortOnDrop(tokio::spawn(slurm.clone().poll_forever()))),
+        };
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
@@ -243,12 +309,12 @@ impl Engine {
 
     fn handle(&mut self, ev: Event) -> Result<(), StoreError> {
         match ev {
-            Event::Spawned { node, pid } => {
+            Event::Started { node, handle } => {
+                if self.running.contains_key(&node) && self.interrupts > 0 {
+                    self.stop(std::slice::from_ref(&handle), false);
+                }
                 if let Some(r) = self.running.get_mut(&node) {
-                    r.pid = Some(pid);
-                    if self.interrupts > 0 {
-                        executor::kill_group(pid, libc::SIGTERM);
-                    }
+                    r.handle = Some(handle);
                 }
             }
             Event::Ended(end) => self.on_attempt_end(end)?,
@@ -341,11 +407,18 @@ impl Engine {
 
     fn push_ready(&mut self, i: usize) {
         self.phase[i] = Phase::Ready;
-        let shape = Shape::of(
-            &self.plan.nodes[i].resources,
-            self.opts.cpus,
-            self.opts.gpus.len() as u32,
-        );
+        let shape = match self.executor {
+            Executor::Local => Shape::of(
+                &self.plan.nodes[i].resources,
+                self.opts.cpus,
+                self.opts.gpus.len() as u32,
+            ),
+            Executor::Slurm(_) => Shape {
+                gpus: 0,
+                cpus: 1,
+                mem_mb: 0,
+            },
+        };
         self.ready.push(i, self.priority[i], shape);
     }
 
@@ -453,6 +526,15 @@ impl Engine {
                 }
             },
         };
+        // The resources a Slurm job asks for are the step's own; the grant is a job token.
+        let step_grant = match self.executor {
+            Executor::Local => grant.clone(),
+            Executor::Slurm(_) => Grant {
+                gpus: Vec::new(),
+                cpus: node.resources.cpus.max(1),
+                mem_mb: (node.resources.mem_gb * 1024.0).ceil() as u64,
+            },
+        };
         let attempt_spec = AttemptSpec {
             node: i,
             key,
@@ -465,7 +547,7 @@ impl Engine {
             code: node.code.iter().map(|(p, d)| (p.clone(), *d)).collect(),
             inputs,
             params: node.params.clone(),
-            grant: grant.clone(),
+            grant: step_grant,
             timeout: node.timeout,
             log_rel: Store::log_rel_path(&key, self.record.id, attempt),
             recipe_dir: self.plan.recipe.source.dir.clone(),
@@ -478,22 +560,36 @@ impl Engine {
             result: AttemptResult::Interrupted,
             gpus: grant.gpus.clone(),
             log: attempt_spec.log_rel.clone(),
+            job: None,
         });
         self.running.insert(
             i,
             Running {
-                pid: None,
+                handle: None,
                 grant,
                 started: Instant::now(),
                 slot,
             },
         );
         self.progress.started(&self.record.steps[i], attempt);
-        tokio::spawn(executor::run_attempt(
-            self.store.clone(),
-            attempt_spec,
-            self.events_tx.clone(),
-        ));
+        match &self.executor {
+            Executor::Local => {
+                tokio::spawn(executor::run_attempt(
+                    self.store.clone(),
+                    attempt_spec,
+                    self.events_tx.clone(),
+                ));
+            }
+            Executor::Slurm(slurm) => {
+                tokio::spawn(crate::slurm::run_attempt(
+                    slurm.clone(),
+                    self.store.clone(),
+                    attempt_spec,
+                    node.resources,
+                    self.events_tx.clone(),
+                ));
+            }
+        }
     }
 
     fn on_attempt_end(&mut self, end: AttemptEnd) -> Result<(), StoreError> {
@@ -515,6 +611,10 @@ impl Engine {
             a.ended = end.ended;
             a.result = result.clone();
             a.log = end.log.clone().unwrap_or_default();
+            if let Some(gpus) = &end.gpus {
+                a.gpus = gpus.clone();
+            }
+            a.job = end.job.clone();
             a.clone()
         };
 
@@ -537,9 +637,13 @@ impl Engine {
                     started: attempt.started,
                     ended: attempt.ended,
                     output: ArtifactDigest::from_bytes([0; 32]),
-                    gpus: running.grant.gpus.clone(),
-                    cpus: running.grant.cpus,
+                    gpus: attempt.gpus.clone(),
+                    cpus: match self.executor {
+                        Executor::Local => running.grant.cpus,
+                        Executor::Slurm(_) => node.resources.cpus.max(1),
+                    },
                     log: attempt.log.clone(),
+                    job: attempt.job.clone(),
                 },
                 staging,
                 forced: self.opts.force.contains(&node.name),
@@ -639,20 +743,36 @@ impl Engine {
 
     fn interrupt(&mut self) {
         self.interrupts += 1;
-        let signal = if self.interrupts == 1 {
-            libc::SIGTERM
-        } else {
-            libc::SIGKILL
-        };
         self.progress
             .interrupted(self.interrupts, self.running.len());
         for node in self.ready.drain() {
             self.phase[node] = Phase::Waiting;
         }
-        for r in self.running.values() {
-            if let Some(pid) = r.pid {
-                executor::kill_group(pid, signal);
+        let handles: Vec<Handle> = self
+            .running
+            .values()
+            .filter_map(|r| r.handle.clone())
+            .collect();
+        // The first Ctrl-C asks politely, the second does not.
+        self.stop(&handles, self.interrupts > 1);
+    }
+
+    /// Stop started attempts: SIGTERM (or SIGKILL) to local process groups, scancel to jobs.
+    fn stop(&self, handles: &[Handle], kill: bool) {
+        let mut jobs = Vec::new();
+        for h in handles {
+            match h {
+                Handle::Process(pid) => {
+                    executor::kill_group(*pid, if kill { libc::SIGKILL } else { libc::SIGTERM })
+                }
+                Handle::Job(id) => jobs.push(id.clone()),
             }
+        }
+        if let Executor::Slurm(slurm) = &self.executor
+            && !jobs.is_empty()
+        {
+            let slurm = slurm.clone();
+            tokio::spawn(async move { slurm.cancel(&jobs, kill).await });
         }
     }
 
@@ -721,6 +841,15 @@ impl Engine {
         self.store.put_run(&self.record)?;
         self.progress.done(&outcome);
         Ok((outcome, self.record))
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

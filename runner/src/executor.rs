@@ -17,7 +17,7 @@ use needle_core::store::{AttemptResult, Store, now_millis};
 use needle_core::value::{Value, render_plain};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::Event;
+use crate::engine::{Event, Handle};
 use crate::scheduler::Grant;
 
 /// How long a process group gets between SIGTERM and SIGKILL.
@@ -66,10 +66,15 @@ pub struct AttemptEnd {
     pub staging: Option<PathBuf>,
     /// The attempt's log, relative to the store root; `None` when it wrote nothing.
     pub log: Option<String>,
+    /// The GPUs it really had, where the executor learns them only from the attempt (a
+    /// Slurm job); `None`: those of its grant.
+    pub gpus: Option<Vec<u32>>,
+    /// The batch job it ran as.
+    pub job: Option<needle_core::store::JobPlacement>,
 }
 
 /// Prepare, spawn and wait for one attempt. Never fails: a problem becomes the attempt's
-/// result. Sends [`Event::Spawned`] with the child's pid once it runs, then [`Event::Ended`].
+/// result. Sends [`Event::Started`] with the child's pid once it runs, then [`Event::Ended`].
 pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
     let started = now_millis();
     let (result, staging) = attempt(&store, &spec, &events).await;
@@ -83,6 +88,8 @@ pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: Unbounded
         ended: now_millis(),
         staging,
         log,
+        gpus: None,
+        job: None,
     }));
 }
 
@@ -93,11 +100,15 @@ async fn attempt(
 ) -> (AttemptResult, Option<PathBuf>) {
     // Preparing is a handful of quick filesystem calls: done in place, it costs less than a
     // hand-off to a blocking thread and back.
-    let (staging, mut command) = match prepare(store, spec) {
+    let (staging, launch) = match prepare(store, spec) {
         Ok(p) => p,
         Err(error) => return (AttemptResult::SpawnFailed { error }, None),
     };
-    let log = staging.join("log");
+    let log = launch.log.clone();
+    let mut command = match local_command(&launch) {
+        Ok(c) => c,
+        Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
+    };
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -107,9 +118,9 @@ async fn attempt(
         }
     };
     let pid = child.id().unwrap_or(0);
-    let _ = events.send(Event::Spawned {
+    let _ = events.send(Event::Started {
         node: spec.node,
-        pid,
+        handle: Handle::Process(pid),
     });
 
     let t0 = Instant::now();
@@ -139,7 +150,7 @@ async fn attempt(
 
 /// Keep what the attempt wrote as its log under `logs/`; an attempt that wrote nothing gets
 /// no file (most short steps write nothing, and a file each would cost an inode each).
-fn keep_log(store: &Store, slot: &Path, rel: &str) -> Option<String> {
+pub fn keep_log(store: &Store, slot: &Path, rel: &str) -> Option<String> {
     let log = slot.join("log");
     if fs::metadata(&log).ok()?.len() == 0 {
         return None;
@@ -189,7 +200,7 @@ pub fn kill_group(pid: u32, signal: i32) {
     }
 }
 
-fn append_log(path: &Path, text: &str) -> std::io::Result<()> {
+pub fn append_log(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     fs::OpenOptions::new()
         .append(true)
@@ -198,12 +209,31 @@ fn append_log(path: &Path, text: &str) -> std::io::Result<()> {
         .write_all(text.as_bytes())
 }
 
+/// What one attempt starts, whoever starts it: the local executor as a child process
+/// ([`local_command`]), the Slurm executor as a batch job.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    /// `cmd[0]` as the recipe wrote it.
+    pub argv0: String,
+    pub args: Vec<String>,
+    /// The attempt's working directory (`work/` of its slot).
+    pub cwd: PathBuf,
+    /// Where its stdout and stderr go, together.
+    pub log: PathBuf,
+    /// Variables set for the step, on top of the runner's environment minus its `NEEDLE_*`.
+    pub env: Vec<(String, std::ffi::OsString)>,
+}
+
+impl Launch {
+    fn set(&mut self, k: impl Into<String>, v: impl Into<std::ffi::OsString>) {
+        self.env.push((k.into(), v.into()));
+    }
+}
+
 /// Staging layout: `out/` (the output), `work/` (the working directory, with code copies),
 /// `in/<name>/` (gather inputs: one link per member).
-fn prepare(
-    store: &Store,
-    spec: &AttemptSpec,
-) -> Result<(PathBuf, tokio::process::Command), String> {
+pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
     let staging = spec.slot.clone();
     let progress = staging.join(PROGRESS);
@@ -232,19 +262,6 @@ fn prepare(
         set_mode(&dest, mode).map_err(|e| io("could not chmod", &dest, e))?;
     }
 
-    // The log starts in the slot (a reused file when the last attempt wrote nothing) and is
-    // moved under logs/ afterwards if anything was written.
-    let log = staging.join("log");
-    let log_file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&log)
-        .map_err(|e| io("could not create", &log, e))?;
-    let log_err = log_file
-        .try_clone()
-        .map_err(|e| io("could not open", &log, e))?;
-
     let program = {
         let first = &spec.cmd[0];
         if first.contains('/') && !first.starts_with('/') {
@@ -255,20 +272,14 @@ fn prepare(
             spec.program.clone().unwrap_or_else(|| PathBuf::from(first))
         }
     };
-    let mut cmd = tokio::process::Command::new(&program);
-    cmd.arg0(&spec.cmd[0])
-        .args(&spec.cmd[1..])
-        .current_dir(&work)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log_file))
-        .stderr(Stdio::from(log_err))
-        .process_group(0)
-        .kill_on_drop(true);
-    die_with_the_runner(&mut cmd);
-
-    for k in inherited_needle_vars() {
-        cmd.env_remove(k);
-    }
+    let mut launch = Launch {
+        program,
+        argv0: spec.cmd[0].clone(),
+        args: spec.cmd[1..].to_vec(),
+        cwd: work,
+        log: staging.join("log"),
+        env: Vec::new(),
+    };
     let mut inputs_json = serde_json::Map::new();
     for (name, input) in &spec.inputs {
         // Store paths are the store root's plus ASCII names: UTF-8 wherever the root is.
@@ -291,34 +302,65 @@ fn prepare(
                 (dir, entry)
             }
         };
-        cmd.env(format!("NEEDLE_IN_{}", env_name(name)), dir);
+        launch.set(format!("NEEDLE_IN_{}", env_name(name)), dir);
         inputs_json.insert(name.clone(), entry);
     }
     let inputs_json = serde_json::Value::Object(inputs_json).to_string();
-    cmd.env(
+    launch.set(
         "NEEDLE_INPUTS",
         inputs_env(&inputs_json, &staging, MAX_ENV_VALUE)
             .map_err(|e| io("could not write", &staging.join("inputs.json"), e))?,
     );
     for (name, v) in &spec.params {
-        cmd.env(format!("NEEDLE_PARAM_{}", env_name(name)), render_plain(v));
+        launch.set(format!("NEEDLE_PARAM_{}", env_name(name)), render_plain(v));
     }
     let params = Value::Object(spec.params.clone().into_iter().collect());
     let gpus: Vec<String> = spec.grant.gpus.iter().map(u32::to_string).collect();
-    cmd.env("NEEDLE_PARAMS", needle_core::canonical::to_string(&params))
-        .env("NEEDLE_OUT", &out)
-        .env("NEEDLE_SEED", spec.key.seed().to_string())
-        .env("NEEDLE_KEY", spec.key.hex())
-        .env("NEEDLE_STEP", &spec.step_name)
-        .env("NEEDLE_RUN", spec.run.to_string())
-        .env("NEEDLE_ATTEMPT", spec.attempt.to_string())
-        .env("NEEDLE_RECIPE_DIR", &spec.recipe_dir)
-        .env("NEEDLE_PROGRESS", &progress)
-        .env("NEEDLE_RESUME", store.resume_path(&spec.key))
-        .env("NEEDLE_CPUS", spec.grant.cpus.to_string())
-        .env("OMP_NUM_THREADS", spec.grant.cpus.to_string())
-        .env("CUDA_VISIBLE_DEVICES", gpus.join(","));
-    Ok((staging, cmd))
+    launch.set("NEEDLE_PARAMS", needle_core::canonical::to_string(&params));
+    launch.set("NEEDLE_OUT", out);
+    launch.set("NEEDLE_SEED", spec.key.seed().to_string());
+    launch.set("NEEDLE_KEY", spec.key.hex());
+    launch.set("NEEDLE_STEP", &spec.step_name);
+    launch.set("NEEDLE_RUN", spec.run.to_string());
+    launch.set("NEEDLE_ATTEMPT", spec.attempt.to_string());
+    launch.set("NEEDLE_RECIPE_DIR", &spec.recipe_dir);
+    launch.set("NEEDLE_PROGRESS", progress);
+    launch.set("NEEDLE_RESUME", store.resume_path(&spec.key));
+    launch.set("NEEDLE_CPUS", spec.grant.cpus.to_string());
+    launch.set("OMP_NUM_THREADS", spec.grant.cpus.to_string());
+    launch.set("CUDA_VISIBLE_DEVICES", gpus.join(","));
+    Ok((staging, launch))
+}
+
+/// The child process of a local attempt, in its own process group.
+fn local_command(launch: &Launch) -> Result<tokio::process::Command, String> {
+    // The log starts in the slot (a reused file when the last attempt wrote nothing) and is
+    // moved under logs/ afterwards if anything was written.
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
+    let log_file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&launch.log)
+        .map_err(|e| io("could not create", &launch.log, e))?;
+    let log_err = log_file
+        .try_clone()
+        .map_err(|e| io("could not open", &launch.log, e))?;
+    let mut cmd = tokio::process::Command::new(&launch.program);
+    cmd.arg0(&launch.argv0)
+        .args(&launch.args)
+        .current_dir(&launch.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(log_err))
+        .process_group(0)
+        .kill_on_drop(true);
+    die_with_the_runner(&mut cmd);
+    for k in inherited_needle_vars() {
+        cmd.env_remove(k);
+    }
+    cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
+    Ok(cmd)
 }
 
 /// A step's process is killed when the runner dies, however it dies (SIGKILL included):
@@ -376,7 +418,7 @@ pub fn last_progress(slot: &Path) -> Option<needle_ops::Progress> {
 
 /// The runner's own `NEEDLE_*` variables, which steps must not inherit (a step gets its own),
 /// read once: scanning the environment per spawn costs an allocation per variable.
-fn inherited_needle_vars() -> &'static [std::ffi::OsString] {
+pub fn inherited_needle_vars() -> &'static [std::ffi::OsString] {
     static VARS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
     VARS.get_or_init(|| {
         std::env::vars_os()

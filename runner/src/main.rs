@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod config;
 mod engine;
 mod error;
 mod executor;
@@ -10,6 +11,7 @@ mod progress;
 mod refs;
 mod report;
 mod scheduler;
+mod slurm;
 
 use clap::Parser;
 

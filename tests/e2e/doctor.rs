@@ -41,7 +41,13 @@ fn doctor_says_when_a_run_holds_the_store() {
     let p = Project::new();
     p.write(
         "recipe.toml",
-        "[recipe]\nname = \"r\"\n[steps.s]\nop = \"exec\"\ncmd = [\"sleep\", \"3\"]\n",
+        r#"
+[recipe]
+name = "r"
+[steps.s]
+op = "exec"
+cmd = ["sh", "-c", "while [ ! -e \"$NEEDLE_RECIPE_DIR/go\" ]; do sleep 0.05; done"]
+"#,
     );
     let mut run = std::process::Command::new(bin())
         .current_dir(p.path(""))
@@ -59,7 +65,9 @@ fn doctor_says_when_a_run_holds_the_store() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // The step holds the run open until doctor has answered, however slow that is.
     let out = p.needle(&["doctor"]);
+    p.write("go", "");
     run.wait().unwrap();
     assert_code(&out, 0);
     let text = stdout(&out);

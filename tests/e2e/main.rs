@@ -16,6 +16,7 @@ mod models;
 mod report;
 mod resources;
 mod resume;
+mod slurm;
 mod snapshots;
 mod sweep;
 mod verify;

@@ -210,6 +210,31 @@ pub struct Execution {
     /// Where the combined stdout/stderr of this attempt is, relative to the store root;
     /// empty when it wrote nothing.
     pub log: String,
+    /// The batch job it ran as, when a cluster scheduler ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobPlacement>,
+}
+
+/// Where a cluster scheduler ran an attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPlacement {
+    /// `slurm`.
+    pub scheduler: String,
+    /// The scheduler's job id.
+    pub id: String,
+    /// The node it ran on (empty when it never started).
+    #[serde(default)]
+    pub node: String,
+}
+
+impl std::fmt::Display for JobPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} job {}", self.scheduler, self.id)?;
+        if !self.node.is_empty() {
+            write!(f, " on {}", self.node)?;
+        }
+        Ok(())
+    }
 }
 
 /// One recorded run of a recipe.
@@ -320,6 +345,9 @@ pub struct Attempt {
     pub gpus: Vec<u32>,
     /// Relative to the store root; empty when the attempt wrote nothing.
     pub log: String,
+    /// The batch job it ran as, when a cluster scheduler ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobPlacement>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -346,6 +374,10 @@ pub enum AttemptResult {
         error: String,
     },
     Interrupted,
+    /// The scheduler lost it: node failure, preemption, cancelled outside needle.
+    Lost {
+        reason: String,
+    },
 }
 
 impl AttemptResult {
@@ -360,6 +392,7 @@ impl AttemptResult {
             AttemptResult::SpawnFailed { error } => format!("could not start: {error}"),
             AttemptResult::OutputError { error } => format!("output not committed: {error}"),
             AttemptResult::Interrupted => "interrupted".into(),
+            AttemptResult::Lost { reason } => format!("lost: {reason}"),
         }
     }
 }

@@ -31,9 +31,13 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
         .max(1);
+    let slurm = crate::config::executor(exec)?;
     let mem_mb = total_memory_mb();
-    check_resources(recipe, gpus.len() as u32, mem_mb)?;
-    if gpus.is_empty() {
+    // Slurm checks a job's resources against the cluster when it is submitted.
+    if slurm.is_none() {
+        check_resources(recipe, gpus.len() as u32, mem_mb)?;
+    }
+    if gpus.is_empty() && slurm.is_none() {
         let wanting: Vec<String> = recipe
             .steps
             .iter()
@@ -60,6 +64,7 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
         }
     }
     Ok(EngineOptions {
+        slurm,
         gpus,
         cpus,
         mem_mb,
@@ -135,7 +140,7 @@ pub fn execute(
     };
     let total = plan.nodes.len();
     let store = Arc::new(store);
-    let engine = Engine::new(store, plan, record, opts, progress::for_stderr(total));
+    let mut engine = Engine::new(store, plan, record, opts, progress::for_stderr(total));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -143,6 +148,11 @@ pub fn execute(
             context: "could not start the async runtime".into(),
             source,
         })?;
+    runtime.block_on(engine.start_executor()).map_err(|e| {
+        CliError::usage(format!(
+            "the Slurm executor cannot reach Slurm: {e} (hint: are the Slurm client commands on PATH, and slurmctld up? `sinfo` should answer)"
+        ))
+    })?;
     let (outcome, record) = runtime.block_on(engine.execute())?;
     if json {
         print_json(&summary_json(&outcome, &record));

@@ -135,8 +135,13 @@ fn show_step(
         } else {
             format!(" gpus {:?}", e.gpus)
         };
+        let job = e
+            .job
+            .as_ref()
+            .map(|j| format!(" ({j})"))
+            .unwrap_or_default();
         println!(
-            "  run {} attempt {}: {} took {}{gpus} -> {}  log {}",
+            "  run {} attempt {}: {} took {}{gpus}{job} -> {}  log {}",
             e.run,
             e.attempt,
             fmt_time(e.started),
@@ -182,8 +187,13 @@ fn print_attempts(step: &RunStep) {
     }
     println!("attempts in this run");
     for a in &step.attempts {
+        let job = a
+            .job
+            .as_ref()
+            .map(|j| format!(" as {j}"))
+            .unwrap_or_default();
         println!(
-            "  {}: {} at {}, took {}  log {}",
+            "  {}: {} at {}, took {}{job}  log {}",
             a.n,
             a.result.describe(),
             fmt_time(a.started),

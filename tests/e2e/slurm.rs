@@ -1,0 +1,496 @@
+//! The Slurm executor against a real single-node Slurm with four fake GPUs
+//! (`scripts/slurm-local.sh`, started by `make test`). Without Slurm these tests say so and
+//! pass, unless `NEEDLE_TEST_SLURM=require` (set by `make test`) makes its absence a failure.
+//!
+//! Tests run in parallel on one cluster: assertions hold whatever else the cluster runs (at
+//! most four GPU jobs at once, distinct devices, this test's own jobs cancelled).
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Whether Slurm answers here; panics if it must and does not.
+fn slurm_available() -> bool {
+    let ok = Command::new("sinfo")
+        .args(["-h", "-o", "%G"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("gpu:4"));
+    if !ok {
+        let must = std::env::var("NEEDLE_TEST_SLURM").is_ok_and(|v| v == "require");
+        assert!(
+            !must,
+            "Slurm with 4 GPUs is not up (run `scripts/slurm-local.sh start` as root)"
+        );
+        eprintln!("skipped: no local Slurm with 4 GPUs (scripts/slurm-local.sh starts one)");
+    }
+    ok
+}
+
+const SLURM: [&str; 4] = ["--executor", "slurm", "--poll", "200ms"];
+
+fn with_slurm<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    all.extend(SLURM);
+    all
+}
+
+/// `squeue`'s state of each job (`-t all`: finished ones too).
+fn job_states(ids: &[String]) -> BTreeMap<String, String> {
+    let out = Command::new("squeue")
+        .args(["-h", "-t", "all", "-j", &ids.join(","), "-o", "%i|%T"])
+        .output()
+        .expect("squeue runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(id, state)| (id.trim().to_string(), state.trim().to_string()))
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const SWEEP: &str = r#"
+[recipe]
+name = "slurm-sweep"
+
+[sweep]
+i = [0, 1, 2, 3, 4, 5, 6, 7]
+
+[steps.gen]
+op = "exec"
+cmd = ["sh", "-c", "echo \"${i} $SLURM_JOB_ID $CUDA_VISIBLE_DEVICES $(date +%s%N)\" >> \"$NEEDLE_RECIPE_DIR/starts\"; sleep 1; seq 1 ${i}00 > \"$NEEDLE_OUT/data\"; echo \"${i} $(date +%s%N)\" >> \"$NEEDLE_RECIPE_DIR/ends\""]
+resources = { gpus = 1 }
+
+[steps.count]
+op = "exec"
+inputs = { data = "gen" }
+cmd = ["sh", "-c", "wc -l < \"$NEEDLE_IN_DATA/data\" > \"$NEEDLE_OUT/n\""]
+"#;
+
+fn outputs(run: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                format!("{}{}", s["name"], s["bindings"]),
+                s["output"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_sweep_runs_as_jobs_on_distinct_gpus_and_matches_a_local_run() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write("recipe.toml", SWEEP);
+    let run = p.json(&with_slurm(&["run", "recipe.toml"]), 0);
+    assert_eq!(run["executed"], 16, "{run}");
+
+    // Every step ran as a Slurm job, recorded with its job id and node.
+    let status = p.json(&["status", "last"], 0);
+    for step in status["steps"].as_array().unwrap() {
+        let job = &step["attempts"][0]["job"];
+        assert_eq!(job["scheduler"], "slurm", "{step}");
+        assert!(
+            job["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{step}"
+        );
+        assert!(
+            job["node"].as_str().is_some_and(|n| !n.is_empty()),
+            "{step}"
+        );
+    }
+
+    // What the jobs saw: a Slurm job id, one GPU each, distinct among those running at once,
+    // and never more than the cluster's four at once.
+    struct Span {
+        gpu: String,
+        start: u128,
+        end: u128,
+    }
+    let ends: BTreeMap<String, u128> = p
+        .lines("ends")
+        .iter()
+        .map(|l| {
+            let (i, t) = l.split_once(' ').unwrap();
+            (i.to_string(), t.parse().unwrap())
+        })
+        .collect();
+    let spans: Vec<Span> = p
+        .lines("starts")
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!(f.len(), 4, "a job id and one GPU: {l}");
+            assert!(!f[1].is_empty() && !f[2].contains(','), "{l}");
+            Span {
+                gpu: f[2].to_string(),
+                start: f[3].parse().unwrap(),
+                end: ends[f[0]],
+            }
+        })
+        .collect();
+    assert_eq!(spans.len(), 8);
+    for a in &spans {
+        let overlapping: Vec<&Span> = spans
+            .iter()
+            .filter(|b| b.start <= a.start && a.start < b.end)
+            .collect();
+        assert!(
+            overlapping.len() <= 4,
+            "{} GPU steps at once",
+            overlapping.len()
+        );
+        let mut gpus: Vec<&str> = overlapping.iter().map(|s| s.gpu.as_str()).collect();
+        gpus.sort();
+        gpus.dedup();
+        assert_eq!(gpus.len(), overlapping.len(), "GPUs shared: {gpus:?}");
+    }
+    // The recorded attempts carry the GPUs Slurm gave.
+    for step in steps_named(&status, "gen") {
+        assert_eq!(
+            step["attempts"][0]["gpus"].as_array().unwrap().len(),
+            1,
+            "{step}"
+        );
+    }
+
+    // The same recipe run locally gives the same digests.
+    let local = Project::new();
+    local.write("recipe.toml", SWEEP);
+    let local_run = local.json(&["run", "recipe.toml"], 0);
+    assert_eq!(outputs(&run), outputs(&local_run));
+
+    // And a second Slurm run submits nothing.
+    let again = p.json(&with_slurm(&["run", "recipe.toml"]), 0);
+    assert_eq!(again["executed"], 0, "{again}");
+}
+
+const LONG: &str = r#"
+[recipe]
+name = "slurm-long"
+
+[sweep]
+i = [0, 1, 2]
+
+[steps.long]
+op = "exec"
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; sleep 120; echo ${i} > \"$NEEDLE_OUT/v\""]
+"#;
+
+#[test]
+fn ctrl_c_cancels_the_submitted_jobs() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write("recipe.toml", LONG);
+    let child = std::process::Command::new(bin())
+        .current_dir(p.dir.path())
+        .env("NEEDLE_STORE", p.store())
+        .args(with_slurm(&["run", "recipe.toml"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("three running jobs", Duration::from_secs(60), || {
+        p.lines("jobs").len() == 3
+    });
+    let jobs = p.lines("jobs");
+    // SAFETY: SIGINT to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 130);
+    wait_for("the jobs to be cancelled", Duration::from_secs(30), || {
+        job_states(&jobs).values().all(|s| s == "CANCELLED")
+    });
+    let status = p.json(&["status", "last"], 0);
+    assert_eq!(status["state"], "interrupted");
+    for step in steps_named(&status, "long") {
+        assert_eq!(step["status"], "interrupted", "{step}");
+    }
+}
+
+#[test]
+fn a_job_lost_outside_needle_is_a_failed_attempt_that_retries() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-lost"
+
+[steps.flaky]
+op = "exec"
+retries = 1
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \"$NEEDLE_RECIPE_DIR/again\" ]; then echo ok > \"$NEEDLE_OUT/v\"; else touch \"$NEEDLE_RECIPE_DIR/again\"; sleep 120; fi"]
+"#,
+    );
+    let child = std::process::Command::new(bin())
+        .current_dir(p.dir.path())
+        .env("NEEDLE_STORE", p.store())
+        .args(with_slurm(&["run", "recipe.toml", "--json"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first job", Duration::from_secs(60), || {
+        p.lines("jobs").len() == 1
+    });
+    // An administrator (or a node failure, or preemption) ends the job.
+    let first = p.lines("jobs")[0].clone();
+    assert!(
+        Command::new("scancel")
+            .arg(&first)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 0);
+    let status = p.json(&["status", "last"], 0);
+    let attempts = steps_named(&status, "flaky")[0]["attempts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(attempts.len(), 2, "{status}");
+    assert_eq!(attempts[0]["result"]["result"], "lost", "{status}");
+    assert!(
+        attempts[0]["result"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("job {first} was cancelled outside needle")),
+        "{status}"
+    );
+    assert_eq!(attempts[1]["result"]["result"], "success");
+}
+
+#[test]
+fn a_timeout_cancels_the_job_and_a_refused_job_fails_with_slurms_reason() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-limits"
+
+[steps.slow]
+op = "exec"
+timeout = "2s"
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; sleep 120"]
+
+[steps.greedy]
+op = "exec"
+cmd = ["true"]
+resources = { gpus = 5 }
+
+[steps.fine]
+op = "exec"
+cmd = ["sh", "-c", "echo ok > \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    let run = p.json(&with_slurm(&["run", "recipe.toml"]), 1);
+    assert_eq!(run["failed"], 2, "{run}");
+    assert_eq!(steps_named(&run, "fine")[0]["status"], "succeeded");
+
+    let status = p.json(&["status", "last"], 0);
+    let slow = &steps_named(&status, "slow")[0]["attempts"][0]["result"];
+    assert_eq!(slow["result"], "timed_out", "{status}");
+    let jobs = p.lines("jobs");
+    wait_for(
+        "the timed-out job to be cancelled",
+        Duration::from_secs(30),
+        || job_states(&jobs).values().all(|s| s == "CANCELLED"),
+    );
+
+    let greedy = &steps_named(&status, "greedy")[0];
+    let reason = greedy["status"].to_string() + &greedy["attempts"][0]["result"].to_string();
+    assert!(reason.contains("sbatch refused the job"), "{greedy}");
+    assert!(
+        reason.contains("node configuration is not available"),
+        "{greedy}"
+    );
+}
+
+#[test]
+fn jobs_a_killed_runner_left_are_cancelled_by_the_next_run() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-orphans"
+
+[steps.long]
+op = "exec"
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \"$NEEDLE_RECIPE_DIR/quick\" ]; then echo ok > \"$NEEDLE_OUT/v\"; else sleep 120; fi"]
+"#,
+    );
+    let mut child = std::process::Command::new(bin())
+        .current_dir(p.dir.path())
+        .env("NEEDLE_STORE", p.store())
+        .args(with_slurm(&["run", "recipe.toml"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the job", Duration::from_secs(60), || {
+        p.lines("jobs").len() == 1
+    });
+    // SAFETY: SIGKILL to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let orphan = p.lines("jobs");
+    assert_eq!(
+        job_states(&orphan)[&orphan[0]],
+        "RUNNING",
+        "the job outlives its runner"
+    );
+
+    p.write("quick", "");
+    let out = p.needle(&with_slurm(&["run", "recipe.toml"]));
+    assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains(&format!(
+            "cancelled 1 Slurm job(s) an earlier runner of this store left: {}",
+            orphan[0]
+        )),
+        "{}",
+        stderr(&out)
+    );
+    wait_for(
+        "the orphan to be cancelled",
+        Duration::from_secs(30),
+        || job_states(&orphan)[&orphan[0]] == "CANCELLED",
+    );
+}
+
+#[test]
+fn max_jobs_throttles_what_is_in_flight() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-throttle"
+
+[sweep]
+i = [0, 1, 2, 3, 4, 5]
+
+[steps.work]
+op = "exec"
+cmd = ["sh", "-c", "echo \"+ $(date +%s%N)\" >> \"$NEEDLE_RECIPE_DIR/events\"; sleep 0.5; echo ${i} > \"$NEEDLE_OUT/v\"; echo \"- $(date +%s%N)\" >> \"$NEEDLE_RECIPE_DIR/events\""]
+"#,
+    );
+    let run = p.json(&with_slurm(&["run", "recipe.toml", "--max-jobs", "2"]), 0);
+    assert_eq!(run["executed"], 6, "{run}");
+    let mut events: Vec<(u128, i32)> = p
+        .lines("events")
+        .iter()
+        .map(|l| {
+            let (sign, t) = l.split_once(' ').unwrap();
+            (t.parse().unwrap(), if sign == "+" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort();
+    let mut now = 0;
+    let mut most = 0;
+    for (_, d) in events {
+        now += d;
+        most = most.max(now);
+    }
+    assert!(most <= 2, "{most} jobs ran at once with --max-jobs 2");
+}
+
+#[test]
+fn the_executor_comes_from_a_config_file_and_bad_ones_are_refused() {
+    if !slurm_available() {
+        return;
+    }
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-config"
+
+[steps.one]
+op = "exec"
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID > \"$NEEDLE_RECIPE_DIR/job\"; echo 1 > \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    p.write(
+        "needle.toml",
+        "[executor]\nkind = \"slurm\"\npoll = \"200ms\"\nsbatch_args = [\"--nice=10\"]\n",
+    );
+    let run = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(run["executed"], 1, "{run}");
+    assert!(!p.lines("job")[0].is_empty(), "it ran as a Slurm job");
+
+    p.write(
+        "needle.toml",
+        "[executor]\nkind = \"slurm\"\npartiton = \"gpu\"\n",
+    );
+    let out = p.needle(&["run", "recipe.toml", "--force", "one"]);
+    assert_code(&out, 2);
+    assert!(stderr(&out).contains("partiton"), "{}", stderr(&out));
+}
+
+#[test]
+fn built_in_ops_run_as_jobs_and_give_the_local_digests() {
+    if !slurm_available() {
+        return;
+    }
+    const OPS: &str = r#"
+[recipe]
+name = "slurm-ops"
+
+[steps.rated]
+op = "haystack"
+params = { images = 300, seed = 1 }
+
+[steps.aesthetic]
+op = "scorer"
+inputs = { data = "rated" }
+params = { kind = "aesthetic", sample = 200, steps = 20 }
+resources = { gpus = 1, cpus = 2 }
+"#;
+    let p = Project::new();
+    p.write("recipe.toml", OPS);
+    let run = p.json(&with_slurm(&["run", "recipe.toml"]), 0);
+    let status = p.json(&["status", "last"], 0);
+    for step in status["steps"].as_array().unwrap() {
+        assert_eq!(step["attempts"][0]["job"]["scheduler"], "slurm", "{step}");
+    }
+    let local = Project::new();
+    local.write("recipe.toml", OPS);
+    let local_run = local.json(&["run", "recipe.toml"], 0);
+    assert_eq!(outputs(&run), outputs(&local_run));
+}
