@@ -278,3 +278,28 @@ fn wait_reads_through_the_runner_instead_of_waiting() {
     assert!(t0.elapsed() < Duration::from_secs(20));
     finish(&p, run);
 }
+
+#[test]
+fn a_stopped_runner_is_named_instead_of_hanging_its_readers() {
+    let p = Project::new();
+    p.write("recipe.toml", RECIPE);
+    let run = spawn_run(&p);
+    wait_for(&p.path("started"));
+    // Ctrl-Z: the runner's socket accepts connections, nobody answers them.
+    // SAFETY: signals to the child we spawned.
+    unsafe { libc::kill(run.id() as i32, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    let out = p.needle(&["status", "last"]);
+    let took = t0.elapsed();
+    unsafe { libc::kill(run.id() as i32, libc::SIGCONT) };
+    assert_code(&out, 3);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("in use by pid {}", run.id())),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+    // Going again, it answers again.
+    assert_eq!(p.json(&["status", "last"], 0)["state"], "running");
+    finish(&p, run);
+}

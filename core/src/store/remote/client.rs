@@ -27,6 +27,10 @@ const RECONNECT: Duration = Duration::from_secs(10);
 /// Between two tries for the lock or the socket.
 const POLL: Duration = Duration::from_millis(50);
 
+/// How long the greeting may take: a runner that does not answer it at once is stopped
+/// (Ctrl-Z) or going away, and the store is better waited for as any locked store.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long an answer may take (a big view is built before its path comes back).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -231,8 +235,8 @@ impl Client {
         let Ok(reader) = stream.try_clone().map(BufReader::new) else {
             return Ok(None);
         };
-        if stream.set_read_timeout(Some(ANSWER_TIMEOUT)).is_err()
-            || stream.set_write_timeout(Some(ANSWER_TIMEOUT)).is_err()
+        if stream.set_read_timeout(Some(HELLO_TIMEOUT)).is_err()
+            || stream.set_write_timeout(Some(HELLO_TIMEOUT)).is_err()
         {
             return Ok(None);
         }
@@ -255,6 +259,12 @@ impl Client {
         match serde_json::from_value::<Hello>(hello) {
             Ok(hello) if found == PROTOCOL => {
                 client.hello = hello;
+                let stream = &client.stream;
+                if stream.set_read_timeout(Some(ANSWER_TIMEOUT)).is_err()
+                    || stream.set_write_timeout(Some(ANSWER_TIMEOUT)).is_err()
+                {
+                    return Ok(None);
+                }
                 Ok(Some(client))
             }
             _ => Err(StoreError::RunnerProtocol {

@@ -303,3 +303,31 @@ fn a_reader_whose_runner_ends_goes_on_with_the_store() {
     assert_eq!(reader.step(&key).unwrap().unwrap().name, "make");
     assert!(!reader.is_remote(), "it read the store itself");
 }
+
+#[test]
+fn the_loop_copies_its_record_only_when_a_reader_asked() {
+    let live = Arc::new(LiveRun::new(3));
+    live.offer(|| panic!("nobody asked for a copy"));
+    let reader = {
+        let live = live.clone();
+        std::thread::spawn(move || live.current().map(|c| c.record.id))
+    };
+    // The loop's ticks, until the reader has its copy.
+    let t0 = Instant::now();
+    while !reader.is_finished() {
+        live.offer(|| LiveSnapshot {
+            record: run_record(3, StepStatus::Pending),
+            logs: BTreeMap::new(),
+        });
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(reader.join().unwrap(), Some(3));
+    // Served: no more copies until someone asks again.
+    live.offer(|| panic!("nobody asked again"));
+    live.end();
+    assert!(
+        live.current().is_none(),
+        "an ended run is read from the store"
+    );
+}
