@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use serde::Serialize;
 
 use crate::digest::{ArtifactDigest, StepKey};
-use crate::store::{Millis, StepRecord, Store, StoreError};
+use crate::store::{Millis, StepRecord, StoreError, StoreRead};
 use crate::value::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,7 +59,7 @@ pub struct LineageEdge {
 
 /// The step that produced `artifact` most recently, if any is recorded.
 pub fn producer(
-    store: &Store,
+    store: &dyn StoreRead,
     artifact: &ArtifactDigest,
 ) -> Result<Option<StepRecord>, StoreError> {
     let mut best: Option<StepRecord> = None;
@@ -102,7 +102,7 @@ fn to_step(r: &StepRecord, depth: usize) -> LineageStep {
 
 /// Walk from `root` in `direction`, breadth first.
 pub fn walk(
-    store: &Store,
+    store: &dyn StoreRead,
     root: &StepKey,
     direction: Direction,
 ) -> Result<LineageGraph, StoreError> {

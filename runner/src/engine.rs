@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::ops::OpKind;
 use needle_core::plan::{NodeInput, Plan};
+use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
     Attempt, AttemptResult, Execution, Manifest, RunRecord, RunState, RunStep, StepCommit,
     StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
@@ -161,6 +162,8 @@ pub struct Engine {
     programs: HashMap<String, Option<PathBuf>>,
     /// This very binary: built-in ops run as `<it> worker OP`.
     worker: PathBuf,
+    /// Where readers of the store see this run as far as it has got (`needle status`).
+    live: Option<Arc<LiveRun>>,
 }
 
 impl Engine {
@@ -236,6 +239,7 @@ impl Engine {
             free_slots: Vec::new(),
             programs: HashMap::new(),
             worker: worker_path(),
+            live: None,
         }
     }
 
@@ -256,6 +260,12 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// Offer copies of the run's progress to `live` as the run goes (when a reader asks).
+    pub fn with_live(mut self, live: Arc<LiveRun>) -> Engine {
+        self.live = Some(live);
+        self
     }
 
     /// Run to the end (or to Ctrl-C). The run record is written before the first step starts
@@ -787,6 +797,15 @@ impl Engine {
             })
             .collect();
         self.progress.update(&self.counts(), &running);
+        if let Some(live) = &self.live {
+            live.offer(|| LiveSnapshot {
+                record: self.record.clone(),
+                // A running attempt's log is in its slot until it ends (see executor.rs).
+                logs: (self.running.iter())
+                    .map(|(&i, r)| (i, r.slot.join("log")))
+                    .collect(),
+            });
+        }
     }
 
     fn counts(&self) -> RunOutcome {

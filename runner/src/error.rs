@@ -68,6 +68,8 @@ impl CliError {
             | CliError::Store(StoreError::Format { .. })
             | CliError::Store(StoreError::NotAStore { .. })
             | CliError::Store(StoreError::Db(_))
+            | CliError::Store(StoreError::Runner { .. })
+            | CliError::Store(StoreError::RunnerProtocol { .. })
             | CliError::Store(StoreError::Corrupt { .. }) => Exit::StoreUnavailable,
             CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) => Exit::StepFailed,
         }

@@ -2,7 +2,7 @@
 //! bindings where a sweep made several (`3:train[arch=a,lr=0.1]`, `last:train`).
 
 use needle_core::digest::{ArtifactDigest, StepKey, is_hex_prefix};
-use needle_core::store::{Found, RunRecord, Store};
+use needle_core::store::{Found, RunRecord, StoreRead};
 use needle_core::value::render_short;
 
 use crate::commands::find_run;
@@ -36,7 +36,11 @@ impl Target {
 
 /// The stored step a target stands for: the step itself, or an artifact's producer. `text` is
 /// the reference as given, for the error.
-pub fn stored_step(store: &Store, target: &Target, text: &str) -> Result<StepKey, CliError> {
+pub fn stored_step(
+    store: &dyn StoreRead,
+    target: &Target,
+    text: &str,
+) -> Result<StepKey, CliError> {
     match target {
         Target::Artifact(a) => needle_core::lineage::producer(store, a)?
             .map(|r| r.key)
@@ -50,7 +54,7 @@ pub fn stored_step(store: &Store, target: &Target, text: &str) -> Result<StepKey
     }
 }
 
-pub fn resolve(store: &Store, text: &str) -> Result<Target, CliError> {
+pub fn resolve(store: &dyn StoreRead, text: &str) -> Result<Target, CliError> {
     if let Some((run, step)) = text.split_once(':') {
         return resolve_run_step(store, run, step);
     }
@@ -86,7 +90,7 @@ pub fn resolve(store: &Store, text: &str) -> Result<Target, CliError> {
     }
 }
 
-fn resolve_run_step(store: &Store, run: &str, step: &str) -> Result<Target, CliError> {
+fn resolve_run_step(store: &dyn StoreRead, run: &str, step: &str) -> Result<Target, CliError> {
     let record = find_run(store, run)?;
     let (name, filters) = parse_step_ref(step)?;
     let candidates: Vec<usize> = record

@@ -4,6 +4,7 @@
 mod common;
 
 mod builtin;
+mod concurrent;
 mod crash;
 mod curation;
 mod doctor;

@@ -64,6 +64,32 @@ pub enum StoreError {
 
     #[error("artifact `{artifact}` is not in the store")]
     UnknownArtifact { artifact: String },
+
+    /// The runner holding the store stopped answering in the middle of a command, and
+    /// neither the store nor a new runner could be reached after it.
+    #[error(
+        "lost the runner holding `{root}` while reading through it (hint: run the command again)"
+    )]
+    Runner {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The runner holding the store answered a read with an error of its own.
+    #[error("the runner holding the store could not answer: {message}")]
+    RunnerAnswer { message: String },
+
+    /// The runner holding the store is another build of needle, whose read protocol differs.
+    #[error(
+        "the runner holding `{root}` reads the store with protocol {found}, this needle with \
+         {expected} (hint: use the needle binary that is running, or pass --wait to wait for the run)"
+    )]
+    RunnerProtocol {
+        root: PathBuf,
+        found: u32,
+        expected: u32,
+    },
 }
 
 impl StoreError {

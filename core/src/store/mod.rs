@@ -4,6 +4,7 @@
 //! <root>/                   (.needle/ by default)
 //!   FORMAT                  "needle-store 1": refused if unknown
 //!   lock                    flock held by the one process that has the store open
+//!   runner.sock             while a run goes: the runner answers read requests here
 //!   meta/                   sled: steps, artifacts, producers, consumers, runs, run_index
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
 //!   staging/<pid>-<n>/      a step's private dirs; absorbed into blobs/, then removed
@@ -19,7 +20,8 @@
 //! leaves either no record (the step re-runs; stray blobs are harmless) or a whole one.
 //!
 //! Only one process opens a store at a time (sled itself is single-process): [`Store::open`]
-//! takes an exclusive lock and names the holder when it cannot.
+//! takes an exclusive lock and names the holder when it cannot. While a run holds it, the
+//! read-only commands read through the runner ([`remote`]).
 //!
 //! How the invariant is kept, step by step:
 //! - [`Store::absorb_dir`] hashes a file, and only if its blob is absent sets it 0444, fsyncs
@@ -49,7 +51,9 @@ mod errors;
 mod fsutil;
 mod lock;
 mod meta;
+mod read;
 pub mod records;
+pub mod remote;
 mod verify;
 mod view;
 
@@ -62,6 +66,7 @@ use std::time::Duration;
 
 pub use errors::StoreError;
 pub use lock::LockMode;
+pub use read::StoreRead;
 pub use records::*;
 pub use verify::VerifyReport;
 
@@ -100,7 +105,7 @@ pub struct Store {
 }
 
 /// How much the store records (see [`Store::counts`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreCounts {
     pub steps: usize,
     pub artifacts: usize,
@@ -108,7 +113,8 @@ pub struct StoreCounts {
 }
 
 /// What a ref prefix matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Found {
     Step(StepKey),
     Artifact(ArtifactDigest),
@@ -295,11 +301,7 @@ impl Store {
     /// `blobs/ab/cdef…`: the blob's place, named by the plain BLAKE3 of its bytes (what
     /// `b3sum` prints).
     pub fn blob_path(&self, blob: &BlobDigest) -> PathBuf {
-        let hex = blob.hex();
-        let mut p = self.root.join("blobs");
-        p.push(&hex[..2]);
-        p.push(&hex[2..]);
-        p
+        read::blob_path_in(&self.root, blob)
     }
 
     /// Record finished steps atomically (all or none), with their manifests and the producer

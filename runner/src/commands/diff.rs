@@ -8,17 +8,17 @@
 use std::collections::BTreeMap;
 
 use needle_core::lineage::{Direction, walk};
-use needle_core::store::{StepRecord, Store};
+use needle_core::store::{StepRecord, StoreRead};
 use needle_core::why::{Change, diff};
 
 use crate::cli::{Cli, DiffArgs};
-use crate::commands::{open_existing, print_json};
+use crate::commands::{open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::refs::{resolve, stored_step};
 
 /// The ancestry of a reference, its steps by match label.
 fn ancestry(
-    store: &Store,
+    store: &dyn StoreRead,
     reference: &str,
 ) -> Result<(StepRecord, BTreeMap<String, StepRecord>), CliError> {
     let key = stored_step(store, &resolve(store, reference)?, reference)?;
@@ -55,7 +55,7 @@ struct StepDiff {
 }
 
 pub fn diff_cmd(cli: &Cli, args: &DiffArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let (root_a, a) = ancestry(&store, &args.a)?;
     let (root_b, b) = ancestry(&store, &args.b)?;
     let mut rows = Vec::new();

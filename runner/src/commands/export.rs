@@ -4,15 +4,15 @@
 use std::path::{Component, Path, PathBuf};
 
 use needle_core::digest::ArtifactDigest;
-use needle_core::store::{EntryKind, Store};
+use needle_core::store::{EntryKind, StoreRead};
 
 use crate::cli::{Cli, ExportArgs};
-use crate::commands::open_existing;
+use crate::commands::open_reader;
 use crate::error::{CliError, Exit};
 use crate::refs::{Target, resolve};
 
 pub fn export(cli: &Cli, args: &ExportArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let artifact = artifact_of(&store, &resolve(&store, &args.reference)?)?;
     let manifest = store.manifest(&artifact)?.ok_or_else(|| {
         CliError::usage(format!("artifact `{}` has no manifest", artifact.short()))
@@ -72,7 +72,7 @@ pub fn export(cli: &Cli, args: &ExportArgs) -> Result<Exit, CliError> {
     Ok(Exit::Success)
 }
 
-fn artifact_of(store: &Store, target: &Target) -> Result<ArtifactDigest, CliError> {
+fn artifact_of(store: &dyn StoreRead, target: &Target) -> Result<ArtifactDigest, CliError> {
     match target {
         Target::Artifact(a) => Ok(*a),
         Target::Step(k) => Ok(store

@@ -7,13 +7,13 @@ use needle_core::lineage::{Direction, LineageGraph, LineageStep, walk};
 use needle_core::store::fmt_ms;
 
 use crate::cli::{Cli, LineageArgs, LineageFormat};
-use crate::commands::open_existing;
+use crate::commands::open_reader;
 use crate::commands::show::shell_words;
 use crate::error::{CliError, Exit};
 use crate::refs::resolve;
 
 pub fn lineage(cli: &Cli, args: &LineageArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let target = resolve(&store, &args.reference)?;
     let key = crate::refs::stored_step(&store, &target, &args.reference)?;
     let direction = if args.down {

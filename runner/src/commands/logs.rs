@@ -1,18 +1,19 @@
 //! `needle logs REF`: the combined stdout and stderr of a step's attempt.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use needle_core::digest::StepKey;
-use needle_core::store::Store;
+use needle_core::store::StoreRead;
 
 use crate::cli::{Cli, LogsArgs};
-use crate::commands::open_existing;
+use crate::commands::open_reader;
 use crate::engine::tail;
 use crate::error::{CliError, Exit};
 use crate::refs::{Target, resolve};
 
 pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let target = resolve(&store, &args.reference)?;
     let logs: Vec<(u32, String)> = match &target {
         Target::RunStep { run, index } => run.steps[*index]
@@ -40,7 +41,17 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<Exit, CliError> {
         eprintln!("(attempt {} wrote no output)", chosen.0);
         return Ok(Exit::Success);
     }
-    let path = store.path(&chosen.1);
+    // An attempt under way writes its log in its staging slot; the log moves under logs/
+    // when it ends (so, should it end meanwhile, the recorded path holds it).
+    let live = running_log(&store, &target, chosen.0)?;
+    let path = match &live {
+        Some(p) if p.exists() => p.clone(),
+        _ => store.path(&chosen.1),
+    };
+    if live.is_some() && !path.exists() {
+        eprintln!("(attempt {} has written nothing so far)", chosen.0);
+        return Ok(Exit::Success);
+    }
     if let Some(n) = args.tail {
         for line in tail(&path, n) {
             println!("{line}");
@@ -55,8 +66,28 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<Exit, CliError> {
     Ok(Exit::Success)
 }
 
+/// Where attempt `n` of a step of the live run writes its output now, if it is under way.
+fn running_log(
+    store: &dyn StoreRead,
+    target: &Target,
+    n: u32,
+) -> Result<Option<PathBuf>, CliError> {
+    let Target::RunStep { run, index } = target else {
+        return Ok(None);
+    };
+    let under_way = store.live_run() == Some(run.id)
+        && run.steps[*index]
+            .attempts
+            .last()
+            .is_some_and(|a| a.n == n && a.ended == 0);
+    if !under_way {
+        return Ok(None);
+    }
+    Ok(store.live_log(run.id, *index)?)
+}
+
 /// Every attempt's log of a committed step, in execution order.
-fn logs_of_key(store: &Store, key: &StepKey) -> Result<Vec<(u32, String)>, CliError> {
+fn logs_of_key(store: &dyn StoreRead, key: &StepKey) -> Result<Vec<(u32, String)>, CliError> {
     let rec = store
         .step(key)?
         .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", key.short())))?;

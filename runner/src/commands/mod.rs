@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use needle_core::digest::BlobDigest;
 use needle_core::plan::CodeHasher;
 use needle_core::recipe::{self, Expansion, Recipe, RecipeSource, SetArg};
-use needle_core::store::{LockMode, RunRecord, Store, StoreError};
+use needle_core::store::remote::Reader;
+use needle_core::store::{LockMode, RunRecord, Store, StoreError, StoreRead};
 use needle_ops::Registry;
 
 use crate::cli::Cli;
@@ -81,22 +82,29 @@ pub fn open_store(cli: &Cli) -> Result<Store, CliError> {
     Ok(Store::open(&store_root(cli)?, lock_mode(cli))?)
 }
 
-/// Open an existing store (for the read-only commands).
+/// Open an existing store for a command that writes nothing but must see it alone (`rerun`,
+/// `verify`).
 pub fn open_existing(cli: &Cli) -> Result<Store, CliError> {
     Ok(Store::open_existing(&store_root(cli)?, lock_mode(cli))?)
 }
 
-/// Open an existing store if there is one; `None` when there is none yet.
-pub fn open_if_exists(cli: &Cli) -> Result<Option<Store>, CliError> {
-    match Store::open_existing(&store_root(cli)?, lock_mode(cli)) {
-        Ok(s) => Ok(Some(s)),
+/// Open an existing store for a read-only command: the store itself, or, while a run holds
+/// it, through that runner.
+pub fn open_reader(cli: &Cli) -> Result<Reader, CliError> {
+    Ok(Reader::open(&store_root(cli)?, lock_mode(cli))?)
+}
+
+/// [`open_reader`], or `None` when there is no store yet.
+pub fn open_reader_if_exists(cli: &Cli) -> Result<Option<Reader>, CliError> {
+    match Reader::open(&store_root(cli)?, lock_mode(cli)) {
+        Ok(r) => Ok(Some(r)),
         Err(StoreError::Missing { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
 /// `3` or `last`.
-pub fn find_run(store: &Store, text: &str) -> Result<RunRecord, CliError> {
+pub fn find_run(store: &dyn StoreRead, text: &str) -> Result<RunRecord, CliError> {
     let id = if text == "last" || text == "latest" {
         store
             .runs()?

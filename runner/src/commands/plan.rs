@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::plan::{self, HashOnly, Plan};
-use needle_core::store::Store;
+use needle_core::store::StoreRead;
 use needle_ops::Registry;
 
 use crate::cli::{Cli, PlanArgs};
 use crate::commands::run::check_resources;
-use crate::commands::{load_recipe, open_if_exists, print_json, read_recipe};
+use crate::commands::{load_recipe, open_reader_if_exists, print_json, read_recipe};
 use crate::error::{CliError, Exit};
 
 /// What the plan predicts for one node.
@@ -41,7 +41,7 @@ impl Predicted {
 }
 
 /// Walk the plan in order, following cached outputs as far as they reach.
-pub fn predict(plan: &Plan, store: Option<&Store>) -> Result<Vec<Predicted>, CliError> {
+pub fn predict(plan: &Plan, store: Option<&dyn StoreRead>) -> Result<Vec<Predicted>, CliError> {
     let mut outputs: Vec<Option<ArtifactDigest>> = vec![None; plan.nodes.len()];
     let mut out = Vec::with_capacity(plan.nodes.len());
     for (i, node) in plan.nodes.iter().enumerate() {
@@ -74,10 +74,13 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     let (recipe, expansion) = load_recipe(source, &args.recipe.sets, &registry)?;
     check_resources(&recipe, args.gpus.resolve().len() as u32, u64::MAX / 2)?;
     let plan = plan::build(recipe, expansion, &mut HashOnly)?;
-    let store = open_if_exists(cli)?;
-    let predicted = predict(&plan, store.as_ref())?;
+    // Planning hashes code files without storing them (`HashOnly`), so it reads the store
+    // only: while a run holds it, through the runner, which sees what it has committed.
+    let reader = open_reader_if_exists(cli)?;
+    let store = reader.as_ref().map(|r| r as &dyn StoreRead);
+    let predicted = predict(&plan, store)?;
     let reasons = if args.why {
-        Some(reasons(&plan, &predicted, store.as_ref())?)
+        Some(reasons(&plan, &predicted, store)?)
     } else {
         None
     };
@@ -108,7 +111,7 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
 fn reasons(
     plan: &Plan,
     predicted: &[Predicted],
-    store: Option<&Store>,
+    store: Option<&dyn StoreRead>,
 ) -> Result<Vec<Vec<String>>, CliError> {
     let outputs: Vec<Option<ArtifactDigest>> = predicted
         .iter()

@@ -1,11 +1,11 @@
 //! `needle report RUN -o report.html`: see [`crate::report`].
 
 use crate::cli::{Cli, ReportArgs};
-use crate::commands::{find_run, open_existing};
+use crate::commands::{find_run, open_reader};
 use crate::error::{CliError, Exit};
 
 pub fn report(cli: &Cli, args: &ReportArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let run = find_run(&store, &args.run)?;
     let html = crate::report::build(&store, &run)?;
     let out = args

@@ -6,12 +6,12 @@ use needle_core::recipe::bindings_label;
 use needle_core::value::render_short;
 
 use crate::cli::{Cli, ResultsArgs};
-use crate::commands::{find_run, open_existing, print_json};
+use crate::commands::{find_run, open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::report::{metric_rows, table_columns};
 
 pub fn results(cli: &Cli, args: &ResultsArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let run = find_run(&store, &args.run)?;
     let mut by_name = metric_rows(&store, &run)?;
     if let Some(step) = &args.step {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use needle_core::plan::{self, Plan};
 use needle_core::recipe::{Recipe, RecipeSource, SetArg};
+use needle_core::store::remote::{LiveRun, Server};
 use needle_core::store::{RunRecord, RunState, Store, now_millis};
 use needle_ops::Registry;
 
@@ -140,7 +141,16 @@ pub fn execute(
     };
     let total = plan.nodes.len();
     let store = Arc::new(store);
-    let mut engine = Engine::new(store, plan, record, opts, progress::for_stderr(total));
+    let live = Arc::new(LiveRun::new(record.id));
+    let server = serve_reads(&store, &live);
+    let mut engine = Engine::new(
+        store.clone(),
+        plan,
+        record,
+        opts,
+        progress::for_stderr(total),
+    )
+    .with_live(live.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -148,12 +158,21 @@ pub fn execute(
             context: "could not start the async runtime".into(),
             source,
         })?;
-    runtime.block_on(engine.start_executor()).map_err(|e| {
+    let started = runtime.block_on(engine.start_executor()).map_err(|e| {
         CliError::usage(format!(
             "the Slurm executor cannot reach Slurm: {e} (hint: are the Slurm client commands on PATH, and slurmctld up? `sinfo` should answer)"
         ))
-    })?;
-    let (outcome, record) = runtime.block_on(engine.execute())?;
+    });
+    let ended = match started {
+        Ok(()) => runtime.block_on(engine.execute()).map_err(CliError::from),
+        Err(e) => Err(e),
+    };
+    // The final record is stored (or the run failed to store it): readers read the store
+    // from now on. The server's threads are done with the store once it is dropped.
+    live.end();
+    drop(server);
+    drop(store);
+    let (outcome, record) = ended?;
     if json {
         print_json(&summary_json(&outcome, &record));
     } else {
@@ -164,6 +183,23 @@ pub fn execute(
         RunState::Interrupted => Exit::Interrupted,
         RunState::Failed | RunState::Running => Exit::StepFailed,
     })
+}
+
+/// Answer the read-only commands (`show`, `status`, `plan`…) on the store's socket while the
+/// run holds the store. Without it they wait for the run, so failing to serve is no reason
+/// to fail the run.
+fn serve_reads(store: &Arc<Store>, live: &Arc<LiveRun>) -> Option<Server> {
+    match Server::start(store.clone(), live.clone()) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+            tracing::warn!(
+                "read-only commands cannot read the store during this run: {e}{}",
+                cause.unwrap_or_default()
+            );
+            None
+        }
+    }
 }
 
 fn summary_json(o: &RunOutcome, record: &RunRecord) -> serde_json::Value {

@@ -1,15 +1,17 @@
 //! `needle runs`: every recorded run, oldest first.
 
-use needle_core::store::{RunState, fmt_ms};
+use needle_core::store::{RunState, StoreRead, fmt_ms};
 
 use crate::cli::{Cli, JsonArg};
-use crate::commands::{fmt_time, open_if_exists, print_json};
+use crate::commands::{fmt_time, open_reader_if_exists, print_json};
 use crate::error::{CliError, Exit};
 
-/// How a run's state reads. A run still marked running when we hold the store's lock lost its
-/// runner (killed, or the machine went down): only one process holds a store at a time.
-pub fn state_label(state: RunState) -> &'static str {
+/// How a run's state reads. A run marked running is running if the runner holding the store
+/// says it executes it (`live`); otherwise it lost its runner (killed, or the machine went
+/// down): only one process holds a store at a time.
+pub fn state_label(state: RunState, live: bool) -> &'static str {
     match state {
+        RunState::Running if live => "running",
         RunState::Running => "aborted",
         RunState::Succeeded => "succeeded",
         RunState::Failed => "failed",
@@ -18,7 +20,7 @@ pub fn state_label(state: RunState) -> &'static str {
 }
 
 pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
-    let Some(store) = open_if_exists(cli)? else {
+    let Some(store) = open_reader_if_exists(cli)? else {
         if args.json {
             print_json(&serde_json::json!([]));
         } else {
@@ -27,6 +29,7 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         return Ok(Exit::Success);
     };
     let runs = store.runs()?;
+    let live = store.live_run();
     if args.json {
         let list: Vec<serde_json::Value> = runs
             .iter()
@@ -35,7 +38,7 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
                     "run": r.id,
                     "recipe": r.recipe_name,
                     "path": r.recipe_path,
-                    "state": state_label(r.state),
+                    "state": state_label(r.state, live == Some(r.id)),
                     "started": fmt_time(r.started),
                     "duration_ms": r.ended.map(|e| e.saturating_sub(r.started)),
                     "arms": r.arms,
@@ -75,7 +78,7 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         println!(
             "{:>4}  {:<11} {:<20} {:<20} {:>8} {:>5} {:>6} {:>8} {:>6} {:>7}",
             r.id,
-            state_label(r.state),
+            state_label(r.state, live == Some(r.id)),
             r.recipe_name,
             fmt_time(r.started),
             took,

@@ -3,36 +3,38 @@
 
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::lineage::producer;
-use needle_core::store::{EntryKind, InputDigests, RunStep, Store, fmt_ms};
+use needle_core::store::{EntryKind, InputDigests, RunStep, StoreRead, fmt_ms, now_millis};
 use needle_core::value::render_short;
 
 use crate::cli::{Cli, ShowArgs};
-use crate::commands::{fmt_time, open_existing, print_json};
+use crate::commands::status::step_state;
+use crate::commands::{fmt_time, open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::progress::step_label;
 use crate::refs::{Target, resolve};
 
 pub fn show(cli: &Cli, args: &ShowArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     match resolve(&store, &args.reference)? {
         Target::Artifact(a) => show_artifact(&store, &a, args.json),
         Target::Step(k) => show_step(&store, &k, None, args.json),
         Target::RunStep { run, index } => {
             let step = &run.steps[index];
+            let live = store.live_run() == Some(run.id);
             match step.key {
                 Some(k) if store.step(&k)?.is_some() => {
-                    show_step(&store, &k, Some(step), args.json)
+                    show_step(&store, &k, Some((step, live)), args.json)
                 }
-                _ => show_unfinished(run.id, step, args.json),
+                _ => show_unfinished(run.id, step, live, args.json),
             }
         }
     }
 }
 
 fn show_step(
-    store: &Store,
+    store: &dyn StoreRead,
     key: &StepKey,
-    in_run: Option<&RunStep>,
+    in_run: Option<(&RunStep, bool)>,
     json: bool,
 ) -> Result<Exit, CliError> {
     let rec = store
@@ -43,7 +45,7 @@ fn show_step(
         if store.manifest(&rec.output)?.is_some() {
             v["view"] = serde_json::to_value(store.view(&rec.output)?).expect("serialise");
         }
-        if let Some(step) = in_run {
+        if let Some((step, _)) = in_run {
             v["run_status"] = serde_json::to_value(&step.status).expect("serialise");
             v["run_attempts"] = serde_json::to_value(&step.attempts).expect("serialise");
         }
@@ -150,15 +152,16 @@ fn show_step(
             e.log
         );
     }
-    if let Some(step) = in_run {
-        print_attempts(step);
+    if let Some((step, live)) = in_run {
+        print_attempts(step, live);
     }
     Ok(Exit::Success)
 }
 
-fn show_unfinished(run: u64, step: &RunStep, json: bool) -> Result<Exit, CliError> {
+fn show_unfinished(run: u64, step: &RunStep, live: bool, json: bool) -> Result<Exit, CliError> {
     if json {
-        print_json(&serde_json::json!({"run": run, "step": step}));
+        let state = step_state(step, live);
+        print_json(&serde_json::json!({"run": run, "step": step, "state": state}));
         return Ok(Exit::Success);
     }
     println!("step     {} (run {run})", step_label(step));
@@ -169,7 +172,7 @@ fn show_unfinished(run: u64, step: &RunStep, json: bool) -> Result<Exit, CliErro
             .unwrap_or_else(|| "(not known: an input was never produced)".into())
     );
     println!("op       {}", step.op);
-    println!("status   {}", step.status.label());
+    println!("status   {}", step_state(step, live));
     match &step.status {
         needle_core::store::StepStatus::Failed { reason } => println!("reason   {reason}"),
         needle_core::store::StepStatus::Skipped { upstream } => {
@@ -177,16 +180,26 @@ fn show_unfinished(run: u64, step: &RunStep, json: bool) -> Result<Exit, CliErro
         }
         _ => {}
     }
-    print_attempts(step);
+    print_attempts(step, live);
     Ok(Exit::Success)
 }
 
-fn print_attempts(step: &RunStep) {
+/// The attempts of a step in one run; `live` when that run is going now.
+fn print_attempts(step: &RunStep, live: bool) {
     if step.attempts.is_empty() {
         return;
     }
     println!("attempts in this run");
     for a in &step.attempts {
+        if live && a.ended == 0 {
+            println!(
+                "  {}: running since {}, for {} (`needle logs` shows its output so far)",
+                a.n,
+                fmt_time(a.started),
+                fmt_ms(now_millis().saturating_sub(a.started)),
+            );
+            continue;
+        }
         let job = a
             .job
             .as_ref()
@@ -203,7 +216,7 @@ fn print_attempts(step: &RunStep) {
     }
 }
 
-fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, CliError> {
+fn show_artifact(store: &dyn StoreRead, a: &ArtifactDigest, json: bool) -> Result<Exit, CliError> {
     let manifest = store
         .manifest(a)?
         .ok_or_else(|| CliError::usage(format!("artifact `{}` has no manifest", a.short())))?;
@@ -262,7 +275,7 @@ fn show_artifact(store: &Store, a: &ArtifactDigest, json: bool) -> Result<Exit, 
 }
 
 /// The op's own summary of an output (`summary.md`), if it wrote a short one.
-fn summary_of(store: &Store, manifest: &needle_core::store::Manifest) -> Option<String> {
+fn summary_of(store: &dyn StoreRead, manifest: &needle_core::store::Manifest) -> Option<String> {
     const MAX: u64 = 64 * 1024;
     let entry = manifest
         .entries
@@ -283,7 +296,7 @@ fn print_summary(text: &str) {
     }
 }
 
-fn made_by(store: &Store, a: &ArtifactDigest) -> Result<String, CliError> {
+fn made_by(store: &dyn StoreRead, a: &ArtifactDigest) -> Result<String, CliError> {
     Ok(match producer(store, a)? {
         Some(r) if r.bindings.is_empty() => format!("from {}", r.name),
         Some(r) => {

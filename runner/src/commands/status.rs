@@ -1,16 +1,17 @@
 //! `needle status RUN`: the steps of one run and how each ended.
 
-use needle_core::store::{StepStatus, fmt_ms};
+use needle_core::store::{AttemptResult, RunStep, StepStatus, StoreRead, fmt_ms, now_millis};
 
 use crate::cli::{Cli, StatusArgs};
 use crate::commands::runs::state_label;
-use crate::commands::{find_run, fmt_time, open_existing, print_json};
+use crate::commands::{find_run, fmt_time, open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::progress::step_label;
 
 pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let run = find_run(&store, &args.run)?;
+    let live = store.live_run() == Some(run.id);
     if args.json {
         let steps: Vec<serde_json::Value> = run
             .steps
@@ -28,7 +29,7 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
                     "arms": arms,
                     "id": s.id,
                     "key": s.key,
-                    "status": s.status.label(),
+                    "status": step_state(s, live),
                     "output": s.status.output(),
                     "detail": detail(&s.status),
                     "attempts": s.attempts,
@@ -39,7 +40,7 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
             "run": run.id,
             "recipe": run.recipe_name,
             "path": run.recipe_path,
-            "state": state_label(run.state),
+            "state": state_label(run.state, live),
             "started": fmt_time(run.started),
             "ended": run.ended.map(fmt_time),
             "rerun_of": run.rerun_of,
@@ -59,7 +60,7 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
         run.id,
         run.recipe_name,
         run.recipe_path,
-        state_label(run.state),
+        state_label(run.state, live),
         fmt_time(run.started)
     );
     if let Some(of) = run.rerun_of {
@@ -80,25 +81,43 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
     );
     for s in &run.steps {
         let key = s.key.map(|k| k.short()).unwrap_or_else(|| "-".into());
-        let took = s
-            .attempts
-            .last()
-            .filter(|a| a.ended >= a.started && a.ended > 0)
-            .map(|a| fmt_ms(a.ended - a.started))
-            .unwrap_or_default();
+        let took = match s.attempts.last() {
+            Some(a) if a.ended >= a.started && a.ended > 0 => fmt_ms(a.ended - a.started),
+            // Under way: for how long so far.
+            Some(a) if live && a.ended == 0 => fmt_ms(now_millis().saturating_sub(a.started)),
+            _ => String::new(),
+        };
         let mut detail = detail(&s.status).unwrap_or_default();
         if s.attempts.len() > 1 {
             detail = format!("{} attempts {detail}", s.attempts.len());
         }
         println!(
             "  {:<11} {:<14} {:<44} {:>8}  {detail}",
-            s.status.label(),
+            step_state(s, live),
             key,
             step_label(s),
             took
         );
     }
     Ok(Exit::Success)
+}
+
+/// A step's state as `status` and `show` print it. In the run being executed (`live`), a
+/// pending step that has attempts is under way: running (its last attempt has not ended),
+/// committing (it succeeded; its output is being stored) or waiting to retry (it failed).
+pub fn step_state(step: &RunStep, live: bool) -> &'static str {
+    match (&step.status, step.attempts.last()) {
+        (StepStatus::Pending, Some(a)) if live => {
+            if a.ended == 0 {
+                "running"
+            } else if a.result == AttemptResult::Success {
+                "committing"
+            } else {
+                "retrying"
+            }
+        }
+        (status, _) => status.label(),
+    }
 }
 
 fn detail(status: &StepStatus) -> Option<String> {

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 
 use needle_core::digest::StepKey;
 use needle_core::lineage::producer;
-use needle_core::store::{Execution, StepRecord, StepSpec, StepStatus};
+use needle_core::store::{Execution, StepRecord, StepSpec, StepStatus, StoreRead};
 use needle_core::value::Value;
 use needle_core::why::{Change, closest};
 
 use crate::cli::{Cli, WhyArgs};
-use crate::commands::{fmt_time, open_existing, print_json};
+use crate::commands::{fmt_time, open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::progress::step_label;
 use crate::refs::{Target, resolve};
@@ -69,7 +69,7 @@ impl Reason {
 }
 
 pub fn why(cli: &Cli, args: &WhyArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
+    let store = open_reader(cli)?;
     let target = resolve(&store, &args.reference)?;
     let (label, key, run_status) = match &target {
         Target::RunStep { run, index } => {

@@ -12,7 +12,7 @@ use std::fmt::Write;
 use base64::Engine;
 use needle_core::digest::ArtifactDigest;
 use needle_core::recipe::bindings_label;
-use needle_core::store::{EntryKind, RunRecord, RunStep, StepStatus, Store, fmt_ms};
+use needle_core::store::{EntryKind, RunRecord, RunStep, StepStatus, StoreRead, fmt_ms};
 use needle_core::value::{Value, render_short};
 
 use crate::error::CliError;
@@ -40,7 +40,7 @@ fn label(step: &RunStep) -> String {
 
 /// A file at the top of an artifact: its bytes, if present and not larger than `max`.
 fn read_file(
-    store: &Store,
+    store: &dyn StoreRead,
     artifact: &ArtifactDigest,
     path: &str,
     max: u64,
@@ -61,7 +61,7 @@ fn read_file(
     Ok(None)
 }
 
-pub fn build(store: &Store, run: &RunRecord) -> Result<String, CliError> {
+pub fn build(store: &dyn StoreRead, run: &RunRecord) -> Result<String, CliError> {
     let mut body = String::new();
     header(run, &mut body);
     timeline(run, &mut body);
@@ -213,7 +213,10 @@ fn metrics_row(step: usize, m: &serde_json::Value) -> Row {
 }
 
 /// Every step of the run whose output holds a `metrics.json`, by step name, in run order.
-pub fn metric_rows(store: &Store, run: &RunRecord) -> Result<BTreeMap<String, Vec<Row>>, CliError> {
+pub fn metric_rows(
+    store: &dyn StoreRead,
+    run: &RunRecord,
+) -> Result<BTreeMap<String, Vec<Row>>, CliError> {
     let mut by_name: BTreeMap<String, Vec<Row>> = BTreeMap::new();
     for (i, s) in run.steps.iter().enumerate() {
         let Some(output) = output_of(s) else { continue };
@@ -259,7 +262,7 @@ impl Row {
     }
 }
 
-fn results(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
+fn results(store: &dyn StoreRead, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
     let by_name = metric_rows(store, run)?;
     if by_name.is_empty() {
         return Ok(());
@@ -347,7 +350,7 @@ fn plots(run: &RunRecord, name: &str, rows: &[Row], out: &mut String) {
     }
 }
 
-fn summaries(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
+fn summaries(store: &dyn StoreRead, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
     let mut any = false;
     for s in &run.steps {
         let Some(output) = output_of(s) else { continue };
@@ -375,7 +378,7 @@ fn summaries(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), Cli
     Ok(())
 }
 
-fn images(store: &Store, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
+fn images(store: &dyn StoreRead, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
     let mut shown = 0;
     // Evaluations first (baseline | candidate per prompt), then every sample grid.
     let mut steps: Vec<&RunStep> = run.steps.iter().collect();
