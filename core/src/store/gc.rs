@@ -296,6 +296,7 @@ impl Store {
             done += 1;
             done <= limit
         };
+        let t0 = std::time::Instant::now();
         for (a, view) in &plan.views {
             if !go() {
                 return Ok(());
@@ -303,16 +304,24 @@ impl Store {
             fsutil::remove_tree(view)?;
             self.forget_view(a);
         }
+        let views = t0.elapsed();
         if !go() {
             return Ok(());
         }
         self.gc_records_transaction(plan)?;
+        let records = t0.elapsed() - views;
         for path in plan.blobs.iter().chain(&plan.logs).chain(&plan.resume) {
             if !go() {
                 return Ok(());
             }
             fsutil::remove_tree(path)?;
         }
+        tracing::debug!(
+            views_ms = views.as_secs_f64() * 1e3,
+            records_ms = records.as_secs_f64() * 1e3,
+            files_ms = (t0.elapsed() - views - records).as_secs_f64() * 1e3,
+            "gc applied"
+        );
         Ok(())
     }
 
