@@ -62,22 +62,32 @@ pub fn producer(
     store: &dyn StoreRead,
     artifact: &ArtifactDigest,
 ) -> Result<Option<StepRecord>, StoreError> {
-    let mut best: Option<StepRecord> = None;
+    let mut records = Vec::new();
     for key in store.producers(artifact)? {
         if let Some(rec) = store.step(&key)? {
-            // The record's current output may have moved on (forced re-execution).
-            if rec.output != *artifact {
-                continue;
-            }
-            let newer = best
-                .as_ref()
-                .is_none_or(|b| last_ended(&rec) > last_ended(b));
-            if newer {
-                best = Some(rec);
-            }
+            records.push(rec);
         }
     }
-    Ok(best)
+    Ok(latest_producer(artifact, &records).cloned())
+}
+
+/// Of `records` (in key order), the one lineage shows as the producer of `artifact`: the
+/// latest to end among those whose current output it is (a forced re-execution may have
+/// moved a record's output on). `gc` keeps exactly this one, so lineage reads the same after.
+pub fn latest_producer<'a>(
+    artifact: &ArtifactDigest,
+    records: impl IntoIterator<Item = &'a StepRecord>,
+) -> Option<&'a StepRecord> {
+    let mut best: Option<&StepRecord> = None;
+    for rec in records {
+        if rec.output != *artifact {
+            continue;
+        }
+        if best.is_none_or(|b| last_ended(rec) > last_ended(b)) {
+            best = Some(rec);
+        }
+    }
+    best
 }
 
 fn last_ended(r: &StepRecord) -> Millis {

@@ -70,6 +70,12 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Check the store's records against its bytes: manifests, blobs, keys, indices, runs.
     Verify(VerifyArgs),
+    /// Remove what no kept run or pin reaches; say what it freed.
+    Gc(GcArgs),
+    /// Keep an artifact and its lineage through every gc; with no REF, list the pins.
+    Pin(PinArgs),
+    /// Let gc remove a pinned artifact again (when no kept run reaches it).
+    Unpin(UnpinArgs),
     /// Check the installation: libtorch, CUDA and GPUs, CPUs, and the store.
     Doctor(JsonArg),
 }
@@ -185,8 +191,38 @@ pub struct VerifyArgs {
     /// Also re-hash every blob (reads every byte of the store).
     #[arg(long)]
     pub hash: bool,
+    /// Drop what is damaged (implies --hash): damaged blobs, the artifacts using them, the
+    /// steps that produced those (the next run executes them again).
+    #[arg(long)]
+    pub repair: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Keep only the N most recent runs (and what they and the pins reach); default: every run.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Say what would be freed; remove nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// A step key or artifact digest prefix, or RUN:STEP: the artifact, or the step's output.
+    pub reference: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnpinArgs {
+    /// A pinned artifact: a digest prefix, a step key prefix or RUN:STEP.
+    pub reference: String,
 }
 
 #[derive(Debug, Args)]

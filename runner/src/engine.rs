@@ -27,8 +27,8 @@ use needle_core::ops::OpKind;
 use needle_core::plan::{NodeInput, Plan};
 use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
-    Attempt, AttemptResult, Execution, Manifest, RunRecord, RunState, RunStep, StepCommit,
-    StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
+    Attempt, AttemptResult, Execution, Health, InputCheck, Manifest, RunRecord, RunState, RunStep,
+    StepCommit, StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -144,6 +144,10 @@ pub struct Engine {
     inflight: HashMap<StepKey, usize>,
     followers: HashMap<usize, Vec<usize>>,
     forced_done: HashSet<usize>,
+    /// Inputs found whole in this run (each artifact and blob is hashed once per run).
+    input_check: InputCheck,
+    /// Inputs found damaged in this run: found again, the step reading them fails.
+    damaged: HashSet<ArtifactDigest>,
     committing: usize,
     retries_pending: usize,
     interrupts: u32,
@@ -225,6 +229,8 @@ impl Engine {
             inflight: HashMap::new(),
             followers: HashMap::new(),
             forced_done: HashSet::new(),
+            input_check: InputCheck::default(),
+            damaged: HashSet::new(),
             committing: 0,
             retries_pending: 0,
             interrupts: 0,
@@ -367,6 +373,11 @@ impl Engine {
     fn resolve(&mut self, first: usize) -> Result<(), StoreError> {
         let mut work = vec![first];
         while let Some(i) = work.pop() {
+            // Sent back to wait for an input executing again (see `inputs_whole`), or
+            // released twice meanwhile.
+            if self.missing[i] > 0 || self.phase[i] != Phase::Waiting {
+                continue;
+            }
             let spec = self.plan.nodes[i]
                 .spec(|u| self.outputs[u])
                 .expect("resolve runs once every input has an output");
@@ -389,10 +400,103 @@ impl Engine {
                 work.extend(self.release_dependents(i));
                 continue;
             }
+            if !self.inputs_whole(i, &mut work)? {
+                continue;
+            }
             self.inflight.insert(key, i);
             self.push_ready(i);
         }
         Ok(())
+    }
+
+    /// Before step `i` executes: hash the blobs of its inputs against their digests (each
+    /// artifact once per run). A damaged input is dropped from the store with what it makes
+    /// untrue (`Store::drop_damaged`: the manifests using a damaged blob, the step records
+    /// that produced them), and the steps of this run that output a dropped artifact execute
+    /// again; `i` waits for them as for any input, then is resolved anew. False then, or when
+    /// `i` failed: an input found damaged a second time in this run (after its producer ran
+    /// again), or one that no step of this run produced.
+    fn inputs_whole(&mut self, i: usize, work: &mut Vec<usize>) -> Result<bool, StoreError> {
+        let inputs: Vec<(String, ArtifactDigest)> = self.specs[i]
+            .as_ref()
+            .expect("resolve sets the spec")
+            .inputs
+            .iter()
+            .flat_map(|(name, d)| d.artifacts().into_iter().map(|a| (name.clone(), a)))
+            .collect();
+        for (name, artifact) in inputs {
+            let Health::Damaged(damage) = self
+                .store
+                .check_artifact(&artifact, &mut self.input_check)?
+            else {
+                continue;
+            };
+            let what = damage
+                .blobs
+                .iter()
+                .next()
+                .map(|(b, problem)| format!("blob {} {problem}", b.short()))
+                .or_else(|| damage.artifacts.values().next().cloned())
+                .unwrap_or_default();
+            let dropped = self.store.drop_damaged(&damage)?;
+            let producers: Vec<usize> = (0..self.plan.nodes.len())
+                .filter(|&u| {
+                    self.phase[u] == Phase::Finished
+                        && self.outputs[u].is_some_and(|o| dropped.artifact_digests.contains(&o))
+                })
+                .collect();
+            let step = self.plan.nodes[i].display_name();
+            let dropped_text = format!(
+                "dropped {} artifact(s) and {} step record(s) using it",
+                dropped.artifacts.len(),
+                dropped.steps.len()
+            );
+            if !self.damaged.insert(artifact) || producers.is_empty() {
+                let reason = format!(
+                    "input `{name}` ({}) is damaged: {what}; {dropped_text}{}",
+                    artifact.short(),
+                    if producers.is_empty() {
+                        " (the next `needle run` or `rerun` executes its producer again)"
+                    } else {
+                        ", again after its producer executed anew"
+                    }
+                );
+                self.progress.failed(&self.record.steps[i], &reason, &[]);
+                self.fail(i, reason);
+                return Ok(false);
+            }
+            let names: Vec<String> = producers
+                .iter()
+                .map(|&u| format!("`{}`", self.plan.nodes[u].display_name()))
+                .collect();
+            self.progress.note(&format!(
+                "        input `{name}` of `{step}` is damaged: {what}; {dropped_text}; \
+                 executing {} again",
+                names.join(", ")
+            ));
+            for u in producers {
+                self.reexecute(u, work);
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// `u` finished with an output that was dropped as damaged: it executes again. Its
+    /// dependents that are still waiting wait for it again. The others keep their state: a
+    /// cached one's record stands, and one that started had its inputs checked whole first,
+    /// so it did not read the dropped bytes.
+    fn reexecute(&mut self, u: usize, work: &mut Vec<usize>) {
+        self.outputs[u] = None;
+        self.phase[u] = Phase::Waiting;
+        self.record.steps[u].status = StepStatus::Pending;
+        self.progress.reopened(&self.record.steps[u]);
+        for &d in &self.dependents[u] {
+            if self.phase[d] == Phase::Waiting {
+                self.missing[d] += 1;
+            }
+        }
+        work.push(u);
     }
 
     /// Hand the waiting finished steps to the commit thread as one batch.
@@ -854,6 +958,10 @@ impl Engine {
         self.record.ended = Some(now_millis());
         tracing::debug!(
             runner_cpu_s = cpu_seconds(libc::RUSAGE_SELF),
+            input_artifacts = self.input_check.artifacts,
+            input_blobs = self.input_check.blobs_hashed,
+            input_bytes = self.input_check.bytes,
+            input_check_ms = self.input_check.time.as_secs_f64() * 1e3,
             steps_cpu_s = cpu_seconds(libc::RUSAGE_CHILDREN),
             "cpu time"
         );

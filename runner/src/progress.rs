@@ -60,6 +60,9 @@ pub trait Progress: Send {
     fn started(&mut self, step: &RunStep, attempt: u32);
     /// A step reached a terminal state other than failure.
     fn finished(&mut self, step: &RunStep, note: Option<&str>);
+    /// A finished step is to execute again (its output was dropped as damaged): it no longer
+    /// counts as finished.
+    fn reopened(&mut self, step: &RunStep);
     fn retrying(&mut self, step: &RunStep, result: &AttemptResult, delay: Duration, log: &[String]);
     fn failed(&mut self, step: &RunStep, reason: &str, log: &[String]);
     fn interrupted(&mut self, count: u32, running: usize);
@@ -151,6 +154,10 @@ impl Progress for Plain {
         }
     }
 
+    fn reopened(&mut self, _step: &RunStep) {
+        self.finished = self.finished.saturating_sub(1);
+    }
+
     fn retrying(
         &mut self,
         step: &RunStep,
@@ -220,6 +227,10 @@ impl Live {
 
 impl Progress for Live {
     fn started(&mut self, _step: &RunStep, _attempt: u32) {}
+
+    fn reopened(&mut self, _step: &RunStep) {
+        self.bar.dec(1);
+    }
 
     fn finished(&mut self, step: &RunStep, _note: Option<&str>) {
         self.bar.inc(1);

@@ -54,6 +54,30 @@ pub fn stored_step(
     }
 }
 
+/// The artifact a target stands for: itself, or the step's output.
+pub fn artifact_of(store: &dyn StoreRead, target: &Target) -> Result<ArtifactDigest, CliError> {
+    match target {
+        Target::Artifact(a) => Ok(*a),
+        Target::Step(k) => Ok(store
+            .step(k)?
+            .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", k.short())))?
+            .output),
+        Target::RunStep { run, index } => {
+            let step = &run.steps[*index];
+            match &step.status {
+                needle_core::store::StepStatus::Cached { output }
+                | needle_core::store::StepStatus::Succeeded { output } => Ok(*output),
+                other => Err(CliError::usage(format!(
+                    "`{}` has no output in run {}: it {}",
+                    crate::progress::step_label(step),
+                    run.id,
+                    other.label()
+                ))),
+            }
+        }
+    }
+}
+
 pub fn resolve(store: &dyn StoreRead, text: &str) -> Result<Target, CliError> {
     if let Some((run, step)) = text.split_once(':') {
         return resolve_run_step(store, run, step);

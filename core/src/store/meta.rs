@@ -22,6 +22,8 @@ pub(crate) struct Trees {
     pub consumers: sled::Tree,
     pub runs: sled::Tree,
     pub run_index: sled::Tree,
+    pub pins: sled::Tree,
+    pub dropped: sled::Tree,
 }
 
 impl Trees {
@@ -33,6 +35,10 @@ impl Trees {
             consumers: db.open_tree("consumers")?,
             runs: db.open_tree("runs")?,
             run_index: db.open_tree("run_index")?,
+            // Added after format 1 was first written: sled creates them, empty, in a store
+            // that lacks them, and a needle that does not know them ignores them.
+            pins: db.open_tree("pins")?,
+            dropped: db.open_tree("dropped")?,
         })
     }
 }
@@ -52,6 +58,9 @@ impl Store {
         if commits.is_empty() {
             return Ok(());
         }
+        // Not while damaged records are dropped (`Store::drop_damaged`): a manifest checked
+        // against `blobs/` here must not lose a blob before its transaction records it.
+        let _guard = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut encoded = Vec::with_capacity(commits.len());
         // Artifacts checked in this call: a batch often repeats one (a shared input).
         let mut checked = BTreeSet::new();
@@ -285,7 +294,7 @@ impl Store {
 }
 
 /// `artifact hex` "/" `step key hex`: the producers and consumers index key.
-fn index_key(artifact: &ArtifactDigest, step: &StepKey) -> Vec<u8> {
+pub(super) fn index_key(artifact: &ArtifactDigest, step: &StepKey) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 * HEX_LEN + 1);
     key.extend_from_slice(artifact.hex().as_bytes());
     key.push(b'/');
@@ -293,7 +302,7 @@ fn index_key(artifact: &ArtifactDigest, step: &StepKey) -> Vec<u8> {
     key
 }
 
-fn parse_key<K: DigestKind>(key: &[u8], tree: &str) -> Result<Digest<K>, StoreError> {
+pub(super) fn parse_key<K: DigestKind>(key: &[u8], tree: &str) -> Result<Digest<K>, StoreError> {
     std::str::from_utf8(key)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -306,16 +315,16 @@ fn parse_key<K: DigestKind>(key: &[u8], tree: &str) -> Result<Digest<K>, StoreEr
         })
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     // The record types are plain data: maps with string keys, no fallible Serialize impls.
     serde_json::to_vec(value).expect("store records serialise to JSON")
 }
 
-fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+pub(super) fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn get_json<T: DeserializeOwned>(
+pub(super) fn get_json<T: DeserializeOwned>(
     tree: &sled::Tree,
     name: &str,
     key: &[u8],
@@ -326,7 +335,11 @@ fn get_json<T: DeserializeOwned>(
     }
 }
 
-fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(
+    tree: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         what: format!("record `{}` of tree `{tree}`", display_key(key)),
         source: Some(Box::new(e)),
@@ -334,20 +347,20 @@ fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T
 }
 
 /// Hex keys as they are; run ids (8 bytes big-endian) as numbers.
-fn display_key(key: &[u8]) -> String {
+pub(super) fn display_key(key: &[u8]) -> String {
     match <[u8; 8]>::try_from(key) {
         Ok(id) => u64::from_be_bytes(id).to_string(),
         Err(_) => String::from_utf8_lossy(key).into_owned(),
     }
 }
 
-fn decode_u64(bytes: Option<&[u8]>) -> Option<u64> {
+pub(super) fn decode_u64(bytes: Option<&[u8]>) -> Option<u64> {
     bytes
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
 }
 
-fn tx_error(e: TransactionError<()>) -> StoreError {
+pub(super) fn tx_error(e: TransactionError<()>) -> StoreError {
     match e {
         TransactionError::Storage(e) => StoreError::Db(e),
         // Nothing aborts these transactions.

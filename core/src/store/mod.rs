@@ -43,17 +43,31 @@
 //! consumers    artifact "/" step key       → ()   steps that read the artifact
 //! runs         run id (u64 big-endian)     → RunRecord
 //! run_index    run id (u64 big-endian)     → RunSummary
+//! pins         artifact digest             → PinRecord    kept by gc whatever --keep-last says
+//! dropped      artifact digest             → DroppedRecord  damaged, dropped; runs still name it
 //! (default)    "next_run_id"               → u64 big-endian, the last id handed out
 //! ```
+//!
+//! `pins` and `dropped` came after the format's first stores: sled creates them, empty, when
+//! such a store opens, so the format stays `needle-store 1`.
+//!
+//! Removing things (`gc.rs`, `repair.rs`) keeps the invariant from the other side: what no
+//! record needs goes only after the metadata transaction that stops recording it, and bytes
+//! found damaged go *before* the records that use them (a crash in between leaves records
+//! pointing at a missing blob, which `verify` reports and `--repair` drops; the other order
+//! could leave damaged bytes under a digest's name, which a later absorb would trust).
 
 mod blobs;
 mod errors;
 mod fsutil;
+mod gc;
 mod lock;
 mod meta;
+mod pins;
 mod read;
 pub mod records;
 pub mod remote;
+mod repair;
 mod verify;
 mod view;
 
@@ -65,10 +79,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use errors::StoreError;
+pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};
 pub use lock::LockMode;
 pub use read::StoreRead;
 pub use records::*;
-pub use verify::VerifyReport;
+pub use repair::{Damage, Dropped, DroppedItem, Health, InputCheck};
+pub use verify::{Repaired, VerifyReport};
 
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
 
@@ -99,6 +115,8 @@ pub struct Store {
     fanout_lock: Mutex<()>,
     /// Views this process built or adopted: no need to look for them on disk.
     known_views: Mutex<std::collections::HashSet<ArtifactDigest>>,
+    /// Held by a commit and by the dropping of damaged records, which must not interleave.
+    commit_lock: Mutex<()>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
     #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
@@ -238,6 +256,7 @@ impl Store {
             fanout,
             fanout_lock: Mutex::new(()),
             known_views: Mutex::new(Default::default()),
+            commit_lock: Mutex::new(()),
             lock,
         })
     }
@@ -494,3 +513,5 @@ fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod testutil;

@@ -408,3 +408,25 @@ pub fn fmt_ms(ms: u64) -> String {
         format!("{}h{:02}m", (s / 3600.0) as u64, ((s as u64) / 60) % 60)
     }
 }
+
+/// A pinned artifact: `needle gc` keeps it, and the steps and artifacts its lineage shows,
+/// whatever `--keep-last` says. Kept in the `pins` tree, by artifact digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinRecord {
+    pub pinned: Millis,
+    /// The reference as the user gave it (`last:train`, a digest prefix).
+    pub reference: String,
+    /// The name of the step that produced it, when it was pinned (for the listing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// An artifact whose bytes were found damaged and whose records were dropped (by
+/// `needle verify --repair`, or by a run that checked its inputs). Runs and pins that name it
+/// stay valid history: their step ran and produced it; its producer executes again when a
+/// run needs it. Kept in the `dropped` tree, by artifact digest, while a run or pin names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DroppedRecord {
+    pub dropped: Millis,
+    pub reason: String,
+}

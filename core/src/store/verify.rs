@@ -1,16 +1,24 @@
-//! `Store::verify`: the store's promises, checked from its records down to its bytes. Reads
-//! only; a problem is reported, never repaired here.
+//! `Store::verify`: the store's promises, checked from its records down to its bytes.
+//! `verify` only reads; [`Store::repair`] then drops what it found damaged (`repair.rs`).
 //!
 //! - every artifact's manifest hashes to its digest, and every file it lists is a blob in
-//!   `blobs/` of the recorded size (and, with `hash`, of the recorded content);
+//!   `blobs/` of the recorded size (and, with `hash`, of the recorded content); so is every
+//!   step's code file;
 //! - every step's key is the digest of its spec, its output artifact is recorded, and the
 //!   producer index lists it;
-//! - every run's finished steps point at recorded artifacts.
+//! - every run's finished steps, and every pin, point at recorded artifacts, or at artifacts
+//!   dropped as damaged (a `dropped` record says so: their producers execute again when a run
+//!   needs them).
 
 use std::collections::BTreeMap;
 
+use super::meta::display_key;
+use super::repair::Damage;
 use crate::digest::{ArtifactDigest, BlobDigest};
-use crate::store::{EntryKind, Manifest, StepRecord, StepStatus, Store, StoreError};
+use crate::store::{
+    Dropped, EntryKind, Manifest, PinRecord, RunRecord, RunSummary, StepRecord, StepStatus, Store,
+    StoreError,
+};
 
 /// What [`Store::verify`] looked at and what it found wrong.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -18,20 +26,35 @@ pub struct VerifyReport {
     pub steps: usize,
     pub artifacts: usize,
     pub runs: usize,
+    pub pins: usize,
     /// Distinct blobs checked (size, and content when hashing).
     pub blobs: usize,
     pub bytes_hashed: u64,
+    /// Outputs of recorded runs (and pins) that were dropped as damaged: not problems, but
+    /// their producers will execute again when a run needs them.
+    pub dropped_outputs: usize,
     /// One line per problem, naming the record and what is wrong.
     pub problems: Vec<String>,
+    /// The problems as [`Store::drop_damaged`] takes them.
+    #[serde(skip)]
+    pub damage: Damage,
+}
+
+/// What [`Store::repair`] found, dropped, and found afterwards.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Repaired {
+    pub before: VerifyReport,
+    pub dropped: Dropped,
+    pub after: VerifyReport,
 }
 
 impl Store {
     /// Check every record against the bytes on disk; `hash` also re-hashes every blob.
     pub fn verify(&self, hash: bool) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
-        // Every blob with the artifacts (and paths in them) that use it, so that a damaged
-        // blob is reported with all of them.
-        let mut users: BTreeMap<BlobDigest, (u64, Vec<String>)> = BTreeMap::new();
+        // Every blob with its size (unknown for a code file) and the records that use it, so
+        // that a damaged blob is reported with all of them.
+        let mut users: BTreeMap<BlobDigest, (Option<u64>, Vec<String>)> = BTreeMap::new();
         for item in self.trees.artifacts.iter() {
             let (key, value) = item?;
             report.artifacts += 1;
@@ -39,68 +62,30 @@ impl Store {
             let manifest: Manifest = match serde_json::from_slice(&value) {
                 Ok(m) => m,
                 Err(e) => {
-                    report
-                        .problems
-                        .push(format!("artifact {name}: unreadable manifest ({e})"));
+                    let what = format!("unreadable manifest ({e})");
+                    report.problems.push(format!("artifact {name}: {what}"));
+                    report.damage.artifacts.insert(key.to_vec(), what);
                     continue;
                 }
             };
             if manifest.digest().hex() != name {
-                report.problems.push(format!(
-                    "artifact {name}: its manifest hashes to {}",
-                    manifest.digest().hex()
-                ));
+                let what = format!("its manifest hashes to {}", manifest.digest().hex());
+                report.problems.push(format!("artifact {name}: {what}"));
+                report.damage.artifacts.insert(key.to_vec(), what);
             }
             for e in &manifest.entries {
                 if let EntryKind::File { blob, size, .. } = &e.kind {
-                    users
-                        .entry(*blob)
-                        .or_insert((*size, Vec::new()))
-                        .1
-                        .push(format!(
-                            "`{}` of artifact {}",
-                            e.path,
-                            &name[..12.min(name.len())]
-                        ));
+                    let user = users.entry(*blob).or_insert((Some(*size), Vec::new()));
+                    user.0.get_or_insert(*size);
+                    user.1.push(format!(
+                        "`{}` of artifact {}",
+                        e.path,
+                        &name[..12.min(name.len())]
+                    ));
                 }
             }
         }
-        for (blob, (size, used_by)) in &users {
-            report.blobs += 1;
-            let path = self.blob_path(blob);
-            let used = used_by.join(", ");
-            match std::fs::metadata(&path) {
-                Err(_) => report
-                    .problems
-                    .push(format!("blob {} is missing; used by {used}", blob.hex())),
-                Ok(m) if m.len() != *size => report.problems.push(format!(
-                    "blob {} should hold {size} bytes, but {} are on disk; used by {used}",
-                    blob.hex(),
-                    m.len()
-                )),
-                Ok(_) if hash => {
-                    let mut h = blake3::Hasher::new();
-                    let read =
-                        std::fs::File::open(&path).and_then(|mut f| std::io::copy(&mut f, &mut h));
-                    match read {
-                        Ok(n) => {
-                            report.bytes_hashed += n;
-                            if BlobDigest::from_hasher(&h) != *blob {
-                                report.problems.push(format!(
-                                    "blob {}: its bytes on disk hash otherwise; used by {used}",
-                                    blob.hex()
-                                ));
-                            }
-                        }
-                        Err(err) => report.problems.push(format!(
-                            "blob {}: unreadable ({err}); used by {used}",
-                            blob.hex()
-                        )),
-                    }
-                }
-                Ok(_) => {}
-            }
-        }
+
         for item in self.trees.steps.iter() {
             let (key, value) = item?;
             report.steps += 1;
@@ -108,56 +93,163 @@ impl Store {
             let rec: StepRecord = match serde_json::from_slice(&value) {
                 Ok(r) => r,
                 Err(e) => {
-                    report
-                        .problems
-                        .push(format!("step {name}: unreadable record ({e})"));
+                    let what = format!("unreadable record ({e})");
+                    report.problems.push(format!("step {name}: {what}"));
+                    report.damage.steps.insert(key.to_vec(), what);
                     continue;
                 }
             };
             if rec.spec.key().hex() != name {
-                report.problems.push(format!(
-                    "step {name} ({}): its spec hashes to {}",
-                    rec.name,
-                    rec.spec.key().hex()
-                ));
+                let what = format!("its spec hashes to {}", rec.spec.key().hex());
+                report
+                    .problems
+                    .push(format!("step {name} ({}): {what}", rec.name));
+                report.damage.steps.insert(key.to_vec(), what);
             }
             if !self.has_artifact(&rec.output)? {
-                report.problems.push(format!(
-                    "step {name} ({}): its output {} has no manifest",
-                    rec.name,
-                    rec.output.hex()
-                ));
-            }
-            if !self.producers(&rec.output)?.contains(&rec.key) {
+                let what = format!("its output {} has no manifest", rec.output.hex());
+                report
+                    .problems
+                    .push(format!("step {name} ({}): {what}", rec.name));
+                report.damage.steps.insert(key.to_vec(), what);
+            } else if !self.producers(&rec.output)?.contains(&rec.key) {
                 report.problems.push(format!(
                     "step {name} ({}): the producer index does not list it for {}",
                     rec.name,
                     rec.output.hex()
                 ));
+                report.damage.missing_producers.push((rec.output, rec.key));
+            }
+            for (path, blob) in &rec.spec.code {
+                users
+                    .entry(*blob)
+                    .or_insert((None, Vec::new()))
+                    .1
+                    .push(format!("code file `{path}` of step {}", rec.key.short()));
             }
         }
-        for summary in self.runs()? {
-            report.runs += 1;
-            let Some(run) = self.run(summary.id)? else {
-                report
-                    .problems
-                    .push(format!("run {}: listed but not recorded", summary.id));
-                continue;
-            };
-            for s in &run.steps {
-                if let StepStatus::Cached { output } | StepStatus::Succeeded { output } = &s.status
-                    && !self.has_artifact(output)?
-                {
-                    report.problems.push(format!(
-                        "run {}: step {} finished with {}, which has no manifest",
-                        run.id,
-                        s.name,
-                        output.hex()
-                    ));
+
+        let blobs: Vec<(BlobDigest, Option<u64>)> =
+            users.iter().map(|(b, (size, _))| (*b, *size)).collect();
+        let results = self.check_blobs_parallel(&blobs, hash);
+        for ((blob, _), result) in blobs.iter().zip(results) {
+            report.blobs += 1;
+            match result {
+                Ok(n) => report.bytes_hashed += n,
+                Err(problem) => {
+                    let used = users[blob].1.join(", ");
+                    report
+                        .problems
+                        .push(format!("blob {} {problem}; used by {used}", blob.hex()));
+                    report.damage.blobs.insert(*blob, problem);
                 }
             }
         }
+
+        // Runs: read raw, so that one unreadable record is a problem, not a failed verify.
+        for item in self.trees.run_index.iter() {
+            let (key, value) = item?;
+            report.runs += 1;
+            let id = display_key(&key);
+            if let Err(e) = serde_json::from_slice::<RunSummary>(&value) {
+                let what = format!("unreadable summary ({e})");
+                report.problems.push(format!("run {id}: {what}"));
+                report.damage.runs.insert(key.to_vec(), what);
+                continue;
+            }
+            let run: RunRecord = match self.trees.runs.get(&key)? {
+                None => {
+                    let what = "listed but not recorded".to_string();
+                    report.problems.push(format!("run {id}: {what}"));
+                    report.damage.runs.insert(key.to_vec(), what);
+                    continue;
+                }
+                Some(v) => match serde_json::from_slice(&v) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let what = format!("unreadable record ({e})");
+                        report.problems.push(format!("run {id}: {what}"));
+                        report.damage.runs.insert(key.to_vec(), what);
+                        continue;
+                    }
+                },
+            };
+            for s in &run.steps {
+                if let StepStatus::Cached { output } | StepStatus::Succeeded { output } = &s.status
+                {
+                    let what = format!("step {} finished with {}", s.name, output.hex());
+                    self.check_named(&mut report, output, &format!("run {}", run.id), &what)?;
+                }
+            }
+        }
+        for item in self.trees.pins.iter() {
+            let (key, value) = item?;
+            report.pins += 1;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let Ok(artifact) = name.parse::<ArtifactDigest>() else {
+                report
+                    .problems
+                    .push(format!("pin `{name}`: not an artifact digest"));
+                report.damage.pins.insert(key.to_vec());
+                continue;
+            };
+            if let Err(e) = serde_json::from_slice::<PinRecord>(&value) {
+                report
+                    .problems
+                    .push(format!("pin {name}: unreadable record ({e})"));
+                report.damage.pins.insert(key.to_vec());
+            }
+            self.check_named(
+                &mut report,
+                &artifact,
+                &format!("pin {}", artifact.short()),
+                "it",
+            )?;
+        }
         Ok(report)
+    }
+
+    /// A run or pin names `artifact`: it must be recorded, or dropped as damaged.
+    fn check_named(
+        &self,
+        report: &mut VerifyReport,
+        artifact: &ArtifactDigest,
+        who: &str,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        if self.has_artifact(artifact)? {
+            return Ok(());
+        }
+        if self.dropped(artifact)?.is_some() {
+            report.dropped_outputs += 1;
+            return Ok(());
+        }
+        report
+            .problems
+            .push(format!("{who}: {what}, which has no manifest"));
+        report.damage.lost.insert(
+            *artifact,
+            format!("{who} named it, but its manifest was missing"),
+        );
+        Ok(())
+    }
+
+    /// Verify with hashing, drop what is damaged ([`Store::drop_damaged`]), and verify again.
+    /// The second pass checks records and sizes only: under the store's lock, the blobs that
+    /// remain are the ones the first pass hashed whole.
+    pub fn repair(&self) -> Result<Repaired, StoreError> {
+        let before = self.verify(true)?;
+        let dropped = if before.damage.is_empty() {
+            Dropped::default()
+        } else {
+            self.drop_damaged(&before.damage)?
+        };
+        let after = self.verify(false)?;
+        Ok(Repaired {
+            before,
+            dropped,
+            after,
+        })
     }
 
     fn has_artifact(&self, a: &ArtifactDigest) -> Result<bool, StoreError> {

@@ -3,13 +3,12 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use needle_core::digest::ArtifactDigest;
 use needle_core::store::{EntryKind, StoreRead};
 
 use crate::cli::{Cli, ExportArgs};
 use crate::commands::open_reader;
 use crate::error::{CliError, Exit};
-use crate::refs::{Target, resolve};
+use crate::refs::{artifact_of, resolve};
 
 pub fn export(cli: &Cli, args: &ExportArgs) -> Result<Exit, CliError> {
     let store = open_reader(cli)?;
@@ -70,29 +69,6 @@ pub fn export(cli: &Cli, args: &ExportArgs) -> Result<Exit, CliError> {
         crate::commands::show::human_bytes(bytes)
     );
     Ok(Exit::Success)
-}
-
-fn artifact_of(store: &dyn StoreRead, target: &Target) -> Result<ArtifactDigest, CliError> {
-    match target {
-        Target::Artifact(a) => Ok(*a),
-        Target::Step(k) => Ok(store
-            .step(k)?
-            .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", k.short())))?
-            .output),
-        Target::RunStep { run, index } => {
-            let step = &run.steps[*index];
-            match &step.status {
-                needle_core::store::StepStatus::Cached { output }
-                | needle_core::store::StepStatus::Succeeded { output } => Ok(*output),
-                other => Err(CliError::usage(format!(
-                    "`{}` has no output in run {}: it {}",
-                    crate::progress::step_label(step),
-                    run.id,
-                    other.label()
-                ))),
-            }
-        }
-    }
 }
 
 /// `rel` under `dir`, refused unless it is a plain relative path that stays inside.

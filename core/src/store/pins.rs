@@ -1,0 +1,52 @@
+//! Pins: artifacts `needle gc` keeps, with their lineage, whatever `--keep-last` says.
+
+use super::meta::{decode, parse_key, to_json};
+use super::{PinRecord, Store, StoreError};
+use crate::digest::ArtifactDigest;
+
+impl Store {
+    /// Pin `artifact`, which must be recorded. Pinning it again keeps the first pin's record.
+    /// True when it was not pinned before.
+    pub fn pin(&self, artifact: &ArtifactDigest, pin: &PinRecord) -> Result<bool, StoreError> {
+        if self.manifest(artifact)?.is_none() {
+            return Err(StoreError::UnknownArtifact {
+                artifact: artifact.hex(),
+            });
+        }
+        let key = artifact.hex().into_bytes();
+        let inserted = self
+            .trees
+            .pins
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(to_json(pin)))?
+            .is_ok();
+        self.db.flush()?;
+        Ok(inserted)
+    }
+
+    /// Unpin `artifact`; false when it was not pinned.
+    pub fn unpin(&self, artifact: &ArtifactDigest) -> Result<bool, StoreError> {
+        let removed = self.trees.pins.remove(artifact.hex().as_bytes())?.is_some();
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    /// Every pin, by artifact digest.
+    pub fn pins(&self) -> Result<Vec<(ArtifactDigest, PinRecord)>, StoreError> {
+        self.trees
+            .pins
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                Ok((parse_key(&key, "pins")?, decode("pins", &key, &value)?))
+            })
+            .collect()
+    }
+
+    /// Why `artifact` was dropped as damaged, if it was and a run or pin still names it.
+    pub fn dropped(
+        &self,
+        artifact: &ArtifactDigest,
+    ) -> Result<Option<super::DroppedRecord>, StoreError> {
+        super::meta::get_json(&self.trees.dropped, "dropped", artifact.hex().as_bytes())
+    }
+}
