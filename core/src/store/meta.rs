@@ -22,6 +22,8 @@ pub(crate) struct Trees {
     pub consumers: sled::Tree,
     pub runs: sled::Tree,
     pub run_index: sled::Tree,
+    /// Artifacts dropped because a blob of theirs was damaged: digest → [`super::Dropped`].
+    pub dropped: sled::Tree,
 }
 
 impl Trees {
@@ -33,6 +35,7 @@ impl Trees {
             consumers: db.open_tree("consumers")?,
             runs: db.open_tree("runs")?,
             run_index: db.open_tree("run_index")?,
+            dropped: db.open_tree("dropped")?,
         })
     }
 }
@@ -95,6 +98,18 @@ impl Store {
                 consumers,
             });
         }
+
+        let bytes: usize = encoded
+            .iter()
+            .map(|e| {
+                e.record.len()
+                    + e.manifest.as_ref().map_or(0, |(k, v)| k.len() + v.len())
+                    + e.producer.len()
+                    + e.consumers.iter().map(Vec::len).sum::<usize>()
+            })
+            .sum();
+        // sled must not meet a full disk (see `space.rs`).
+        self.ensure_room(bytes as u64)?;
 
         let t = &self.trees;
         (&t.steps, &t.artifacts, &t.producers, &t.consumers)
@@ -306,12 +321,12 @@ fn parse_key<K: DigestKind>(key: &[u8], tree: &str) -> Result<Digest<K>, StoreEr
         })
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     // The record types are plain data: maps with string keys, no fallible Serialize impls.
     serde_json::to_vec(value).expect("store records serialise to JSON")
 }
 
-fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+pub(super) fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
@@ -326,7 +341,11 @@ fn get_json<T: DeserializeOwned>(
     }
 }
 
-fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(
+    tree: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         what: format!("record `{}` of tree `{tree}`", display_key(key)),
         source: Some(Box::new(e)),
@@ -347,7 +366,7 @@ fn decode_u64(bytes: Option<&[u8]>) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
-fn tx_error(e: TransactionError<()>) -> StoreError {
+pub(super) fn tx_error(e: TransactionError<()>) -> StoreError {
     match e {
         TransactionError::Storage(e) => StoreError::Db(e),
         // Nothing aborts these transactions.

@@ -5,7 +5,8 @@
 //!   `blobs/` of the recorded size (and, with `hash`, of the recorded content);
 //! - every step's key is the digest of its spec, its output artifact is recorded, and the
 //!   producer index lists it;
-//! - every run's finished steps point at recorded artifacts.
+//! - every run's finished steps point at recorded artifacts (or at artifacts recorded as
+//!   dropped).
 
 use std::collections::BTreeMap;
 
@@ -145,8 +146,11 @@ impl Store {
                 continue;
             };
             for s in &run.steps {
+                // A run's history may name an artifact dropped since (a damaged blob of it was
+                // removed, see `repair.rs`): that is recorded, and not a problem.
                 if let StepStatus::Cached { output } | StepStatus::Succeeded { output } = &s.status
                     && !self.has_artifact(output)?
+                    && self.dropped(output)?.is_none()
                 {
                     report.problems.push(format!(
                         "run {}: step {} finished with {}, which has no manifest",
