@@ -351,7 +351,9 @@ impl Engine {
                                     error: error.clone(),
                                 };
                             }
-                            self.fail(node, format!("output not committed: {error}"));
+                            let reason = format!("output not committed: {error}");
+                            self.progress.failed(&self.record.steps[node], &reason, &[]);
+                            self.fail(node, reason);
                         }
                     }
                 }
@@ -711,11 +713,12 @@ impl Engine {
         let running = self.running.remove(&i).expect("an attempt ends once");
         self.pool.give_back(&running.grant);
         let interrupted = self.interrupts > 0;
-        let result = if interrupted && end.result != AttemptResult::Success {
-            AttemptResult::Interrupted
-        } else {
-            end.result
-        };
+        let result =
+            if interrupted && end.result != AttemptResult::Success && !end.result.wrote_outside() {
+                AttemptResult::Interrupted
+            } else {
+                end.result
+            };
         let attempt = {
             let a = self.record.steps[i]
                 .attempts
@@ -797,7 +800,7 @@ impl Engine {
             return Ok(());
         }
         let retries = self.plan.nodes[i].retries;
-        if attempt.n <= retries.count {
+        if attempt.n <= retries.count && !result.wrote_outside() {
             let delay = retries.delay_before(attempt.n + 1);
             self.progress
                 .retrying(&self.record.steps[i], &result, delay, &log_tail);
@@ -809,7 +812,15 @@ impl Engine {
                 let _ = tx.send(Event::RetryDue { node: i });
             });
         } else {
-            let reason = result.describe();
+            let mut reason = result.describe();
+            if let Some(full) = self.store.full() {
+                reason.push_str(&format!(
+                    "; the store's filesystem `{}` is full ({} free): free space, then run it \
+                     again",
+                    full.mount.display(),
+                    needle_core::store::human_bytes(full.free)
+                ));
+            }
             self.progress
                 .failed(&self.record.steps[i], &reason, &log_tail);
             self.fail(i, reason);
@@ -1092,7 +1103,7 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
                 committed_nodes.push((job.node, commit.record.output));
                 commits.push(commit);
             }
-            Err(e) => results.push((job.node, Err(error_chain(&e)))),
+            Err(e) => results.push((job.node, Err(commit_error(store, job, &e)))),
         }
         let left = crate::executor::Leftovers {
             output: refused,
@@ -1121,11 +1132,11 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
             results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o))))
         }
         Err(e) => {
-            let msg = error_chain(&e);
+            let by_node: HashMap<usize, &CommitJob> = batch.iter().map(|j| (j.node, j)).collect();
             results.extend(
                 committed_nodes
                     .into_iter()
-                    .map(|(n, _)| (n, Err(msg.clone()))),
+                    .map(|(n, _)| (n, Err(commit_error(store, by_node[&n], &e)))),
             );
         }
     }
@@ -1165,6 +1176,51 @@ fn step_commit(
         },
     };
     Ok(StepCommit { record, manifest })
+}
+
+/// Why `job`'s output was not committed; a full disk in the words a user acts on.
+fn commit_error(store: &Store, job: &CommitJob, e: &StoreError) -> String {
+    if !e.is_no_space() {
+        return error_chain(e);
+    }
+    let step = if job.bindings.is_empty() {
+        job.name.clone()
+    } else {
+        format!(
+            "{}[{}]",
+            job.name,
+            needle_core::recipe::bindings_label(&job.bindings)
+        )
+    };
+    let (mount, free) = match store.space() {
+        Ok(s) => (s.mount.display().to_string(), s.free),
+        Err(_) => (store.root().display().to_string(), 0),
+    };
+    // Still in the slot unless the absorb got as far as moving it.
+    let size = match tree_size(&job.staging.join("out")) {
+        0 => String::new(),
+        n => format!(" ({})", needle_core::store::human_bytes(n)),
+    };
+    format!(
+        "no space left on device while storing the output of step `{step}`{size}: free space \
+         on `{mount}` (the store's filesystem; {} free now), then run it again",
+        needle_core::store::human_bytes(free)
+    )
+}
+
+/// Bytes of the files under `dir`, symlinks followed (a linked file is stored as a copy).
+fn tree_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match std::fs::metadata(e.path()) {
+            Ok(m) if m.is_dir() => tree_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -77,7 +77,13 @@ pub struct AttemptEnd {
 /// result. Sends [`Event::Started`] with the child's pid once it runs, then [`Event::Ended`].
 pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
     let started = now_millis();
+    crate::oom::note_baseline();
     let (result, staging) = attempt(&store, &spec, &events).await;
+    // What the step did to its inputs outranks how it exited (see `guard.rs`).
+    let result = match staging {
+        Some(_) => crate::guard::after_attempt(&store, &spec, started, result).await,
+        None => result,
+    };
     let log = staging
         .as_deref()
         .and_then(|slot| keep_log(&store, slot, &spec.log_rel));
@@ -140,7 +146,7 @@ async fn attempt(
     // The step's own children may outlive it; they belong to its group and go with it.
     kill_group(pid, libc::SIGKILL);
     let result = match status {
-        Ok(s) => exit_result(s),
+        Ok(s) => crate::oom::explain(exit_result(s), pid, t0.elapsed()),
         Err(e) => AttemptResult::SpawnFailed {
             error: format!("waiting for the process failed: {e}"),
         },
@@ -173,7 +179,7 @@ fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
     match (s.code(), s.signal()) {
         (Some(0), _) => AttemptResult::Success,
         (Some(code), _) => AttemptResult::Failed { code },
-        (None, Some(signal)) => AttemptResult::Signaled { signal },
+        (None, Some(signal)) => AttemptResult::Signaled { signal, oom: None },
         (None, None) => AttemptResult::Failed { code: -1 },
     }
 }

@@ -7,6 +7,8 @@ mod engine;
 mod error;
 mod executor;
 mod gpus;
+mod guard;
+mod oom;
 mod progress;
 mod refs;
 mod report;

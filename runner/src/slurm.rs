@@ -119,7 +119,10 @@ pub fn exit_result(exit_code: &str) -> AttemptResult {
     let signal: i32 = signal.trim().parse().unwrap_or(0);
     match (code, signal) {
         (0, 0) => AttemptResult::Success,
-        (_, s) if s != 0 => AttemptResult::Signaled { signal: s },
+        (_, s) if s != 0 => AttemptResult::Signaled {
+            signal: s,
+            oom: None,
+        },
         (c, _) => AttemptResult::Failed { code: c },
     }
 }
@@ -472,6 +475,11 @@ pub async fn run_attempt(
 ) {
     let started = now_millis();
     let (result, staging, job) = attempt(&slurm, &store, &spec, &resources, &events).await;
+    // What the job did to its inputs outranks how it ended, as for a local attempt.
+    let result = match staging {
+        Some(_) => crate::guard::after_attempt(&store, &spec, started, result).await,
+        None => result,
+    };
     let log = staging
         .as_deref()
         .and_then(|slot| executor::keep_log(&store, slot, &spec.log_rel));
@@ -659,7 +667,13 @@ mod tests {
     fn exit_codes_and_signals() {
         assert_eq!(exit_result("0:0"), AttemptResult::Success);
         assert_eq!(exit_result("3:0"), AttemptResult::Failed { code: 3 });
-        assert_eq!(exit_result("0:11"), AttemptResult::Signaled { signal: 11 });
+        assert_eq!(
+            exit_result("0:11"),
+            AttemptResult::Signaled {
+                signal: 11,
+                oom: None
+            }
+        );
         assert_eq!(exit_result("garbage"), AttemptResult::Failed { code: -1 });
     }
 

@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use super::guard::{BlobState, set_store_time, store_time};
 use super::{EntryKind, Manifest, ManifestEntry, Store, StoreError, fsutil};
 use crate::digest::BlobDigest;
 
@@ -58,29 +59,45 @@ struct Prepared {
 impl Store {
     /// Absorb `dirs` together; one result per dir, in order. A dir whose tree is refused is left
     /// as it was; the others are left empty.
+    ///
+    /// A dir that fails part way (a full disk while copying one of its files in) takes out of
+    /// `blobs/` again what it had put there, unless another dir of the batch uses it: whole
+    /// blobs, harmless, but on a full disk the space matters. Nothing is absorbed at all while
+    /// the filesystem has less free than a commit's reserve (see `space.rs`): the commit would
+    /// be refused, and the outputs' blobs would stay behind with no record.
     pub(super) fn absorb_dirs_inner(&self, dirs: &[&Path]) -> Vec<Result<Manifest, StoreError>> {
-        let mut prepared: Vec<Result<Prepared, StoreError>> =
-            dirs.iter().map(|dir| self.prepare_dir(dir)).collect();
+        if let Err(e) = self.ensure_room(0) {
+            return dirs.iter().map(|_| Err(e.duplicate())).collect();
+        }
+        let placed: Vec<Placed> = dirs.iter().map(|_| Placed::default()).collect();
+        let mut prepared: Vec<Result<Prepared, StoreError>> = dirs
+            .iter()
+            .zip(&placed)
+            .map(|(dir, placed)| self.prepare_dir(dir, placed))
+            .collect();
 
         let any_pending = prepared
             .iter()
             .flatten()
             .any(|p| p.files.iter().any(|a| a.pending.is_some()));
         if any_pending && let Err(e) = fsutil::syncfs(&self.root.join("blobs")) {
+            self.take_back(&placed, &[]);
             return dirs.iter().map(|_| Err(e.duplicate())).collect();
         }
-        for p in prepared.iter_mut() {
+        for (p, placed) in prepared.iter_mut().zip(&placed) {
             let Ok(dir) = p else { continue };
-            if let Err(e) = self.place_pending(dir) {
+            if let Err(e) = self.place_pending(dir, placed) {
                 *p = Err(e);
             }
         }
         // The renames (and blobs copied in) must be durable before any record points at them.
         if let Err(e) = fsutil::syncfs(&self.root.join("blobs")) {
+            self.take_back(&placed, &[]);
             return dirs.iter().map(|_| Err(e.duplicate())).collect();
         }
 
-        dirs.iter()
+        let results: Vec<Result<Manifest, StoreError>> = dirs
+            .iter()
             .zip(prepared)
             .map(|(dir, p)| {
                 let p = p?;
@@ -91,7 +108,37 @@ impl Store {
                 }
                 Ok(manifest)
             })
-            .collect()
+            .collect();
+        if results.iter().any(Result::is_err) {
+            let failed: Vec<Placed> = placed
+                .into_iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_err())
+                .map(|(p, _)| p)
+                .collect();
+            let kept: Vec<&Manifest> = results.iter().flatten().collect();
+            self.take_back(&failed, &kept);
+        }
+        results
+    }
+
+    /// Remove the blobs that `placed` put into `blobs/`, except those `kept` manifests use.
+    fn take_back(&self, placed: &[Placed], kept: &[&Manifest]) {
+        let used: std::collections::HashSet<BlobDigest> = kept
+            .iter()
+            .flat_map(|m| m.entries.iter())
+            .filter_map(|e| match e.kind {
+                EntryKind::File { blob, .. } => Some(blob),
+                EntryKind::Dir => None,
+            })
+            .collect();
+        for p in placed {
+            for blob in p.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                if !used.contains(blob) {
+                    let _ = fs::remove_file(self.blob_path(blob));
+                }
+            }
+        }
     }
 
     /// Turn an absorbed directory whose files are all hardlinks to their blobs into the
@@ -107,6 +154,7 @@ impl Store {
         // No look first: renaming onto an existing view (a non-empty directory) fails, and
         // onto an empty one (the empty artifact) replaces it with its equal.
         fs::set_permissions(dir, Permissions::from_mode(0o555))
+            .and_then(|()| set_store_time(dir))
             .map_err(StoreError::io("make read-only", dir))?;
         if let Err(e) = fs::rename(dir, &dest) {
             let _ = fs::set_permissions(dir, Permissions::from_mode(0o755));
@@ -122,7 +170,7 @@ impl Store {
 
     /// Walk, hash and make read-only everything under `dir`; move nothing yet (symlinked files
     /// are copied in, durably).
-    fn prepare_dir(&self, dir: &Path) -> Result<Prepared, StoreError> {
+    fn prepare_dir(&self, dir: &Path, placed: &Placed) -> Result<Prepared, StoreError> {
         let mut walked = Vec::new();
         walk(dir, "", &mut walked)?;
         // Symlinks first: one may point at a file of this very tree, which is about to move.
@@ -134,8 +182,8 @@ impl Store {
             .iter()
             .filter(|w| matches!(w.kind, WalkKind::File))
             .collect();
-        let mut links = self.absorb_all(&links)?.into_iter();
-        let mut files = self.absorb_all(&files)?.into_iter();
+        let mut links = self.absorb_all(&links, placed)?.into_iter();
+        let mut files = self.absorb_all(&files, placed)?.into_iter();
         let absorbed: Vec<Absorbed> = walked
             .iter()
             .filter_map(|w| match w.kind {
@@ -160,7 +208,7 @@ impl Store {
 
     /// Put the (now durable) pending files of `dir` into `blobs/`: renamed, or hardlinked when
     /// the directory is to become the artifact's view.
-    fn place_pending(&self, dir: &mut Prepared) -> Result<(), StoreError> {
+    fn place_pending(&self, dir: &mut Prepared, placed: &Placed) -> Result<(), StoreError> {
         for a in &mut dir.files {
             let Some(src) = a.pending.take() else {
                 continue;
@@ -169,23 +217,24 @@ impl Store {
             let dest = self.blob_path(&a.blob);
             if dir.adoptable {
                 match fs::hard_link(&src, &dest) {
-                    Ok(()) => continue,
-                    // Placed meanwhile by another absorb: same bytes, but the file here is not
-                    // the blob, so this tree cannot be the view.
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        dir.adoptable = false;
+                    Ok(()) => {
+                        placed.push(a.blob);
                         continue;
                     }
+                    // Something is there: placed meanwhile by another absorb (the same bytes),
+                    // or a file found not to hold them (see `holds_blob`). Either way ours
+                    // goes in by the rename below, and this tree cannot be the view.
                     Err(_) => dir.adoptable = false,
                 }
             }
             fs::rename(&src, &dest).map_err(StoreError::io("move into the store", &src))?;
+            placed.push(a.blob);
         }
         Ok(())
     }
 
     pub(super) fn absorb_file_copy_inner(&self, path: &Path) -> Result<BlobDigest, StoreError> {
-        let a = self.copy_in(path, &mut Vec::new())?;
+        let a = self.copy_in(path, &mut Vec::new(), &Placed::default())?;
         // The rename, and the fan-out dir it may have needed, durable before any record.
         fsutil::syncfs(&self.root.join("blobs"))?;
         Ok(a.blob)
@@ -209,12 +258,12 @@ impl Store {
 
     /// Prepare `files`, on several threads when there are several; results in the order of
     /// `files`.
-    fn absorb_all(&self, files: &[&Walked]) -> Result<Vec<Absorbed>, StoreError> {
+    fn absorb_all(&self, files: &[&Walked], placed: &Placed) -> Result<Vec<Absorbed>, StoreError> {
         if files.len() < 2 {
             let mut buf = Vec::new();
             return files
                 .iter()
-                .map(|w| self.prepare_one(w, &mut buf))
+                .map(|w| self.prepare_one(w, &mut buf, placed))
                 .collect();
         }
         let threads = THREADS.min(files.len());
@@ -229,7 +278,7 @@ impl Store {
                         while !failed.load(Ordering::Relaxed) {
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             let Some(w) = files.get(i) else { break };
-                            let r = self.prepare_one(w, &mut buf);
+                            let r = self.prepare_one(w, &mut buf, placed);
                             if r.is_err() {
                                 failed.store(true, Ordering::Relaxed);
                             }
@@ -250,9 +299,14 @@ impl Store {
 
     /// Hash one file and make it read-only; a file whose blob exists is left for removal with
     /// its directory.
-    fn prepare_one(&self, w: &Walked, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
+    fn prepare_one(
+        &self,
+        w: &Walked,
+        buf: &mut Vec<u8>,
+        placed: &Placed,
+    ) -> Result<Absorbed, StoreError> {
         if let WalkKind::Link = w.kind {
-            return self.copy_in(&w.path, buf);
+            return self.copy_in(&w.path, buf, placed);
         }
         let path = &w.path;
         let (file, meta, hashed) = self.open_hashed(path, buf)?;
@@ -262,13 +316,15 @@ impl Store {
         if meta.nlink() > 1 {
             // Its inode is shared with a file elsewhere: renaming it in would let writes
             // through that other name change the blob.
-            let a = self.copy_in(path, buf)?;
+            let a = self.copy_in(path, buf, placed)?;
             return Ok(Absorbed {
                 executable: hashed.executable,
                 ..a
             });
         }
+        // Read-only, and the store's time: a later write to the blob shows (see `guard.rs`).
         file.set_permissions(Permissions::from_mode(0o444))
+            .and_then(|()| file.set_modified(store_time()))
             .map_err(StoreError::io("make read-only", path))?;
         Ok(hashed)
     }
@@ -290,7 +346,7 @@ impl Store {
         }
         let executable = meta.mode() & 0o111 != 0;
         let (blob, size) = hash(&file, path, meta.len(), buf)?;
-        let known = fsutil::exists(&self.blob_path(&blob))?;
+        let known = self.holds_blob(&blob, size)?;
         let absorbed = Absorbed {
             blob,
             size,
@@ -300,9 +356,35 @@ impl Store {
         Ok((file, meta, absorbed))
     }
 
+    /// Whether `blobs/` holds `blob` whole, so that an absorb may use it instead of placing the
+    /// bytes again. A file there that is not as the store left it (another size, another
+    /// mtime: something wrote it, or it was planted) is trusted only if it still hashes to its
+    /// name; one that does not is reported and left for the caller to replace with the bytes it
+    /// is absorbing — a repair, since views linking the bad file are removed too.
+    fn holds_blob(&self, blob: &BlobDigest, size: u64) -> Result<bool, StoreError> {
+        match self.blob_state(blob, size)? {
+            BlobState::Missing => return Ok(false),
+            BlobState::Intact => return Ok(true),
+            BlobState::Damaged => {}
+        }
+        tracing::warn!(
+            "`{}` does not hold the bytes it is named after; replacing it",
+            self.blob_path(blob).display()
+        );
+        for artifact in self.artifacts_holding(blob)? {
+            self.remove_view(&artifact)?;
+        }
+        Ok(false)
+    }
+
     /// Copy `src` (following symlinks) into `blobs/` unless its bytes are there already.
     /// Hashes first, so a file the store holds costs one read and no write.
-    fn copy_in(&self, src: &Path, buf: &mut Vec<u8>) -> Result<Absorbed, StoreError> {
+    fn copy_in(
+        &self,
+        src: &Path,
+        buf: &mut Vec<u8>,
+        placed: &Placed,
+    ) -> Result<Absorbed, StoreError> {
         let (file, _, hashed) = self.open_hashed(src, buf)?;
         if hashed.pending.is_none() {
             return Ok(hashed);
@@ -336,12 +418,13 @@ impl Store {
             size += n as u64;
         }
         out.set_permissions(Permissions::from_mode(0o444))
+            .and_then(|()| out.set_modified(store_time()))
             .and_then(|()| out.sync_all())
             .map_err(StoreError::io("make durable", &tmp))?;
         drop(out);
         let blob = BlobDigest::from_hasher(&hasher);
         let dest = self.blob_path(&blob);
-        if fsutil::exists(&dest)? {
+        if self.holds_blob(&blob, size)? {
             return Ok(Absorbed {
                 blob,
                 size,
@@ -352,6 +435,7 @@ impl Store {
         self.ensure_fanout(&blob)?;
         fs::rename(&tmp, &dest).map_err(StoreError::io("move into the store", &tmp))?;
         guard.0 = None;
+        placed.push(blob);
         Ok(Absorbed {
             blob,
             size,
@@ -407,6 +491,17 @@ impl Fanout {
 
     pub(crate) fn set_known(&self, b: u8) {
         self.0[usize::from(b >> 6)].fetch_or(1 << (b & 63), Ordering::Release);
+    }
+}
+
+/// The blobs one directory's absorb has put into `blobs/` (its files are hashed on several
+/// threads).
+#[derive(Default)]
+struct Placed(std::sync::Mutex<Vec<BlobDigest>>);
+
+impl Placed {
+    fn push(&self, blob: BlobDigest) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(blob);
     }
 }
 

@@ -9,10 +9,23 @@ pub enum StoreError {
     #[error("no store at `{root}` (hint: run a recipe first, or pass --store)")]
     Missing { root: PathBuf },
 
-    #[error("`{root}` is a store of format `{found}`, this needle reads `{expected}`")]
+    /// `FORMAT` names another format than this needle's: see [`format_message`].
+    #[error("{}", format_message(root, found, expected))]
     Format {
         root: PathBuf,
         found: String,
+        expected: &'static str,
+    },
+
+    /// The directory is laid out as a store and holds data, but its `FORMAT` file is gone.
+    #[error(
+        "`{root}` holds a needle store's directories but no `FORMAT` file, so which needle \
+         wrote it is unknown (the file was removed, or the store's creation was interrupted \
+         on a filesystem that lost it); if this needle made it, restore the file with \
+         `echo '{expected}' > {root}/FORMAT`"
+    )]
+    FormatMissing {
+        root: PathBuf,
         expected: &'static str,
     },
 
@@ -90,6 +103,61 @@ pub enum StoreError {
         found: u32,
         expected: u32,
     },
+
+    #[error(
+        "artifact `{artifact}` was dropped from the store: {reason} (the next run makes it \
+         again)"
+    )]
+    Dropped { artifact: String, reason: String },
+
+    /// The store's filesystem is full (or the user's quota is spent); nothing was recorded.
+    #[error("no space left on device: free space on `{mount}` (the store's filesystem; {} free)", human_bytes(*free))]
+    NoSpace {
+        mount: PathBuf,
+        free: u64,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+}
+
+/// What to do with a store of another format. `found` is what `FORMAT` says.
+fn format_message(root: &std::path::Path, found: &str, expected: &str) -> String {
+    let root = root.display();
+    let version = |s: &str| {
+        s.strip_prefix("needle-store ")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match (version(found), version(expected)) {
+        (Some(theirs), Some(ours)) if theirs > ours => format!(
+            "`{root}` was written by a newer needle (store format {theirs}; this needle reads \
+             format {ours}): use that needle, or `needle export` the artifacts you need with it"
+        ),
+        (Some(theirs), Some(ours)) => format!(
+            "`{root}` was written by an older needle (store format {theirs}; this needle reads \
+             format {ours}, and cannot convert it): use that needle, or `needle export` the \
+             artifacts you need with it"
+        ),
+        _ => format!(
+            "`{root}/FORMAT` says `{found}`, which is no needle store format (this needle \
+             reads `{expected}`): is `{root}` a needle store? (hint: pass --store with a new or \
+             empty directory)"
+        ),
+    }
+}
+
+/// `512 B`, `12.0 KiB`, `3.4 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 impl StoreError {
@@ -117,7 +185,35 @@ impl StoreError {
                 path: path.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
+            StoreError::NoSpace {
+                mount,
+                free,
+                source,
+            } => StoreError::NoSpace {
+                mount: mount.clone(),
+                free: *free,
+                source: source
+                    .as_ref()
+                    .map(|e| std::io::Error::new(e.kind(), e.to_string())),
+            },
             other => StoreError::corrupt(other.to_string()),
+        }
+    }
+
+    /// Whether this failure is the filesystem running out of space (or of the user's quota),
+    /// whether the store's own writes or sled's met it.
+    pub fn is_no_space(&self) -> bool {
+        let full = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        };
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Io { source, .. } => full(source),
+            StoreError::Db(sled::Error::Io(e)) => full(e),
+            _ => false,
         }
     }
 

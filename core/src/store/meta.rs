@@ -105,6 +105,18 @@ impl Store {
             });
         }
 
+        let bytes: usize = encoded
+            .iter()
+            .map(|e| {
+                e.record.len()
+                    + e.manifest.as_ref().map_or(0, |(k, v)| k.len() + v.len())
+                    + e.producer.len()
+                    + e.consumers.iter().map(Vec::len).sum::<usize>()
+            })
+            .sum();
+        // sled must not meet a full disk (see `space.rs`).
+        self.ensure_room(bytes as u64)?;
+
         let t = &self.trees;
         (&t.steps, &t.artifacts, &t.producers, &t.consumers)
             .transaction(|(steps, artifacts, producers, consumers)| {

@@ -5,7 +5,8 @@
 //!   FORMAT                  "needle-store 1": refused if unknown
 //!   lock                    flock held by the one process that has the store open
 //!   runner.sock             while a run goes: the runner answers read requests here
-//!   meta/                   sled: steps, artifacts, producers, consumers, runs, run_index
+//!   meta/                   sled: steps, artifacts, producers, consumers, runs, run_index,
+//!                           pins, dropped
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
 //!   staging/<pid>-<n>/      a step's private dirs; absorbed into blobs/, then removed
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
@@ -33,6 +34,12 @@
 //!   already recorded was checked when it was), then writes manifests, step records and
 //!   both indices in one sled transaction, then flushes.
 //! - Views and staging hold nothing a record points at: both may be deleted at any time.
+//! - Every blob, view copy and view directory carries one fixed mtime ([`store_time`]), so a
+//!   write by a step into its inputs shows in an `lstat` ([`Store::check_views`]); a damaged
+//!   blob is dropped with what needs it ([`Store::repair`]); an absorb trusts a file under a
+//!   blob's name only when it is as the store left it or still hashes to that name.
+//! - A commit is refused before sled writes anything when the disk lacks room for it
+//!   (`space.rs`): sled does not recover from `ENOSPC` within a process.
 //!
 //! Metadata trees (keys are ASCII hex unless said otherwise, values JSON):
 //!
@@ -61,6 +68,7 @@ mod blobs;
 mod errors;
 mod fsutil;
 mod gc;
+mod guard;
 mod lock;
 mod meta;
 mod pins;
@@ -68,6 +76,7 @@ mod read;
 pub mod records;
 pub mod remote;
 mod repair;
+mod space;
 mod verify;
 mod view;
 
@@ -78,12 +87,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use errors::StoreError;
+pub use errors::{StoreError, human_bytes};
 pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};
+pub use guard::{STORE_TIME_SECS, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, store_time};
 pub use lock::LockMode;
 pub use read::StoreRead;
 pub use records::*;
-pub use repair::{Damage, Dropped, DroppedItem, Health, InputCheck};
+pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
+pub use space::Space;
 pub use verify::{Repaired, VerifyReport};
 
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
@@ -443,6 +454,13 @@ fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
         Err(e)
             if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
         {
+            let layout = store_layout(root)?;
+            if layout == Layout::WithData {
+                return Err(StoreError::FormatMissing {
+                    root: root.to_path_buf(),
+                    expected: FORMAT,
+                });
+            }
             if !create {
                 return Err(StoreError::Missing {
                     root: root.to_path_buf(),
@@ -454,20 +472,13 @@ fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
                         root: root.to_path_buf(),
                     });
                 }
+                // An empty directory, or the beginnings of a store (being created by another
+                // process at this very moment, or whose creation was interrupted): finish it.
+                Ok(_) if layout == Layout::Empty => {}
                 Ok(_) => {
-                    // Tolerate what a store being created by another process at this very
-                    // moment may already hold.
-                    let entries = fs::read_dir(root).map_err(StoreError::io("list", root))?;
-                    for entry in entries {
-                        let entry = entry.map_err(StoreError::io("list", root))?;
-                        let name = entry.file_name();
-                        let name = name.to_string_lossy();
-                        if !(name == "lock" || name.starts_with("FORMAT.tmp")) {
-                            return Err(StoreError::NotAStore {
-                                root: root.to_path_buf(),
-                            });
-                        }
-                    }
+                    return Err(StoreError::NotAStore {
+                        root: root.to_path_buf(),
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir_all(root).map_err(StoreError::io("create directory", root))?;
@@ -486,6 +497,53 @@ fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
         }
         Err(e) => Err(StoreError::io("read", &format_path)(e)),
     }
+}
+
+/// What a directory without a `FORMAT` file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Missing, empty, or a store's entries with nothing in them yet: safe to make a store of.
+    Empty,
+    /// A store's entries, with blobs or metadata in them.
+    WithData,
+    /// Something else.
+    Foreign,
+}
+
+/// Classify `root` (which has no `FORMAT`). A store writes `FORMAT` before anything else, so
+/// a store's layout without it means the file was lost afterwards.
+fn store_layout(root: &Path) -> Result<Layout, StoreError> {
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
+        {
+            return Ok(Layout::Empty);
+        }
+        Err(e) => return Err(StoreError::io("list", root)(e)),
+    };
+    let mut data = false;
+    for entry in entries {
+        let entry = entry.map_err(StoreError::io("list", root))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if name == "lock" || name.starts_with("FORMAT.tmp") {
+            continue;
+        }
+        if !(is_dir && (SUBDIRS.contains(&name.as_ref()) || name == "resume")) {
+            return Ok(Layout::Foreign);
+        }
+        if name == "blobs" || name == "meta" {
+            let mut inside = fs::read_dir(entry.path()).map_err(StoreError::io("list", root))?;
+            data |= inside.next().is_some();
+        }
+    }
+    Ok(if data {
+        Layout::WithData
+    } else {
+        Layout::Empty
+    })
 }
 
 /// Open sled with explicit flushes only: [`Store::commit`] flushes after each transaction,
@@ -511,6 +569,8 @@ fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
+#[cfg(test)]
+mod fault_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

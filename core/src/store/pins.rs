@@ -42,11 +42,16 @@ impl Store {
             .collect()
     }
 
-    /// Why `artifact` was dropped as damaged, if it was and a run or pin still names it.
+    /// Why `artifact` was dropped as damaged, if it was, a run or pin still names it, and it
+    /// has not been made again since.
     pub fn dropped(
         &self,
         artifact: &ArtifactDigest,
     ) -> Result<Option<super::DroppedRecord>, StoreError> {
-        super::meta::get_json(&self.trees.dropped, "dropped", artifact.hex().as_bytes())
+        let key = artifact.hex();
+        if self.trees.artifacts.contains_key(key.as_bytes())? {
+            return Ok(None);
+        }
+        super::meta::get_json(&self.trees.dropped, "dropped", key.as_bytes())
     }
 }

@@ -358,9 +358,12 @@ pub enum AttemptResult {
     Failed {
         code: i32,
     },
-    /// Killed by a signal it did not choose (segfault, OOM killer…).
+    /// Killed by a signal needle did not send (a segfault, the OOM killer…).
     Signaled {
         signal: i32,
+        /// For a SIGKILL: what the kernel says about who sent it, where it could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom: Option<OomEvidence>,
     },
     TimedOut {
         after_ms: u64,
@@ -373,6 +376,12 @@ pub enum AttemptResult {
     OutputError {
         error: String,
     },
+    /// It wrote where it must not: into its inputs (which are the store's blobs) or the store.
+    /// Whatever its exit status, the step failed; `what` says what it changed and how the store
+    /// was repaired.
+    WroteOutside {
+        what: String,
+    },
     Interrupted,
     /// The scheduler lost it: node failure, preemption, cancelled outside needle.
     Lost {
@@ -380,21 +389,128 @@ pub enum AttemptResult {
     },
 }
 
+/// Why a SIGKILL that needle did not send is thought to be the kernel's OOM killer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OomEvidence {
+    /// The kernel log names the step's process as killed by the OOM killer.
+    KernelLog,
+    /// The OOM killer killed some process while the step ran (the log does not name this one,
+    /// or only the memory cgroup's counter could be read).
+    OomKillerActive,
+}
+
 impl AttemptResult {
     pub fn describe(&self) -> String {
         match self {
             AttemptResult::Success => "succeeded".into(),
-            AttemptResult::Failed { code } => format!("exited with code {code}"),
-            AttemptResult::Signaled { signal } => format!("killed by signal {signal}"),
+            AttemptResult::Failed { code } => describe_exit(*code),
+            AttemptResult::Signaled { signal, oom } => describe_signal(*signal, *oom),
             AttemptResult::TimedOut { after_ms } => {
                 format!("timed out after {}", fmt_ms(*after_ms))
             }
             AttemptResult::SpawnFailed { error } => format!("could not start: {error}"),
             AttemptResult::OutputError { error } => format!("output not committed: {error}"),
+            AttemptResult::WroteOutside { what } => {
+                format!("wrote outside its output directory: {what}")
+            }
             AttemptResult::Interrupted => "interrupted".into(),
             AttemptResult::Lost { reason } => format!("lost: {reason}"),
         }
     }
+
+    /// Whether the step wrote where it must not (see [`AttemptResult::WroteOutside`]): such a
+    /// failure is reported as it is, also during Ctrl-C, and not retried: the inputs it damaged
+    /// were taken away, so another attempt could not even start.
+    pub fn wrote_outside(&self) -> bool {
+        matches!(self, AttemptResult::WroteOutside { .. })
+    }
+}
+
+/// `exited with code 3`, with what the code usually means where a shell or the C library
+/// gave it that meaning.
+fn describe_exit(code: i32) -> String {
+    let hint = match code {
+        126 => Some("the command was found but could not be executed".to_string()),
+        127 => Some("the command was not found".to_string()),
+        129..=192 => signal_words(code - 128).map(|(name, words)| {
+            let words = words.map(|w| format!(" ({w})")).unwrap_or_default();
+            let oom = if code - 128 == SIGKILL {
+                ": the OOM killer does this when memory runs out"
+            } else {
+                ""
+            };
+            format!("as a shell reports a command it ran that was killed by {name}{words}{oom}")
+        }),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => format!("exited with code {code} ({hint})"),
+        None => format!("exited with code {code}"),
+    }
+}
+
+const SIGKILL: i32 = 9;
+
+/// `killed by signal SIGSEGV (segmentation fault)`; for a SIGKILL, which needle sends only
+/// after a time-out or a second Ctrl-C (both reported as such), who else sends it.
+fn describe_signal(signal: i32, oom: Option<OomEvidence>) -> String {
+    if signal == SIGKILL {
+        return match oom {
+            Some(OomEvidence::KernelLog) => "killed by SIGKILL from the kernel's OOM killer: it \
+                ran out of memory (the kernel log says so: `dmesg`)"
+                .into(),
+            Some(OomEvidence::OomKillerActive) => "killed by SIGKILL (not by needle); the \
+                kernel's OOM killer was at work while it ran, so most likely it ran out of memory"
+                .into(),
+            None => "killed by SIGKILL (not by needle: the OOM killer does this when memory \
+                runs out)"
+                .into(),
+        };
+    }
+    match signal_words(signal) {
+        Some((name, Some(words))) => format!("killed by signal {name} ({words})"),
+        Some((name, None)) => format!("killed by signal {name}"),
+        None => format!("killed by signal {signal}"),
+    }
+}
+
+/// A signal's name and, where it says more than the name, what it means. Linux's numbering
+/// (x86, Arm and RISC-V agree on it).
+fn signal_words(signal: i32) -> Option<(&'static str, Option<&'static str>)> {
+    Some(match signal {
+        1 => ("SIGHUP", Some("hangup")),
+        2 => ("SIGINT", Some("interrupt")),
+        3 => ("SIGQUIT", Some("quit")),
+        4 => ("SIGILL", Some("illegal instruction")),
+        5 => ("SIGTRAP", Some("trace or breakpoint trap")),
+        6 => (
+            "SIGABRT",
+            Some("aborted: a failed assertion, abort() or an uncaught C++ exception"),
+        ),
+        7 => (
+            "SIGBUS",
+            Some("bus error: a bad memory access, e.g. a truncated mapped file"),
+        ),
+        8 => (
+            "SIGFPE",
+            Some("arithmetic error, e.g. an integer division by zero"),
+        ),
+        9 => ("SIGKILL", None),
+        10 => ("SIGUSR1", None),
+        11 => ("SIGSEGV", Some("segmentation fault")),
+        12 => ("SIGUSR2", None),
+        13 => (
+            "SIGPIPE",
+            Some("broken pipe: it wrote to a pipe nobody reads"),
+        ),
+        14 => ("SIGALRM", Some("alarm clock")),
+        15 => ("SIGTERM", Some("terminated")),
+        24 => ("SIGXCPU", Some("CPU time limit exceeded")),
+        25 => ("SIGXFSZ", Some("file size limit exceeded")),
+        31 => ("SIGSYS", Some("bad system call")),
+        _ => return None,
+    })
 }
 
 /// `1.2s`, `3m04s`, `1h02m`.

@@ -518,13 +518,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    pub(super) fn forget_view(&self, artifact: &ArtifactDigest) {
-        self.known_views
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(artifact);
-    }
 }
 
 /// A step's name (when its record reads) and why it is dropped.
@@ -576,3 +569,53 @@ fn check_blob(
 
 #[cfg(test)]
 mod tests;
+
+/// What [`Store::drop_blob`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DroppedBlob {
+    pub artifacts: Vec<ArtifactDigest>,
+    /// Names of the step records removed.
+    pub steps: Vec<String>,
+}
+
+impl Store {
+    /// Drop one damaged blob with what needs it ([`Store::drop_damaged`]).
+    pub fn drop_blob(&self, blob: &BlobDigest, reason: &str) -> Result<DroppedBlob, StoreError> {
+        let mut damage = Damage::default();
+        damage.blobs.insert(*blob, reason.to_string());
+        let dropped = self.drop_damaged(&damage)?;
+        Ok(DroppedBlob {
+            artifacts: dropped.artifact_digests.into_iter().collect(),
+            steps: dropped
+                .steps
+                .into_iter()
+                .map(|s| s.name.unwrap_or(s.id))
+                .collect(),
+        })
+    }
+
+    /// Every recorded artifact with a file whose blob is `blob`: a scan of all manifests.
+    pub(crate) fn artifacts_holding(
+        &self,
+        blob: &BlobDigest,
+    ) -> Result<Vec<ArtifactDigest>, StoreError> {
+        let hex = blob.hex();
+        let mut out = Vec::new();
+        for item in self.trees.artifacts.iter() {
+            let (key, value) = item?;
+            // Most manifests do not mention it: skip those undecoded.
+            if !value.windows(hex.len()).any(|w| w == hex.as_bytes()) {
+                continue;
+            }
+            let manifest: Manifest = super::meta::decode("artifacts", &key, &value)?;
+            let holds = manifest
+                .entries
+                .iter()
+                .any(|e| matches!(&e.kind, EntryKind::File { blob: b, .. } if b == blob));
+            if holds {
+                out.push(manifest.digest());
+            }
+        }
+        Ok(out)
+    }
+}

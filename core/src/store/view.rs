@@ -10,6 +10,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use super::guard::set_store_time;
 use super::meta::check_manifest;
 use super::{EntryKind, Manifest, Store, StoreError, fsutil};
 use crate::digest::ArtifactDigest;
@@ -21,11 +22,17 @@ impl Store {
         if self.knows_view(artifact) || dest.is_dir() {
             return Ok(dest);
         }
-        let manifest = self
-            .manifest(artifact)?
-            .ok_or_else(|| StoreError::UnknownArtifact {
-                artifact: artifact.hex(),
-            })?;
+        let Some(manifest) = self.manifest(artifact)? else {
+            return Err(match self.dropped(artifact)? {
+                Some(d) => StoreError::Dropped {
+                    artifact: artifact.hex(),
+                    reason: d.reason,
+                },
+                None => StoreError::UnknownArtifact {
+                    artifact: artifact.hex(),
+                },
+            });
+        };
         check_manifest(&manifest).map_err(|reason| StoreError::BadManifest {
             artifact: artifact.hex(),
             reason,
@@ -60,6 +67,14 @@ impl Store {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(artifact);
+    }
+
+    /// Forget that the view of `artifact` exists (it is being removed).
+    pub(super) fn forget_view(&self, artifact: &ArtifactDigest) {
+        self.known_views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(artifact);
     }
 
     pub(super) fn knows_view(&self, artifact: &ArtifactDigest) -> bool {
@@ -106,13 +121,20 @@ impl Store {
                 })?;
             }
         }
+        // Read-only, and the store's time on every directory (after its last entry went in),
+        // so that a step adding or removing an entry shows (see `guard.rs`).
         let read_only = || Permissions::from_mode(0o555);
         for d in dirs.iter().rev() {
             let p = tmp.join(d);
-            fs::set_permissions(&p, read_only()).map_err(StoreError::io("make read-only", &p))?;
+            fs::set_permissions(&p, read_only())
+                .and_then(|()| set_store_time(&p))
+                .map_err(StoreError::io("make read-only", &p))?;
         }
-        // Renaming a directory within one parent does not need write access to it.
-        fs::set_permissions(tmp, read_only()).map_err(StoreError::io("make read-only", tmp))
+        // Renaming a directory within one parent does not need write access to it, and keeps
+        // its time.
+        fs::set_permissions(tmp, read_only())
+            .and_then(|()| set_store_time(tmp))
+            .map_err(StoreError::io("make read-only", tmp))
     }
 }
 
@@ -128,5 +150,6 @@ fn place(blob: &Path, dst: &Path, executable: bool) -> io::Result<()> {
     }
     fs::copy(blob, dst)?;
     let mode = if executable { 0o555 } else { 0o444 };
-    fs::set_permissions(dst, Permissions::from_mode(mode))
+    fs::set_permissions(dst, Permissions::from_mode(mode))?;
+    set_store_time(dst)
 }
