@@ -187,6 +187,21 @@ impl OpCatalog for Vec<OpSchema> {
 }
 
 /// The schema of `exec`, the op every catalog has: core's rules for `cmd` and `code` depend on it.
+/// How a param or input name appears in the environment of a step's command
+/// (`NEEDLE_PARAM_<NAME>`, `NEEDLE_IN_<NAME>`): ASCII letters and digits upper-cased, anything
+/// else `_`, so any name makes a valid variable name.
+pub fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 pub fn exec_schema() -> OpSchema {
     OpSchema {
         name: "exec",

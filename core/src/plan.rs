@@ -9,7 +9,7 @@
 //! known only once its upstream is cached or has run: see [`PlanNode::spec`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use petgraph::Direction;
@@ -102,8 +102,13 @@ pub enum PlanError {
         #[source]
         source: std::io::Error,
     },
-    #[error("code path `{path}` of step `{step}` holds a file name that is not UTF-8")]
-    CodeName { step: String, path: PathBuf },
+    #[error("code path `{entry}` of step `{step}`")]
+    CodeEntry {
+        step: String,
+        entry: String,
+        #[source]
+        source: crate::recipe::CodeError,
+    },
     #[error("param `{param}` of step `{step}`: could not read `{path}`")]
     Path {
         step: String,
@@ -286,20 +291,13 @@ fn hash_code_entry(
     step: &str,
     hasher: &mut dyn CodeHasher,
 ) -> Result<BTreeMap<String, BlobDigest>, PlanError> {
-    let root = dir.join(entry);
-    let mut files = Vec::new();
-    collect_files(&root, &mut files).map_err(|source| PlanError::Code {
+    let files = crate::recipe::code_files(dir, entry).map_err(|source| PlanError::CodeEntry {
         step: step.to_string(),
-        path: root.clone(),
+        entry: entry.to_string(),
         source,
     })?;
     let mut out = BTreeMap::new();
-    for file in files {
-        let rel = file.strip_prefix(dir).unwrap_or(&file);
-        let rel = rel_string(rel).ok_or_else(|| PlanError::CodeName {
-            step: step.to_string(),
-            path: file.clone(),
-        })?;
+    for (rel, file) in files {
         let digest = hasher.hash_file(&file).map_err(|source| PlanError::Code {
             step: step.to_string(),
             path: file.clone(),
@@ -369,31 +367,6 @@ fn fingerprint_entry(
     }
     ancestors.pop();
     Ok(())
-}
-
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let meta = std::fs::metadata(path)?;
-    if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
-        entries.sort();
-        for e in entries {
-            collect_files(&e, out)?;
-        }
-    } else {
-        out.push(path.to_path_buf());
-    }
-    Ok(())
-}
-
-fn rel_string(rel: &Path) -> Option<String> {
-    let parts: Option<Vec<&str>> = rel
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .map(|c| c.as_os_str().to_str())
-        .collect();
-    Some(parts?.join("/"))
 }
 
 impl Plan {
@@ -662,10 +635,27 @@ cmd = ["true"]
     #[test]
     fn a_missing_path_names_the_step_and_param() {
         let dir = project();
+        let source = |text: &str| RecipeSource {
+            path: PathBuf::from("recipe.toml"),
+            dir: dir.path().to_path_buf(),
+            text: text.to_string(),
+        };
+        // Missing when the sweep is expanded: a recipe error at the param's value.
         let text = RECIPE.replace("data/a.txt", "data/nope.txt");
-        let err = plan_in(dir.path(), &text).unwrap_err();
-        let msg = err.to_string();
+        let recipe = parse(source(&text), &[], &catalog()).expect("the recipe parses");
+        let err = expand(&recipe, &catalog()).unwrap_err().render_plain();
+        assert!(
+            err.contains("recipe.toml:11:19: error: param `path` of step `one` names `data/nope.txt`, which does not exist"),
+            "{err}"
+        );
+        // Gone by the time the plan is built: a plan error naming the step and param.
+        let recipe = parse(source(RECIPE), &[], &catalog()).expect("the recipe parses");
+        let expansion = expand(&recipe, &catalog()).expect("the recipe expands");
+        std::fs::remove_file(dir.path().join("data/a.txt")).unwrap();
+        let msg = build(recipe, expansion, &mut HashOnly)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("param `path` of step `one`"), "{msg}");
-        assert!(msg.contains("nope.txt"), "{msg}");
+        assert!(msg.contains("a.txt"), "{msg}");
     }
 }

@@ -543,15 +543,7 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
 
 /// `data-set.v2` → `DATA_SET_V2`.
 pub fn env_name(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    needle_core::ops::env_name(name)
 }
 
 fn is_executable(p: &Path) -> bool {

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod bad_recipes;
 mod builtin;
 mod concurrent;
 mod crash;

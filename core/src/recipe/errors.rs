@@ -78,15 +78,22 @@ impl RecipeDiagnostic {
     }
 }
 
+/// At most this many errors of one file are shown, the rest counted: a generated recipe with
+/// the same mistake in every one of its 100,000 steps gets a readable answer, at once.
+pub const MAX_SHOWN: usize = 100;
+
 /// Every problem found in one recipe file.
 #[derive(Debug, Clone, thiserror::Error, miette::Diagnostic)]
-#[error("recipe `{path}` has {}", plural(errors.len()))]
+#[error("recipe `{}` has {}", source_code.name(), plural(*total))]
 pub struct RecipeErrors {
-    pub path: String,
+    /// The recipe's text, named by its path as the user gave it.
     #[source_code]
     pub source_code: miette::NamedSource<String>,
+    /// The first [`MAX_SHOWN`] errors, then a note counting those left out.
     #[related]
     pub errors: Vec<RecipeDiagnostic>,
+    /// How many errors were found, shown or not.
+    pub total: usize,
 }
 
 fn plural(n: usize) -> String {
@@ -106,13 +113,28 @@ pub struct LineCol {
 
 impl RecipeErrors {
     /// Errors of the file `source`, in the order given.
-    pub fn new(source: &RecipeSource, errors: Vec<RecipeDiagnostic>) -> Self {
+    pub fn new(source: &RecipeSource, mut errors: Vec<RecipeDiagnostic>) -> Self {
         let path = source.path.display().to_string();
-        RecipeErrors {
-            source_code: miette::NamedSource::new(path.clone(), source.text.clone()),
-            path,
-            errors,
+        let total = errors.len();
+        if total > MAX_SHOWN {
+            errors.truncate(MAX_SHOWN);
+            errors.push(
+                RecipeDiagnostic::whole(format!("{} more errors not shown", total - MAX_SHOWN))
+                    .with_help(format!(
+                        "only the first {MAX_SHOWN} are shown; fix them and run again"
+                    )),
+            );
         }
+        RecipeErrors {
+            source_code: miette::NamedSource::new(path, source.text.clone()),
+            errors,
+            total,
+        }
+    }
+
+    /// The recipe's path as the user gave it.
+    pub fn path(&self) -> &str {
+        self.source_code.name()
     }
 
     fn text(&self) -> &str {
@@ -124,18 +146,46 @@ impl RecipeErrors {
         diag.range().map(|r| line_col(self.text(), r.start))
     }
 
+    /// [`RecipeErrors::line_col`] of every error, in one pass over the text (one scan per
+    /// error would be quadratic in a large file with many errors).
+    pub fn line_cols(&self) -> Vec<Option<LineCol>> {
+        let text = self.text();
+        let mut order: Vec<(usize, usize)> = self
+            .errors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.range().map(|r| (floor_char_boundary(text, r.start), i)))
+            .collect();
+        order.sort_unstable();
+        let mut out = vec![None; self.errors.len()];
+        let (mut at, mut line, mut col) = (0, 1, 1);
+        for (offset, i) in order {
+            for c in text[at..offset].chars() {
+                if c == '\n' {
+                    line += 1;
+                    col = 1;
+                } else {
+                    col += 1;
+                }
+            }
+            at = offset;
+            out[i] = Some(LineCol { line, col });
+        }
+        out
+    }
+
     /// One error per line, as compilers print them:
     /// `path:line:col: error: message`, then `  help: hint` where there is one. An error
     /// without a span prints as `path: error: message`.
     pub fn render_plain(&self) -> String {
         let mut out = String::new();
-        for diag in &self.errors {
-            match self.line_col(diag) {
+        for (diag, lc) in self.errors.iter().zip(self.line_cols()) {
+            match lc {
                 Some(LineCol { line, col }) => {
-                    let _ = write!(out, "{}:{line}:{col}: ", self.path);
+                    let _ = write!(out, "{}:{line}:{col}: ", self.path());
                 }
                 None => {
-                    let _ = write!(out, "{}: ", self.path);
+                    let _ = write!(out, "{}: ", self.path());
                 }
             }
             let _ = writeln!(out, "error: {}", diag.message);
@@ -151,8 +201,8 @@ impl RecipeErrors {
         let items = self
             .errors
             .iter()
-            .map(|diag| {
-                let lc = self.line_col(diag);
+            .zip(self.line_cols())
+            .map(|(diag, lc)| {
                 serde_json::json!({
                     "message": diag.message,
                     "line": lc.map(|l| l.line),
@@ -167,16 +217,21 @@ impl RecipeErrors {
 
 /// 1-based line and char column of byte `offset` in `text` (clamped to the text).
 pub(crate) fn line_col(text: &str, offset: usize) -> LineCol {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
+    let before = &text[..floor_char_boundary(text, offset)];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     LineCol {
         line: before.matches('\n').count() + 1,
         col: before[line_start..].chars().count() + 1,
     }
+}
+
+/// The char boundary at or before `offset`, clamped to the text.
+fn floor_char_boundary(text: &str, offset: usize) -> usize {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
 }
 
 pub(crate) fn span(r: Range<usize>) -> miette::SourceSpan {
@@ -245,6 +300,49 @@ mod tests {
         // `=` after the two-byte `é`
         assert_eq!(line_col(text, 10), LineCol { line: 2, col: 4 });
         assert_eq!(line_col(text, 999), LineCol { line: 3, col: 1 });
+    }
+
+    #[test]
+    fn line_cols_in_one_pass_agree_with_line_col() {
+        let text = "a = 1\nbé = 2\n\nc = [1, 2]\n";
+        let source = RecipeSource {
+            path: "r.toml".into(),
+            dir: "/".into(),
+            text: text.into(),
+        };
+        let offsets = [21, 0, 10, 6, 999, 9, 10];
+        let mut errors: Vec<RecipeDiagnostic> = offsets
+            .iter()
+            .map(|&o| RecipeDiagnostic::at(o..o + 1, "e"))
+            .collect();
+        errors.push(RecipeDiagnostic::whole("w"));
+        let e = RecipeErrors::new(&source, errors);
+        let expected: Vec<Option<LineCol>> = offsets
+            .iter()
+            .map(|&o| Some(line_col(text, o)))
+            .chain([None])
+            .collect();
+        assert_eq!(e.line_cols(), expected);
+    }
+
+    #[test]
+    fn errors_past_the_limit_are_counted() {
+        let source = RecipeSource {
+            path: "r.toml".into(),
+            dir: "/".into(),
+            text: "x".into(),
+        };
+        let errors = (0..MAX_SHOWN + 5)
+            .map(|i| RecipeDiagnostic::whole(format!("e{i}")))
+            .collect();
+        let e = RecipeErrors::new(&source, errors);
+        assert_eq!(e.total, MAX_SHOWN + 5);
+        assert_eq!(e.errors.len(), MAX_SHOWN + 1);
+        assert_eq!(e.errors[MAX_SHOWN].message, "5 more errors not shown");
+        assert_eq!(
+            e.to_string(),
+            format!("recipe `r.toml` has {} errors", MAX_SHOWN + 5)
+        );
     }
 
     #[test]

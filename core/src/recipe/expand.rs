@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use super::*;
-use crate::ops::{OpCatalog, ParamsSchema, TypeMismatch};
+use crate::ops::{OpCatalog, ParamType, ParamsSchema, TypeMismatch};
 use crate::value::render_plain;
 
 /// Expand the sweep of a parsed recipe. Errors: too many arms or instances, no arm left, and
@@ -27,18 +27,24 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
     let order = topological_order(&recipe.steps).map_err(|d| fail(vec![d]))?;
 
     let n_steps = recipe.steps.len();
-    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n_steps];
-    // Per step: the global index of its first instance, and each arm's local instance.
-    let mut base = vec![0usize; n_steps];
-    let mut arm_instance: Vec<Vec<u32>> = vec![Vec::new(); n_steps];
-    let mut instances: Vec<Instance> = Vec::new();
-    let mut errors: Vec<RecipeDiagnostic> = Vec::new();
+    let by_name: HashMap<&str, usize> = recipe
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, st)| (st.name.as_str(), i))
+        .collect();
+    let by_name = |name: &str| by_name.get(name).copied();
 
+    // First the shape: each step's vars D(s) and its arms grouped by their restriction to
+    // them, one grouping per distinct D. The instance limit is checked here, before any
+    // instance is built, so an oversized sweep is refused in a fraction of the work.
+    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); n_steps];
+    let mut grouping_of = vec![0usize; n_steps];
+    let mut groupings: Vec<Grouping> = Vec::new();
+    let mut grouping_index: HashMap<Vec<usize>, usize> = HashMap::new();
+    let mut total = 0usize;
     for &s in &order {
         let step = &recipe.steps[s];
-        let by_name = |name: &str| recipe.steps.iter().position(|st| st.name == name);
-
-        // D(s), as sorted var indices.
         let mut d: BTreeSet<usize> = step
             .vars_used
             .iter()
@@ -50,42 +56,45 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
             }
         }
         let d: Vec<usize> = d.into_iter().collect();
-
-        // Group the arms by their restriction to D(s).
-        let mut local_of_arm = vec![0u32; table.arms.len()];
-        let mut arms_of: Vec<Vec<u32>> = Vec::new();
-        if d.is_empty() {
-            arms_of.push((0..table.arms.len() as u32).collect());
-        } else {
-            let mut index: HashMap<Vec<u8>, u32> = HashMap::new();
-            let mut key = Vec::new();
-            for (a, slot) in local_of_arm.iter_mut().enumerate() {
-                table.restriction_key(a, &d, &mut key);
-                let next = arms_of.len() as u32;
-                let local = *index.entry(key.clone()).or_insert(next);
-                if local == next {
-                    arms_of.push(Vec::new());
-                }
-                arms_of[local as usize].push(a as u32);
-                *slot = local;
+        let g = match grouping_index.get(&d) {
+            Some(&g) => g,
+            None => {
+                groupings.push(table.grouping(&d));
+                grouping_index.insert(d.clone(), groupings.len() - 1);
+                groupings.len() - 1
             }
-        }
-        let so_far = instances.len() + arms_of.len();
-        if so_far > MAX_INSTANCES {
+        };
+        total += groupings[g].arms_of.len();
+        if total > MAX_INSTANCES {
             return Err(fail(vec![
                 RecipeDiagnostic::at(
                     step.span.clone(),
                     format!(
-                        "the sweep makes at least {so_far} step instances, more than the limit of {MAX_INSTANCES}"
+                        "the sweep makes at least {total} step instances, more than the limit of {MAX_INSTANCES}"
                     ),
                 )
                 .with_help(format!(
                     "step `{}` alone has {} instances",
                     step.name,
-                    arms_of.len()
+                    groupings[g].arms_of.len()
                 )),
             ]));
         }
+        deps[s] = d;
+        grouping_of[s] = g;
+    }
+
+    // Per step: the global index of its first instance.
+    let mut base = vec![0usize; n_steps];
+    let mut instances: Vec<Instance> = Vec::with_capacity(total);
+    let mut errors: Vec<RecipeDiagnostic> = Vec::new();
+    // `path` params already looked up: the path → why it cannot be read, if it cannot.
+    let mut paths_seen: HashMap<std::path::PathBuf, Option<String>> = HashMap::new();
+
+    for &s in &order {
+        let step = &recipe.steps[s];
+        let d = &deps[s];
+        let grouping = &groupings[grouping_of[s]];
 
         // Inputs: for a gather, the upstream's instances grouped by the shared vars.
         let mut gathers: BTreeMap<&str, (Vec<usize>, Groups)> = BTreeMap::new();
@@ -100,8 +109,9 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                 .collect();
             let mut groups = Groups::new();
             let mut key = Vec::new();
-            let mut seen_local = vec![false; instances_of(&arm_instance[u])];
-            for (a, &local) in arm_instance[u].iter().enumerate() {
+            let upstream = &groupings[grouping_of[u]];
+            let mut seen_local = vec![false; upstream.arms_of.len()];
+            for (a, &local) in upstream.local_of_arm.iter().enumerate() {
                 if std::mem::replace(&mut seen_local[local as usize], true) {
                     continue;
                 }
@@ -123,7 +133,7 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
         }
         base[s] = instances.len();
         let mut key = Vec::new();
-        for arms in arms_of {
+        for arms in &grouping.arms_of {
             let first = arms[0] as usize;
             let values = table.arm_values(first);
             let bindings: BTreeMap<String, Value> = d
@@ -155,10 +165,38 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                             &recipe.vars,
                         )),
                     }
+                    if let (ParamType::Path, Value::String(p)) = (&spec.ty, &value) {
+                        let path = recipe.source.dir.join(p);
+                        let problem = paths_seen
+                            .entry(path)
+                            .or_insert_with_key(|path| unreadable_path(p, path));
+                        if let Some(problem) = problem {
+                            errors.push(
+                                param_error(
+                                    step,
+                                    pname,
+                                    format!("param `{pname}` of step `{}` {problem}", step.name),
+                                )
+                                .with_help(
+                                    "a relative path is read from the directory holding the recipe",
+                                ),
+                            );
+                        }
+                    }
+                }
+                if matches!(&value, Value::String(v) if v.contains('\0')) {
+                    errors.push(param_error(
+                        step,
+                        pname,
+                        format!(
+                            "param `{pname}` of step `{}` holds a NUL character, which cannot reach a command",
+                            step.name
+                        ),
+                    ));
                 }
                 params.insert(pname.clone(), value);
             }
-            let cmd = step.cmd.as_ref().map(|argv| {
+            let cmd: Option<Vec<String>> = step.cmd.as_ref().map(|argv| {
                 argv.iter()
                     .map(|arg| match render_template(arg, &lookup) {
                         Value::String(s) => s,
@@ -166,6 +204,15 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                     })
                     .collect()
             });
+            if cmd.iter().flatten().any(|arg| arg.contains('\0')) {
+                errors.push(RecipeDiagnostic::at(
+                    step.span.clone(),
+                    format!(
+                        "`cmd` of step `{}` holds a NUL character, which no command can receive",
+                        step.name
+                    ),
+                ));
+            }
 
             let mut inputs = BTreeMap::new();
             for (name, input) in &step.inputs {
@@ -177,7 +224,9 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                     table.restriction_key(first, shared, &mut key);
                     InstanceInput::Gather(groups.get(&key).cloned().unwrap_or_default())
                 } else {
-                    InstanceInput::One(base[u] + arm_instance[u][first] as usize)
+                    InstanceInput::One(
+                        base[u] + groupings[grouping_of[u]].local_of_arm[first] as usize,
+                    )
                 };
                 inputs.insert(name.clone(), resolved);
             }
@@ -188,11 +237,9 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                 params,
                 cmd,
                 inputs,
-                arms,
+                arms: arms.clone(),
             });
         }
-        deps[s] = d;
-        arm_instance[s] = local_of_arm;
     }
 
     if !errors.is_empty() {
@@ -241,12 +288,34 @@ fn type_error(
     }
 }
 
+/// A diagnostic at a param's value (or at its step, for a param the step did not write).
+fn param_error(step: &StepDef, pname: &str, message: String) -> RecipeDiagnostic {
+    let span = step.param_spans.get(pname).unwrap_or(&step.span);
+    RecipeDiagnostic::at(span.clone(), message)
+}
+
+/// Why the file or directory a `path` param names cannot be read, if it cannot: `does not
+/// exist`, or the error. Only its metadata is read here; planning fingerprints it.
+fn unreadable_path(written: &str, path: &std::path::Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Some(format!("names `{written}`, which does not exist"))
+        }
+        Err(e) => Some(format!("names `{written}`, which cannot be read: {e}")),
+    }
+}
+
 /// Upstream instances (global indices, in order) by the key of their shared bindings.
 type Groups = HashMap<Vec<u8>, Vec<usize>>;
 
-/// How many instances an arm → local instance map refers to.
-fn instances_of(arm_instance: &[u32]) -> usize {
-    arm_instance.iter().max().map_or(0, |m| *m as usize + 1)
+/// The arms grouped by their restriction to a set of vars: one group per instance of a step
+/// that depends on exactly those vars.
+struct Grouping {
+    /// Arm → its group.
+    local_of_arm: Vec<u32>,
+    /// Group → its arms, ascending; groups in order of their first arm.
+    arms_of: Vec<Vec<u32>>,
 }
 
 /// The arms, with each binding's canonical encoding kept for grouping.
@@ -311,15 +380,29 @@ impl ArmTable {
             .iter()
             .map(|axis| axis.vars.iter().map(|v| var_index[v]).collect())
             .collect();
-        let excludes: Vec<Vec<(usize, &Value)>> = sweep
-            .exclude
-            .iter()
-            .map(|ex| {
-                ex.iter()
-                    .filter_map(|(k, v)| var_index.get(k).map(|&i| (i, v)))
-                    .collect()
-            })
-            .collect();
+        // Excludes grouped by the vars they bind: an arm is dropped when its restriction to
+        // a group's vars is one of that group's bindings. One hash lookup per group and arm,
+        // where comparing every exclude with every arm could take minutes.
+        let mut exclude_groups: Vec<(Vec<usize>, HashSet<Vec<u8>>)> = Vec::new();
+        let mut group_of: HashMap<Vec<usize>, usize> = HashMap::new();
+        for ex in &sweep.exclude {
+            let mut bound: Vec<(usize, Vec<u8>)> = ex
+                .iter()
+                .filter_map(|(k, v)| var_index.get(k).map(|&i| (i, crate::canonical::encode(v))))
+                .collect();
+            bound.sort_unstable();
+            let vars: Vec<usize> = bound.iter().map(|(i, _)| *i).collect();
+            let mut key = Vec::new();
+            for (_, e) in &bound {
+                key.extend_from_slice(e);
+                key.push(SEP);
+            }
+            let g = *group_of.entry(vars.clone()).or_insert_with(|| {
+                exclude_groups.push((vars, HashSet::new()));
+                exclude_groups.len() - 1
+            });
+            exclude_groups[g].1.insert(key);
+        }
 
         let mut table = ArmTable {
             vars,
@@ -330,8 +413,7 @@ impl ArmTable {
         };
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
 
-        let mut push = |table: &mut ArmTable, row: Vec<Value>| {
-            let encoded: Vec<Vec<u8>> = row.iter().map(crate::canonical::encode).collect();
+        let mut push = |table: &mut ArmTable, row: Vec<Value>, encoded: Vec<Vec<u8>>| {
             let mut key = Vec::new();
             for e in &encoded {
                 key.extend_from_slice(e);
@@ -356,6 +438,7 @@ impl ArmTable {
 
         if let Some(count) = product.filter(|p| *p > 0) {
             let mut pos = vec![0usize; sweep.axes.len()];
+            let mut key = Vec::new();
             for _ in 0..count {
                 let mut row = defaults.clone();
                 for (axis_i, axis) in sweep.axes.iter().enumerate() {
@@ -363,11 +446,17 @@ impl ArmTable {
                         row[v] = axis.rows[pos[axis_i]][j].clone();
                     }
                 }
-                let excluded = excludes
-                    .iter()
-                    .any(|ex| ex.iter().all(|(v, value)| row[*v] == **value));
+                let encoded: Vec<Vec<u8>> = row.iter().map(crate::canonical::encode).collect();
+                let excluded = exclude_groups.iter().any(|(vars, bindings)| {
+                    key.clear();
+                    for &v in vars {
+                        key.extend_from_slice(&encoded[v]);
+                        key.push(SEP);
+                    }
+                    bindings.contains(&key)
+                });
                 if !excluded {
-                    push(&mut table, row);
+                    push(&mut table, row, encoded);
                 }
                 // Advance the odometer: the last axis moves fastest.
                 for axis_i in (0..pos.len()).rev() {
@@ -386,7 +475,8 @@ impl ArmTable {
                     row[i] = v.clone();
                 }
             }
-            push(&mut table, row);
+            let encoded = row.iter().map(crate::canonical::encode).collect();
+            push(&mut table, row, encoded);
         }
 
         if table.arms.is_empty() {
@@ -396,6 +486,39 @@ impl ArmTable {
             .with_help("loosen an `[[sweep.exclude]]`, or add an `[[sweep.include]]`"));
         }
         Ok(table)
+    }
+
+    /// Group the arms by their restriction to `vars` (sorted var indices).
+    fn grouping(&self, vars: &[usize]) -> Grouping {
+        let n = self.arms.len();
+        if vars.is_empty() {
+            return Grouping {
+                local_of_arm: vec![0; n],
+                arms_of: vec![(0..n as u32).collect()],
+            };
+        }
+        let mut local_of_arm = Vec::with_capacity(n);
+        let mut arms_of: Vec<Vec<u32>> = Vec::new();
+        let mut index: HashMap<Vec<u8>, u32> = HashMap::new();
+        let mut key = Vec::new();
+        for a in 0..n {
+            self.restriction_key(a, vars, &mut key);
+            let local = match index.get(&key) {
+                Some(&l) => l,
+                None => {
+                    let l = arms_of.len() as u32;
+                    index.insert(key.clone(), l);
+                    arms_of.push(Vec::new());
+                    l
+                }
+            };
+            arms_of[local as usize].push(a as u32);
+            local_of_arm.push(local);
+        }
+        Grouping {
+            local_of_arm,
+            arms_of,
+        }
     }
 
     fn arm_values(&self, a: usize) -> &[Value] {

@@ -7,6 +7,7 @@
 //! Every error of a file is collected before reporting ([`RecipeErrors`]), each pointing at the
 //! offending TOML with a label. Nothing here touches the store.
 
+mod code;
 mod errors;
 mod expand;
 mod parse;
@@ -17,7 +18,8 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use errors::{RecipeDiagnostic, RecipeErrors};
+pub use code::{CodeError, code_files};
+pub use errors::{MAX_SHOWN, RecipeDiagnostic, RecipeErrors};
 pub use expand::expand;
 pub use parse::parse;
 pub use template::{VarRef, render_template, template_vars};
@@ -25,9 +27,11 @@ pub use template::{VarRef, render_template, template_vars};
 use crate::ops::OpKind;
 use crate::value::Value;
 
-/// Hard limits that keep a typo in a sweep from exhausting memory.
+/// Hard limits that keep a typo in a sweep from exhausting memory and time. Planning costs
+/// some 25 µs and 1.5 KB per step instance, so the instance limit keeps the worst plan to a
+/// few seconds; a sweep past either limit is refused before any instance is built.
 pub const MAX_ARMS: usize = 100_000;
-pub const MAX_INSTANCES: usize = 1_000_000;
+pub const MAX_INSTANCES: usize = 200_000;
 
 /// The recipe's text and where it came from.
 #[derive(Debug, Clone)]
@@ -37,6 +41,61 @@ pub struct RecipeSource {
     /// Absolute directory against which `code` files are resolved.
     pub dir: PathBuf,
     pub text: String,
+}
+
+/// The largest recipe file needle reads: far more than any written or generated sweep needs,
+/// and small enough that a wrong path (a dataset, `/dev/zero`) is refused at once instead of
+/// filling memory.
+pub const MAX_RECIPE_BYTES: usize = 16 << 20;
+
+impl RecipeSource {
+    /// The source of a file read as bytes: refused when it is larger than
+    /// [`MAX_RECIPE_BYTES`] or not UTF-8 (pointing at the first byte that is not).
+    pub fn from_bytes(path: PathBuf, dir: PathBuf, bytes: Vec<u8>) -> Result<Self, RecipeErrors> {
+        if bytes.len() > MAX_RECIPE_BYTES {
+            let source = RecipeSource {
+                path,
+                dir,
+                text: String::new(),
+            };
+            let d = RecipeDiagnostic::whole(format!(
+                "recipe is larger than the limit of {} MiB",
+                MAX_RECIPE_BYTES >> 20
+            ))
+            .with_help(
+                "a recipe describes steps and sweeps; keep data in files that its steps read",
+            );
+            return Err(RecipeErrors::new(&source, vec![d]));
+        }
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(RecipeSource { path, dir, text }),
+            Err(e) => {
+                let bytes = e.as_bytes();
+                let at = e.utf8_error().valid_up_to();
+                let help = if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+                    "the file starts with a UTF-16 byte-order mark: save it as UTF-8"
+                } else {
+                    "recipes are UTF-8 text: save the file as UTF-8"
+                };
+                let d = RecipeDiagnostic::at(
+                    at..at + char::REPLACEMENT_CHARACTER.len_utf8(),
+                    format!(
+                        "recipe is not UTF-8: byte `0x{:02x}` starts no character",
+                        bytes[at]
+                    ),
+                )
+                .with_help(help);
+                // The snippet shows the bytes up to the bad one as they are; it is the same
+                // text up to there, so the line and column are right.
+                let source = RecipeSource {
+                    path,
+                    dir,
+                    text: String::from_utf8_lossy(bytes).into_owned(),
+                };
+                Err(RecipeErrors::new(&source, vec![d]))
+            }
+        }
+    }
 }
 
 /// A `--set var=value` from the command line.
@@ -194,7 +253,10 @@ impl RetryPolicy {
             return Duration::ZERO;
         }
         let factor = 1u32 << (attempt - 2).min(16);
-        (self.backoff * factor).min(Duration::from_secs(600))
+        // Saturating: a backoff of a million years must not overflow into a panic mid-run.
+        self.backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(600))
     }
 }
 

@@ -225,6 +225,48 @@ fn strings<'v, 'i>(v: &'v Node<'i>, out: &mut Vec<(&'v str, Range<usize>)>) {
     }
 }
 
+/// A TOML syntax error, with the key or value it is about and a hint for the common ones.
+fn syntax_error(text: &str, span: Range<usize>, message: &str) -> RecipeDiagnostic {
+    let at = text.get(span.clone()).unwrap_or("");
+    let rest = text.get(span.start..).unwrap_or("");
+    let word: String = rest
+        .chars()
+        .take_while(|c| !c.is_whitespace() && !",]}#".contains(*c))
+        .collect();
+    let (message, help) = if message == "duplicate key" && !at.is_empty() {
+        (
+            format!("duplicate key `{at}`"),
+            Some("a key is written once in its table, and each step name once in a recipe".into()),
+        )
+    } else if message.starts_with("string values must be quoted") {
+        if word.is_empty() {
+            (
+                "missing value after `=`".to_string(),
+                Some("write a value: a number, `true`, `\"text\"`, `[...]` or `{ ... }`".into()),
+            )
+        } else {
+            (message.to_string(), Some(format!("quote it: `\"{word}\"`")))
+        }
+    } else if message.starts_with("invalid unquoted key")
+        && !rest.starts_with(|c: char| c.is_ascii())
+    {
+        (
+            message.to_string(),
+            Some("a key that is not ASCII must be quoted; needle's own names (steps, vars) are ASCII".into()),
+        )
+    } else if message.starts_with("cannot recurse further") {
+        (
+            message.to_string(),
+            Some("arrays and tables nest deeper here than a recipe may".into()),
+        )
+    } else {
+        (message.to_string(), None)
+    };
+    let mut d = RecipeDiagnostic::at(span, message);
+    d.help = help;
+    d
+}
+
 fn is_step_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -253,15 +295,7 @@ impl<'a> Parser<'a> {
         if !syntax.is_empty() {
             for e in syntax {
                 let d = match e.span() {
-                    Some(span) => {
-                        let message = match text.get(span.clone()) {
-                            Some(key) if e.message() == "duplicate key" && !key.is_empty() => {
-                                format!("duplicate key `{key}`")
-                            }
-                            _ => e.message().to_string(),
-                        };
-                        RecipeDiagnostic::at(span, message)
-                    }
+                    Some(span) => syntax_error(text, span, e.message()),
                     None => RecipeDiagnostic::whole(e.message()),
                 };
                 self.errors.push(d);
@@ -308,6 +342,7 @@ impl<'a> Parser<'a> {
         };
         let drafts = self.steps_table(steps);
         self.check_inputs(&drafts);
+        self.check_exclude_values(&sweep);
         self.apply_sets(&mut vars, &mut sweep, &drafts);
         self.check_vars(&vars, &sweep, &drafts);
 
@@ -324,9 +359,30 @@ impl<'a> Parser<'a> {
         match v.get_ref() {
             DeValue::Table(t) => Some(t),
             other => {
-                self.error(
+                let help = match what {
+                    "`recipe`" => Some("write a `[recipe]` table holding `name = \"...\"`".into()),
+                    "`vars`" => Some("write a `[vars]` table, one `name = value` a line".into()),
+                    "`sweep`" => {
+                        Some("write a `[sweep]` table, one `var = [values...]` a line".into())
+                    }
+                    "`steps`" => {
+                        Some("write each step as a table of its own: `[steps.NAME]`".into())
+                    }
+                    "`params`" | "`inputs`" | "`resources`" => Some(format!(
+                        "write {what} as a table: `{} = {{ name = ... }}`",
+                        what.trim_matches('`')
+                    )),
+                    _ => what.strip_prefix("step `").map(|name| {
+                        format!(
+                            "write the step as a table: `[steps.{}]` with an `op`",
+                            name.trim_end_matches('`')
+                        )
+                    }),
+                };
+                self.error_help(
                     v.span(),
                     format!("{what} must be a table, found {}", kind(other)),
+                    help,
                 );
                 None
             }
@@ -408,7 +464,8 @@ impl<'a> Parser<'a> {
                 span,
                 format!("invalid var name `{name}`"),
                 Some(
-                    "var names are letters, digits, `_` and `-`, not starting with a digit".into(),
+                    "var names are ASCII letters, digits, `_` and `-`, not starting with a digit"
+                        .into(),
                 ),
             );
             false
@@ -661,10 +718,15 @@ impl<'a> Parser<'a> {
     fn step(&mut self, k: &Key<'_>, v: &Node<'_>) -> Option<Draft> {
         let name = key_str(k);
         if !is_step_name(name) {
+            let message = if name.is_empty() {
+                "empty step name".to_string()
+            } else {
+                format!("invalid step name `{name}`")
+            };
             self.error_help(
                 k.span(),
-                format!("invalid step name `{name}`"),
-                Some("step names are letters, digits, `_` and `-`".into()),
+                message,
+                Some("step names are ASCII letters, digits, `_` and `-`".into()),
             );
         }
         let t = self.table(v, &format!("step `{name}`"))?;
@@ -762,6 +824,10 @@ impl<'a> Parser<'a> {
         if let Some(schema) = schema {
             self.required_inputs(&span, schema, &draft.def);
         }
+        if is_exec == Some(true) {
+            self.env_collisions(name, "params", "NEEDLE_PARAM_", &draft.def.param_spans);
+            self.env_collisions(name, "inputs", "NEEDLE_IN_", &draft.input_spans);
+        }
         if let Some((_, rv)) = fields.get("resources") {
             draft.def.resources = self.resources(rv);
         }
@@ -773,6 +839,34 @@ impl<'a> Parser<'a> {
         }
         draft.def.vars_used = draft.refs.iter().map(|(n, _)| n.clone()).collect();
         Some(draft)
+    }
+
+    /// Two names of an `exec` step's params (or inputs) that reach its command as one
+    /// environment variable: one would silently hide the other.
+    fn env_collisions(
+        &mut self,
+        step: &str,
+        what: &str,
+        prefix: &str,
+        spans: &BTreeMap<String, Range<usize>>,
+    ) {
+        let mut by_env: HashMap<String, &str> = HashMap::new();
+        let mut named: Vec<(&String, &Range<usize>)> = spans.iter().collect();
+        named.sort_by_key(|(_, span)| span.start);
+        for (name, span) in named {
+            let env = format!("{prefix}{}", crate::ops::env_name(name));
+            if let Some(first) = by_env.get(env.as_str()) {
+                self.error_help(
+                    span.clone(),
+                    format!(
+                        "{what} `{first}` and `{name}` of step `{step}` both reach the command as `{env}`"
+                    ),
+                    Some("rename one of them".into()),
+                );
+            } else {
+                by_env.insert(env, name);
+            }
+        }
     }
 
     /// Report any var reference in a field that takes none. True when the value is clean.
@@ -887,6 +981,13 @@ impl<'a> Parser<'a> {
         let mut ok = true;
         for item in items.iter() {
             match item.get_ref() {
+                DeValue::String(s) if s.contains('\0') => {
+                    self.error(
+                        item.span(),
+                        "`cmd` argument holds a NUL character, which no command can receive",
+                    );
+                    ok = false;
+                }
                 DeValue::String(s) => {
                     ok &= self.templates(item, refs);
                     out.push(Value::String(s.to_string()));
@@ -924,21 +1025,48 @@ impl<'a> Parser<'a> {
                 );
                 continue;
             };
-            match normalise_code_path(raw) {
-                Err(message) => self.error(item.span(), message),
-                Ok(path) => {
-                    if !self.source.dir.join(&path).exists() {
-                        self.error_help(
-                            item.span(),
-                            format!("code path `{raw}` does not exist"),
-                            Some(
-                                "code paths are relative to the directory holding the recipe"
-                                    .into(),
-                            ),
-                        );
-                    } else if !out.contains(&path) {
-                        out.push(path);
+            let path = match normalise_code_path(raw) {
+                Err(message) => {
+                    self.error(item.span(), message);
+                    continue;
+                }
+                Ok(path) => path,
+            };
+            // Walked here, so that what planning would trip on is reported at this line.
+            match code_files(&self.source.dir, &path) {
+                Ok(_) if !out.contains(&path) => out.push(path),
+                Ok(_) => {}
+                Err(CodeError::Missing { path: missing }) if missing == path => self.error_help(
+                    item.span(),
+                    format!("code path `{raw}` does not exist"),
+                    Some("code paths are relative to the directory holding the recipe".into()),
+                ),
+                Err(e @ (CodeError::Outside { .. } | CodeError::Missing { .. })) => self
+                    .error_help(
+                        item.span(),
+                        format!("code path `{raw}`: {e}"),
+                        Some("a step's code must lie inside the directory holding the recipe; copy it there".into()),
+                    ),
+                Err(e @ CodeError::Loop { .. }) => self.error_help(
+                    item.span(),
+                    format!("code path `{raw}`: {e}"),
+                    Some("remove the link, or name the files inside it".into()),
+                ),
+                Err(e @ CodeError::Special { .. }) => self.error_help(
+                    item.span(),
+                    format!("code path `{raw}`: {e}"),
+                    Some("code is regular files and directories: a FIFO or a device could block the hashing".into()),
+                ),
+                Err(e @ CodeError::NotUtf8 { .. }) => {
+                    self.error(item.span(), format!("code path `{raw}`: {e}"))
+                }
+                Err(e @ CodeError::Io { .. }) => {
+                    let cause = std::error::Error::source(&e).map(|c| c.to_string());
+                    let mut message = format!("code path `{raw}`: {e}");
+                    if let Some(cause) = cause {
+                        message.push_str(&format!(": {cause}"));
                     }
+                    self.error(item.span(), message)
                 }
             }
         }
@@ -1328,6 +1456,60 @@ impl<'a> Parser<'a> {
                         .into(),
                 ),
             );
+        }
+    }
+
+    /// An exclude that binds a var to a value it is never swept over drops nothing: a typo,
+    /// or a value written with another type (`1` for `1.0`). Checked before `--set` pins the
+    /// sweep, against every value of the var's axis.
+    fn check_exclude_values(&mut self, sweep: &SweepDraft) {
+        let mut excludes = sweep.sweep.exclude.iter();
+        for (which, spans) in &sweep.bindings {
+            if *which != "exclude" {
+                continue;
+            }
+            let Some(exclude) = excludes.next() else {
+                break;
+            };
+            for (name, span) in spans {
+                let Some((axis, j)) = sweep.sweep.axes.iter().find_map(|a| {
+                    let j = a.vars.iter().position(|v| v == name)?;
+                    Some((a, j))
+                }) else {
+                    // Not swept: `check_vars` says so.
+                    continue;
+                };
+                let value = &exclude[name];
+                let encoded = crate::canonical::encode(value);
+                if axis
+                    .rows
+                    .iter()
+                    .any(|row| crate::canonical::encode(&row[j]) == encoded)
+                {
+                    continue;
+                }
+                const SHOWN: usize = 10;
+                let mut values = backticked(
+                    axis.rows
+                        .iter()
+                        .take(SHOWN)
+                        .map(|row| crate::value::render_short(&row[j]))
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(String::as_str),
+                );
+                if axis.rows.len() > SHOWN {
+                    values.push_str(&format!(" and {} more", axis.rows.len() - SHOWN));
+                }
+                self.error_help(
+                    span.clone(),
+                    format!(
+                        "`[[sweep.exclude]]` binds `{name}` to `{}`, a value it is not swept over",
+                        crate::value::render_short(value)
+                    ),
+                    Some(format!("`{name}` is swept over {values}")),
+                );
+            }
         }
     }
 

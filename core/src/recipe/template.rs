@@ -75,7 +75,7 @@ fn pieces(s: &str) -> Result<(Vec<Piece<'_>>, Vec<VarRef>), TemplateError> {
                 return Err(TemplateError {
                     message: format!("invalid var name `{name}` in `{s}`"),
                     help: Some(
-                        "var names are letters, digits, `_` and `-`, not starting with a digit",
+                        "var names are ASCII letters, digits, `_` and `-`, not starting with a digit",
                     ),
                 });
             }

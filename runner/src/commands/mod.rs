@@ -22,10 +22,12 @@ pub mod unpin;
 pub mod verify;
 pub mod why;
 
+use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use needle_core::digest::BlobDigest;
-use needle_core::plan::CodeHasher;
+use needle_core::plan::{CodeHasher, HashOnly};
 use needle_core::recipe::{self, Expansion, Recipe, RecipeSource, SetArg};
 use needle_core::store::remote::Reader;
 use needle_core::store::{LockMode, RunRecord, Store, StoreError, StoreRead};
@@ -36,8 +38,17 @@ use crate::error::CliError;
 
 /// Read a recipe file into a [`RecipeSource`].
 pub fn read_recipe(path: &Path) -> Result<RecipeSource, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::usage(format!("could not read recipe `{}`: {e}", path.display())))?;
+    let unreadable = |e: std::io::Error| {
+        CliError::usage(format!("could not read recipe `{}`: {e}", path.display()))
+    };
+    // One byte past the limit is enough to refuse a file (or `/dev/zero`) for its size.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(recipe::MAX_RECIPE_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(unreadable)?;
     let abs = std::path::absolute(path).map_err(|source| CliError::Io {
         context: format!("could not resolve `{}`", path.display()),
         source,
@@ -46,11 +57,7 @@ pub fn read_recipe(path: &Path) -> Result<RecipeSource, CliError> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
-    Ok(RecipeSource {
-        path: path.to_path_buf(),
-        dir,
-        text,
-    })
+    Ok(RecipeSource::from_bytes(path.to_path_buf(), dir, bytes)?)
 }
 
 /// Parse, validate and expand: every recipe error is reported here, before the store opens.
@@ -126,14 +133,34 @@ pub fn find_run(store: &dyn StoreRead, text: &str) -> Result<RunRecord, CliError
     })
 }
 
-/// Hashes code files and keeps their bytes in the store, so what ran can be shown later.
-pub struct StoreHasher<'a>(pub &'a Store);
+/// Hashes code files while a plan is built, remembering each, so that `run` can plan before
+/// it opens the store: a recipe whose code cannot be read leaves the store as it was, or
+/// absent. [`PlannedCode::keep_in`] then keeps their bytes in the store, so what ran can be
+/// shown later.
+#[derive(Default)]
+pub struct PlannedCode(BTreeMap<PathBuf, BlobDigest>);
 
-impl CodeHasher for StoreHasher<'_> {
+impl CodeHasher for PlannedCode {
     fn hash_file(&mut self, path: &Path) -> std::io::Result<BlobDigest> {
-        self.0
-            .absorb_file_copy(path)
-            .map_err(|e| std::io::Error::other(e.to_string()))
+        let digest = HashOnly.hash_file(path)?;
+        self.0.insert(path.to_path_buf(), digest);
+        Ok(digest)
+    }
+}
+
+impl PlannedCode {
+    /// Copy every planned code file into the store; refused if one changed since it was
+    /// hashed, since the plan's keys would then not be the code that runs.
+    pub fn keep_in(&self, store: &Store) -> Result<(), CliError> {
+        for (path, planned) in &self.0 {
+            if store.absorb_file_copy(path)? != *planned {
+                return Err(CliError::usage(format!(
+                    "code file `{}` changed while the run was being planned: run again",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

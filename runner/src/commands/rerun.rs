@@ -7,7 +7,7 @@ use needle_ops::Registry;
 
 use crate::cli::{Cli, RerunArgs};
 use crate::commands::run::{engine_options, execute, recorded_source};
-use crate::commands::{StoreHasher, find_run, load_recipe, open_existing};
+use crate::commands::{PlannedCode, find_run, load_recipe, open_existing};
 use crate::error::{CliError, Exit};
 
 pub fn rerun(cli: &Cli, args: &RerunArgs) -> Result<Exit, CliError> {
@@ -24,6 +24,8 @@ pub fn rerun(cli: &Cli, args: &RerunArgs) -> Result<Exit, CliError> {
     let registry = Registry::new();
     let (recipe, expansion) = load_recipe(recorded_source(&record), &sets, &registry)?;
     let opts = engine_options(&args.exec, &recipe)?;
-    let plan = plan::build(recipe, expansion, &mut StoreHasher(&store))?;
+    let mut code = PlannedCode::default();
+    let plan = plan::build(recipe, expansion, &mut code)?;
+    code.keep_in(&store)?;
     execute(store, plan, &sets, opts, Some(record.id), args.exec.json)
 }

@@ -10,7 +10,7 @@ use needle_core::store::{RunRecord, RunState, Store, now_millis};
 use needle_ops::Registry;
 
 use crate::cli::{Cli, ExecArgs, RunArgs};
-use crate::commands::{StoreHasher, load_recipe, open_store, print_json, read_recipe};
+use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
 use crate::engine::{Engine, EngineOptions, RunOutcome, run_steps};
 use crate::error::{CliError, Exit};
 use crate::progress;
@@ -20,8 +20,11 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
     let registry = Registry::new();
     let (recipe, expansion) = load_recipe(source, &args.recipe.sets, &registry)?;
     let opts = engine_options(&args.exec, &recipe)?;
+    // Planned before the store opens: every error of a recipe leaves the store untouched.
+    let mut code = PlannedCode::default();
+    let plan = plan::build(recipe, expansion, &mut code)?;
     let store = open_store(cli)?;
-    let plan = plan::build(recipe, expansion, &mut StoreHasher(&store))?;
+    code.keep_in(&store)?;
     execute(store, plan, &args.recipe.sets, opts, None, args.exec.json)
 }
 
