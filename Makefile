@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEEDLE := target/release/needle
 
-.PHONY: all deps build demo test bench lint fmt clean-demo
+.PHONY: all deps build demo test bench fuzz lint fmt clean-demo
 
 all: build
 
@@ -28,6 +28,10 @@ test:
 ## Benchmarks (not tests): see BENCHMARKS.md.
 bench: build
 	bench/run.sh
+
+## Fuzz recipe parsing and planning for FUZZ_SECONDS (default 300): see scripts/fuzz.sh.
+fuzz:
+	scripts/fuzz.sh $(or $(FUZZ_SECONDS),300)
 
 lint:
 	$(CARGO) fmt --all --check
