@@ -124,6 +124,8 @@ async fn attempt(
         }
     };
     let pid = child.id().unwrap_or(0);
+    // Dropped when this returns, after the group has been killed.
+    let _watch = crate::reaper::Watch::new(pid);
     let _ = events.send(Event::Started {
         node: spec.node,
         handle: Handle::Process(pid),
@@ -361,38 +363,11 @@ fn local_command(launch: &Launch) -> Result<tokio::process::Command, String> {
         .stderr(Stdio::from(log_err))
         .process_group(0)
         .kill_on_drop(true);
-    die_with_the_runner(&mut cmd);
     for k in inherited_needle_vars() {
         cmd.env_remove(k);
     }
     cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
     Ok(cmd)
-}
-
-/// A step's process is killed when the runner dies, however it dies (SIGKILL included):
-/// nothing could commit its output, and left running it would hold a GPU and write into its
-/// resume directory beside the next run's attempt. (Processes the step starts itself are in
-/// its group; the runner kills the group when the step ends, but after a SIGKILL of the
-/// runner they are the step's to stop.)
-///
-/// `PR_SET_PDEATHSIG` fires when the thread that forked the child exits: steps are spawned
-/// from the runtime's one thread (`new_current_thread`), which lives as long as the runner.
-fn die_with_the_runner(cmd: &mut tokio::process::Command) {
-    let runner = std::process::id();
-    // SAFETY: the closure runs in the child between fork and exec; it makes only
-    // async-signal-safe system calls and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The runner died before the prctl: nothing will send the signal.
-            if libc::getppid() as u32 != runner {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
 }
 
 /// The file in a slot where the step's progress lines go (`NEEDLE_PROGRESS`).

@@ -10,6 +10,7 @@ mod gpus;
 mod guard;
 mod oom;
 mod progress;
+mod reaper;
 mod refs;
 mod report;
 mod scheduler;
@@ -25,6 +26,9 @@ fn main() {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == reaper::ARG) {
+        std::process::exit(reaper::serve(std::io::stdin().lock()));
     }
     let cli = Cli::parse();
     init_tracing(cli.verbose);

@@ -77,7 +77,7 @@ fn a_step_dies_with_its_killed_runner() {
 name = "orphan"
 [steps.long]
 op = "exec"
-cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; exec sleep 60"]
+cmd = ["sh", "-c", "sleep 60 & echo $! > \"$NEEDLE_RECIPE_DIR/grandchild\"; echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; exec sleep 60"]
 "#,
     );
     let mut child = std::process::Command::new(bin())
@@ -99,14 +99,17 @@ cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; exec sleep 60"]
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    // What the step started itself goes with it.
+    let grandchild: i32 = p.lines("grandchild")[0].parse().unwrap();
+    assert!(runs(step_pid) && runs(grandchild));
     // SAFETY: SIGKILL to the child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
     let t0 = Instant::now();
-    while runs(step_pid) {
+    while runs(step_pid) || runs(grandchild) {
         assert!(
             t0.elapsed() < Duration::from_secs(5),
-            "the step outlived its runner by 5 s"
+            "the step (or its child) outlived its runner by 5 s"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -8,6 +8,11 @@
 //! exec (which closes it: the file is close-on-exec). When the holder is killed in that
 //! window, the lock outlives it by the child's few milliseconds: a process finding the lock
 //! held by a holder that has exited waits for it, briefly, instead of failing.
+//!
+//! A read-only command holds the store only for the moment it reads (while a run holds it,
+//! readers go through the runner instead): a process finding the lock held by a reader waits
+//! for it up to [`READER_WAIT`] before failing, so `needle run` is not refused because a
+//! `needle show` happened to be reading.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -24,6 +29,15 @@ pub enum LockMode {
     Wait,
 }
 
+/// What the holder of the lock does with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// It may write (`run`, `rerun`, `gc`, `verify`…).
+    Write,
+    /// It only reads, and for a moment (`show`, `lineage`, `doctor`…).
+    Read,
+}
+
 /// Held for as long as the store is open; dropping it releases the lock.
 pub(crate) struct StoreLock {
     #[allow(dead_code)] // held for its `flock`
@@ -32,7 +46,11 @@ pub(crate) struct StoreLock {
 
 impl StoreLock {
     /// Lock `<root>/lock`, then write this process's description into it.
-    pub(crate) fn acquire(root: &Path, mode: LockMode) -> Result<StoreLock, StoreError> {
+    pub(crate) fn acquire(
+        root: &Path,
+        mode: LockMode,
+        purpose: Purpose,
+    ) -> Result<StoreLock, StoreError> {
         let path = root.join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -45,10 +63,20 @@ impl StoreLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let holder = read_holder(&mut file);
-                let exited = holder_pid(&holder).is_some_and(|pid| !is_alive(pid));
-                if !(exited && wait_for_release(&file, &path, RELEASE_WAIT)?) {
+                let patience = if holder_pid(&holder).is_some_and(|pid| !is_alive(pid)) {
+                    Some(RELEASE_WAIT)
+                } else if holder.ends_with(READING) {
+                    Some(READER_WAIT)
+                } else {
+                    None
+                };
+                let released = match patience {
+                    Some(limit) => wait_for_release(&file, &path, limit)?,
+                    None => false,
+                };
+                if !released {
                     // Another process may have taken the lock meanwhile: name that one.
-                    let holder = if exited {
+                    let holder = if patience.is_some() {
                         read_holder(&mut file)
                     } else {
                         holder
@@ -69,7 +97,7 @@ impl StoreLock {
             }
             Err(TryLockError::Error(e)) => return Err(StoreError::io("lock", &path)(e)),
         }
-        let line = describe_self();
+        let line = describe_self(purpose);
         file.set_len(0)
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| file.write_all(line.as_bytes()))
@@ -80,6 +108,13 @@ impl StoreLock {
 
 /// How long a lock whose holder has exited may take to be released (see the module's doc).
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a read-only command may keep a process that wants the store waiting.
+pub(crate) const READER_WAIT: Duration = Duration::from_secs(30);
+
+/// The end of a reader's holder line. At the end, after the time, so that no command line can
+/// fake it.
+const READING: &str = "; reading";
 
 /// Poll for the lock for up to `limit`; true once it is ours.
 fn wait_for_release(file: &File, path: &Path, limit: Duration) -> Result<bool, StoreError> {
@@ -115,8 +150,9 @@ fn is_alive(pid: i32) -> bool {
     }
 }
 
-/// `pid 1234 (needle run recipes/x.toml) since 2026-11-30T03:10:00Z`
-fn describe_self() -> String {
+/// `pid 1234 (needle run recipes/x.toml) since 2026-11-30T03:10:00Z`, with `; reading` after it
+/// for a reader.
+fn describe_self(purpose: Purpose) -> String {
     let mut args = std::env::args_os().map(|a| a.to_string_lossy().into_owned());
     let program = args
         .next()
@@ -131,8 +167,12 @@ fn describe_self() -> String {
         .chain(args)
         .collect::<Vec<_>>()
         .join(" ");
+    let reading = match purpose {
+        Purpose::Write => "",
+        Purpose::Read => READING,
+    };
     format!(
-        "pid {} ({cmdline}) since {}\n",
+        "pid {} ({cmdline}) since {}{reading}\n",
         std::process::id(),
         humantime::format_rfc3339_seconds(SystemTime::now())
     )

@@ -91,6 +91,7 @@ pub use errors::{StoreError, human_bytes};
 pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};
 pub use guard::{STORE_TIME_SECS, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, store_time};
 pub use lock::LockMode;
+use lock::Purpose;
 pub use read::StoreRead;
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
@@ -203,17 +204,29 @@ impl Store {
     /// A directory that exists, is not empty and has no `FORMAT` file is refused
     /// ([`StoreError::NotAStore`]): `--store ~` must not scribble over a home directory.
     pub fn open(root: &Path, mode: LockMode) -> Result<Store, StoreError> {
-        Store::open_inner(root, mode, true)
+        Store::open_inner(root, mode, true, Purpose::Write)
     }
 
     /// Like [`Store::open`], but fails with [`StoreError::Missing`] instead of creating.
     pub fn open_existing(root: &Path, mode: LockMode) -> Result<Store, StoreError> {
-        Store::open_inner(root, mode, false)
+        Store::open_inner(root, mode, false, Purpose::Write)
     }
 
-    fn open_inner(root: &Path, mode: LockMode, create: bool) -> Result<Store, StoreError> {
+    /// Like [`Store::open_existing`], for a command that only reads and closes the store
+    /// again at once: a process that wants the store meanwhile waits for it (up to 30 s)
+    /// instead of failing.
+    pub fn open_to_read(root: &Path, mode: LockMode) -> Result<Store, StoreError> {
+        Store::open_inner(root, mode, false, Purpose::Read)
+    }
+
+    fn open_inner(
+        root: &Path,
+        mode: LockMode,
+        create: bool,
+        purpose: Purpose,
+    ) -> Result<Store, StoreError> {
         check_format(root, create)?;
-        let lock = lock::StoreLock::acquire(root, mode)?;
+        let lock = lock::StoreLock::acquire(root, mode, purpose)?;
 
         let mut created = false;
         for sub in SUBDIRS {

@@ -353,6 +353,38 @@ fn second_open_names_the_holder_and_wait_gets_in_later() {
 }
 
 #[test]
+fn a_reader_is_waited_for_and_a_writer_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("s");
+    drop(open(&root));
+
+    let reader = Store::open_to_read(&root, LockMode::Fail).unwrap();
+    let writer = {
+        let root = root.clone();
+        std::thread::spawn(move || Store::open(&root, LockMode::Fail).map(|s| s.runs().unwrap()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !writer.is_finished(),
+        "a writer waits for a reader's moment"
+    );
+    drop(reader);
+    assert!(writer.join().unwrap().is_ok());
+
+    let writer = open(&root);
+    let t0 = std::time::Instant::now();
+    match Store::open_to_read(&root, LockMode::Fail) {
+        Err(StoreError::Locked { holder, .. }) => assert!(!holder.ends_with("reading"), "{holder}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "no wait for a writer"
+    );
+    drop(writer);
+}
+
+#[test]
 fn refuses_unknown_formats_and_foreign_dirs() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("s");

@@ -131,9 +131,9 @@ fn store_report(path: &Path) -> StoreReport {
     if !report.exists {
         return report;
     }
-    // Counted first, and the store closed again at once: never wait for the lock, never hold
-    // it longer than the counting takes.
-    match Store::open_existing(&root, LockMode::Fail).and_then(|store| store.counts()) {
+    // Counted first, and the store closed again at once: never wait for a run's lock (only
+    // for another reader's moment), never hold it longer than the counting takes.
+    match Store::open_to_read(&root, LockMode::Fail).and_then(|store| store.counts()) {
         Ok(counts) => report.counts = Some(counts),
         Err(StoreError::Locked { holder, .. }) => report.locked_by = Some(holder),
         Err(e) => report.error = Some(e.to_string()),

@@ -190,7 +190,7 @@ impl StoreRead for Reader {
 fn connect_or_open(root: &Path, deadline: Option<Instant>) -> Result<Backend, StoreError> {
     let mut said = false;
     loop {
-        let locked = match Store::open_existing(root, LockMode::Fail) {
+        let locked = match Store::open_to_read(root, LockMode::Fail) {
             Ok(store) => return Ok(Backend::Local(store)),
             Err(e @ StoreError::Locked { .. }) => e,
             Err(e) => return Err(e),
