@@ -79,15 +79,28 @@ pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: Unbounded
     let started = now_millis();
     crate::oom::note_baseline();
     let (result, staging) = attempt(&store, &spec, &events).await;
-    // What the step did to its inputs outranks how it exited (see `guard.rs`).
+    let end = ended(&store, &spec, started, result, staging).await;
+    let _ = events.send(Event::Ended(end));
+}
+
+/// The end of an attempt that has run, whichever executor ran it: what it did to its inputs
+/// outranks how it exited (see `guard.rs`), and its log is kept. `gpus` and `job` are left for
+/// an executor that learns them from the attempt.
+pub async fn ended(
+    store: &Arc<Store>,
+    spec: &AttemptSpec,
+    started: u64,
+    result: AttemptResult,
+    staging: Option<PathBuf>,
+) -> AttemptEnd {
     let result = match staging {
-        Some(_) => crate::guard::after_attempt(&store, &spec, started, result).await,
+        Some(_) => crate::guard::after_attempt(store, spec, started, result).await,
         None => result,
     };
     let log = staging
         .as_deref()
-        .and_then(|slot| keep_log(&store, slot, &spec.log_rel));
-    let _ = events.send(Event::Ended(AttemptEnd {
+        .and_then(|slot| keep_log(store, slot, &spec.log_rel));
+    AttemptEnd {
         node: spec.node,
         result,
         started,
@@ -96,7 +109,7 @@ pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: Unbounded
         log,
         gpus: None,
         job: None,
-    }));
+    }
 }
 
 async fn attempt(

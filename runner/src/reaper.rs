@@ -95,15 +95,11 @@ pub fn serve(input: impl BufRead) -> i32 {
     let mut groups = std::collections::BTreeSet::new();
     for line in input.lines() {
         let Ok(line) = line else { break };
-        let (sign, pgid) = line.split_at(line.len().min(1));
-        match (sign, pgid.parse::<u32>()) {
-            ("+", Ok(pgid)) if pgid > 1 => {
-                groups.insert(pgid);
-            }
-            ("-", Ok(pgid)) => {
-                groups.remove(&pgid);
-            }
-            _ => {}
+        let pgid = |rest: &str| rest.parse::<u32>().ok().filter(|&g| g > 1);
+        if let Some(g) = line.strip_prefix('+').and_then(pgid) {
+            groups.insert(g);
+        } else if let Some(g) = line.strip_prefix('-').and_then(pgid) {
+            groups.remove(&g);
         }
     }
     for pgid in groups {
@@ -129,7 +125,7 @@ mod tests {
             .spawn()
             .unwrap();
         let (a, b) = (sleeper.id(), done.id());
-        let input = format!("+{a}\n+{b}\n-{b}\nnonsense\n+1\n");
+        let input = format!("+{a}\n+{b}\n-{b}\nnonsense\né\n+1\n");
         assert_eq!(serve(input.as_bytes()), 0);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(sleeper.wait().unwrap().signal(), Some(libc::SIGKILL));

@@ -475,28 +475,16 @@ pub async fn run_attempt(
 ) {
     let started = now_millis();
     let (result, staging, job) = attempt(&slurm, &store, &spec, &resources, &events).await;
-    // What the job did to its inputs outranks how it ended, as for a local attempt.
-    let result = match staging {
-        Some(_) => crate::guard::after_attempt(&store, &spec, started, result).await,
-        None => result,
-    };
-    let log = staging
-        .as_deref()
-        .and_then(|slot| executor::keep_log(&store, slot, &spec.log_rel));
     let gpus = staging
         .as_deref()
         .map(read_placement)
         .map(|(_, gpus)| gpus)
         .unwrap_or_default();
+    let end = executor::ended(&store, &spec, started, result, staging).await;
     let _ = events.send(Event::Ended(AttemptEnd {
-        node: spec.node,
-        result,
-        started,
-        ended: now_millis(),
-        staging,
-        log,
         gpus: Some(gpus),
         job,
+        ..end
     }));
 }
 

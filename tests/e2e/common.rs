@@ -47,6 +47,19 @@ impl Project {
         c
     }
 
+    /// `needle ARGS` in the project, to spawn in the background; its output goes nowhere
+    /// unless the caller pipes it.
+    pub fn background(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(bin());
+        c.current_dir(self.dir.path())
+            .env("NEEDLE_STORE", self.store())
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    }
+
     /// `needle ARGS --json`, asserting the exit code, parsing stdout.
     pub fn json(&self, args: &[&str], code: i32) -> Value {
         let mut all: Vec<&str> = args.to_vec();
@@ -101,4 +114,31 @@ pub fn steps_named<'a>(v: &'a Value, name: &str) -> Vec<&'a Value> {
         .iter()
         .filter(|s| s["name"] == name)
         .collect()
+}
+
+/// (step label with its bindings, output digest) of every step of a `run --json` answer,
+/// sorted: two runs of one recipe compare equal when they made the same artifacts.
+pub fn outputs(run: &Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                format!("{}{}", s["name"], s["bindings"]),
+                s["output"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Poll `done` until it holds; fail naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -29,26 +29,17 @@ cmd = ["sh", "-c", "echo waiting for go; touch \"$NEEDLE_RECIPE_DIR/started\"; w
 "#;
 
 fn spawn_run(p: &Project) -> Child {
-    std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml", "--json"])
+    p.background(&["run", "recipe.toml", "--json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap()
 }
 
-fn wait_for(path: &Path) {
-    let t0 = Instant::now();
-    while !path.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Wait until `slow` has started (and printed its line).
+fn wait_started(p: &Project) {
+    wait_for("`slow` to start", Duration::from_secs(60), || {
+        p.path("started").exists()
+    });
 }
 
 /// Let `slow` finish and return the run's `--json` summary.
@@ -70,7 +61,7 @@ fn read_only_commands_answer_while_a_run_holds_the_store() {
     let p = Project::new();
     p.write("recipe.toml", RECIPE);
     let run = spawn_run(&p);
-    wait_for(&p.path("started"));
+    wait_started(&p);
     assert!(p.store().join("runner.sock").exists());
 
     // The run as far as it has got.
@@ -150,7 +141,7 @@ fn a_killed_runners_socket_does_not_confuse_the_next_commands() {
     let p = Project::new();
     p.write("recipe.toml", RECIPE);
     let mut run = spawn_run(&p);
-    wait_for(&p.path("started"));
+    wait_started(&p);
     let live = p.json(&["status", "last"], 0);
     let first_key = steps_named(&live, "first")[0]["key"]
         .as_str()
@@ -176,7 +167,7 @@ fn a_killed_runners_socket_does_not_confuse_the_next_commands() {
     // The next run replaces the socket with its own and serves on it.
     std::fs::remove_file(p.path("started")).unwrap();
     let run = spawn_run(&p);
-    wait_for(&p.path("started"));
+    wait_started(&p);
     let status = p.json(&["status", "last"], 0);
     assert_eq!(status["run"], 2);
     assert_eq!(status["state"], "running");
@@ -199,7 +190,7 @@ fn clients_sending_garbage_or_hanging_do_not_disturb_the_run() {
     let p = Project::new();
     p.write("recipe.toml", RECIPE);
     let run = spawn_run(&p);
-    wait_for(&p.path("started"));
+    wait_started(&p);
     let first = p.json(&["show", "last:first"], 0);
     let output = first["output"].as_str().unwrap().to_string();
 
@@ -272,7 +263,7 @@ fn wait_reads_through_the_runner_instead_of_waiting() {
     let p = Project::new();
     p.write("recipe.toml", RECIPE);
     let run = spawn_run(&p);
-    wait_for(&p.path("started"));
+    wait_started(&p);
     // --wait is for the store being busy; a runner that answers is not busy.
     let t0 = Instant::now();
     let status = p.json(&["status", "last", "--wait"], 0);
@@ -286,7 +277,7 @@ fn a_stopped_runner_is_named_instead_of_hanging_its_readers() {
     let p = Project::new();
     p.write("recipe.toml", RECIPE);
     let run = spawn_run(&p);
-    wait_for(&p.path("started"));
+    wait_started(&p);
     // Ctrl-Z: the runner's socket accepts connections, nobody answers them.
     // SAFETY: signals to the child we spawned.
     unsafe { libc::kill(run.id() as i32, libc::SIGSTOP) };

@@ -22,12 +22,8 @@ op = "exec"
 cmd = ["sh", "-c", "echo ${i} >> \"$NEEDLE_RECIPE_DIR/executions\"; sleep 0.2; seq 1 200 > \"$NEEDLE_OUT/data\"; echo ${i} > \"$NEEDLE_OUT/i\""]
 "#,
     );
-    let mut child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml", "-j", "4"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    let mut child = p
+        .background(&["run", "recipe.toml", "-j", "4"])
         .spawn()
         .unwrap();
     // Kill it once some steps have run, while others are still going.
@@ -80,14 +76,7 @@ op = "exec"
 cmd = ["sh", "-c", "sleep 60 & echo $! > \"$NEEDLE_RECIPE_DIR/grandchild\"; echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; exec sleep 60"]
 "#,
     );
-    let mut child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = p.background(&["run", "recipe.toml"]).spawn().unwrap();
     let t0 = Instant::now();
     let step_pid: i32 = loop {
         if let Some(pid) = p.lines("pid").first().and_then(|l| l.parse().ok()) {
@@ -105,14 +94,11 @@ cmd = ["sh", "-c", "sleep 60 & echo $! > \"$NEEDLE_RECIPE_DIR/grandchild\"; echo
     // SAFETY: SIGKILL to the child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
-    let t0 = Instant::now();
-    while runs(step_pid) || runs(grandchild) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the step (or its child) outlived its runner by 5 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "the step and its child to die with their runner",
+        Duration::from_secs(5),
+        || !runs(step_pid) && !runs(grandchild),
+    );
     // The next run starts at once and runs the step again.
     p.write(
         "recipe.toml",
@@ -150,23 +136,6 @@ inputs = { parts = "work[*]" }
 cmd = ["sh", "-c", "cat \"$NEEDLE_IN_PARTS\"/*/data | wc -l > \"$NEEDLE_OUT/total\""]
 "#;
 
-/// (step label, output digest) of every step of a `run --json` answer, sorted.
-fn outputs(run: &serde_json::Value) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                format!("{}{}", s["name"], s["bindings"]),
-                s["output"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 #[test]
 fn fifty_kills_at_spread_out_moments_never_change_the_final_digests() {
     let reference = Project::new();
@@ -178,12 +147,8 @@ fn fifty_kills_at_spread_out_moments_never_change_the_final_digests() {
     for k in 0..50u64 {
         let p = Project::new();
         p.write("recipe.toml", SMALL);
-        let mut child = std::process::Command::new(bin())
-            .current_dir(p.dir.path())
-            .env("NEEDLE_STORE", p.store())
-            .args(["run", "recipe.toml", "-j", "2"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+        let mut child = p
+            .background(&["run", "recipe.toml", "-j", "2"])
             .spawn()
             .unwrap();
         // Crash points spread over the run's life: from before the store opens to after it ends.

@@ -26,20 +26,6 @@ inputs = { data = "pool", aesthetic = "aesthetic" }
 params = { generalists = 100, specialists = 20 }
 "#;
 
-fn outputs(run: &serde_json::Value) -> Vec<(String, String)> {
-    run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["output"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn the_funnel_runs_and_is_deterministic() {
     let p = Project::new();

@@ -49,14 +49,7 @@ op = "exec"
 cmd = ["sh", "-c", "while [ ! -e \"$NEEDLE_RECIPE_DIR/go\" ]; do sleep 0.05; done"]
 "#,
     );
-    let mut run = std::process::Command::new(bin())
-        .current_dir(p.path(""))
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut run = p.background(&["run", "recipe.toml"]).spawn().unwrap();
     // Wait for the run to hold the lock (its lock file names it).
     let lock = p.store().join("lock");
     for _ in 0..100 {

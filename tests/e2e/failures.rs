@@ -158,10 +158,8 @@ op = "exec"
 cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; sleep 60"]
 "#,
     );
-    let child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml"])
+    let child = p
+        .background(&["run", "recipe.toml"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -212,14 +210,7 @@ op = "exec"
 cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/started\"; sleep 2; echo > \"$NEEDLE_OUT/v\""]
 "#,
     );
-    let first = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let first = p.background(&["run", "recipe.toml"]).spawn().unwrap();
     let t0 = Instant::now();
     while !p.path("started").exists() {
         assert!(t0.elapsed() < Duration::from_secs(20));

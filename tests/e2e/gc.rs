@@ -1,6 +1,6 @@
 //! `needle gc`, `--dry-run`, `--keep-last`, `pin` / `unpin`, and gc against a running run.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -46,15 +46,6 @@ fn output(run: &Value, step: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// needle in the project, to spawn in the background.
-fn spawn(p: &Project, args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(bin());
-    c.current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(args);
-    c
 }
 
 fn verify_ok(p: &Project) {
@@ -189,19 +180,13 @@ op = "exec"
 cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/started\"; i=0; while [ ! -e \"$NEEDLE_RECIPE_DIR/release\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo held > \"$NEEDLE_OUT/v\""]
 "#,
     );
-    let mut run = spawn(&p, &["run", "hold.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    let mut run = p
+        .background(&["run", "hold.toml"])
         .spawn()
         .expect("needle run starts");
-    let t0 = Instant::now();
-    while !p.path("started").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the step never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the step to start", Duration::from_secs(30), || {
+        p.path("started").exists()
+    });
     // gc fails at once, naming the run that holds the store.
     let out = p.needle(&["gc", "--keep-last", "0"]);
     assert_code(&out, 3);
@@ -213,7 +198,8 @@ cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/started\"; i=0; while [ ! -e \"$N
     assert!(err.contains("needle run hold.toml"), "{err}");
 
     // With --wait it waits for the run to end, then collects.
-    let waiting = spawn(&p, &["gc", "--wait", "--json"])
+    let waiting = p
+        .background(&["gc", "--wait", "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("needle gc starts");

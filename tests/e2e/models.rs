@@ -88,10 +88,8 @@ fn a_gpu_recipe_trains_and_samples_on_the_cpu_and_shows_its_pictures() {
 fn an_interrupted_pretrain_resumes_from_its_checkpoint_under_the_same_key() {
     let p = Project::new();
     p.write("recipe.toml", RECIPE);
-    let child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(["run", "recipe.toml", "--set", "steps=400", "--json"])
+    let child = p
+        .background(&["run", "recipe.toml", "--set", "steps=400", "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -49,14 +49,6 @@ fn job_states(ids: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 const SWEEP: &str = r#"
 [recipe]
 name = "slurm-sweep"
@@ -74,22 +66,6 @@ op = "exec"
 inputs = { data = "gen" }
 cmd = ["sh", "-c", "wc -l < \"$NEEDLE_IN_DATA/data\" > \"$NEEDLE_OUT/n\""]
 "#;
-
-fn outputs(run: &serde_json::Value) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                format!("{}{}", s["name"], s["bindings"]),
-                s["output"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
 
 #[test]
 fn a_sweep_runs_as_jobs_on_distinct_gpus_and_matches_a_local_run() {
@@ -200,10 +176,8 @@ fn ctrl_c_cancels_the_submitted_jobs() {
     }
     let p = Project::new();
     p.write("recipe.toml", LONG);
-    let child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(with_slurm(&["run", "recipe.toml"]))
+    let child = p
+        .background(&with_slurm(&["run", "recipe.toml"]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -244,10 +218,8 @@ retries = 1
 cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \"$NEEDLE_RECIPE_DIR/again\" ]; then echo ok > \"$NEEDLE_OUT/v\"; else touch \"$NEEDLE_RECIPE_DIR/again\"; sleep 120; fi"]
 "#,
     );
-    let child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(with_slurm(&["run", "recipe.toml", "--json"]))
+    let child = p
+        .background(&with_slurm(&["run", "recipe.toml", "--json"]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -350,12 +322,8 @@ op = "exec"
 cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \"$NEEDLE_RECIPE_DIR/quick\" ]; then echo ok > \"$NEEDLE_OUT/v\"; else sleep 120; fi"]
 "#,
     );
-    let mut child = std::process::Command::new(bin())
-        .current_dir(p.dir.path())
-        .env("NEEDLE_STORE", p.store())
-        .args(with_slurm(&["run", "recipe.toml"]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut child = p
+        .background(&with_slurm(&["run", "recipe.toml"]))
         .spawn()
         .unwrap();
     wait_for("the job", Duration::from_secs(60), || {

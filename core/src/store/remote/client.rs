@@ -48,8 +48,9 @@ enum Backend {
 impl Reader {
     /// Open the store at `root` for reading: itself when no process holds it, else through
     /// the runner that does. Neither possible (another command holds it, or a runner has not
-    /// started listening yet): with [`LockMode::Fail`] wait up to [`GRACE`], then fail naming
-    /// the holder; with [`LockMode::Wait`] wait as long as it takes.
+    /// started listening yet): with [`LockMode::Fail`] wait up to [`GRACE`] (a reader holding
+    /// it is waited for longer, see [`Store::open_to_read`]), then fail naming the holder; with
+    /// [`LockMode::Wait`] wait as long as it takes.
     pub fn open(root: &Path, mode: LockMode) -> Result<Reader, StoreError> {
         let deadline = match mode {
             LockMode::Fail => Some(Instant::now() + GRACE),
