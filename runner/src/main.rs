@@ -28,7 +28,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     if std::env::args_os().nth(1).is_some_and(|a| a == reaper::ARG) {
-        std::process::exit(reaper::serve(std::io::stdin().lock()));
+        std::process::exit(reaper::main());
     }
     let cli = Cli::parse();
     init_tracing(cli.verbose);

@@ -3,40 +3,105 @@
 //! beside the next run's attempt.
 //!
 //! A small process of its own (this binary, started as `needle __reap` with the first local
-//! step) reads the process groups of the running steps from a socket whose other end only the
-//! runner holds (close-on-exec: no step inherits it). When the runner dies, however it dies,
-//! the kernel closes that end; the reaper reads end-of-file, kills every group still listed
-//! (the step and whatever it started) and exits. A runner that ends normally has stopped its
-//! steps already and listed none.
+//! step) shares a table with the runner: one slot per running step, holding its process group.
+//! It also holds one end of a socket whose other end only the runner has (close-on-exec: no
+//! step inherits it). When the runner dies, however it dies, the kernel closes that end; the
+//! reaper reads end-of-file, kills every group still in the table (the step and whatever it
+//! started) and exits. A runner that ends normally has stopped its steps already and left the
+//! table empty.
 //!
-//! Why not `PR_SET_PDEATHSIG` in a `pre_exec` hook: a hook makes std fork the runner instead
-//! of spawning with `posix_spawn` (a vfork), and a fork copies the runner's page tables — at
-//! 10,000 steps that cost more than the steps themselves (BENCHMARKS.md).
+//! Why a shared table: writing a slot is a store to memory. A message per step start and end
+//! cost a `send` each and woke the reaper each time, about a tenth of a 1,000-step run of
+//! trivial steps (BENCHMARKS.md). Why not `PR_SET_PDEATHSIG` in a `pre_exec` hook: a hook makes
+//! std fork the runner instead of spawning with `posix_spawn` (a vfork), and a fork copies the
+//! runner's page tables — at 10,000 steps that cost more than the steps themselves.
 //!
-//! What it cannot cover: a runner killed between starting a step and writing its group to the
-//! socket (a few microseconds) leaves that step running.
+//! What it cannot cover: a runner killed between starting a step and writing its slot (a few
+//! microseconds) leaves that step running; so does a step beyond the table's [`SLOTS`]
+//! simultaneous ones (said once, as a warning).
 
-use std::io::BufRead;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// The first argument that makes `needle` a reaper.
 pub const ARG: &str = "__reap";
 
-/// The runner's end of the socket; `None` when the reaper could not be started (steps then
-/// outlive a killed runner: said once, as a warning).
-static REAPER: OnceLock<Option<UnixStream>> = OnceLock::new();
+/// Steps running at once that the table can hold. Pages are touched only as slots are used.
+pub const SLOTS: usize = 1 << 16;
 
-fn start() -> Option<UnixStream> {
-    let spawned = UnixStream::pair().and_then(|(ours, theirs)| {
+/// The runner's side: the shared table, which slots are free, and the socket's end (kept open
+/// for the runner's lifetime: its closing is the signal).
+struct Reaper {
+    table: Table,
+    _socket: UnixStream,
+}
+
+/// The slots, and which of them are free.
+struct Table {
+    slots: &'static [AtomicU32],
+    free: Mutex<Free>,
+}
+
+impl Table {
+    fn new(slots: &'static [AtomicU32]) -> Table {
+        Table {
+            slots,
+            free: Mutex::new(Free::default()),
+        }
+    }
+
+    /// Write `pgid` into a free slot; `None` when all are taken.
+    fn take(&self, pgid: u32) -> Option<u32> {
+        let slot = {
+            let mut free = self.free.lock().expect("the slot list is never poisoned");
+            match free.returned.pop() {
+                Some(slot) => slot,
+                None if (free.high as usize) < self.slots.len() => {
+                    free.high += 1;
+                    free.high - 1
+                }
+                None => return None,
+            }
+        };
+        self.slots[slot as usize].store(pgid, Ordering::Release);
+        Some(slot)
+    }
+
+    fn give_back(&self, slot: u32) {
+        self.slots[slot as usize].store(0, Ordering::Release);
+        let mut free = self.free.lock().expect("the slot list is never poisoned");
+        free.returned.push(slot);
+    }
+}
+
+#[derive(Default)]
+struct Free {
+    /// Slots given back, reused first.
+    returned: Vec<u32>,
+    /// Slots below this have been handed out at least once.
+    high: u32,
+}
+
+/// `None` when the reaper could not be started (steps then outlive a killed runner: said once,
+/// as a warning).
+static REAPER: OnceLock<Option<Reaper>> = OnceLock::new();
+
+fn start() -> Option<Reaper> {
+    let started = (|| -> std::io::Result<Reaper> {
+        let (memfd, table) = shared_table()?;
+        let (ours, theirs) = UnixStream::pair()?;
         let exe = std::env::current_exe()?;
         Command::new(exe)
             .arg(ARG)
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
+            // The table on stdin, mapped read-only there; the socket on stdout, read for its
+            // end. Nothing the reaper could print lands in the table.
+            .stdin(Stdio::from(memfd))
+            .stdout(Stdio::from(OwnedFd::from(theirs)))
             .stderr(Stdio::null())
             // Its own group: a Ctrl-C at the terminal is the runner's to handle, not its.
             .process_group(0)
@@ -44,9 +109,12 @@ fn start() -> Option<UnixStream> {
         // Not waited for: it exits with the runner (until then a zombie costs nothing; once
         // the runner is gone, init reaps it). Its end of the socket closed here with the
         // `Command`, so that the runner's death is the only end-of-file it can read.
-        Ok(ours)
-    });
-    spawned
+        Ok(Reaper {
+            table: Table::new(table),
+            _socket: ours,
+        })
+    })();
+    started
         .inspect_err(|e| {
             tracing::warn!(
                 "could not start the process that stops steps when the runner is killed: {e}"
@@ -55,55 +123,113 @@ fn start() -> Option<UnixStream> {
         .ok()
 }
 
-fn tell(line: String) {
-    let Some(socket) = REAPER.get_or_init(start) else {
-        return;
-    };
-    // One `send` of a short line is atomic. Never SIGPIPE (the runner keeps the default
-    // disposition for its stdout) and never block (a stopped reaper must not stop the run): a
-    // reaper that has gone away only takes its protection with it.
-    // SAFETY: send(2) reads `line`'s bytes, which outlive the call.
-    unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            line.as_ptr().cast(),
-            line.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        );
+/// A memory file of [`SLOTS`] zeroed slots and the runner's shared, writable mapping of it.
+fn shared_table() -> std::io::Result<(OwnedFd, &'static [AtomicU32])> {
+    let bytes = SLOTS * std::mem::size_of::<AtomicU32>();
+    // SAFETY: memfd_create takes a NUL-terminated name; the fd it returns is ours alone.
+    let fd = unsafe { libc::memfd_create(c"needle-reaper".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on a descriptor we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let table = map(&fd, bytes, libc::PROT_READ | libc::PROT_WRITE)?;
+    Ok((fd, table))
+}
+
+/// Map `bytes` of `fd`, shared, for the rest of the process's life (never unmapped: the table
+/// must outlive every `Watch`).
+fn map(fd: &OwnedFd, bytes: usize, prot: i32) -> std::io::Result<&'static [AtomicU32]> {
+    // SAFETY: a new shared mapping of a file we hold open; the kernel picks the address.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is `bytes` long, page-aligned, zero-filled or written only through
+    // atomics, and never unmapped; AtomicU32 has the layout of u32.
+    Ok(unsafe {
+        std::slice::from_raw_parts(
+            ptr.cast::<AtomicU32>(),
+            bytes / std::mem::size_of::<AtomicU32>(),
+        )
+    })
 }
 
 /// While this lives, group `pgid` is killed if the runner dies. Drop it once the step has
 /// ended and its group has been killed.
-pub struct Watch(u32);
+pub struct Watch(Option<u32>);
 
 impl Watch {
     pub fn new(pgid: u32) -> Watch {
-        tell(format!("+{pgid}\n"));
-        Watch(pgid)
+        let Some(reaper) = REAPER.get_or_init(start) else {
+            return Watch(None);
+        };
+        let slot = reaper.table.take(pgid);
+        if slot.is_none() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "more than {SLOTS} steps are running at once: those beyond it would keep \
+                     running if the runner were killed"
+                )
+            });
+        }
+        Watch(slot)
     }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        tell(format!("-{}\n", self.0));
+        if let (Some(slot), Some(Some(reaper))) = (self.0, REAPER.get()) {
+            reaper.table.give_back(slot);
+        }
     }
 }
 
-/// The reaper's life: follow the list until end-of-file, then kill what is on it.
-pub fn serve(input: impl BufRead) -> i32 {
-    let mut groups = std::collections::BTreeSet::new();
-    for line in input.lines() {
-        let Ok(line) = line else { break };
-        let pgid = |rest: &str| rest.parse::<u32>().ok().filter(|&g| g > 1);
-        if let Some(g) = line.strip_prefix('+').and_then(pgid) {
-            groups.insert(g);
-        } else if let Some(g) = line.strip_prefix('-').and_then(pgid) {
-            groups.remove(&g);
+/// `needle __reap`: map the table from stdin, wait for end-of-file on stdout, kill.
+pub fn main() -> i32 {
+    // SAFETY: fds 0 and 1 were given to this process by the runner and are used only here.
+    let (table_fd, socket) = unsafe { (OwnedFd::from_raw_fd(0), OwnedFd::from_raw_fd(1)) };
+    let Ok(table) = map(
+        &table_fd,
+        SLOTS * std::mem::size_of::<AtomicU32>(),
+        libc::PROT_READ,
+    ) else {
+        return 1;
+    };
+    serve(std::fs::File::from(socket), table)
+}
+
+/// The reaper's life: read until end-of-file (the runner has gone), then kill every group the
+/// table still holds.
+pub fn serve(mut runner: impl Read, table: &[AtomicU32]) -> i32 {
+    let mut buf = [0u8; 64];
+    loop {
+        match runner.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         }
     }
-    for pgid in groups {
-        crate::executor::kill_group(pgid, libc::SIGKILL);
+    for slot in table {
+        let pgid = slot.load(Ordering::Acquire);
+        if pgid > 1 {
+            crate::executor::kill_group(pgid, libc::SIGKILL);
+        }
     }
     0
 }
@@ -113,7 +239,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_groups_still_listed_at_the_end_are_killed() {
+    fn the_groups_still_in_the_table_at_the_end_are_killed() {
         let mut sleeper = Command::new("sleep")
             .arg("30")
             .process_group(0)
@@ -124,16 +250,35 @@ mod tests {
             .process_group(0)
             .spawn()
             .unwrap();
-        let (a, b) = (sleeper.id(), done.id());
-        let input = format!("+{a}\n+{b}\n-{b}\nnonsense\né\n+1\n");
-        assert_eq!(serve(input.as_bytes()), 0);
+        let table: Vec<AtomicU32> = (0..4).map(|_| AtomicU32::new(0)).collect();
+        table[1].store(sleeper.id(), Ordering::Release);
+        // A slot given back, and pid 1's group, which is never signalled.
+        table[3].store(1, Ordering::Release);
+        assert_eq!(serve(&b"anything the runner sent"[..], &table), 0);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(sleeper.wait().unwrap().signal(), Some(libc::SIGKILL));
         assert!(
             done.try_wait().unwrap().is_none(),
-            "a forgotten group is left alone"
+            "a group not in the table is left alone"
         );
         done.kill().unwrap();
         done.wait().unwrap();
+    }
+
+    #[test]
+    fn slots_are_reused_cleared_and_bounded() {
+        let slots: &'static [AtomicU32] = Vec::from_iter((0..2).map(|_| AtomicU32::new(0))).leak();
+        let table = Table::new(slots);
+        let a = table.take(101).unwrap();
+        let b = table.take(102).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(table.take(103), None, "a full table takes no more");
+        assert_eq!(slots[a as usize].load(Ordering::Acquire), 101);
+        table.give_back(a);
+        assert_eq!(slots[a as usize].load(Ordering::Acquire), 0);
+        assert_eq!(table.take(104), Some(a), "a freed slot is used again");
+        table.give_back(a);
+        table.give_back(b);
+        assert!(slots.iter().all(|s| s.load(Ordering::Acquire) == 0));
     }
 }
