@@ -514,13 +514,6 @@ impl Engine {
             .expect("the commit thread is alive");
     }
 
-    fn has_gather(&self, i: usize) -> bool {
-        self.plan.nodes[i]
-            .inputs
-            .values()
-            .any(|input| matches!(input, NodeInput::Gather(_)))
-    }
-
     fn push_ready(&mut self, i: usize) {
         self.phase[i] = Phase::Ready;
         let shape = match self.executor {
@@ -764,7 +757,6 @@ impl Engine {
                 },
                 staging,
                 forced: self.opts.force.contains(&node.name),
-                gather_links: self.has_gather(i),
             };
             if self.to_commit.is_empty() {
                 self.to_commit_since = Instant::now();
@@ -777,12 +769,7 @@ impl Engine {
         }
 
         if let Some(slot) = end.staging {
-            let gather_links = self.has_gather(i);
-            let left = executor::Leftovers {
-                output: true,
-                gather_links,
-            };
-            match executor::clean_slot(&slot, left) {
+            match executor::clean_slot(&slot, true) {
                 Ok(()) => self.free_slots.push(slot),
                 // Not reusable; the store clears staging/ when it next opens.
                 Err(e) => tracing::warn!("could not clean staging slot {}: {e}", slot.display()),
@@ -1056,7 +1043,6 @@ struct CommitJob {
     execution: Execution,
     staging: PathBuf,
     forced: bool,
-    gather_links: bool,
 }
 
 /// Finished steps are committed together: when the engine has nothing else to start, when
@@ -1105,11 +1091,7 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
             }
             Err(e) => results.push((job.node, Err(commit_error(store, job, &e)))),
         }
-        let left = crate::executor::Leftovers {
-            output: refused,
-            gather_links: job.gather_links,
-        };
-        if crate::executor::clean_slot(&job.staging, left).is_ok() {
+        if crate::executor::clean_slot(&job.staging, refused).is_ok() {
             slots.push(job.staging.clone());
         }
     }

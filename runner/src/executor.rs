@@ -252,8 +252,8 @@ impl Launch {
     }
 }
 
-/// Staging layout: `out/` (the output), `work/` (the working directory, with code copies),
-/// `in/<name>/` (gather inputs: one link per member).
+/// Staging layout: `out/` (the output), `work/` (the working directory, with code copies).
+/// Inputs are read where the store keeps them: views, and gathers of views.
 pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
     let staging = spec.slot.clone();
@@ -311,7 +311,7 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
                 (dir, entry)
             }
             InputArtifacts::Gather(members) => {
-                let (dir, views) = gather_dir(store, &staging, name, members)?;
+                let (dir, views) = store.gather(members).map_err(|e| e.to_string())?;
                 let members: Vec<serde_json::Value> = members
                     .iter()
                     .zip(views)
@@ -437,54 +437,11 @@ fn inputs_env(json: &str, staging: &Path, max: usize) -> std::io::Result<String>
     Ok(format!("@{}", file.display()))
 }
 
-/// A directory with one entry per gathered artifact (a symlink to its view, named by the
-/// member's bindings) and an `index.json` listing them in order. Returns the directory and
-/// each member's view.
-fn gather_dir(
-    store: &Store,
-    staging: &Path,
-    name: &str,
-    members: &[(String, ArtifactDigest)],
-) -> Result<(PathBuf, Vec<PathBuf>), String> {
-    let dir = staging.join("in").join(name);
-    fs::create_dir_all(&dir).map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
-    let mut index = Vec::with_capacity(members.len());
-    let mut views = Vec::with_capacity(members.len());
-    for (label, artifact) in members {
-        let view = store.view(artifact).map_err(|e| e.to_string())?;
-        let entry = label.replace('/', "_");
-        std::os::unix::fs::symlink(&view, dir.join(&entry))
-            .map_err(|e| format!("could not link gather member `{label}`: {e}"))?;
-        views.push(view);
-        index.push(serde_json::json!({
-            "label": label,
-            "dir": entry,
-            "artifact": artifact.hex(),
-        }));
-    }
-    let text = serde_json::to_string_pretty(&index).expect("json");
-    fs::write(dir.join("index.json"), text)
-        .map_err(|e| format!("could not write gather index: {e}"))?;
-    Ok((dir, views))
-}
-
-/// What an attempt may have left in its slot besides its working directory.
-#[derive(Debug, Clone, Copy)]
-pub struct Leftovers {
-    /// `out/` may hold files (it does not once its output is absorbed).
-    pub output: bool,
-    /// `in/` holds gather links.
-    pub gather_links: bool,
-}
-
-/// Empty a staging slot for its next attempt: `work/` (and `out/`) emptied, gather links gone.
-/// Emptying rather than recreating keeps inode churn (slow on ext4) out of every step.
-pub fn clean_slot(slot: &Path, left: Leftovers) -> std::io::Result<()> {
-    let subs: &[&str] = if left.output {
-        &["out", "work"]
-    } else {
-        &["work"]
-    };
+/// Empty a staging slot for its next attempt: `work/` emptied, and `out/` too when `output`
+/// (it may hold files; it does not once its output is absorbed). Emptying rather than
+/// recreating keeps inode churn (slow on ext4) out of every step.
+pub fn clean_slot(slot: &Path, output: bool) -> std::io::Result<()> {
+    let subs: &[&str] = if output { &["out", "work"] } else { &["work"] };
     for sub in subs {
         let dir = slot.join(sub);
         for entry in fs::read_dir(&dir)? {
@@ -497,13 +454,7 @@ pub fn clean_slot(slot: &Path, left: Leftovers) -> std::io::Result<()> {
             }
         }
     }
-    if !left.gather_links {
-        return Ok(());
-    }
-    match fs::remove_dir_all(slot.join("in")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// A step may leave read-only directories behind; make them removable.

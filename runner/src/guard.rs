@@ -23,6 +23,9 @@ pub async fn after_attempt(
     started: u64,
     result: AttemptResult,
 ) -> AttemptResult {
+    if let Some(changed) = changed_gather(store, spec) {
+        return changed;
+    }
     let labels = input_labels(spec);
     if labels.is_empty() {
         return result;
@@ -70,6 +73,31 @@ pub async fn after_attempt(
         };
     }
     AttemptResult::WroteOutside { what }
+}
+
+/// A gather directory the step changed (added, removed or renamed an entry, or rewrote the
+/// index), removed so that it is made again; as its attempt's result.
+fn changed_gather(store: &Store, spec: &AttemptSpec) -> Option<AttemptResult> {
+    for (name, input) in &spec.inputs {
+        let InputArtifacts::Gather(members) = input else {
+            continue;
+        };
+        let dir = store.gather_path(members);
+        if store.gather_intact(&dir) {
+            continue;
+        }
+        let removed = match store.remove_gather(&dir) {
+            Ok(()) => "it was removed, and is made again when next needed".to_string(),
+            Err(e) => format!("removing it failed ({e}); remove `{}`", dir.display()),
+        };
+        return Some(AttemptResult::WroteOutside {
+            what: format!(
+                "it changed its input `{name}`, the directory of its gathered members (inputs \
+                 are read-only, though not to root); {removed}"
+            ),
+        });
+    }
+    None
 }
 
 /// Each input artifact and how the step knows it: `data`, or `runs[arch=a]` for a gather member.

@@ -219,3 +219,93 @@ inputs = { each = "each[*]" }
         .collect();
     assert_eq!(labels, ["n=1", "n=2", "n=3"]);
 }
+
+#[test]
+fn gathers_are_made_once_read_only_and_made_again_after_a_step_changes_one() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "gathers"
+
+[sweep]
+n = [1, 2]
+
+[steps.each]
+op = "exec"
+cmd = ["sh", "-c", "echo ${n} > \"$NEEDLE_OUT/n\""]
+
+[steps.a]
+op = "exec"
+cmd = ["sh", "-c", "echo \"$NEEDLE_IN_EACH\" > \"$NEEDLE_OUT/dir\"; cat \"$NEEDLE_IN_EACH\"/*/n > \"$NEEDLE_OUT/n\""]
+inputs = { each = "each[*]" }
+
+[steps.b]
+op = "exec"
+cmd = ["sh", "b.sh"]
+code = ["b.sh"]
+inputs = { each = "each[*]" }
+"#,
+    );
+    let reads = "echo \"$NEEDLE_IN_EACH\" > \"$NEEDLE_OUT/dir\"\ncat \"$NEEDLE_IN_EACH\"/*/n > \"$NEEDLE_OUT/n\"\n";
+    p.write("b.sh", reads);
+    let run = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(run["executed"], 4);
+    let read = |step: &str, file: &str| {
+        let status = p.json(&["status", "last"], 0);
+        let out = steps_named(&status, step)[0]["output"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let view = p.json(&["show", &out], 0)["view"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::read_to_string(std::path::Path::new(&view).join(file)).unwrap()
+    };
+    // Both steps read the same members: one directory, in the store, read-only.
+    let dir = read("a", "dir").trim().to_string();
+    assert_eq!(read("b", "dir").trim(), dir);
+    let dir = std::path::PathBuf::from(dir);
+    assert_eq!(dir.parent().unwrap(), p.store().join("views"));
+    assert!(
+        dir.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("gather-"),
+        "{}",
+        dir.display()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o555
+    );
+    let link = std::fs::read_link(dir.join("n=1")).unwrap();
+    assert!(link.is_relative(), "{}", link.display());
+    assert_eq!(read("a", "n"), "1\n2\n");
+
+    // A step that writes into it fails, and the directory goes.
+    p.write(
+        "b.sh",
+        &format!("chmod u+w \"$NEEDLE_IN_EACH\"\ntouch \"$NEEDLE_IN_EACH/extra\"\n{reads}"),
+    );
+    let out = p.needle(&["run", "recipe.toml"]);
+    assert_code(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("it changed its input `each`, the directory of its gathered members"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "the changed gather is removed");
+
+    // The next step to read those members gets it back, whole.
+    p.write("b.sh", &format!("# again\n{reads}"));
+    let run = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(run["executed"], 1, "only b: {run}");
+    assert!(dir.join("index.json").is_file());
+    assert!(!dir.join("extra").exists());
+    assert_eq!(read("b", "n"), "1\n2\n");
+}

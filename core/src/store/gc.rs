@@ -71,7 +71,8 @@ pub struct GcSummary {
     /// Producer and consumer index entries, and `dropped` records no run or pin names.
     pub index_entries: usize,
     pub blobs: Tally,
-    /// Views hold hard links to blobs; only their copies (executables) count as bytes.
+    /// Views (and gathers) hold hard links to blobs; only their copies (executables) count as
+    /// bytes.
     pub views: Tally,
     pub logs: Tally,
     pub resume: Tally,
@@ -99,6 +100,7 @@ pub struct GcPlan {
     consumers: Vec<Vec<u8>>,
     dropped: Vec<Vec<u8>>,
     views: Vec<(ArtifactDigest, PathBuf)>,
+    gathers: Vec<PathBuf>,
     blobs: Vec<PathBuf>,
     logs: Vec<PathBuf>,
     resume: Vec<PathBuf>,
@@ -108,7 +110,12 @@ pub struct GcPlan {
 impl GcPlan {
     /// The deletions [`Store::gc_apply`] makes, the metadata transaction counting as one.
     pub fn operations(&self) -> usize {
-        self.views.len() + 1 + self.blobs.len() + self.logs.len() + self.resume.len()
+        self.views.len()
+            + self.gathers.len()
+            + 1
+            + self.blobs.len()
+            + self.logs.len()
+            + self.resume.len()
     }
 }
 
@@ -304,6 +311,12 @@ impl Store {
             fsutil::remove_tree(view)?;
             self.forget_view(a);
         }
+        for gather in &plan.gathers {
+            if !go() {
+                return Ok(());
+            }
+            fsutil::remove_tree(gather)?;
+        }
         let views = t0.elapsed();
         if !go() {
             return Ok(());
@@ -427,7 +440,20 @@ impl Store {
         plan: &mut GcPlan,
     ) -> Result<(), StoreError> {
         for path in list(&self.root.join("views"))? {
-            let Some(a) = name_of(&path).and_then(|n| n.parse::<ArtifactDigest>().ok()) else {
+            let name = name_of(&path);
+            if name.is_some_and(|n| n.starts_with(super::GATHER_PREFIX)) {
+                // A gather goes with any of its members (an unreadable one goes too: it is
+                // made again when next needed).
+                let members = fs::read_to_string(path.join(super::GATHER_INDEX))
+                    .ok()
+                    .and_then(|index| super::gather::gather_members(&index));
+                if !members.is_some_and(|m| m.iter().all(|a| keep.contains(a))) {
+                    plan.summary.views.add(tree_bytes(&path, true));
+                    plan.gathers.push(path);
+                }
+                continue;
+            }
+            let Some(a) = name.and_then(|n| n.parse::<ArtifactDigest>().ok()) else {
                 continue;
             };
             if !keep.contains(&a) {

@@ -10,6 +10,7 @@
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
 //!   staging/<pid>-<n>/      a step's private dirs; absorbed into blobs/, then removed
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
+//!   views/gather-<hash>/    a gather input's members (links to their views) and index.json
 //!   logs/ab/<step-key>.<run>-<attempt>.log
 //!   resume/<step-key>/      what a step keeps across its failed attempts (checkpoints); removed
 //!                           once it succeeds
@@ -67,6 +68,7 @@
 mod blobs;
 mod errors;
 mod fsutil;
+mod gather;
 mod gc;
 mod guard;
 mod lock;
@@ -88,6 +90,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use errors::{StoreError, human_bytes};
+pub use gather::{GATHER_INDEX, GATHER_PREFIX, gather_entry};
 pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};
 pub use guard::{STORE_TIME_SECS, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, store_time};
 pub use lock::LockMode;

@@ -422,3 +422,36 @@ fn reach_follows_lineage_not_only_runs() {
     assert_eq!(reached.steps, HashSet::from([late.key]));
     assert_eq!(reached.artifacts, HashSet::from([out, input_b]));
 }
+
+#[test]
+fn a_gather_goes_with_any_member_gc_removes() {
+    let lab = Lab::new();
+    let h = history(&lab);
+    let store = lab.store();
+    let members = |ds: &[&Done]| -> Vec<(String, ArtifactDigest)> {
+        ds.iter()
+            .enumerate()
+            .map(|(i, d)| (format!("i={i}"), d.output))
+            .collect()
+    };
+    let (old, views) = store.gather(&members(&[&h.f1, &h.f3])).unwrap();
+    let (kept, _) = store.gather(&members(&[&h.h2, &h.f3])).unwrap();
+    assert_eq!(
+        store.gather(&members(&[&h.f1, &h.f3])).unwrap().0,
+        old,
+        "the same members, the same gather"
+    );
+    assert_eq!(
+        fs::read_to_string(old.join("i=0/meta")).unwrap(),
+        "f1",
+        "an entry resolves to its member's view"
+    );
+    assert_eq!(views[1], store.view(&h.f3.output).unwrap());
+    assert!(store.gather_intact(&old) && store.gather_intact(&kept));
+
+    let freed = gc(&lab, Some(1));
+    assert_eq!(freed.steps, 5);
+    assert!(!old.exists(), "f1 went, and the gather holding it");
+    assert!(kept.exists(), "run 3's artifacts stay, and their gather");
+    lab.assert_verifies();
+}
