@@ -386,12 +386,21 @@ fn local_command(launch: &Launch) -> Result<tokio::process::Command, String> {
 /// The file in a slot where the step's progress lines go (`NEEDLE_PROGRESS`).
 pub const PROGRESS: &str = "progress";
 
-/// A new staging slot: `out/` and `work/` under a fresh directory in `staging/`.
+/// A staging slot: `out/` and `work/` under a directory in `staging/`, one a runner left clean
+/// if there is one (see [`Store::reuse_staging`]), else a fresh one.
 pub fn new_slot(store: &Store) -> Result<PathBuf, String> {
-    let slot = store.new_staging().map_err(|e| e.to_string())?;
+    let (slot, reused) = match store.reuse_staging() {
+        Some(slot) => (slot, true),
+        None => (store.new_staging().map_err(|e| e.to_string())?, false),
+    };
     for sub in ["out", "work"] {
         let dir = slot.join(sub);
-        fs::create_dir(&dir).map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
+        match fs::create_dir(&dir) {
+            Err(e) if !(reused && e.kind() == std::io::ErrorKind::AlreadyExists) => {
+                return Err(format!("could not create `{}`: {e}", dir.display()));
+            }
+            _ => {}
+        }
     }
     Ok(slot)
 }

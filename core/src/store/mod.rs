@@ -130,6 +130,8 @@ pub struct Store {
     fanout_lock: Mutex<()>,
     /// Views this process built or adopted: no need to look for them on disk.
     known_views: Mutex<std::collections::HashSet<ArtifactDigest>>,
+    /// Staging dirs a process that has gone left clean, for [`Store::reuse_staging`].
+    spare_staging: Mutex<Vec<PathBuf>>,
     /// Held by a commit and by the dropping of damaged records, which must not interleave.
     commit_lock: Mutex<()>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
@@ -259,11 +261,19 @@ impl Store {
         fsutil::fsync_dir(&blobs)?;
 
         // We hold the lock: whatever is in staging, or half-built in views, belongs to a
-        // process that is gone.
+        // process that is gone. Its clean staging dirs are kept for reuse: removing a runner's
+        // hundred-odd slots took 50 ms of every later command, and making them again costs
+        // as much (on ext4 every directory is a block, and this machine discards freed ones).
         let staging = root.join("staging");
+        let mut spare = Vec::new();
         for entry in fs::read_dir(&staging).map_err(StoreError::io("list", &staging))? {
             let entry = entry.map_err(StoreError::io("list", &staging))?;
-            fsutil::remove_tree(&entry.path())?;
+            let path = entry.path();
+            if holds_nothing(&path) {
+                spare.push(path);
+            } else {
+                fsutil::remove_tree(&path)?;
+            }
         }
         let views = root.join("views");
         for entry in fs::read_dir(&views).map_err(StoreError::io("list", &views))? {
@@ -283,6 +293,7 @@ impl Store {
             fanout,
             fanout_lock: Mutex::new(()),
             known_views: Mutex::new(Default::default()),
+            spare_staging: Mutex::new(spare),
             commit_lock: Mutex::new(()),
             lock,
         })
@@ -317,6 +328,16 @@ impl Store {
                 Err(e) => return Err(StoreError::io("create directory", &dir)(e)),
             }
         }
+    }
+
+    /// A staging dir left by a process that has gone, holding nothing but empty directories
+    /// and empty files (a runner's slot, as it leaves one), for the caller to reuse as it is;
+    /// `None` when there is none left. Unlike [`Store::new_staging`], not empty.
+    pub fn reuse_staging(&self) -> Option<PathBuf> {
+        self.spare_staging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
     }
 
     /// Hash every file under `dir` and move it into `blobs/` (durably, read-only); return the
@@ -449,6 +470,24 @@ impl Store {
     fn tmp_name(&self) -> String {
         format!(".tmp-{}-{}", std::process::id(), self.next_seq())
     }
+}
+
+/// Whether `dir` is a directory whose entries are all empty directories or empty regular
+/// files.
+fn holds_nothing(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries.into_iter().all(|entry| {
+        let Ok(entry) = entry else { return false };
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => {
+                fs::read_dir(entry.path()).is_ok_and(|mut inside| inside.next().is_none())
+            }
+            Ok(t) if t.is_file() => entry.metadata().is_ok_and(|m| m.len() == 0),
+            _ => false,
+        }
+    })
 }
 
 /// Check (or, when `create`, write) `FORMAT`, creating `root` if needed.

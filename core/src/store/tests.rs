@@ -423,18 +423,45 @@ fn refuses_unknown_formats_and_foreign_dirs() {
 }
 
 #[test]
-fn reopen_clears_staging() {
+fn reopen_clears_staging_but_keeps_clean_dirs_for_reuse() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("s");
     let store = open(&root);
     let a = store.new_staging().unwrap();
     let b = store.new_staging().unwrap();
+    let clean = store.new_staging().unwrap();
     assert_ne!(a, b);
     write(&a.join("x/y"), b"left over");
     set_mode(&a.join("x"), 0o555);
+    write(&b.join("log"), b"a line");
+    fs::create_dir(clean.join("out")).unwrap();
+    fs::create_dir(clean.join("work")).unwrap();
+    write(&clean.join("log"), b"");
+    assert_eq!(
+        store.reuse_staging(),
+        None,
+        "none left by a process that has gone"
+    );
     drop(store);
+
     let store = open(&root);
-    assert_eq!(fs::read_dir(store.path("staging")).unwrap().count(), 0);
+    let left: Vec<_> = fs::read_dir(store.path("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        left,
+        std::slice::from_ref(&clean),
+        "only the clean one stays"
+    );
+    assert_eq!(store.reuse_staging(), Some(clean));
+    assert_eq!(store.reuse_staging(), None, "handed out once");
+    let fresh = store.new_staging().unwrap();
+    assert_eq!(
+        fs::read_dir(&fresh).unwrap().count(),
+        0,
+        "a new one is empty"
+    );
 }
 
 #[test]

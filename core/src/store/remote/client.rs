@@ -41,7 +41,7 @@ pub struct Reader {
 }
 
 enum Backend {
-    Local(Store),
+    Local(Box<Store>),
     Remote(Client),
 }
 
@@ -192,7 +192,7 @@ fn connect_or_open(root: &Path, deadline: Option<Instant>) -> Result<Backend, St
     let mut said = false;
     loop {
         let locked = match Store::open_to_read(root, LockMode::Fail) {
-            Ok(store) => return Ok(Backend::Local(store)),
+            Ok(store) => return Ok(Backend::Local(Box::new(store))),
             Err(e @ StoreError::Locked { .. }) => e,
             Err(e) => return Err(e),
         };
