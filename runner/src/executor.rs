@@ -395,12 +395,14 @@ pub fn new_slot(store: &Store) -> Result<PathBuf, String> {
     };
     for sub in ["out", "work"] {
         let dir = slot.join(sub);
-        match fs::create_dir(&dir) {
-            Err(e) if !(reused && e.kind() == std::io::ErrorKind::AlreadyExists) => {
-                return Err(format!("could not create `{}`: {e}", dir.display()));
+        let made = match fs::create_dir(&dir) {
+            Err(e) if reused && e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A step may have left it read-only.
+                set_mode(&dir, 0o755)
             }
-            _ => {}
-        }
+            other => other,
+        };
+        made.map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
     }
     Ok(slot)
 }

@@ -142,3 +142,43 @@ inputs = { base = "base", gens = "gen[*]" }
     }
     assert!(inputs["gens"]["dir"].is_string(), "{inputs}");
 }
+
+#[test]
+fn the_next_run_reuses_a_clean_slot_even_one_a_step_left_read_only() {
+    let p = Project::new();
+    p.write(
+        "first.toml",
+        r#"
+[recipe]
+name = "first"
+[steps.a]
+op = "exec"
+cmd = ["sh", "-c", "echo a > \"$NEEDLE_OUT/a\"; chmod 555 ."]
+"#,
+    );
+    p.write(
+        "second.toml",
+        r#"
+[recipe]
+name = "second"
+[steps.b]
+op = "exec"
+cmd = ["sh", "-c", "echo b > scratch && cp scratch \"$NEEDLE_OUT/b\""]
+"#,
+    );
+    let staging = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(p.store().join("staging"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    p.json(&["run", "first.toml"], 0);
+    let slots = staging();
+    assert_eq!(slots.len(), 1, "{slots:?}");
+    // `status` opens the store too: it keeps the clean slot.
+    p.json(&["status", "last"], 0);
+    assert_eq!(staging(), slots);
+    let run = p.json(&["run", "second.toml"], 0);
+    assert_eq!(run["executed"], 1);
+    assert_eq!(staging(), slots, "the slot was used again, not replaced");
+}
