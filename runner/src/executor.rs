@@ -128,6 +128,7 @@ async fn attempt(
         Ok(c) => c,
         Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
     };
+    crate::reaper::ready();
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -380,6 +381,8 @@ fn local_command(launch: &Launch) -> Result<tokio::process::Command, String> {
         cmd.env_remove(k);
     }
     cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
+    // How the reaper finds a step the runner was killed too early to list.
+    cmd.env(crate::reaper::ENV, crate::reaper::token());
     Ok(cmd)
 }
 

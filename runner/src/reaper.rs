@@ -16,9 +16,11 @@
 //! std fork the runner instead of spawning with `posix_spawn` (a vfork), and a fork copies the
 //! runner's page tables — at 10,000 steps that cost more than the steps themselves.
 //!
-//! What it cannot cover: a runner killed between starting a step and writing its slot (a few
-//! microseconds) leaves that step running; so does a step beyond the table's [`SLOTS`]
-//! simultaneous ones (said once, as a warning).
+//! A step is spawned before its slot can be written. For a runner killed in between, every
+//! step also carries this runner's token in its environment ([`ENV`]), and the reaper kills the
+//! processes (with their groups) whose environment holds it. What it cannot cover: a step's
+//! process that has dropped the token from its environment by then and was not in the table
+//! yet, or a step beyond the table's [`SLOTS`] simultaneous ones (said once, as a warning).
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -30,6 +32,22 @@ use std::sync::{Mutex, OnceLock};
 
 /// The first argument that makes `needle` a reaper.
 pub const ARG: &str = "__reap";
+
+/// The variable holding the runner's token in each local step's environment.
+pub const ENV: &str = "NEEDLE_REAPER";
+
+/// This runner's token: unique to it among the processes of the machine.
+pub fn token() -> &'static str {
+    static TOKEN: OnceLock<String> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        // A pid is unique among live processes, and it is not reused within a nanosecond.
+        format!("{:x}-{nanos:x}", std::process::id())
+    })
+}
 
 /// Steps running at once that the table can hold. Pages are touched only as slots are used.
 pub const SLOTS: usize = 1 << 16;
@@ -98,6 +116,7 @@ fn start() -> Option<Reaper> {
         let exe = std::env::current_exe()?;
         Command::new(exe)
             .arg(ARG)
+            .arg(token())
             // The table on stdin, mapped read-only there; the socket on stdout, read for its
             // end. Nothing the reaper could print lands in the table.
             .stdin(Stdio::from(memfd))
@@ -168,6 +187,13 @@ fn map(fd: &OwnedFd, bytes: usize, prot: i32) -> std::io::Result<&'static [Atomi
     })
 }
 
+/// Start the reaper if it is not running yet. Called before a step is spawned, so that the
+/// step is unprotected only for the moment between its spawn and its slot's write, not for
+/// the reaper's own start as well.
+pub fn ready() {
+    REAPER.get_or_init(start);
+}
+
 /// While this lives, group `pgid` is killed if the runner dies. Drop it once the step has
 /// ended and its group has been killed.
 pub struct Watch(Option<u32>);
@@ -199,7 +225,7 @@ impl Drop for Watch {
     }
 }
 
-/// `needle __reap`: map the table from stdin, wait for end-of-file on stdout, kill.
+/// `needle __reap TOKEN`: map the table from stdin, wait for end-of-file on stdout, kill.
 pub fn main() -> i32 {
     // SAFETY: fds 0 and 1 were given to this process by the runner and are used only here.
     let (table_fd, socket) = unsafe { (OwnedFd::from_raw_fd(0), OwnedFd::from_raw_fd(1)) };
@@ -210,12 +236,13 @@ pub fn main() -> i32 {
     ) else {
         return 1;
     };
-    serve(std::fs::File::from(socket), table)
+    let token = std::env::args().nth(2).unwrap_or_default();
+    serve(std::fs::File::from(socket), table, &token)
 }
 
 /// The reaper's life: read until end-of-file (the runner has gone), then kill every group the
-/// table still holds.
-pub fn serve(mut runner: impl Read, table: &[AtomicU32]) -> i32 {
+/// table still holds, and every process whose environment holds `token` (with its group).
+pub fn serve(mut runner: impl Read, table: &[AtomicU32], token: &str) -> i32 {
     let mut buf = [0u8; 64];
     loop {
         match runner.read(&mut buf) {
@@ -231,7 +258,39 @@ pub fn serve(mut runner: impl Read, table: &[AtomicU32]) -> i32 {
             crate::executor::kill_group(pgid, libc::SIGKILL);
         }
     }
+    if !token.is_empty() {
+        kill_carriers(&format!("{ENV}={token}"));
+    }
     0
+}
+
+/// Kill each process (other than this one) whose environment holds the entry `entry`, and its
+/// group if it leads one.
+fn kill_carriers(entry: &str) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let me = std::process::id() as i32;
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid <= 1 || pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(p.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|&b| b == 0).any(|e| e == entry.as_bytes()) {
+            // SAFETY: kill(2) and getpgid(2) have no memory effects.
+            unsafe {
+                if libc::getpgid(pid) == pid {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -254,7 +313,7 @@ mod tests {
         table[1].store(sleeper.id(), Ordering::Release);
         // A slot given back, and pid 1's group, which is never signalled.
         table[3].store(1, Ordering::Release);
-        assert_eq!(serve(&b"anything the runner sent"[..], &table), 0);
+        assert_eq!(serve(&b"anything the runner sent"[..], &table, ""), 0);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(sleeper.wait().unwrap().signal(), Some(libc::SIGKILL));
         assert!(
@@ -280,5 +339,32 @@ mod tests {
         table.give_back(a);
         table.give_back(b);
         assert!(slots.iter().all(|s| s.load(Ordering::Acquire) == 0));
+    }
+
+    #[test]
+    fn a_step_not_in_the_table_yet_is_found_by_its_token() {
+        let token = "test-token-4d2a";
+        let mut carrier = Command::new("sleep")
+            .arg("30")
+            .env(ENV, token)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut other = Command::new("sleep")
+            .arg("30")
+            .env(ENV, "another-runner")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let table: Vec<AtomicU32> = (0..2).map(|_| AtomicU32::new(0)).collect();
+        assert_eq!(serve(&b""[..], &table, token), 0);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(carrier.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "another runner's step is left alone"
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 }
