@@ -8,7 +8,7 @@
 //!   meta/                   sled: steps, artifacts, producers, consumers, runs, run_index,
 //!                           pins, dropped
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
-//!   staging/<pid>-<n>/      a step's private dirs; absorbed into blobs/, then removed
+//!   staging/<pid>-<n>/      a step's private dirs; emptied after each attempt and reused
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
 //!   views/gather-<hash>/    a gather input's members (links to their views) and index.json
 //!   logs/ab/<step-key>.<run>-<attempt>.log
@@ -204,7 +204,8 @@ impl RunSummary {
 
 impl Store {
     /// Open the store at `root`, creating it if missing, and take its exclusive lock.
-    /// Removes staging dirs left by a process that died (it held the lock, so none is live).
+    /// Removes what a process that died left in staging dirs (it held the lock, so none is
+    /// live), keeping the clean ones for [`Store::reuse_staging`].
     ///
     /// A directory that exists, is not empty and has no `FORMAT` file is refused
     /// ([`StoreError::NotAStore`]): `--store ~` must not scribble over a home directory.
@@ -341,8 +342,8 @@ impl Store {
     }
 
     /// Hash every file under `dir` and move it into `blobs/` (durably, read-only); return the
-    /// tree's manifest. `dir` is left empty, ready for reuse. Symlinks to regular files are stored as the file;
-    /// other symlinks and special files are an error naming the path.
+    /// tree's manifest. `dir` is left empty, ready for reuse. Symlinks to regular files are
+    /// stored as the file; other symlinks and special files are an error naming the path.
     ///
     /// The whole tree is checked before anything moves, so on such an error `dir` is left as
     /// it was. `dir` should be on the store's filesystem (a [`Store::new_staging`] dir is);
