@@ -23,9 +23,25 @@ pub async fn after_attempt(
     started: u64,
     result: AttemptResult,
 ) -> AttemptResult {
-    if let Some(changed) = changed_gather(store, spec) {
-        return changed;
+    // Both are looked at: a changed gather must not keep a damaged member from being repaired.
+    let gather = changed_gather(store, spec);
+    let result = after_views(store, spec, started, result).await;
+    match (gather, result) {
+        (None, result) => result,
+        (Some(gather), AttemptResult::WroteOutside { what }) => AttemptResult::WroteOutside {
+            what: format!("{what}; {gather}"),
+        },
+        (Some(gather), _) => AttemptResult::WroteOutside { what: gather },
     }
+}
+
+/// [`after_attempt`] for the input views alone.
+async fn after_views(
+    store: &Arc<Store>,
+    spec: &AttemptSpec,
+    started: u64,
+    result: AttemptResult,
+) -> AttemptResult {
     let labels = input_labels(spec);
     if labels.is_empty() {
         return result;
@@ -75,9 +91,9 @@ pub async fn after_attempt(
     AttemptResult::WroteOutside { what }
 }
 
-/// A gather directory the step changed (added, removed or renamed an entry, or rewrote the
-/// index), removed so that it is made again; as its attempt's result.
-fn changed_gather(store: &Store, spec: &AttemptSpec) -> Option<AttemptResult> {
+/// What the step did to a gather directory it read (added, removed or renamed an entry, or
+/// rewrote the index), having removed it so that it is made again; `None` if nothing.
+fn changed_gather(store: &Store, spec: &AttemptSpec) -> Option<String> {
     for (name, input) in &spec.inputs {
         let InputArtifacts::Gather(members) = input else {
             continue;
@@ -90,12 +106,10 @@ fn changed_gather(store: &Store, spec: &AttemptSpec) -> Option<AttemptResult> {
             Ok(()) => "it was removed, and is made again when next needed".to_string(),
             Err(e) => format!("removing it failed ({e}); remove `{}`", dir.display()),
         };
-        return Some(AttemptResult::WroteOutside {
-            what: format!(
-                "it changed its input `{name}`, the directory of its gathered members (inputs \
-                 are read-only, though not to root); {removed}"
-            ),
-        });
+        return Some(format!(
+            "it changed its input `{name}`, the directory of its gathered members (inputs are \
+             read-only, though not to root); {removed}"
+        ));
     }
     None
 }

@@ -1,7 +1,7 @@
 //! Built-in ops run as `needle worker OP`: the `files` op imports data from outside the store,
 //! re-runs when the data changes, and fails a step (not the run) with its error in the log.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::common::*;
@@ -26,16 +26,6 @@ fn project() -> Project {
     p.write("data/sub/b.txt", "beta");
     p.write("recipe.toml", RECIPE);
     p
-}
-
-/// The view of a step's output in the last run.
-fn output_view(p: &Project, run: &serde_json::Value, step: &str) -> PathBuf {
-    let output = steps_named(run, step)[0]["output"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let show = p.json(&["show", &output], 0);
-    PathBuf::from(show["view"].as_str().unwrap())
 }
 
 fn touch(path: &Path) {

@@ -116,6 +116,16 @@ pub fn steps_named<'a>(v: &'a Value, name: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The view of `step`'s output in `run` (the JSON of `run` or `status`).
+pub fn output_view(p: &Project, run: &Value, step: &str) -> PathBuf {
+    let output = steps_named(run, step)[0]["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let show = p.json(&["show", &output], 0);
+    PathBuf::from(show["view"].as_str().unwrap())
+}
+
 /// (step label with its bindings, output digest) of every step of a `run --json` answer,
 /// sorted: two runs of one recipe compare equal when they made the same artifacts.
 pub fn outputs(run: &Value) -> Vec<(String, String)> {

@@ -253,16 +253,8 @@ inputs = { each = "each[*]" }
     let run = p.json(&["run", "recipe.toml"], 0);
     assert_eq!(run["executed"], 4);
     let read = |step: &str, file: &str| {
-        let status = p.json(&["status", "last"], 0);
-        let out = steps_named(&status, step)[0]["output"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let view = p.json(&["show", &out], 0)["view"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        std::fs::read_to_string(std::path::Path::new(&view).join(file)).unwrap()
+        let view = output_view(&p, &p.json(&["status", "last"], 0), step);
+        std::fs::read_to_string(view.join(file)).unwrap()
     };
     // Both steps read the same members: one directory, in the store, read-only.
     let dir = read("a", "dir").trim().to_string();
@@ -287,24 +279,34 @@ inputs = { each = "each[*]" }
     assert!(link.is_relative(), "{}", link.display());
     assert_eq!(read("a", "n"), "1\n2\n");
 
-    // A step that writes into it fails, and the directory goes.
+    // A step that writes into it, and through it into a member, fails; the directory goes,
+    // and so does the member's damaged blob.
     p.write(
         "b.sh",
-        &format!("chmod u+w \"$NEEDLE_IN_EACH\"\ntouch \"$NEEDLE_IN_EACH/extra\"\n{reads}"),
+        &format!(
+            "chmod u+w \"$NEEDLE_IN_EACH\" \"$NEEDLE_IN_EACH/n=1/n\"\n\
+             touch \"$NEEDLE_IN_EACH/extra\"\necho 9 >> \"$NEEDLE_IN_EACH/n=1/n\"\n{reads}"
+        ),
     );
     let out = p.needle(&["run", "recipe.toml"]);
     assert_code(&out, 1);
     let err = stderr(&out);
-    assert!(
-        err.contains("it changed its input `each`, the directory of its gathered members"),
-        "{err}"
-    );
+    for said in [
+        "changed `n` in its input `each[n=1]`",
+        "the blob was dropped",
+        "it changed its input `each`, the directory of its gathered members",
+    ] {
+        assert!(err.contains(said), "`{said}` not in:\n{err}");
+    }
     assert!(!dir.exists(), "the changed gather is removed");
 
     // The next step to read those members gets it back, whole.
     p.write("b.sh", &format!("# again\n{reads}"));
     let run = p.json(&["run", "recipe.toml"], 0);
-    assert_eq!(run["executed"], 1, "only b: {run}");
+    assert_eq!(
+        run["executed"], 2,
+        "each[n=1], whose blob was dropped, and b: {run}"
+    );
     assert!(dir.join("index.json").is_file());
     assert!(!dir.join("extra").exists());
     assert_eq!(read("b", "n"), "1\n2\n");

@@ -58,6 +58,22 @@ pub(crate) fn remove_tree(path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// Rename the tree built in `tmp` (a private temporary name) to `dest`, whole. False when
+/// another builder's tree was there first: it is as good as ours, and `tmp` is removed.
+pub(crate) fn place_built(tmp: &Path, dest: &Path) -> Result<bool, StoreError> {
+    match fs::rename(tmp, dest) {
+        Ok(()) => Ok(true),
+        Err(_) if dest.is_dir() => {
+            remove_tree(tmp)?;
+            Ok(false)
+        }
+        Err(e) => {
+            let _ = remove_tree(tmp);
+            Err(StoreError::io("move into place", tmp)(e))
+        }
+    }
+}
+
 /// Remove everything inside `dir`, leaving `dir` itself. Reusing a directory instead of
 /// removing and recreating it matters: on ext4, every inode freed makes the next allocations
 /// in its group slower for a while (`recently_deleted` scans), and a runner churning through

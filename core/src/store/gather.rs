@@ -54,18 +54,8 @@ impl Store {
         // Durable before it can be used: after a crash, a gather that exists is whole (it is
         // reused without being read).
         fsutil::syncfs(&tmp)?;
-        match fs::rename(&tmp, &dest) {
-            Ok(()) => Ok((dest, views)),
-            // Another builder won the race; its gather is as good as ours.
-            Err(_) if dest.is_dir() => {
-                fsutil::remove_tree(&tmp)?;
-                Ok((dest, views))
-            }
-            Err(e) => {
-                let _ = fsutil::remove_tree(&tmp);
-                Err(StoreError::io("move into place", &tmp)(e))
-            }
-        }
+        fsutil::place_built(&tmp, &dest)?;
+        Ok((dest, views))
     }
 
     /// Where the gather directory of `members` is (whether or not it exists).

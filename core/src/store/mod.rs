@@ -476,10 +476,10 @@ impl Store {
 /// Whether `dir` is a directory whose entries are all empty directories or empty regular
 /// files.
 fn holds_nothing(dir: &Path) -> bool {
-    let Ok(entries) = fs::read_dir(dir) else {
+    let Ok(mut entries) = fs::read_dir(dir) else {
         return false;
     };
-    entries.into_iter().all(|entry| {
+    entries.all(|entry| {
         let Ok(entry) = entry else { return false };
         match entry.file_type() {
             Ok(t) if t.is_dir() => {

@@ -44,21 +44,10 @@ impl Store {
             let _ = fsutil::remove_tree(&tmp);
             return Err(e);
         }
-        match fs::rename(&tmp, &dest) {
-            Ok(()) => {
-                self.note_view(*artifact);
-                Ok(dest)
-            }
-            // Another builder won the race; its view is as good as ours.
-            Err(_) if dest.is_dir() => {
-                fsutil::remove_tree(&tmp)?;
-                Ok(dest)
-            }
-            Err(e) => {
-                let _ = fsutil::remove_tree(&tmp);
-                Err(StoreError::io("move into place", &tmp)(e))
-            }
+        if fsutil::place_built(&tmp, &dest)? {
+            self.note_view(*artifact);
         }
+        Ok(dest)
     }
 
     /// Remember that the view of `artifact` exists (built or adopted by this process).
