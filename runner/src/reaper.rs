@@ -266,11 +266,31 @@ pub fn serve(mut runner: impl Read, table: &[AtomicU32], token: &str) -> i32 {
 
 /// Kill each process (other than this one) whose environment holds the entry `entry`, and its
 /// group if it leads one.
+///
+/// A process in the middle of its exec cannot be judged yet: the kernel releases a spawning
+/// parent once the child's new memory is in place, but publishes where its environment lies
+/// only afterwards, so for that moment `/proc/PID/environ` reads empty (and a vfork child that
+/// has not exec'd yet shows its parent's). The scan is repeated, a few milliseconds apart,
+/// until one pass finds no process with an empty environment (bounded: a process may have
+/// been started with none) and at least two passes have been made.
 fn kill_carriers(entry: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for pass in 0.. {
+        let unsettled = kill_carriers_once(entry.as_bytes());
+        if (pass > 0 && unsettled == 0) || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// One pass of [`kill_carriers`]; returns how many processes read an empty environment.
+fn kill_carriers_once(entry: &[u8]) -> usize {
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
+        return 0;
     };
     let me = std::process::id() as i32;
+    let mut unsettled = 0;
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
@@ -281,7 +301,13 @@ fn kill_carriers(entry: &str) {
         let Ok(environ) = std::fs::read(p.path().join("environ")) else {
             continue;
         };
-        if environ.split(|&b| b == 0).any(|e| e == entry.as_bytes()) {
+        if environ.is_empty() {
+            if may_still_exec(&p.path()) {
+                unsettled += 1;
+            }
+            continue;
+        }
+        if environ.split(|&b| b == 0).any(|e| e == entry) {
             // SAFETY: kill(2) and getpgid(2) have no memory effects.
             unsafe {
                 if libc::getpgid(pid) == pid {
@@ -291,6 +317,27 @@ fn kill_carriers(entry: &str) {
             }
         }
     }
+    unsettled
+}
+
+/// Whether the process at `/proc/PID` could be one whose environment is not published yet:
+/// not a kernel thread and not a zombie, which read an empty environment for good.
+fn may_still_exec(proc_dir: &std::path::Path) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return false;
+    };
+    // The command name, in parentheses, may hold spaces: fields are counted after its end.
+    let Some((_, fields)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = fields.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("Z");
+    let flags: u64 = fields
+        .get(6)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(PF_KTHREAD);
+    !matches!(state, "Z" | "X") && flags & PF_KTHREAD == 0
 }
 
 #[cfg(test)]
@@ -344,12 +391,20 @@ mod tests {
     #[test]
     fn a_step_not_in_the_table_yet_is_found_by_its_token() {
         let token = "test-token-4d2a";
-        let mut carrier = Command::new("sleep")
-            .arg("30")
-            .env(ENV, token)
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        // The scan starts right after each spawn, while the carrier may still be in its exec
+        // (the race CI once lost): a few rounds, so that a scan that gives up early shows.
+        for _ in 0..5 {
+            let mut carrier = Command::new("sleep")
+                .arg("30")
+                .env(ENV, token)
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let table: Vec<AtomicU32> = (0..2).map(|_| AtomicU32::new(0)).collect();
+            assert_eq!(serve(&b""[..], &table, token), 0);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(carrier.wait().unwrap().signal(), Some(libc::SIGKILL));
+        }
         let mut other = Command::new("sleep")
             .arg("30")
             .env(ENV, "another-runner")
@@ -358,13 +413,29 @@ mod tests {
             .unwrap();
         let table: Vec<AtomicU32> = (0..2).map(|_| AtomicU32::new(0)).collect();
         assert_eq!(serve(&b""[..], &table, token), 0);
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(carrier.wait().unwrap().signal(), Some(libc::SIGKILL));
         assert!(
             other.try_wait().unwrap().is_none(),
             "another runner's step is left alone"
         );
         other.kill().unwrap();
         other.wait().unwrap();
+    }
+
+    #[test]
+    fn only_live_user_processes_may_still_be_in_their_exec() {
+        let me = std::path::PathBuf::from(format!("/proc/{}", std::process::id()));
+        assert!(may_still_exec(&me));
+        let mut done = Command::new("true").spawn().unwrap();
+        let zombie = std::path::PathBuf::from(format!("/proc/{}", done.id()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while may_still_exec(&zombie) {
+            assert!(std::time::Instant::now() < deadline, "`true` never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        done.wait().unwrap();
+        let kthreadd = std::path::Path::new("/proc/2");
+        if kthreadd.join("stat").exists() {
+            assert!(!may_still_exec(kthreadd), "a kernel thread never execs");
+        }
     }
 }
