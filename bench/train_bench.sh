@@ -51,9 +51,9 @@ rust=()
 py=()
 for r in $(seq 1 "$ROUNDS"); do
   "$ROOT/target/release/needle" run "$WORK/bench.toml" --store "$WORK/store" --gpus "$GPUS" --set round=$r >&2
-  view=$("$ROOT/target/release/needle" show --store "$WORK/store" --json last:train \
-    | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["view"])')
-  rust+=("$("$PY" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["images_per_second"], 1))' "$view/metrics.json")")
+  # The op's log line: "pretrain: S steps at batch B on DEVICE: X images/s, T s in the training loop".
+  rust+=("$("$ROOT/target/release/needle" logs --store "$WORK/store" last:train \
+    | "$PY" -c 'import re,sys; print(re.search(r"([0-9.]+) images/s", sys.stdin.read()).group(1))')")
   out=$("$PY" "$ROOT/bench/train_bench.py" --steps "$STEPS" --warmup 0 --batch "$BATCH" --threads "$THREADS" \
     --channels "$CHANNELS" --mult "$MULT" --blocks "$BLOCKS" --device "$DEVICE" 2>/dev/null)
   py+=("$(echo "$out" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["images_per_second"])')")

@@ -8,8 +8,10 @@
 //!   in `checkpoints/` for an early-stopping curve.
 //!
 //! Output: `model.safetensors` (the EMA weights: what `sample` uses), `config.json`,
-//! `checkpoints/step-NNNNNN.safetensors` (quality-tune), `metrics.json` (loss curve, images/s,
-//! seconds, parameters), `summary.md`.
+//! `checkpoints/step-NNNNNN.safetensors` (quality-tune), `metrics.json` (loss curve,
+//! parameters, device), `summary.md`. How fast the training went, and whether it resumed, are
+//! facts of one execution, not of the model: they go to the step's log (`needle logs`), so that
+//! training the same model again gives the same artifact and its dependents stay cached.
 
 use std::path::{Path, PathBuf};
 
@@ -258,9 +260,6 @@ fn fit(
         "batch": settings.batch,
         "parameters": train::parameter_count(vs),
         "device": device,
-        "images_per_second": record.images_per_second,
-        "train_seconds": record.train_seconds,
-        "resumed_from": record.resumed_from,
         "first_loss": record.loss_curve.first().map(|p| p.1),
         "last_loss": record.loss_curve.last().map(|p| p.1),
         "loss_curve": record.loss_curve,
@@ -279,7 +278,20 @@ fn fit(
         summary(stage, settings, &record, data, &device, unknown_words),
     )
     .map_err(OpError::io("write", &path))?;
+    println!("{}", timing(stage, settings, &record, &device));
     work.finish()
+}
+
+/// The execution's own figures, for its log: throughput, time, where it resumed from.
+fn timing(stage: &str, s: &Settings, r: &Record, device: &str) -> String {
+    let mut line = format!(
+        "{stage}: {} steps at batch {} on {device}: {:.1} images/s, {:.1} s in the training loop",
+        s.steps, s.batch, r.images_per_second, r.train_seconds
+    );
+    if r.resumed_from > 0 {
+        line.push_str(&format!(" (resumed from step {})", r.resumed_from));
+    }
+    line
 }
 
 fn summary(
@@ -291,17 +303,12 @@ fn summary(
     unknown_words: &[String],
 ) -> String {
     let mut md = format!(
-        "{stage}: {} steps at batch {} on {} images, {device}: {:.0} images/s, {:.0} s in the training loop",
+        "{stage}: {} steps at batch {} on {} images, {device} (its speed is in the step's log: \
+         `needle logs`).\n\n| step | loss |\n|---:|---:|\n",
         s.steps,
         s.batch,
         data.images.size()[0],
-        r.images_per_second,
-        r.train_seconds
     );
-    if r.resumed_from > 0 {
-        md.push_str(&format!(" (resumed from step {})", r.resumed_from));
-    }
-    md.push_str(".\n\n| step | loss |\n|---:|---:|\n");
     // About ten rows of the curve, always the last.
     let every = (r.loss_curve.len() / 10).max(1);
     for (i, (step, loss)) in r.loss_curve.iter().enumerate() {

@@ -102,7 +102,13 @@ impl Op for SampleOp {
             );
             images.extend(diffusion::to_rgb_bytes(&out));
         }
+        // A fact of this execution, not of the images: the log's, not the artifact's.
         let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "sample: {} images in {seconds:.1} s ({:.2} images/s)",
+            jobs.len(),
+            jobs.len() as f64 / seconds.max(1e-9)
+        );
 
         let writer = DatasetWriter::create(&ctx.out)?;
         let per = (3 * size * size) as usize;
@@ -130,7 +136,7 @@ impl Op for SampleOp {
 
         let unknown = model.vocabulary().unknown(&prompts);
         let mut md = format!(
-            "{} images of a {} model: {} prompts × {seeds} seeds, {steps} steps, guidance {guidance}, {} weights, {:.1} s on {}.\n\n`grid.png`: a row per prompt, a column per seed.\n\n| # | prompt |\n|---:|---|\n",
+            "{} images of a {} model: {} prompts × {seeds} seeds, {steps} steps, guidance {guidance}, {} weights, on {}.\n\n`grid.png`: a row per prompt, a column per seed.\n\n| # | prompt |\n|---:|---|\n",
             jobs.len(),
             model.arch(),
             prompts.len(),
@@ -139,7 +145,6 @@ impl Op for SampleOp {
             } else {
                 format!("step-{checkpoint}")
             },
-            seconds,
             if device == Device::Cpu { "cpu" } else { "cuda" },
         );
         for (i, p) in prompts.iter().enumerate() {

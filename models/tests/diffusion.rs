@@ -84,7 +84,10 @@ fn pretrain_lowers_the_loss_and_sampling_pairs_models_image_by_image() {
         m["last_loss"].as_f64().unwrap(),
     );
     assert!(last < 0.8 * first, "the loss should fall: {m}");
-    assert!(m["images_per_second"].as_f64().unwrap() > 0.0);
+    // Figures of one execution (speed, time) are not part of the artifact.
+    for timing in ["images_per_second", "train_seconds", "resumed_from"] {
+        assert!(m.get(timing).is_none(), "{timing} in {m}");
+    }
     for f in ["model.safetensors", "config.json", "summary.md"] {
         assert!(dir("pretrained").join(f).exists(), "{f}");
     }
