@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use super::{Answer, Hello, PROTOCOL, Request, read_frame, send_frame, socket_path};
+use super::{Answer, Hello, PROTOCOL, Request, read_frame, send_frame};
 use crate::digest::{ArtifactDigest, StepKey};
 use crate::store::{
     Found, LockMode, Manifest, RunRecord, RunSummary, StepRecord, Store, StoreCounts, StoreError,
@@ -230,7 +230,7 @@ impl Client {
     /// Connect and greet. `None` when no runner answers there: no socket, a stale one (its
     /// runner was killed), or a runner that closed at once (going away, or busy).
     fn connect(root: &Path) -> Result<Option<Client>, StoreError> {
-        let Ok(stream) = UnixStream::connect(socket_path(root)) else {
+        let Ok(stream) = super::connect_socket(root) else {
             return Ok(None);
         };
         let Ok(reader) = stream.try_clone().map(BufReader::new) else {

@@ -63,6 +63,36 @@ pub fn socket_path(root: &Path) -> PathBuf {
     root.join(SOCKET)
 }
 
+/// A unix socket's address holds at most this many bytes of path (`sun_path`, less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Run `f` on a path that names the store's socket and fits in a socket address, however long
+/// the store's own path is: a longer one is reached through an open descriptor of the store's
+/// directory, `/proc/self/fd/N/runner.sock`, which the kernel resolves like any path.
+fn at_socket<T>(root: &Path, f: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
+    let path = socket_path(root);
+    if path.as_os_str().len() <= MAX_SOCKET_PATH {
+        return f(&path);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(root)?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}/{SOCKET}", dir.as_raw_fd()));
+    f(&short)
+}
+
+/// Listen on the store's socket.
+pub(crate) fn bind_socket(root: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    at_socket(root, |p| std::os::unix::net::UnixListener::bind(p))
+}
+
+/// Connect to the store's socket.
+pub(crate) fn connect_socket(root: &Path) -> io::Result<UnixStream> {
+    at_socket(root, |p| UnixStream::connect(p))
+}
+
 /// What a reader may ask; each maps to the [`crate::store::StoreRead`] method of its name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

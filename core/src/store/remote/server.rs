@@ -35,6 +35,7 @@ const NICE: libc::c_int = 10;
 /// Serves until dropped. Dropping it stops accepting, ends the open connections, waits for
 /// their threads (so the store is no longer shared once it returns) and removes the socket.
 pub struct Server {
+    root: PathBuf,
     path: PathBuf,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
@@ -44,13 +45,14 @@ impl Server {
     /// Listen on `<root>/runner.sock`. Holding `store` means holding its lock, so a socket
     /// already there belongs to a runner that is gone: it is replaced.
     pub fn start(store: Arc<Store>, live: Arc<LiveRun>) -> Result<Server, StoreError> {
-        let path = socket_path(store.root());
+        let root = store.root().to_path_buf();
+        let path = socket_path(&root);
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::io("remove the stale socket", &path)(e)),
         }
-        let listener = UnixListener::bind(&path).map_err(StoreError::io("listen on", &path))?;
+        let listener = super::bind_socket(&root).map_err(StoreError::io("listen on", &path))?;
         let stop = Arc::new(AtomicBool::new(false));
         let accept = std::thread::Builder::new()
             .name("needle-reads".into())
@@ -60,6 +62,7 @@ impl Server {
             })
             .map_err(StoreError::io("start the read server of", &path))?;
         Ok(Server {
+            root,
             path,
             stop,
             accept: Some(accept),
@@ -71,7 +74,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         // The accept loop sleeps in accept(2): a connection of our own wakes it.
-        if UnixStream::connect(&self.path).is_ok()
+        if super::connect_socket(&self.root).is_ok()
             && let Some(handle) = self.accept.take()
         {
             let _ = handle.join();

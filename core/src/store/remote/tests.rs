@@ -121,6 +121,25 @@ fn a_served_store_answers_as_the_store_itself() {
 }
 
 #[test]
+fn a_store_whose_socket_path_is_too_long_for_an_address_is_served_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = "a-directory-name-of-sixty-characters-to-push-the-path-along--";
+    let root = tmp.path().join(long).join(long).join("s");
+    assert!(socket_path(&root).as_os_str().len() > MAX_SOCKET_PATH);
+    let (store, _live, server, key, _) = serve(&root);
+    assert!(socket_path(&root).exists(), "the socket is in the store");
+    let reader = Reader::open(&root, LockMode::Fail).unwrap();
+    assert!(reader.is_remote());
+    assert_eq!(reader.step(&key).unwrap(), store.step(&key).unwrap());
+    drop(reader);
+    drop(server);
+    assert!(
+        !socket_path(&root).exists(),
+        "the socket goes with its server"
+    );
+}
+
+#[test]
 fn the_live_run_is_answered_as_far_as_the_loop_has_got() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("s");
