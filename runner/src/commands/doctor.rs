@@ -5,7 +5,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use needle_core::store::{LockMode, Store, StoreCounts, StoreError};
+use needle_core::store::remote::Reader;
+use needle_core::store::{LockMode, StoreCounts, StoreError, StoreRead};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{Cli, JsonArg};
@@ -55,9 +56,9 @@ struct StoreReport {
     exists: bool,
     /// Bytes on disk (allocated blocks; hard links counted once).
     size_bytes: u64,
-    /// `None` when the store could not be opened (see `locked_by`, `error`).
+    /// `None` when the store could not be read (see `locked_by`, `error`).
     counts: Option<StoreCounts>,
-    /// Who holds the store, when a run has it open.
+    /// Who holds the store, when a run has it open (it counts for doctor when it can).
     locked_by: Option<String>,
     /// Why it could not be read, for any other reason.
     error: Option<String>,
@@ -131,10 +132,19 @@ fn store_report(path: &Path) -> StoreReport {
     if !report.exists {
         return report;
     }
-    // Counted first, and the store closed again at once: never wait for a run's lock (only
-    // for another reader's moment), never hold it longer than the counting takes.
-    match Store::open_to_read(&root, LockMode::Fail).and_then(|store| store.counts()) {
-        Ok(counts) => report.counts = Some(counts),
+    // Counted first, and the store closed again at once: a run that holds it counts for us
+    // (through its socket); never wait for a run's lock otherwise (only for another reader's
+    // moment), never hold it longer than the counting takes.
+    match Reader::open(&root, LockMode::Fail) {
+        Ok(reader) => {
+            if let Some(run) = reader.live_run() {
+                report.locked_by = Some(format!("run {run}, which counted for doctor"));
+            }
+            match reader.counts() {
+                Ok(counts) => report.counts = Some(counts),
+                Err(e) => report.error = Some(e.to_string()),
+            }
+        }
         Err(StoreError::Locked { holder, .. }) => report.locked_by = Some(holder),
         Err(e) => report.error = Some(e.to_string()),
     }
@@ -226,9 +236,13 @@ fn print_store(s: &StoreReport) {
         return;
     }
     let size = human_bytes(s.size_bytes);
+    let in_use = match &s.locked_by {
+        Some(holder) => format!("; in use by {holder}"),
+        None => String::new(),
+    };
     match (&s.counts, &s.locked_by, &s.error) {
         (Some(c), _, _) => println!(
-            "store       {}: {size} on disk, {} steps, {} artifacts, {} runs",
+            "store       {}: {size} on disk, {} steps, {} artifacts, {} runs{in_use}",
             s.path, c.steps, c.artifacts, c.runs
         ),
         (None, Some(holder), _) => println!(
