@@ -97,6 +97,7 @@ pub async fn ended(
         Some(_) => crate::guard::after_attempt(store, spec, started, result).await,
         None => result,
     };
+    crate::guard::done_reading_gathers(spec);
     let log = staging
         .as_deref()
         .and_then(|slot| keep_log(store, slot, &spec.log_rel));
@@ -313,6 +314,7 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
             }
             InputArtifacts::Gather(members) => {
                 let (dir, views) = store.gather(members).map_err(|e| e.to_string())?;
+                crate::guard::reading_gather(spec, &dir);
                 let members: Vec<serde_json::Value> = members
                     .iter()
                     .zip(views)

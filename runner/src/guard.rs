@@ -2,11 +2,14 @@
 //! how the store tells.) A step that did fails, whatever its exit status, with a reason naming
 //! what it changed; the store is repaired before anything else reads those inputs.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use needle_core::digest::ArtifactDigest;
-use needle_core::store::{AttemptResult, Store, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair};
+use needle_core::store::{
+    AttemptResult, Store, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, now_millis,
+};
 
 use crate::executor::{AttemptSpec, InputArtifacts};
 
@@ -24,7 +27,7 @@ pub async fn after_attempt(
     result: AttemptResult,
 ) -> AttemptResult {
     // Both are looked at: a changed gather must not keep a damaged member from being repaired.
-    let gather = changed_gather(store, spec);
+    let gather = changed_gather(store, spec, started);
     let result = after_views(store, spec, started, result).await;
     match (gather, result) {
         (None, result) => result,
@@ -93,12 +96,30 @@ async fn after_views(
 
 /// What the step did to a gather directory it read (added, removed or renamed an entry, or
 /// rewrote the index), having removed it so that it is made again; `None` if nothing.
-fn changed_gather(store: &Store, spec: &AttemptSpec) -> Option<String> {
+///
+/// A gather is shared by the steps reading the same members, and which of two steps reading it
+/// at once changed it cannot be told: then each one's reason names the other. A gather that the
+/// check of a step beside this one removed while this one ran (it may have been made again
+/// since, intact) was changed under this step too.
+fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<String> {
     for (name, input) in &spec.inputs {
         let InputArtifacts::Gather(members) = input else {
             continue;
         };
         let dir = store.gather_path(members);
+        let mut log = gathers();
+        if let Some((_, _, by)) = log
+            .removed
+            .get(&dir)
+            .filter(|(at, node, _)| *at >= started && *node != spec.node)
+        {
+            return Some(format!(
+                "its input `{name}`, the directory of its gathered members, was found changed \
+                 while it ran, by the check of `{by}`, which read it too: either may have \
+                 changed it (inputs are read-only, though not to root); it was removed, and is \
+                 made again when next needed"
+            ));
+        }
         if store.gather_intact(&dir) {
             continue;
         }
@@ -106,12 +127,67 @@ fn changed_gather(store: &Store, spec: &AttemptSpec) -> Option<String> {
             Ok(()) => "it was removed, and is made again when next needed".to_string(),
             Err(e) => format!("removing it failed ({e}); remove `{}`", dir.display()),
         };
+        log.removed.insert(
+            dir.clone(),
+            (now_millis(), spec.node, spec.step_name.clone()),
+        );
+        let beside: Vec<String> = log
+            .readers
+            .get(&dir)
+            .into_iter()
+            .flatten()
+            .filter(|(node, _)| **node != spec.node)
+            .map(|(_, step)| format!("`{step}`"))
+            .collect();
+        if beside.is_empty() {
+            return Some(format!(
+                "it changed its input `{name}`, the directory of its gathered members (inputs \
+                 are read-only, though not to root); {removed}"
+            ));
+        }
         return Some(format!(
-            "it changed its input `{name}`, the directory of its gathered members (inputs are \
-             read-only, though not to root); {removed}"
+            "its input `{name}`, the directory of its gathered members, changed while it ran \
+             and {} read it too: either may have changed it (inputs are read-only, though not \
+             to root); {removed}",
+            beside.join(", ")
         ));
     }
     None
+}
+
+/// The gather directories that running attempts read (by node, with the step's name), and
+/// those a check removed: what [`changed_gather`] needs to know of the attempts beside one.
+#[derive(Default)]
+struct Gathers {
+    readers: HashMap<PathBuf, BTreeMap<usize, String>>,
+    /// When, and after which step's attempt (node, name).
+    removed: HashMap<PathBuf, (u64, usize, String)>,
+}
+
+fn gathers() -> MutexGuard<'static, Gathers> {
+    static GATHERS: OnceLock<Mutex<Gathers>> = OnceLock::new();
+    GATHERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The attempt `spec` is about to read the gather directory `dir`.
+pub fn reading_gather(spec: &AttemptSpec, dir: &Path) {
+    gathers()
+        .readers
+        .entry(dir.to_path_buf())
+        .or_default()
+        .insert(spec.node, spec.step_name.clone());
+}
+
+/// The attempt `spec` has ended and been checked: it reads its gathers no more.
+pub fn done_reading_gathers(spec: &AttemptSpec) {
+    let mut log = gathers();
+    log.readers.retain(|_, readers| {
+        readers.remove(&spec.node);
+        !readers.is_empty()
+    });
 }
 
 /// Each input artifact and how the step knows it: `data`, or `runs[arch=a]` for a gather member.

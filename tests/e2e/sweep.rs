@@ -221,6 +221,68 @@ inputs = { each = "each[*]" }
 }
 
 #[test]
+fn two_steps_reading_one_gather_when_it_changes_each_name_the_other() {
+    let p = Project::new();
+    // `writer` writes into the gather while `reader` reads it; each waits for the other (for
+    // 30 s at most), so both are running when it changes.
+    let wait = |file: &str| {
+        format!(
+            "i=0; while [ ! -e \\\"$NEEDLE_RECIPE_DIR/{file}\\\" ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done"
+        )
+    };
+    p.write(
+        "recipe.toml",
+        &format!(
+            r#"
+[recipe]
+name = "shared"
+
+[sweep]
+n = [1, 2]
+
+[steps.each]
+op = "exec"
+cmd = ["sh", "-c", "echo ${{n}} > \"$NEEDLE_OUT/n\""]
+
+[steps.writer]
+op = "exec"
+cmd = ["sh", "-c", "{}; chmod u+w \"$NEEDLE_IN_EACH\"; touch \"$NEEDLE_IN_EACH/extra\" \"$NEEDLE_RECIPE_DIR/written\""]
+inputs = {{ each = "each[*]" }}
+
+[steps.reader]
+op = "exec"
+cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/reading\"; {}; cat \"$NEEDLE_IN_EACH\"/*/n > \"$NEEDLE_OUT/n\""]
+inputs = {{ each = "each[*]" }}
+"#,
+            wait("reading"),
+            wait("written")
+        ),
+    );
+    let run = p.json(&["run", "recipe.toml", "-j", "2"], 1);
+    assert_eq!(run["failed"], 2, "{run}");
+    let status = p.json(&["status", "last"], 0);
+    let detail = |step: &str| steps_named(&status, step)[0]["detail"].to_string();
+    // Which check ran first decides the words, not who is named.
+    assert!(
+        detail("writer").contains("`reader`"),
+        "{}",
+        detail("writer")
+    );
+    assert!(
+        detail("reader").contains("`writer`"),
+        "{}",
+        detail("reader")
+    );
+    for step in ["writer", "reader"] {
+        assert!(
+            detail(step).contains("read it too: either may have changed it"),
+            "{}",
+            detail(step)
+        );
+    }
+}
+
+#[test]
 fn gathers_are_made_once_read_only_and_made_again_after_a_step_changes_one() {
     let p = Project::new();
     p.write(
