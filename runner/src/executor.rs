@@ -97,7 +97,7 @@ pub async fn ended(
         Some(_) => crate::guard::after_attempt(store, spec, started, result).await,
         None => result,
     };
-    crate::guard::done_reading_gathers(spec);
+    crate::guard::done_reading_inputs(spec);
     let log = staging
         .as_deref()
         .and_then(|slot| keep_log(store, slot, &spec.log_rel));
@@ -304,6 +304,7 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
         env: Vec::new(),
     };
     let mut inputs_json = serde_json::Map::new();
+    let mut gathers = Vec::new();
     for (name, input) in &spec.inputs {
         // Store paths are the store root's plus ASCII names: UTF-8 wherever the root is.
         let (dir, entry) = match input {
@@ -314,7 +315,7 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
             }
             InputArtifacts::Gather(members) => {
                 let (dir, views) = store.gather(members).map_err(|e| e.to_string())?;
-                crate::guard::reading_gather(spec, &dir);
+                gathers.push(dir.clone());
                 let members: Vec<serde_json::Value> = members
                     .iter()
                     .zip(views)
@@ -329,6 +330,8 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
         launch.set(format!("NEEDLE_IN_{}", env_name(name)), dir);
         inputs_json.insert(name.clone(), entry);
     }
+    // Known before the step can change any of them: see `guard.rs`.
+    crate::guard::reading_inputs(spec, &gathers);
     let inputs_json = serde_json::Value::Object(inputs_json).to_string();
     launch.set(
         "NEEDLE_INPUTS",

@@ -3,7 +3,7 @@
 //! what it changed; the store is repaired before anything else reads those inputs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use needle_core::digest::ArtifactDigest;
@@ -39,6 +39,10 @@ pub async fn after_attempt(
 }
 
 /// [`after_attempt`] for the input views alone.
+///
+/// A view is shared by the steps reading that artifact: when the check of one of them found it
+/// changed (and removed it) while another ran, which of them changed it cannot be told, and
+/// the other read a view that went away under it. Each one's reason then names the other.
 async fn after_views(
     store: &Arc<Store>,
     spec: &AttemptSpec,
@@ -49,7 +53,42 @@ async fn after_views(
     if labels.is_empty() {
         return result;
     }
-    let artifacts: Vec<ArtifactDigest> = labels.keys().copied().collect();
+    // Removed under this attempt by the check of another: not looked at again (gone, or made
+    // again since), but said.
+    let mut under = Vec::new();
+    let mut artifacts = Vec::with_capacity(labels.len());
+    {
+        let log = shared();
+        for (artifact, label) in &labels {
+            match log.views_removed.get(artifact) {
+                Some(r) if r.at >= started && r.node != spec.node => under.push(format!(
+                    "its input `{label}` was found changed while it ran, by the check of `{}`, \
+                     which read it too: either may have changed it",
+                    r.step
+                )),
+                _ => artifacts.push(*artifact),
+            }
+        }
+    }
+    let beside_them = |result: AttemptResult| {
+        if under.is_empty() {
+            return result;
+        }
+        let said = format!(
+            "{} (inputs are read-only, though not to root); the view was removed, and is \
+             rebuilt when next needed",
+            under.join("; ")
+        );
+        match result {
+            AttemptResult::WroteOutside { what } => AttemptResult::WroteOutside {
+                what: format!("{what}; {said}"),
+            },
+            _ => AttemptResult::WroteOutside { what: said },
+        }
+    };
+    if artifacts.is_empty() {
+        return beside_them(result);
+    }
     let checked = match store.check_views(&artifacts, INLINE_BUDGET) {
         Ok(ViewCheck::OverBudget) => {
             let store = store.clone();
@@ -69,12 +108,26 @@ async fn after_views(
     };
     let damage = match checked {
         Ok(ViewCheck::Damaged(damage)) => damage,
-        Ok(_) => return result,
+        Ok(_) => return beside_them(result),
         Err(e) => {
             return AttemptResult::OutputError {
                 error: format!("its inputs could not be checked after it ran: {e}"),
             };
         }
+    };
+    let beside = {
+        let mut log = shared();
+        let removal = Removal {
+            at: now_millis(),
+            node: spec.node,
+            step: spec.step_name.clone(),
+        };
+        let mut beside = std::collections::BTreeSet::new();
+        for d in &damage {
+            log.views_removed.insert(d.artifact, removal.clone());
+            beside.extend(others(log.view_readers.get(&d.artifact), spec.node));
+        }
+        beside.into_iter().collect::<Vec<_>>()
     };
     let store = store.clone();
     let to_repair = damage.clone();
@@ -85,13 +138,19 @@ async fn after_views(
     // the store); it still fails, having read those bytes, but the reason says so.
     let started = std::time::UNIX_EPOCH + std::time::Duration::from_millis(started);
     let before = damage.iter().all(|d| d.at.is_some_and(|at| at < started));
-    let what = describe(&damage, &labels, repaired, !before);
+    let mut what = describe(&damage, &labels, repaired, !before);
     if before {
         return AttemptResult::OutputError {
             error: format!("its inputs were damaged before it started, not by it: {what}"),
         };
     }
-    AttemptResult::WroteOutside { what }
+    if !beside.is_empty() {
+        what.push_str(&format!(
+            "; {} read it too, and either may have changed it",
+            beside.join(", ")
+        ));
+    }
+    beside_them(AttemptResult::WroteOutside { what })
 }
 
 /// What the step did to a gather directory it read (added, removed or renamed an entry, or
@@ -107,11 +166,11 @@ fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<Str
             continue;
         };
         let dir = store.gather_path(members);
-        let mut log = gathers();
-        if let Some((_, _, by)) = log
-            .removed
+        let mut log = shared();
+        if let Some(Removal { step: by, .. }) = log
+            .gathers_removed
             .get(&dir)
-            .filter(|(at, node, _)| *at >= started && *node != spec.node)
+            .filter(|r| r.at >= started && r.node != spec.node)
         {
             return Some(format!(
                 "its input `{name}`, the directory of its gathered members, was found changed \
@@ -127,18 +186,15 @@ fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<Str
             Ok(()) => "it was removed, and is made again when next needed".to_string(),
             Err(e) => format!("removing it failed ({e}); remove `{}`", dir.display()),
         };
-        log.removed.insert(
+        log.gathers_removed.insert(
             dir.clone(),
-            (now_millis(), spec.node, spec.step_name.clone()),
+            Removal {
+                at: now_millis(),
+                node: spec.node,
+                step: spec.step_name.clone(),
+            },
         );
-        let beside: Vec<String> = log
-            .readers
-            .get(&dir)
-            .into_iter()
-            .flatten()
-            .filter(|(node, _)| **node != spec.node)
-            .map(|(_, step)| format!("`{step}`"))
-            .collect();
+        let beside = others(log.gather_readers.get(&dir), spec.node);
         if beside.is_empty() {
             return Some(format!(
                 "it changed its input `{name}`, the directory of its gathered members (inputs \
@@ -155,36 +211,69 @@ fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<Str
     None
 }
 
-/// The gather directories that running attempts read (by node, with the step's name), and
-/// those a check removed: what [`changed_gather`] needs to know of the attempts beside one.
+/// What [`changed_gather`] and [`after_views`] need to know of the attempts beside one: the
+/// gather directories and views that running attempts read (by node, with the step's name),
+/// and those a check removed.
 #[derive(Default)]
-struct Gathers {
-    readers: HashMap<PathBuf, BTreeMap<usize, String>>,
-    /// When, and after which step's attempt (node, name).
-    removed: HashMap<PathBuf, (u64, usize, String)>,
+struct Shared {
+    gather_readers: HashMap<PathBuf, BTreeMap<usize, String>>,
+    view_readers: HashMap<ArtifactDigest, BTreeMap<usize, String>>,
+    gathers_removed: HashMap<PathBuf, Removal>,
+    views_removed: HashMap<ArtifactDigest, Removal>,
 }
 
-fn gathers() -> MutexGuard<'static, Gathers> {
-    static GATHERS: OnceLock<Mutex<Gathers>> = OnceLock::new();
-    GATHERS
+/// When a check removed a damaged gather or view, after which attempt.
+#[derive(Debug, Clone)]
+struct Removal {
+    at: u64,
+    node: usize,
+    step: String,
+}
+
+fn shared() -> MutexGuard<'static, Shared> {
+    static SHARED: OnceLock<Mutex<Shared>> = OnceLock::new();
+    SHARED
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// The attempt `spec` is about to read the gather directory `dir`.
-pub fn reading_gather(spec: &AttemptSpec, dir: &Path) {
-    gathers()
-        .readers
-        .entry(dir.to_path_buf())
-        .or_default()
-        .insert(spec.node, spec.step_name.clone());
+/// The steps other than `me` among `readers`, each as `` `name` ``.
+fn others(readers: Option<&BTreeMap<usize, String>>, me: usize) -> Vec<String> {
+    readers
+        .into_iter()
+        .flatten()
+        .filter(|(node, _)| **node != me)
+        .map(|(_, step)| format!("`{step}`"))
+        .collect()
 }
 
-/// The attempt `spec` has ended and been checked: it reads its gathers no more.
-pub fn done_reading_gathers(spec: &AttemptSpec) {
-    let mut log = gathers();
-    log.readers.retain(|_, readers| {
+/// The attempt `spec` is about to read its inputs, `gathers` being the directories of its
+/// gather inputs.
+pub fn reading_inputs(spec: &AttemptSpec, gathers: &[PathBuf]) {
+    let mut log = shared();
+    for dir in gathers {
+        log.gather_readers
+            .entry(dir.clone())
+            .or_default()
+            .insert(spec.node, spec.step_name.clone());
+    }
+    for artifact in input_labels(spec).into_keys() {
+        log.view_readers
+            .entry(artifact)
+            .or_default()
+            .insert(spec.node, spec.step_name.clone());
+    }
+}
+
+/// The attempt `spec` has ended and been checked: it reads its inputs no more.
+pub fn done_reading_inputs(spec: &AttemptSpec) {
+    let mut log = shared();
+    log.gather_readers.retain(|_, readers| {
+        readers.remove(&spec.node);
+        !readers.is_empty()
+    });
+    log.view_readers.retain(|_, readers| {
         readers.remove(&spec.node);
         !readers.is_empty()
     });

@@ -220,11 +220,11 @@ inputs = { each = "each[*]" }
     assert_eq!(labels, ["n=1", "n=2", "n=3"]);
 }
 
-#[test]
-fn two_steps_reading_one_gather_when_it_changes_each_name_the_other() {
+/// Run `writer`, which writes into its input `each` (= `input`) while `reader` reads the same
+/// (each waits for the other, 30 s at most, so both are running when it changes), and return
+/// the two failures' reasons.
+fn writer_beside_reader(sweep: &str, value: &str, input: &str) -> (String, String) {
     let p = Project::new();
-    // `writer` writes into the gather while `reader` reads it; each waits for the other (for
-    // 30 s at most), so both are running when it changes.
     let wait = |file: &str| {
         format!(
             "i=0; while [ ! -e \\\"$NEEDLE_RECIPE_DIR/{file}\\\" ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done"
@@ -236,23 +236,20 @@ fn two_steps_reading_one_gather_when_it_changes_each_name_the_other() {
             r#"
 [recipe]
 name = "shared"
-
-[sweep]
-n = [1, 2]
-
+{sweep}
 [steps.each]
 op = "exec"
-cmd = ["sh", "-c", "echo ${{n}} > \"$NEEDLE_OUT/n\""]
+cmd = ["sh", "-c", "echo {value} > \"$NEEDLE_OUT/n\""]
 
 [steps.writer]
 op = "exec"
 cmd = ["sh", "-c", "{}; chmod u+w \"$NEEDLE_IN_EACH\"; touch \"$NEEDLE_IN_EACH/extra\" \"$NEEDLE_RECIPE_DIR/written\""]
-inputs = {{ each = "each[*]" }}
+inputs = {{ each = "{input}" }}
 
 [steps.reader]
 op = "exec"
-cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/reading\"; {}; cat \"$NEEDLE_IN_EACH\"/*/n > \"$NEEDLE_OUT/n\""]
-inputs = {{ each = "each[*]" }}
+cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/reading\"; {}; cat \"$NEEDLE_IN_EACH\"/* > \"$NEEDLE_OUT/n\""]
+inputs = {{ each = "{input}" }}
 "#,
             wait("reading"),
             wait("written")
@@ -262,23 +259,23 @@ inputs = {{ each = "each[*]" }}
     assert_eq!(run["failed"], 2, "{run}");
     let status = p.json(&["status", "last"], 0);
     let detail = |step: &str| steps_named(&status, step)[0]["detail"].to_string();
-    // Which check ran first decides the words, not who is named.
-    assert!(
-        detail("writer").contains("`reader`"),
-        "{}",
-        detail("writer")
-    );
-    assert!(
-        detail("reader").contains("`writer`"),
-        "{}",
-        detail("reader")
-    );
-    for step in ["writer", "reader"] {
-        assert!(
-            detail(step).contains("read it too: either may have changed it"),
-            "{}",
-            detail(step)
-        );
+    (detail("writer"), detail("reader"))
+}
+
+#[test]
+fn two_steps_reading_one_input_when_it_changes_each_name_the_other() {
+    // A gather, and a plain input's view: which check ran first decides the words, not who
+    // is named.
+    for (sweep, value, input) in [
+        ("\n[sweep]\nn = [1, 2]\n", "${n}", "each[*]"),
+        ("", "1", "each"),
+    ] {
+        let (writer, reader) = writer_beside_reader(sweep, value, input);
+        assert!(writer.contains("`reader`"), "{writer}");
+        assert!(reader.contains("`writer`"), "{reader}");
+        for said in [&writer, &reader] {
+            assert!(said.contains("either may have changed it"), "{said}");
+        }
     }
 }
 
