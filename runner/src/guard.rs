@@ -60,13 +60,9 @@ async fn after_views(
     {
         let log = shared();
         for (artifact, label) in &labels {
-            match log.views_removed.get(artifact) {
-                Some(r) if r.at >= started && r.node != spec.node => under.push(format!(
-                    "its input `{label}` was found changed while it ran, by the check of `{}`, \
-                     which read it too: either may have changed it",
-                    r.step
-                )),
-                _ => artifacts.push(*artifact),
+            match log.views.removed_under(artifact, spec, started) {
+                Some(by) => under.push(found_by(&format!("its input `{label}`"), by)),
+                None => artifacts.push(*artifact),
             }
         }
     }
@@ -75,8 +71,7 @@ async fn after_views(
             return result;
         }
         let said = format!(
-            "{} (inputs are read-only, though not to root); the view was removed, and is \
-             rebuilt when next needed",
+            "{}; the view was removed, and is rebuilt when next needed",
             under.join("; ")
         );
         match result {
@@ -115,19 +110,13 @@ async fn after_views(
             };
         }
     };
-    let beside = {
+    let beside: Vec<String> = {
         let mut log = shared();
-        let removal = Removal {
-            at: now_millis(),
-            node: spec.node,
-            step: spec.step_name.clone(),
-        };
         let mut beside = std::collections::BTreeSet::new();
         for d in &damage {
-            log.views_removed.insert(d.artifact, removal.clone());
-            beside.extend(others(log.view_readers.get(&d.artifact), spec.node));
+            beside.extend(log.views.remove(d.artifact, spec));
         }
-        beside.into_iter().collect::<Vec<_>>()
+        beside.into_iter().collect()
     };
     let store = store.clone();
     let to_repair = damage.clone();
@@ -166,17 +155,11 @@ fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<Str
             continue;
         };
         let dir = store.gather_path(members);
-        let mut log = shared();
-        if let Some(Removal { step: by, .. }) = log
-            .gathers_removed
-            .get(&dir)
-            .filter(|r| r.at >= started && r.node != spec.node)
-        {
+        let what = format!("its input `{name}`, the directory of its gathered members,");
+        if let Some(by) = shared().gathers.removed_under(&dir, spec, started) {
             return Some(format!(
-                "its input `{name}`, the directory of its gathered members, was found changed \
-                 while it ran, by the check of `{by}`, which read it too: either may have \
-                 changed it (inputs are read-only, though not to root); it was removed, and is \
-                 made again when next needed"
+                "{}; it was removed, and is made again when next needed",
+                found_by(&what, by)
             ));
         }
         if store.gather_intact(&dir) {
@@ -186,15 +169,7 @@ fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<Str
             Ok(()) => "it was removed, and is made again when next needed".to_string(),
             Err(e) => format!("removing it failed ({e}); remove `{}`", dir.display()),
         };
-        log.gathers_removed.insert(
-            dir.clone(),
-            Removal {
-                at: now_millis(),
-                node: spec.node,
-                step: spec.step_name.clone(),
-            },
-        );
-        let beside = others(log.gather_readers.get(&dir), spec.node);
+        let beside = shared().gathers.remove(dir, spec);
         if beside.is_empty() {
             return Some(format!(
                 "it changed its input `{name}`, the directory of its gathered members (inputs \
@@ -202,32 +177,86 @@ fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<Str
             ));
         }
         return Some(format!(
-            "its input `{name}`, the directory of its gathered members, changed while it ran \
-             and {} read it too: either may have changed it (inputs are read-only, though not \
-             to root); {removed}",
+            "{what} changed while it ran and {} read it too: either may have changed it (inputs \
+             are read-only, though not to root); {removed}",
             beside.join(", ")
         ));
     }
     None
 }
 
-/// What [`changed_gather`] and [`after_views`] need to know of the attempts beside one: the
-/// gather directories and views that running attempts read (by node, with the step's name),
-/// and those a check removed.
+/// What [`changed_gather`] and [`after_views`] need to know of the attempts beside one: which
+/// running attempts read each gather directory and each view, and which of those a check
+/// removed.
 #[derive(Default)]
 struct Shared {
-    gather_readers: HashMap<PathBuf, BTreeMap<usize, String>>,
-    view_readers: HashMap<ArtifactDigest, BTreeMap<usize, String>>,
-    gathers_removed: HashMap<PathBuf, Removal>,
-    views_removed: HashMap<ArtifactDigest, Removal>,
+    gathers: Sharing<PathBuf>,
+    views: Sharing<ArtifactDigest>,
 }
 
-/// When a check removed a damaged gather or view, after which attempt.
-#[derive(Debug, Clone)]
+/// Who reads one kind of input now (attempts by node, with their step's name), and which of
+/// those inputs a check removed: when, and after whose attempt.
+struct Sharing<K> {
+    readers: HashMap<K, BTreeMap<usize, String>>,
+    removed: HashMap<K, Removal>,
+}
+
+impl<K> Default for Sharing<K> {
+    fn default() -> Self {
+        Sharing {
+            readers: HashMap::new(),
+            removed: HashMap::new(),
+        }
+    }
+}
+
 struct Removal {
     at: u64,
     node: usize,
     step: String,
+}
+
+impl<K: std::hash::Hash + Eq> Sharing<K> {
+    fn read(&mut self, key: K, spec: &AttemptSpec) {
+        self.readers
+            .entry(key)
+            .or_default()
+            .insert(spec.node, spec.step_name.clone());
+    }
+
+    fn done(&mut self, node: usize) {
+        self.readers.retain(|_, readers| {
+            readers.remove(&node);
+            !readers.is_empty()
+        });
+    }
+
+    /// The step whose check removed `key` after the attempt of `spec` began at `started`.
+    fn removed_under(&self, key: &K, spec: &AttemptSpec, started: u64) -> Option<&str> {
+        self.removed
+            .get(key)
+            .filter(|r| r.at >= started && r.node != spec.node)
+            .map(|r| r.step.as_str())
+    }
+
+    /// The check of `spec` removes `key`: the other steps reading it now, each as `` `name` ``.
+    fn remove(&mut self, key: K, spec: &AttemptSpec) -> Vec<String> {
+        let others = self
+            .readers
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|(node, _)| **node != spec.node)
+            .map(|(_, step)| format!("`{step}`"))
+            .collect();
+        let removal = Removal {
+            at: now_millis(),
+            node: spec.node,
+            step: spec.step_name.clone(),
+        };
+        self.removed.insert(key, removal);
+        others
+    }
 }
 
 fn shared() -> MutexGuard<'static, Shared> {
@@ -238,14 +267,13 @@ fn shared() -> MutexGuard<'static, Shared> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// The steps other than `me` among `readers`, each as `` `name` ``.
-fn others(readers: Option<&BTreeMap<usize, String>>, me: usize) -> Vec<String> {
-    readers
-        .into_iter()
-        .flatten()
-        .filter(|(node, _)| **node != me)
-        .map(|(_, step)| format!("`{step}`"))
-        .collect()
+/// Why a step whose input another step's check removed fails: `what` (its input, named) was
+/// changed under it, by that step or by itself.
+fn found_by(what: &str, by: &str) -> String {
+    format!(
+        "{what} was found changed while it ran, by the check of `{by}`, which read it too: \
+         either may have changed it (inputs are read-only, though not to root)"
+    )
 }
 
 /// The attempt `spec` is about to read its inputs, `gathers` being the directories of its
@@ -253,30 +281,18 @@ fn others(readers: Option<&BTreeMap<usize, String>>, me: usize) -> Vec<String> {
 pub fn reading_inputs(spec: &AttemptSpec, gathers: &[PathBuf]) {
     let mut log = shared();
     for dir in gathers {
-        log.gather_readers
-            .entry(dir.clone())
-            .or_default()
-            .insert(spec.node, spec.step_name.clone());
+        log.gathers.read(dir.clone(), spec);
     }
     for artifact in input_labels(spec).into_keys() {
-        log.view_readers
-            .entry(artifact)
-            .or_default()
-            .insert(spec.node, spec.step_name.clone());
+        log.views.read(artifact, spec);
     }
 }
 
 /// The attempt `spec` has ended and been checked: it reads its inputs no more.
 pub fn done_reading_inputs(spec: &AttemptSpec) {
     let mut log = shared();
-    log.gather_readers.retain(|_, readers| {
-        readers.remove(&spec.node);
-        !readers.is_empty()
-    });
-    log.view_readers.retain(|_, readers| {
-        readers.remove(&spec.node);
-        !readers.is_empty()
-    });
+    log.gathers.done(spec.node);
+    log.views.done(spec.node);
 }
 
 /// Each input artifact and how the step knows it: `data`, or `runs[arch=a]` for a gather member.
