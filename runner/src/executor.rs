@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,12 +124,24 @@ async fn attempt(
         Err(error) => return (AttemptResult::SpawnFailed { error }, None),
     };
     let log = launch.log.clone();
-    let mut command = match local_command(&launch) {
-        Ok(c) => c,
+    let log_file = match open_log(&log) {
+        Ok(f) => f,
         Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
     };
+    let mut launch = launch;
+    // How the reaper finds a step the runner was killed too early to list.
+    launch.set(crate::reaper::ENV, crate::reaper::token());
     crate::reaper::ready();
-    let mut child = match command.spawn() {
+    let spawned = crate::spawn::spawn(&crate::spawn::Spawn {
+        program: &launch.program,
+        argv0: &launch.argv0,
+        args: &launch.args,
+        cwd: &launch.cwd,
+        env: &launch.env,
+        log: std::os::fd::AsFd::as_fd(&log_file),
+    });
+    drop(log_file);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let error = format!("`{}`: {e}", spec.cmd[0]);
@@ -138,7 +149,7 @@ async fn attempt(
             return (AttemptResult::SpawnFailed { error }, Some(staging));
         }
     };
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     // Dropped when this returns, after the group has been killed.
     let _watch = crate::reaper::Watch::new(pid);
     let _ = events.send(Event::Started {
@@ -202,7 +213,7 @@ fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
 }
 
 /// SIGTERM the group, then SIGKILL it if it is still there after [`KILL_GRACE`].
-async fn stop_group(pid: u32, child: &mut tokio::process::Child) {
+async fn stop_group(pid: u32, child: &mut crate::spawn::Child) {
     kill_group(pid, libc::SIGTERM);
     if tokio::time::timeout(KILL_GRACE, child.wait())
         .await
@@ -359,36 +370,15 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
     Ok((staging, launch))
 }
 
-/// The child process of a local attempt, in its own process group.
-fn local_command(launch: &Launch) -> Result<tokio::process::Command, String> {
-    // The log starts in the slot (a reused file when the last attempt wrote nothing) and is
-    // moved under logs/ afterwards if anything was written.
-    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
-    let log_file = fs::OpenOptions::new()
+/// The log of a local attempt: it starts in the slot (a reused file when the last attempt
+/// wrote nothing) and is moved under logs/ afterwards if anything was written.
+fn open_log(path: &Path) -> Result<fs::File, String> {
+    fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&launch.log)
-        .map_err(|e| io("could not create", &launch.log, e))?;
-    let log_err = log_file
-        .try_clone()
-        .map_err(|e| io("could not open", &launch.log, e))?;
-    let mut cmd = tokio::process::Command::new(&launch.program);
-    cmd.arg0(&launch.argv0)
-        .args(&launch.args)
-        .current_dir(&launch.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log_file))
-        .stderr(Stdio::from(log_err))
-        .process_group(0)
-        .kill_on_drop(true);
-    for k in inherited_needle_vars() {
-        cmd.env_remove(k);
-    }
-    cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
-    // How the reaper finds a step the runner was killed too early to list.
-    cmd.env(crate::reaper::ENV, crate::reaper::token());
-    Ok(cmd)
+        .open(path)
+        .map_err(|e| format!("could not create `{}`: {e}", path.display()))
 }
 
 /// The file in a slot where the step's progress lines go (`NEEDLE_PROGRESS`).

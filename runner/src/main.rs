@@ -15,6 +15,7 @@ mod refs;
 mod report;
 mod scheduler;
 mod slurm;
+mod spawn;
 
 use clap::Parser;
 
