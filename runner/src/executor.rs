@@ -448,11 +448,15 @@ fn inputs_env(json: &str, staging: &Path, max: usize) -> std::io::Result<String>
 
 /// Empty a staging slot for its next attempt: `work/` emptied, and `out/` too when `output`
 /// (it may hold files; it does not once its output is absorbed). Emptying rather than
-/// recreating keeps inode churn (slow on ext4) out of every step.
+/// recreating keeps inode churn (slow on ext4) out of every step. A directory left as the
+/// last cleaning left it is not listed again (see [`untouched`]).
 pub fn clean_slot(slot: &Path, output: bool) -> std::io::Result<()> {
     let subs: &[&str] = if output { &["out", "work"] } else { &["work"] };
     for sub in subs {
         let dir = slot.join(sub);
+        if untouched(&dir) {
+            continue;
+        }
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
             if path.symlink_metadata()?.is_dir() {
@@ -462,8 +466,25 @@ pub fn clean_slot(slot: &Path, output: bool) -> std::io::Result<()> {
                 fs::remove_file(&path)?;
             }
         }
+        set_mode(&dir, 0o755)?;
+        needle_core::store::set_store_time(&dir)?;
     }
     Ok(())
+}
+
+/// Whether `dir` is still as [`clean_slot`] left it: empty, 0755, with the store's time. Adding,
+/// removing or renaming an entry sets a directory's modification time to the present, and a
+/// chmod changes its mode, so one `lstat` says so without listing it (most steps write nothing
+/// into their working directory). Only a step that puts the store's time back on its working
+/// directory itself could leave something behind unseen.
+fn untouched(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(dir).is_ok_and(|m| {
+        m.is_dir()
+            && m.mode() & 0o7777 == 0o755
+            && m.nlink() == 2
+            && needle_core::store::has_store_time(&m)
+    })
 }
 
 /// A step may leave read-only directories behind; make them removable.
@@ -519,6 +540,39 @@ mod tests {
         // What a worker makes of both.
         let parsed = needle_ops::context::parse_inputs(json).unwrap();
         assert_eq!(parsed["data"], needle_ops::Input::One(PathBuf::from("/x")));
+    }
+
+    #[test]
+    fn a_cleaned_work_dir_is_listed_again_only_once_something_changed_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let slot = t.path();
+        fs::create_dir(slot.join("out")).unwrap();
+        fs::create_dir(slot.join("work")).unwrap();
+        fs::write(slot.join("work/left"), "x").unwrap();
+        clean_slot(slot, false).unwrap();
+        assert!(untouched(&slot.join("work")));
+        assert_eq!(fs::read_dir(slot.join("work")).unwrap().count(), 0);
+
+        // A file, a directory, or a chmod by the step: each is seen and undone.
+        fs::write(slot.join("work/file"), "x").unwrap();
+        assert!(!untouched(&slot.join("work")));
+        clean_slot(slot, false).unwrap();
+        fs::create_dir_all(slot.join("work/d/e")).unwrap();
+        assert!(!untouched(&slot.join("work")));
+        clean_slot(slot, false).unwrap();
+        fs::set_permissions(slot.join("work"), fs::Permissions::from_mode(0o555)).unwrap();
+        assert!(!untouched(&slot.join("work")));
+        clean_slot(slot, false).unwrap();
+        assert!(untouched(&slot.join("work")));
+        assert_eq!(fs::read_dir(slot.join("work")).unwrap().count(), 0);
+
+        // out/ only when asked.
+        fs::write(slot.join("out/o"), "x").unwrap();
+        clean_slot(slot, false).unwrap();
+        assert!(slot.join("out/o").exists());
+        clean_slot(slot, true).unwrap();
+        assert!(!slot.join("out/o").exists());
     }
 
     #[test]

@@ -92,7 +92,10 @@ use std::time::Duration;
 pub use errors::{StoreError, human_bytes};
 pub use gather::{GATHER_INDEX, GATHER_PREFIX, gather_entry};
 pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};
-pub use guard::{STORE_TIME_SECS, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, store_time};
+pub use guard::{
+    STORE_TIME_SECS, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, has_store_time,
+    set_store_time, store_time,
+};
 pub use lock::LockMode;
 use lock::Purpose;
 pub use read::StoreRead;
