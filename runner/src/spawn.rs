@@ -144,30 +144,23 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
     let mut pid: libc::pid_t = 0;
     // A name without a slash is looked up on PATH, as `Command` does (the engine already looked
     // it up once; a name it did not find fails here as "not found").
-    let search = !program.as_bytes().contains(&b'/');
+    let start = if program.as_bytes().contains(&b'/') {
+        libc::posix_spawn
+    } else {
+        libc::posix_spawnp
+    };
     // SAFETY: every pointer passed lives until the call returns: program, the null-terminated
     // argv and envp arrays (and the strings they point into), the initialised file actions and
     // attributes. posix_spawn reports a failure to exec through its return value.
     let r = unsafe {
-        if search {
-            libc::posix_spawnp(
-                &mut pid,
-                program.as_ptr(),
-                &actions.0,
-                &attr.0,
-                argv.as_ptr(),
-                envp.as_ptr(),
-            )
-        } else {
-            libc::posix_spawn(
-                &mut pid,
-                program.as_ptr(),
-                &actions.0,
-                &attr.0,
-                argv.as_ptr(),
-                envp.as_ptr(),
-            )
-        }
+        start(
+            &mut pid,
+            program.as_ptr(),
+            &actions.0,
+            &attr.0,
+            argv.as_ptr(),
+            envp.as_ptr(),
+        )
     };
     if r != 0 {
         return Err(io::Error::from_raw_os_error(r));
