@@ -84,7 +84,7 @@ for N in $NS; do
   done
   first=$(median "${firsts[@]}")
   plain=$(median "${plains[@]}")
-  first_ratio="$(median "${ratios[@]}") median of $rounds rounds ($(range_of "${ratios[@]}"))"
+  first_ratio="$(ratio "$(median "${ratios[@]}")" 1) median of $rounds rounds ($(range_of "${ratios[@]}"))"
   # The later measurements reuse the first round's store.
   export NEEDLE_STORE=$W/round0/store
   noop=$(t "$NEEDLE" run "$W/recipe.toml" --gpus none -j $JOBS)
