@@ -119,7 +119,7 @@ async fn attempt(
 ) -> (AttemptResult, Option<PathBuf>) {
     // Preparing is a handful of quick filesystem calls: done in place, it costs less than a
     // hand-off to a blocking thread and back.
-    let (staging, launch) = match prepare(store, spec) {
+    let (staging, mut launch) = match prepare(store, spec) {
         Ok(p) => p,
         Err(error) => return (AttemptResult::SpawnFailed { error }, None),
     };
@@ -128,7 +128,6 @@ async fn attempt(
         Ok(f) => f,
         Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
     };
-    let mut launch = launch;
     // How the reaper finds a step the runner was killed too early to list.
     launch.set(crate::reaper::ENV, crate::reaper::token());
     crate::reaper::ready();

@@ -283,8 +283,15 @@ pub fn reading_inputs(spec: &AttemptSpec, gathers: &[PathBuf]) {
     for dir in gathers {
         log.gathers.read(dir.clone(), spec);
     }
-    for artifact in input_labels(spec).into_keys() {
-        log.views.read(artifact, spec);
+    for input in spec.inputs.values() {
+        match input {
+            InputArtifacts::One(a) => log.views.read(*a, spec),
+            InputArtifacts::Gather(members) => {
+                for (_, a) in members {
+                    log.views.read(*a, spec);
+                }
+            }
+        }
     }
 }
 

@@ -3,9 +3,9 @@
 //! `posix_spawn` called directly rather than through `std::process::Command`: for every spawn
 //! that has variables of its own, `Command` copies the runner's whole environment into a map and
 //! each entry into a new string (a good part of the runner's time per trivial step, measured in
-//! BENCHMARKS.md), and opens, duplicates and closes the step's log there and then. Here the
-//! inherited environment is encoded once per runner, the log and `/dev/null` are descriptors the
-//! caller keeps open across attempts, and the exit is awaited on a pidfd.
+//! BENCHMARKS.md), and opens `/dev/null` and duplicates the step's log each time. Here the
+//! inherited environment is encoded once per runner, `/dev/null` is opened once, the caller's
+//! log descriptor goes to both stdout and stderr, and the exit is awaited on a pidfd.
 //!
 //! What the child gets is what `Command` gave it: its own process group, an empty signal mask,
 //! default signal handlers, stdin from `/dev/null`, stdout and stderr into the log, the working
@@ -231,8 +231,9 @@ fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
 fn inherited_env() -> &'static [CString] {
     static ENV: OnceLock<Vec<CString>> = OnceLock::new();
     ENV.get_or_init(|| {
+        let own = crate::executor::inherited_needle_vars();
         std::env::vars_os()
-            .filter(|(k, _)| !k.as_bytes().starts_with(b"NEEDLE_"))
+            .filter(|(k, _)| !own.contains(k))
             .filter_map(|(k, v)| env_entry(&k, &v).ok())
             .collect()
     })
@@ -360,16 +361,39 @@ mod tests {
             "sh",
             &[
                 "-c",
-                "echo out; echo err >&2; pwd; echo \"$A $PATH_SET\"; exit 3",
+                "echo out; echo err >&2; ls; echo \"$A $PATH_SET\"; exit 3",
             ],
             &[("A", "1"), ("PATH_SET", "yes")],
         );
         assert_eq!(status.code(), Some(3));
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "out");
-        assert_eq!(lines[1], "err");
-        assert!(lines[2].starts_with(&std::env::temp_dir().to_string_lossy().to_string()));
-        assert_eq!(lines[3], "1 yes");
+        // The working directory is the one holding the log, and nothing else.
+        assert_eq!(lines, ["out", "err", "log", "1 yes"]);
+    }
+
+    #[test]
+    fn the_child_starts_with_no_blocked_signals_and_sigpipe_at_its_default() {
+        // A blocked signal in the spawning thread, and SIGPIPE ignored (as Rust's runtime
+        // leaves it in this test binary): neither reaches the child.
+        // SAFETY: sigset_t filled in by sigemptyset/sigaddset; the mask is this thread's own.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR1);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+        let (_, out) = run(
+            "sh",
+            &["-c", "grep -E '^Sig(Blk|Ign)' /proc/$$/status"],
+            &[],
+        );
+        let mask = |name: &str| {
+            let line = out.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(mask("SigBlk:"), 0, "{out}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
     }
 
     #[test]
