@@ -140,13 +140,14 @@ async fn attempt(
         log: std::os::fd::AsFd::as_fd(&log_file),
     });
     drop(log_file);
+    let not_started = |e: &dyn std::fmt::Display| {
+        let error = format!("`{}`: {e}", spec.cmd[0]);
+        let _ = append_log(&log, &format!("needle: could not start {error}\n"));
+        AttemptResult::SpawnFailed { error }
+    };
     let mut child = match spawned {
         Ok(c) => c,
-        Err(e) => {
-            let error = format!("`{}`: {e}", spec.cmd[0]);
-            let _ = append_log(&log, &format!("needle: could not start {error}\n"));
-            return (AttemptResult::SpawnFailed { error }, Some(staging));
-        }
+        Err(e) => return (not_started(&e), Some(staging)),
     };
     let pid = child.id();
     // Dropped when this returns, after the group has been killed.
@@ -172,8 +173,9 @@ async fn attempt(
     };
     // The step's own children may outlive it; they belong to its group and go with it.
     kill_group(pid, libc::SIGKILL);
-    let result = match status {
-        Ok(s) => crate::oom::explain(exit_result(s), pid, t0.elapsed()),
+    let result = match &status {
+        Ok(s) => crate::oom::explain(exit_result(*s), pid, t0.elapsed()),
+        Err(e) if let Some(why) = crate::spawn::never_started(e) => not_started(why),
         Err(e) => AttemptResult::SpawnFailed {
             error: format!("waiting for the process failed: {e}"),
         },

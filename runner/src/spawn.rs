@@ -1,15 +1,26 @@
 //! Starting a local step's process, and waiting for it.
 //!
-//! `posix_spawn` called directly rather than through `std::process::Command`: for every spawn
-//! that has variables of its own, `Command` copies the runner's whole environment into a map and
-//! each entry into a new string (a good part of the runner's time per trivial step, measured in
-//! BENCHMARKS.md), and opens `/dev/null` and duplicates the step's log each time. Here the
-//! inherited environment is encoded once per runner, `/dev/null` is opened once, the caller's
-//! log descriptor goes to both stdout and stderr, and the exit is awaited on a pidfd.
+//! Neither `std::process::Command` nor `posix_spawn`: both suspend the calling thread until the
+//! child has called `exec` (they are built on `vfork`), and on a machine whose every CPU runs a
+//! step, the new child often queues behind a step on another CPU while the runner's CPU sits
+//! idle: at N = 10,000 trivial steps, half the idle time of a run (BENCHMARKS.md). `Command`
+//! also copies the runner's whole environment for each spawn, and `posix_spawn` maps and unmaps
+//! a fresh stack each time (a TLB shootdown on every CPU running a runner thread).
+//!
+//! Here the child is a `clone(CLONE_VM)` that shares the runner's memory without suspending it:
+//! it runs on a stack of its own, makes raw system calls only (a libc wrapper would write
+//! `errno`, which is the runner thread's), and reads what the runner prepared for it, which
+//! stays alive and untouched until the child is reaped. (Descriptors, signal handlers, the
+//! working directory are the child's own copies, as after `fork`: it changes them freely, and
+//! the runner may close the log once `spawn` returns.) The inherited environment is encoded
+//! once per runner and `/dev/null` opened once. The exit is awaited on a pidfd; a child that
+//! could not `exec` leaves the reason in shared memory and exits with 127, and [`Child::wait`]
+//! reports it as the error it is.
 //!
 //! What the child gets is what `Command` gave it: its own process group, an empty signal mask,
-//! default signal handlers, stdin from `/dev/null`, stdout and stderr into the log, the working
-//! directory, argv with its own `argv[0]`, and a program name without a `/` searched on `PATH`.
+//! default signal handlers (ignored signals stay ignored, except SIGPIPE, which Rust ignores),
+//! stdin from `/dev/null`, stdout and stderr into the log, the working directory, argv with
+//! its own `argv[0]`, and a program name without a `/` searched on `PATH` as `execvp` does.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -19,8 +30,17 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use tokio::io::unix::AsyncFd;
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+compile_error!(
+    "needle's local executor starts steps with Linux system calls for x86_64 or aarch64"
+);
 
 /// What to start.
 pub struct Spawn<'a> {
@@ -41,6 +61,8 @@ pub struct Child {
     pid: libc::pid_t,
     exit: Exit,
     reaped: bool,
+    /// What the child runs on until it execs; released once it has exec'd or exited.
+    pad: Option<Box<Launchpad>>,
 }
 
 /// How the end of a child is noticed: its pidfd becomes readable; where the kernel has no
@@ -55,7 +77,9 @@ impl Child {
         self.pid as u32
     }
 
-    /// Wait for the process to end and reap it.
+    /// Wait for the process to end and reap it. A process that never ran its program (it
+    /// could not `exec`: not found, not executable, no such working directory…) is an error
+    /// of kind [`io::ErrorKind`] of that reason, wrapped in [`NotStarted`].
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
             // A pidfd registered after its process ended is reported ready at once.
@@ -80,7 +104,15 @@ impl Child {
             0 => Ok(None),
             r if r == self.pid => {
                 self.reaped = true;
-                Ok(Some(ExitStatus::from_raw(status)))
+                // Gone, so no longer running on the launchpad.
+                let pad = self
+                    .pad
+                    .take()
+                    .expect("a child keeps its launchpad until reaped");
+                match pad.args.error.load(Ordering::Acquire) {
+                    0 => Ok(Some(ExitStatus::from_raw(status))),
+                    errno => Err(not_started(errno)),
+                }
             }
             _ => {
                 let e = io::Error::last_os_error();
@@ -102,69 +134,45 @@ impl Drop for Child {
             // exits, which is what dropping an unfinished attempt means.
             let _ = self.try_wait();
         }
+        if let Some(pad) = self.pad.take() {
+            // The kernel clears `running` once the child has exec'd or exited; until then it
+            // may still be on this memory, which then must never be reused.
+            if pad.args.running.load(Ordering::Acquire) != 0 {
+                Box::leak(pad);
+            }
+        }
     }
 }
 
-/// Start `spec` as a child in its own process group.
+/// The error [`Child::wait`] returns for a process that could not start its program.
+#[derive(Debug)]
+pub struct NotStarted(pub io::Error);
+
+impl std::fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for NotStarted {}
+
+fn not_started(errno: i32) -> io::Error {
+    let e = io::Error::from_raw_os_error(errno);
+    io::Error::new(e.kind(), NotStarted(e))
+}
+
+/// Whether `e` (from [`Child::wait`]) says the program never started, and why.
+pub fn never_started(e: &io::Error) -> Option<&io::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<NotStarted>())
+        .map(|n| &n.0)
+}
+
+/// Start `spec` as a child in its own process group. Returns once the child exists; whether
+/// its program started, [`Child::wait`] tells.
 pub fn spawn(spec: &Spawn) -> io::Result<Child> {
-    let program = cstring(spec.program.as_os_str())?;
-    let mut argv_owned = Vec::with_capacity(spec.args.len() + 1);
-    argv_owned.push(cstring(OsStr::new(spec.argv0))?);
-    for a in spec.args {
-        argv_owned.push(cstring(OsStr::new(a))?);
-    }
-    let argv = null_terminated(&argv_owned);
-
-    let own: Vec<CString> = spec
-        .env
-        .iter()
-        .map(|(k, v)| env_entry(OsStr::new(k), v))
-        .collect::<io::Result<_>>()?;
-    let base = inherited_env();
-    let mut envp: Vec<*mut libc::c_char> = Vec::with_capacity(base.len() + own.len() + 1);
-    for entry in base {
-        let name = entry_name(entry.as_bytes());
-        if !spec.env.iter().any(|(k, _)| k.as_bytes() == name) {
-            envp.push(entry.as_ptr() as *mut _);
-        }
-    }
-    envp.extend(own.iter().map(|c| c.as_ptr() as *mut libc::c_char));
-    envp.push(std::ptr::null_mut());
-    let cwd = cstring(spec.cwd.as_os_str())?;
-
-    let null = dev_null()?;
-    let log = spec.log.as_raw_fd();
-    let mut actions = FileActions::new()?;
-    actions.dup2(null, 0)?;
-    actions.dup2(log, 1)?;
-    actions.dup2(log, 2)?;
-    actions.chdir(&cwd)?;
-    let attr = Attr::new()?;
-
-    let mut pid: libc::pid_t = 0;
-    // A name without a slash is looked up on PATH, as `Command` does (the engine already looked
-    // it up once; a name it did not find fails here as "not found").
-    let start = if program.as_bytes().contains(&b'/') {
-        libc::posix_spawn
-    } else {
-        libc::posix_spawnp
-    };
-    // SAFETY: every pointer passed lives until the call returns: program, the null-terminated
-    // argv and envp arrays (and the strings they point into), the initialised file actions and
-    // attributes. posix_spawn reports a failure to exec through its return value.
-    let r = unsafe {
-        start(
-            &mut pid,
-            program.as_ptr(),
-            &actions.0,
-            &attr.0,
-            argv.as_ptr(),
-            envp.as_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
+    let mut pad = Launchpad::new(spec)?;
+    let pid = pad.launch()?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     let exit = if pidfd >= 0 {
@@ -182,7 +190,293 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
         pid,
         exit,
         reaped: false,
+        pad: Some(pad),
     })
+}
+
+/// Bytes of stack the child runs on until it execs: a few raw system calls deep.
+const CHILD_STACK: usize = 16 * 1024;
+
+/// Everything the child reads or writes before it execs, in one allocation that outlives it.
+struct Launchpad {
+    args: ChildArgs,
+    stack: Vec<u128>,
+    // Owners of what `args` points into.
+    _programs: Vec<CString>,
+    _program_ptrs: Vec<*const libc::c_char>,
+    _argv: Vec<CString>,
+    _argv_ptrs: Vec<*mut libc::c_char>,
+    _env: Vec<CString>,
+    _envp: Vec<*mut libc::c_char>,
+    _cwd: CString,
+}
+
+// SAFETY: the raw pointers point into the Launchpad's own buffers (or the runner's encoded
+// environment, alive for the whole process); nothing else holds them.
+unsafe impl Send for Launchpad {}
+
+/// What the child reads between `clone` and `exec`.
+#[repr(C)]
+struct ChildArgs {
+    /// Null-terminated list of paths to exec, tried in order as `execvp` does.
+    programs: *const *const libc::c_char,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+    cwd: *const libc::c_char,
+    stdin: libc::c_int,
+    log: libc::c_int,
+    /// The errno of the call that failed, set by a child that could not exec.
+    error: AtomicI32,
+    /// Non-zero until the child has exec'd or exited (`CLONE_CHILD_CLEARTID`).
+    running: AtomicI32,
+}
+
+impl Launchpad {
+    fn new(spec: &Spawn) -> io::Result<Box<Launchpad>> {
+        let program = cstring(spec.program.as_os_str())?;
+        // Where exec looks, in order: the program itself, or each `PATH` entry for a bare name.
+        let programs = if program.as_bytes().contains(&b'/') {
+            vec![program]
+        } else {
+            on_path(program.as_bytes())
+        };
+        let program_ptrs: Vec<*const libc::c_char> = programs
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let mut argv = Vec::with_capacity(spec.args.len() + 1);
+        argv.push(cstring(OsStr::new(spec.argv0))?);
+        for a in spec.args {
+            argv.push(cstring(OsStr::new(a))?);
+        }
+        let argv_ptrs = null_terminated(&argv);
+        let env: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| env_entry(OsStr::new(k), v))
+            .collect::<io::Result<_>>()?;
+        let base = inherited_env();
+        let mut envp: Vec<*mut libc::c_char> = Vec::with_capacity(base.len() + env.len() + 1);
+        for entry in base {
+            let name = entry_name(entry.as_bytes());
+            if !spec.env.iter().any(|(k, _)| k.as_bytes() == name) {
+                envp.push(entry.as_ptr() as *mut _);
+            }
+        }
+        envp.extend(env.iter().map(|c| c.as_ptr() as *mut libc::c_char));
+        envp.push(std::ptr::null_mut());
+        let cwd = cstring(spec.cwd.as_os_str())?;
+        Ok(Box::new(Launchpad {
+            args: ChildArgs {
+                programs: program_ptrs.as_ptr(),
+                argv: argv_ptrs.as_ptr(),
+                envp: envp.as_ptr(),
+                cwd: cwd.as_ptr(),
+                stdin: dev_null()?,
+                log: spec.log.as_raw_fd(),
+                error: AtomicI32::new(0),
+                running: AtomicI32::new(1),
+            },
+            stack: vec![0; CHILD_STACK / 16],
+            _programs: programs,
+            _program_ptrs: program_ptrs,
+            _argv: argv,
+            _argv_ptrs: argv_ptrs,
+            _env: env,
+            _envp: envp,
+            _cwd: cwd,
+        }))
+    }
+
+    /// `clone(CLONE_VM)` running [`child_main`] on this pad. Signals are blocked around it, so
+    /// the child starts with all of them blocked and no handler of ours runs in it before it
+    /// has reset them.
+    fn launch(&mut self) -> io::Result<libc::pid_t> {
+        let top = self.stack.as_mut_ptr_range().end as *mut libc::c_void;
+        let args = &mut self.args as *mut ChildArgs;
+        // SAFETY: sigset_t values are filled in by sigfillset/pthread_sigmask before use, and
+        // the masks are this thread's. The child gets `args` and a stack that live in this
+        // Launchpad, which the Child keeps until the child is reaped (or leaks, see its Drop);
+        // child_main makes raw system calls only and never returns.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                child_main,
+                top,
+                libc::CLONE_VM | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD,
+                args as *mut libc::c_void,
+                std::ptr::null_mut::<libc::pid_t>(),
+                std::ptr::null_mut::<libc::c_void>(),
+                (*args).running.as_ptr(),
+            );
+            let error = io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if pid < 0 {
+                return Err(error);
+            }
+            // The child makes its group itself, but maybe not yet: made here too, a signal to
+            // the group from now on reaches it (as shells do). Once the child has exec'd this
+            // fails, the group being made.
+            libc::setpgid(pid, pid);
+            Ok(pid)
+        }
+    }
+}
+
+/// The child, from `clone` to `exec`, on memory the runner shares with it: raw system calls
+/// only, and no write but to its own stack and `args.error`. A failure leaves its errno there
+/// and exits with 127.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the ChildArgs of a Launchpad that outlives this child, which the runner
+    // does not touch meanwhile; every pointer in it is valid, lists are null-terminated.
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        let fail = |r: isize| -> ! {
+            a.error.store((-r).max(1) as i32, Ordering::Release);
+            // exit_group does not return.
+            loop {
+                raw::syscall1(libc::SYS_exit_group, 127);
+            }
+        };
+        // The runner's handlers must not run here: every caught signal goes back to its
+        // default, ignored ones stay ignored, and SIGPIPE (which Rust ignores) goes to its
+        // default, as a shell starts a program. The kernel's struct sigaction starts with the
+        // handler on every architecture; all zeros is SIG_DFL with no flags.
+        let dfl = [0u64; 4];
+        for sig in 1..=64usize {
+            if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
+                continue;
+            }
+            if sig != libc::SIGPIPE as usize {
+                let mut old = [0u64; 4];
+                let r = raw::syscall4(libc::SYS_rt_sigaction, sig, 0, old.as_mut_ptr() as usize, 8);
+                if r != 0 || old[0] as usize == libc::SIG_DFL || old[0] as usize == libc::SIG_IGN {
+                    continue;
+                }
+            }
+            raw::syscall4(libc::SYS_rt_sigaction, sig, dfl.as_ptr() as usize, 0, 8);
+        }
+        let r = raw::syscall2(libc::SYS_setpgid, 0, 0);
+        if r != 0 {
+            fail(r);
+        }
+        for (from, to) in [(a.stdin, 0), (a.log, 1), (a.log, 2)] {
+            // dup3 refuses to copy a descriptor onto itself; that one only loses CLOEXEC.
+            let r = if from == to {
+                raw::syscall3(libc::SYS_fcntl, to as usize, libc::F_SETFD as usize, 0)
+            } else {
+                raw::syscall3(libc::SYS_dup3, from as usize, to as usize, 0)
+            };
+            if r < 0 {
+                fail(r);
+            }
+        }
+        let r = raw::syscall1(libc::SYS_chdir, a.cwd as usize);
+        if r != 0 {
+            fail(r);
+        }
+        let empty = 0u64;
+        raw::syscall4(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as usize,
+            &empty as *const u64 as usize,
+            0,
+            8,
+        );
+        // As execvp: the first that is not missing wins; permission denied only if none ran.
+        let mut denied = false;
+        let mut p = a.programs;
+        while !(*p).is_null() {
+            let r = raw::syscall3(
+                libc::SYS_execve,
+                *p as usize,
+                a.argv as usize,
+                a.envp as usize,
+            );
+            match -r as i32 {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR => {}
+                _ => fail(r),
+            }
+            p = p.add(1);
+        }
+        fail(-(if denied { libc::EACCES } else { libc::ENOENT }) as isize)
+    }
+}
+
+/// System calls without libc: a libc wrapper that fails sets `errno`, which in a child sharing
+/// the runner's memory (and thread pointer) is the runner thread's own. Each returns the
+/// kernel's result: the value, or minus the errno.
+mod raw {
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn syscall4(n: libc::c_long, a1: usize, a2: usize, a3: usize, a4: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the caller passes a system call and arguments valid for it.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") n as isize => ret,
+                in("rdi") a1, in("rsi") a2, in("rdx") a3, in("r10") a4,
+                lateout("rcx") _, lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    pub unsafe fn syscall4(n: libc::c_long, a1: usize, a2: usize, a3: usize, a4: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the caller passes a system call and arguments valid for it.
+        unsafe {
+            std::arch::asm!(
+                "svc 0",
+                in("x8") n,
+                inlateout("x0") a1 as isize => ret,
+                in("x1") a2, in("x2") a3, in("x3") a4,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    pub unsafe fn syscall3(n: libc::c_long, a1: usize, a2: usize, a3: usize) -> isize {
+        // SAFETY: as syscall4; the kernel ignores the unused argument.
+        unsafe { syscall4(n, a1, a2, a3, 0) }
+    }
+
+    pub unsafe fn syscall2(n: libc::c_long, a1: usize, a2: usize) -> isize {
+        // SAFETY: as syscall4.
+        unsafe { syscall4(n, a1, a2, 0, 0) }
+    }
+
+    pub unsafe fn syscall1(n: libc::c_long, a1: usize) -> isize {
+        // SAFETY: as syscall4.
+        unsafe { syscall4(n, a1, 0, 0, 0) }
+    }
+}
+
+/// `dir/name` for each directory on the runner's `PATH` (`/bin:/usr/bin` where it has none),
+/// as `execvp` searches.
+fn on_path(name: &[u8]) -> Vec<CString> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/bin:/usr/bin"));
+    path.as_bytes()
+        .split(|&b| b == b':')
+        .filter_map(|dir| {
+            let mut full = Vec::with_capacity(dir.len() + name.len() + 1);
+            // An empty entry is the working directory.
+            full.extend_from_slice(dir);
+            if !dir.is_empty() {
+                full.push(b'/');
+            }
+            full.extend_from_slice(name);
+            CString::new(full).ok()
+        })
+        .collect()
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
@@ -247,79 +541,6 @@ fn dev_null() -> io::Result<libc::c_int> {
     }
     let fd: OwnedFd = std::fs::File::open("/dev/null")?.into();
     Ok(NULL.get_or_init(|| fd).as_raw_fd())
-}
-
-struct FileActions(libc::posix_spawn_file_actions_t);
-
-impl FileActions {
-    fn new() -> io::Result<FileActions> {
-        // SAFETY: a zeroed struct is what posix_spawn_file_actions_init expects to fill in.
-        let mut a = FileActions(unsafe { std::mem::zeroed() });
-        check(unsafe { libc::posix_spawn_file_actions_init(&mut a.0) })?;
-        Ok(a)
-    }
-
-    fn dup2(&mut self, from: libc::c_int, to: libc::c_int) -> io::Result<()> {
-        // SAFETY: initialised in `new`; the descriptors are plain integers here.
-        check(unsafe { libc::posix_spawn_file_actions_adddup2(&mut self.0, from, to) })
-    }
-
-    fn chdir(&mut self, dir: &CString) -> io::Result<()> {
-        // SAFETY: initialised in `new`; glibc copies the path.
-        check(unsafe { libc::posix_spawn_file_actions_addchdir_np(&mut self.0, dir.as_ptr()) })
-    }
-}
-
-impl Drop for FileActions {
-    fn drop(&mut self) {
-        // SAFETY: initialised in `new`, destroyed once.
-        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
-    }
-}
-
-struct Attr(libc::posix_spawnattr_t);
-
-impl Attr {
-    /// A new process group, an empty signal mask, and SIGPIPE at its default (handlers are
-    /// reset to the default by posix_spawn itself; ignored signals stay ignored).
-    fn new() -> io::Result<Attr> {
-        // SAFETY: zeroed structs, filled in by their init functions before any other use.
-        let mut a = Attr(unsafe { std::mem::zeroed() });
-        unsafe {
-            check(libc::posix_spawnattr_init(&mut a.0))?;
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            check(libc::posix_spawnattr_setsigmask(&mut a.0, &empty))?;
-            let mut pipe: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut pipe);
-            libc::sigaddset(&mut pipe, libc::SIGPIPE);
-            check(libc::posix_spawnattr_setsigdefault(&mut a.0, &pipe))?;
-            check(libc::posix_spawnattr_setpgroup(&mut a.0, 0))?;
-            let flags = libc::POSIX_SPAWN_SETPGROUP
-                | libc::POSIX_SPAWN_SETSIGMASK
-                | libc::POSIX_SPAWN_SETSIGDEF;
-            check(libc::posix_spawnattr_setflags(
-                &mut a.0,
-                flags as libc::c_short,
-            ))?;
-        }
-        Ok(a)
-    }
-}
-
-impl Drop for Attr {
-    fn drop(&mut self) {
-        // SAFETY: initialised in `new`, destroyed once.
-        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
-    }
-}
-
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(r))
-    }
 }
 
 #[cfg(test)]
@@ -417,21 +638,105 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_program_is_an_error() {
+    fn a_program_that_cannot_start_is_an_error_of_its_kind() {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        for program in ["/no/such/program", "no-such-program-anywhere"] {
-            let e = spawn(&Spawn {
-                program: Path::new(program),
-                argv0: program,
-                args: &[],
-                cwd: dir.path(),
-                env: &[],
-                log: log.as_fd(),
-            })
-            .err()
-            .expect("spawning fails");
-            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{program}: {e}");
+        let script = dir.path().join("not-executable");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let missing_dir = dir.path().join("gone");
+        for (program, cwd, kind) in [
+            ("/no/such/program", dir.path(), io::ErrorKind::NotFound),
+            (
+                "no-such-program-anywhere",
+                dir.path(),
+                io::ErrorKind::NotFound,
+            ),
+            (
+                script.to_str().unwrap(),
+                dir.path(),
+                io::ErrorKind::PermissionDenied,
+            ),
+            ("sh", missing_dir.as_path(), io::ErrorKind::NotFound),
+        ] {
+            let e = rt.block_on(async {
+                let mut child = spawn(&Spawn {
+                    program: Path::new(program),
+                    argv0: program,
+                    args: &[],
+                    cwd,
+                    env: &[],
+                    log: log.as_fd(),
+                })
+                .unwrap();
+                child.wait().await.expect_err("it never starts")
+            });
+            let why = never_started(&e).unwrap_or_else(|| panic!("{program}: {e:?}"));
+            assert_eq!(why.kind(), kind, "{program} in {}: {why}", cwd.display());
+        }
+        assert_eq!(std::fs::read_to_string(dir.path().join("log")).unwrap(), "");
+    }
+
+    #[test]
+    fn the_child_has_its_group_as_soon_as_spawn_returns() {
+        // The group is signalled right away: the child must already be in it, or the step
+        // would run on untouched.
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for _ in 0..50 {
+            let status = rt.block_on(async {
+                let mut child = spawn(&Spawn {
+                    program: Path::new("sleep"),
+                    argv0: "sleep",
+                    args: &["30".to_string()],
+                    cwd: dir.path(),
+                    env: &[],
+                    log: log.as_fd(),
+                })
+                .unwrap();
+                crate::executor::kill_group(child.id(), libc::SIGKILL);
+                child.wait().await.unwrap()
+            });
+            assert_eq!(status.signal(), Some(libc::SIGKILL));
+        }
+    }
+
+    #[test]
+    fn many_children_at_once_each_get_their_own_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut children = Vec::new();
+            for i in 0..64 {
+                let log = std::fs::File::create(dir.path().join(format!("log{i}"))).unwrap();
+                let child = spawn(&Spawn {
+                    program: Path::new("sh"),
+                    argv0: "sh",
+                    args: &["-c".to_string(), format!("echo {i} $N")],
+                    cwd: dir.path(),
+                    env: &[("N".to_string(), OsString::from(format!("n{i}")))],
+                    log: log.as_fd(),
+                })
+                .unwrap();
+                children.push(child);
+            }
+            for mut c in children {
+                assert!(c.wait().await.unwrap().success());
+            }
+        });
+        for i in 0..64 {
+            let out = std::fs::read_to_string(dir.path().join(format!("log{i}"))).unwrap();
+            assert_eq!(out, format!("{i} n{i}\n"));
         }
     }
 

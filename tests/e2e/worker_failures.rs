@@ -389,3 +389,49 @@ inputs = {{ after = "tamper" }}
         "hello\n"
     );
 }
+
+/// A program that cannot start at all — not on `PATH`, or a script without the execute bit —
+/// fails its step with the reason; the other branches finish.
+#[test]
+fn a_program_that_cannot_start_fails_its_step_with_the_reason() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "cannot-start"
+
+[steps.missing]
+op = "exec"
+cmd = ["no-such-program-anywhere", "--help"]
+
+[steps.denied]
+op = "exec"
+cmd = ["./tool.sh"]
+code = ["tool.sh"]
+
+[steps.fine]
+op = "exec"
+cmd = ["sh", "-c", "echo ok > \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    // Not executable: copied into the working directory with the user's mode.
+    p.write("tool.sh", "#!/bin/sh\necho never\n");
+    let out = p.needle(&["run", "recipe.toml", "--json"]);
+    assert_code(&out, 1);
+    let err = stderr(&out);
+    for said in [
+        "could not start: `no-such-program-anywhere`: No such file or directory",
+        "could not start: `./tool.sh`: Permission denied",
+    ] {
+        assert!(err.contains(said), "`{said}` not in:\n{err}");
+    }
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run["executed"], 1, "{run}");
+    assert_eq!(run["failed"], 2, "{run}");
+    let log = stdout(&p.needle(&["logs", "1:missing"]));
+    assert!(
+        log.contains("needle: could not start `no-such-program-anywhere`"),
+        "{log}"
+    );
+}
