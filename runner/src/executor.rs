@@ -213,7 +213,8 @@ fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
     }
 }
 
-/// SIGTERM the group, then SIGKILL it if it is still there after [`KILL_GRACE`].
+/// SIGTERM the group, then SIGKILL it if its leader is still there after [`KILL_GRACE`];
+/// whatever remains of the group then goes too.
 async fn stop_group(pid: u32, child: &mut crate::spawn::Child) {
     kill_group(pid, libc::SIGTERM);
     if tokio::time::timeout(KILL_GRACE, child.wait())
@@ -223,6 +224,9 @@ async fn stop_group(pid: u32, child: &mut crate::spawn::Child) {
         kill_group(pid, libc::SIGKILL);
         let _ = child.wait().await;
     }
+    // The leader may have gone at SIGTERM while one of its own children (a trainer saving a
+    // checkpoint) lingers: it goes too.
+    kill_group(pid, libc::SIGKILL);
 }
 
 /// Signal the process group led by `pid` (each step leads its own group).

@@ -20,7 +20,9 @@
 //! What the child gets is what `Command` gave it: its own process group, an empty signal mask,
 //! default signal handlers (ignored signals stay ignored, except SIGPIPE, which Rust ignores),
 //! stdin from `/dev/null`, stdout and stderr into the log, the working directory, argv with
-//! its own `argv[0]`, and a program name without a `/` searched on `PATH` as `execvp` does.
+//! its own `argv[0]`, and a program name without a `/` searched on the runner's `PATH` as
+//! `execvp` searches (the engine has looked it up there already; a script without a `#!` line
+//! is not run by `/bin/sh` instead, as `posix_spawn` did not either).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -79,7 +81,7 @@ impl Child {
 
     /// Wait for the process to end and reap it. A process that never ran its program (it
     /// could not `exec`: not found, not executable, no such working directory…) is an error
-    /// of kind [`io::ErrorKind`] of that reason, wrapped in [`NotStarted`].
+    /// of the [`io::ErrorKind`] of that reason, holding a [`NotStarted`] that says where.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
             // A pidfd registered after its process ended is reported ready at once.
@@ -111,7 +113,7 @@ impl Child {
                     .expect("a child keeps its launchpad until reaped");
                 match pad.args.error.load(Ordering::Acquire) {
                     0 => Ok(Some(ExitStatus::from_raw(status))),
-                    errno => Err(not_started(errno)),
+                    errno => Err(not_started(errno, pad.args.stage.load(Ordering::Relaxed))),
                 }
             }
             _ => {
@@ -144,28 +146,52 @@ impl Drop for Child {
     }
 }
 
-/// The error [`Child::wait`] returns for a process that could not start its program.
+/// What a child does before its program runs, in order; which one failed says why it did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Stage {
+    Group = 1,
+    Descriptors = 2,
+    Directory = 3,
+    Program = 4,
+}
+
+/// The error [`Child::wait`] returns for a process that could not start its program: the
+/// system's error, and where it met it.
 #[derive(Debug)]
-pub struct NotStarted(pub io::Error);
+pub struct NotStarted {
+    pub error: io::Error,
+    pub stage: Stage,
+}
 
 impl std::fmt::Display for NotStarted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        match self.stage {
+            Stage::Program => self.error.fmt(f),
+            Stage::Directory => write!(f, "entering its working directory: {}", self.error),
+            Stage::Descriptors => write!(f, "redirecting its output: {}", self.error),
+            Stage::Group => write!(f, "making its process group: {}", self.error),
+        }
     }
 }
 
 impl std::error::Error for NotStarted {}
 
-fn not_started(errno: i32) -> io::Error {
-    let e = io::Error::from_raw_os_error(errno);
-    io::Error::new(e.kind(), NotStarted(e))
+fn not_started(errno: i32, stage: i32) -> io::Error {
+    let error = io::Error::from_raw_os_error(errno);
+    let stage = match stage {
+        1 => Stage::Group,
+        2 => Stage::Descriptors,
+        3 => Stage::Directory,
+        _ => Stage::Program,
+    };
+    io::Error::new(error.kind(), NotStarted { error, stage })
 }
 
 /// Whether `e` (from [`Child::wait`]) says the program never started, and why.
-pub fn never_started(e: &io::Error) -> Option<&io::Error> {
+pub fn never_started(e: &io::Error) -> Option<&NotStarted> {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<NotStarted>())
-        .map(|n| &n.0)
 }
 
 /// Start `spec` as a child in its own process group. Returns once the child exists; whether
@@ -173,25 +199,27 @@ pub fn never_started(e: &io::Error) -> Option<&io::Error> {
 pub fn spawn(spec: &Spawn) -> io::Result<Child> {
     let mut pad = Launchpad::new(spec)?;
     let pid = pad.launch()?;
+    // Owned by a Child from here on: should anything below unwind, its Drop keeps the pad
+    // (leaked) while the child may still run on it.
+    let mut child = Child {
+        pid,
+        exit: Exit::Poll,
+        reaped: false,
+        pad: Some(pad),
+    };
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let exit = if pidfd >= 0 {
+    if pidfd >= 0 {
         // SAFETY: the descriptor was just returned to us and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
         // SAFETY: an OwnedFd's descriptor stays open, and the same, until it is dropped.
-        match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
-            Ok(fd) => Exit::Pidfd(fd),
-            Err(_) => Exit::Poll,
+        if let Ok(fd) =
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        {
+            child.exit = Exit::Pidfd(fd);
         }
-    } else {
-        Exit::Poll
-    };
-    Ok(Child {
-        pid,
-        exit,
-        reaped: false,
-        pad: Some(pad),
-    })
+    }
+    Ok(child)
 }
 
 /// Bytes of stack the child runs on until it execs: a few raw system calls deep.
@@ -227,6 +255,8 @@ struct ChildArgs {
     log: libc::c_int,
     /// The errno of the call that failed, set by a child that could not exec.
     error: AtomicI32,
+    /// Which of the child's steps failed (a [`Stage`]), with `error`.
+    stage: AtomicI32,
     /// Non-zero until the child has exec'd or exited (`CLONE_CHILD_CLEARTID`).
     running: AtomicI32,
 }
@@ -276,6 +306,7 @@ impl Launchpad {
                 stdin: dev_null()?,
                 log: spec.log.as_raw_fd(),
                 error: AtomicI32::new(0),
+                stage: AtomicI32::new(0),
                 running: AtomicI32::new(1),
             },
             stack: vec![0; CHILD_STACK / 16],
@@ -335,7 +366,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // does not touch meanwhile; every pointer in it is valid, lists are null-terminated.
     unsafe {
         let a = &*(arg as *const ChildArgs);
-        let fail = |r: isize| -> ! {
+        let fail = |stage: Stage, r: isize| -> ! {
+            a.stage.store(stage as i32, Ordering::Relaxed);
             a.error.store((-r).max(1) as i32, Ordering::Release);
             // exit_group does not return.
             loop {
@@ -362,7 +394,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         let r = raw::syscall2(libc::SYS_setpgid, 0, 0);
         if r != 0 {
-            fail(r);
+            fail(Stage::Group, r);
         }
         for (from, to) in [(a.stdin, 0), (a.log, 1), (a.log, 2)] {
             // dup3 refuses to copy a descriptor onto itself; that one only loses CLOEXEC.
@@ -372,12 +404,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 raw::syscall3(libc::SYS_dup3, from as usize, to as usize, 0)
             };
             if r < 0 {
-                fail(r);
+                fail(Stage::Descriptors, r);
             }
         }
         let r = raw::syscall1(libc::SYS_chdir, a.cwd as usize);
         if r != 0 {
-            fail(r);
+            fail(Stage::Directory, r);
         }
         let empty = 0u64;
         raw::syscall4(
@@ -399,12 +431,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             );
             match -r as i32 {
                 libc::EACCES => denied = true,
-                libc::ENOENT | libc::ENOTDIR => {}
-                _ => fail(r),
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                _ => fail(Stage::Program, r),
             }
             p = p.add(1);
         }
-        fail(-(if denied { libc::EACCES } else { libc::ENOENT }) as isize)
+        let e = if denied { libc::EACCES } else { libc::ENOENT };
+        fail(Stage::Program, -e as isize)
     }
 }
 
@@ -604,9 +637,14 @@ mod tests {
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         }
+        // Read by the shell itself, with builtins: a shell blocks every signal while it forks,
+        // so a `grep` it forked could see that mask instead of the one it started with.
         let (_, out) = run(
             "sh",
-            &["-c", "grep -E '^Sig(Blk|Ign)' /proc/$$/status"],
+            &[
+                "-c",
+                "while read -r l; do case $l in Sig*) echo \"$l\";; esac; done < /proc/self/status",
+            ],
             &[],
         );
         let mask = |name: &str| {
@@ -675,7 +713,20 @@ mod tests {
                 child.wait().await.expect_err("it never starts")
             });
             let why = never_started(&e).unwrap_or_else(|| panic!("{program}: {e:?}"));
-            assert_eq!(why.kind(), kind, "{program} in {}: {why}", cwd.display());
+            assert_eq!(
+                why.error.kind(),
+                kind,
+                "{program} in {}: {why}",
+                cwd.display()
+            );
+            let in_missing_dir = cwd == missing_dir.as_path();
+            assert_eq!(why.stage == Stage::Directory, in_missing_dir, "{why:?}");
+            assert_eq!(
+                why.to_string()
+                    .starts_with("entering its working directory: "),
+                in_missing_dir,
+                "{why}"
+            );
         }
         assert_eq!(std::fs::read_to_string(dir.path().join("log")).unwrap(), "");
     }

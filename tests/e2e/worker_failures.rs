@@ -435,3 +435,40 @@ cmd = ["sh", "-c", "echo ok > \"$NEEDLE_OUT/v\""]
         "{log}"
     );
 }
+
+/// A timed-out step whose leader exits at SIGTERM while a process it started ignores it: that
+/// process is killed at once, not left running (holding a GPU) for as long as the run lasts.
+#[test]
+fn a_time_out_leaves_nothing_of_the_step_running() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "time-out-group"
+
+[steps.slow]
+op = "exec"
+cmd = ["sh", "-c", "sh -c 'trap \"\" TERM; echo $$ > \"$NEEDLE_RECIPE_DIR/survivor\"; while :; do sleep 0.1; done' & exec sleep 60"]
+timeout = "1s"
+
+# Keeps the run going past the time-out, and looks at the survivor meanwhile.
+[steps.watch]
+op = "exec"
+cmd = ["sh", "-c", "sleep 3; pid=$(cat \"$NEEDLE_RECIPE_DIR/survivor\"); if [ -e /proc/$pid ] && ! grep -q ') Z' /proc/$pid/stat; then echo running; else echo gone; fi > \"$NEEDLE_RECIPE_DIR/state\"; echo x > \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    let out = p.needle(&["run", "recipe.toml", "-j", "2"]);
+    assert_code(&out, 1);
+    assert!(
+        stderr(&out).contains("timed out after 1s"),
+        "{}",
+        stderr(&out)
+    );
+    let state = std::fs::read_to_string(p.path("state")).unwrap();
+    assert_eq!(
+        state.trim(),
+        "gone",
+        "the process that ignored SIGTERM still ran 2 s after its step timed out"
+    );
+}
