@@ -12,9 +12,9 @@
 //!
 //! Why a shared table: writing a slot is a store to memory. A message per step start and end
 //! cost a `send` each and woke the reaper each time, about a tenth of a 1,000-step run of
-//! trivial steps (BENCHMARKS.md). Why not `PR_SET_PDEATHSIG` in a `pre_exec` hook: a hook makes
-//! std fork the runner instead of spawning with `posix_spawn` (a vfork), and a fork copies the
-//! runner's page tables — at 10,000 steps that cost more than the steps themselves.
+//! trivial steps (BENCHMARKS.md). Why not `PR_SET_PDEATHSIG` in the child before its `exec`
+//! (`spawn.rs` could make the call): it fires when the *thread* that started the step ends, not
+//! the runner, and it does not reach what the step itself starts in its group.
 //!
 //! A step is spawned before its slot can be written. For a runner killed in between, every
 //! step also carries this runner's token in its environment ([`ENV`]), and the reaper kills the
@@ -269,8 +269,8 @@ pub fn serve(mut runner: impl Read, table: &[AtomicU32], token: &str) -> i32 {
 ///
 /// A process in the middle of its exec cannot be judged yet: the kernel releases a spawning
 /// parent once the child's new memory is in place, but publishes where its environment lies
-/// only afterwards, so for that moment `/proc/PID/environ` reads empty (and a vfork child that
-/// has not exec'd yet shows its parent's). The scan is repeated, a few milliseconds apart,
+/// only afterwards, so for that moment `/proc/PID/environ` reads empty (and a child that has
+/// not exec'd yet, sharing the runner's memory, shows the runner's). The scan is repeated, a few milliseconds apart,
 /// until one pass finds no process with an empty environment (bounded: a process may have
 /// been started with none) and at least two passes have been made.
 fn kill_carriers(entry: &str) {
