@@ -270,9 +270,10 @@ pub fn serve(mut runner: impl Read, table: &[AtomicU32], token: &str) -> i32 {
 /// A process in the middle of its exec cannot be judged yet: the kernel releases a spawning
 /// parent once the child's new memory is in place, but publishes where its environment lies
 /// only afterwards, so for that moment `/proc/PID/environ` reads empty (and a child that has
-/// not exec'd yet, sharing the runner's memory, shows the runner's). The scan is repeated, a few milliseconds apart,
-/// until one pass finds no process with an empty environment (bounded: a process may have
-/// been started with none) and at least two passes have been made.
+/// not exec'd yet, sharing the runner's memory, shows the runner's). The scan is repeated, a
+/// few milliseconds apart, until one pass finds no process with an empty environment
+/// (bounded: a process may have been started with none) and at least two passes have been
+/// made.
 fn kill_carriers(entry: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     for pass in 0.. {

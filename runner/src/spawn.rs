@@ -3,7 +3,7 @@
 //! Neither `std::process::Command` nor `posix_spawn`: both suspend the calling thread until the
 //! child has called `exec` (they are built on `vfork`), and on a machine whose every CPU runs a
 //! step, the new child often queues behind a step on another CPU while the runner's CPU sits
-//! idle: at N = 10,000 trivial steps, half the idle time of a run (BENCHMARKS.md). `Command`
+//! idle: at N = 10,000 trivial steps, over 40 % of the idle time of a run (BENCHMARKS.md). `Command`
 //! also copies the runner's whole environment for each spawn, and `posix_spawn` maps and unmaps
 //! a fresh stack each time (a TLB shootdown on every CPU running a runner thread).
 //!
@@ -113,7 +113,11 @@ impl Child {
                     .expect("a child keeps its launchpad until reaped");
                 match pad.args.error.load(Ordering::Acquire) {
                     0 => Ok(Some(ExitStatus::from_raw(status))),
-                    errno => Err(not_started(errno, pad.args.stage.load(Ordering::Relaxed))),
+                    errno => Err(not_started(
+                        errno,
+                        pad.args.stage.load(Ordering::Relaxed),
+                        &pad.cwd,
+                    )),
                 }
             }
             _ => {
@@ -162,13 +166,20 @@ pub enum Stage {
 pub struct NotStarted {
     pub error: io::Error,
     pub stage: Stage,
+    /// The working directory it was to run in.
+    pub dir: std::path::PathBuf,
 }
 
 impl std::fmt::Display for NotStarted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.stage {
             Stage::Program => self.error.fmt(f),
-            Stage::Directory => write!(f, "entering its working directory: {}", self.error),
+            Stage::Directory => write!(
+                f,
+                "entering its working directory `{}`: {}",
+                self.dir.display(),
+                self.error
+            ),
             Stage::Descriptors => write!(f, "redirecting its output: {}", self.error),
             Stage::Group => write!(f, "making its process group: {}", self.error),
         }
@@ -177,15 +188,16 @@ impl std::fmt::Display for NotStarted {
 
 impl std::error::Error for NotStarted {}
 
-fn not_started(errno: i32, stage: i32) -> io::Error {
+fn not_started(errno: i32, stage: i32, dir: &CString) -> io::Error {
     let error = io::Error::from_raw_os_error(errno);
+    let dir = std::path::PathBuf::from(OsStr::from_bytes(dir.as_bytes()));
     let stage = match stage {
         1 => Stage::Group,
         2 => Stage::Descriptors,
         3 => Stage::Directory,
         _ => Stage::Program,
     };
-    io::Error::new(error.kind(), NotStarted { error, stage })
+    io::Error::new(error.kind(), NotStarted { error, stage, dir })
 }
 
 /// Whether `e` (from [`Child::wait`]) says the program never started, and why.
@@ -236,7 +248,7 @@ struct Launchpad {
     _argv_ptrs: Vec<*mut libc::c_char>,
     _env: Vec<CString>,
     _envp: Vec<*mut libc::c_char>,
-    _cwd: CString,
+    cwd: CString,
 }
 
 // SAFETY: the raw pointers point into the Launchpad's own buffers (or the runner's encoded
@@ -316,7 +328,7 @@ impl Launchpad {
             _argv_ptrs: argv_ptrs,
             _env: env,
             _envp: envp,
-            _cwd: cwd,
+            cwd,
         }))
     }
 
@@ -359,8 +371,8 @@ impl Launchpad {
 }
 
 /// The child, from `clone` to `exec`, on memory the runner shares with it: raw system calls
-/// only, and no write but to its own stack and `args.error`. A failure leaves its errno there
-/// and exits with 127.
+/// only, and no write but to its own stack, `args.error` and `args.stage`. A failure leaves
+/// its errno and stage there and exits with 127.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the ChildArgs of a Launchpad that outlives this child, which the runner
     // does not touch meanwhile; every pointer in it is valid, lists are null-terminated.
@@ -581,6 +593,13 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("log");
@@ -590,10 +609,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), OsString::from(v)))
             .collect();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let status = rt.block_on(async {
             let mut child = spawn(&Spawn {
                 program: Path::new(program),
@@ -681,10 +697,7 @@ mod tests {
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let script = dir.path().join("not-executable");
         std::fs::write(&script, "#!/bin/sh\n").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let missing_dir = dir.path().join("gone");
         for (program, cwd, kind) in [
             ("/no/such/program", dir.path(), io::ErrorKind::NotFound),
@@ -721,12 +734,11 @@ mod tests {
             );
             let in_missing_dir = cwd == missing_dir.as_path();
             assert_eq!(why.stage == Stage::Directory, in_missing_dir, "{why:?}");
-            assert_eq!(
-                why.to_string()
-                    .starts_with("entering its working directory: "),
-                in_missing_dir,
-                "{why}"
+            let said = format!(
+                "entering its working directory `{}`: ",
+                missing_dir.display()
             );
+            assert_eq!(why.to_string().starts_with(&said), in_missing_dir, "{why}");
         }
         assert_eq!(std::fs::read_to_string(dir.path().join("log")).unwrap(), "");
     }
@@ -737,10 +749,7 @@ mod tests {
         // would run on untouched.
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         for _ in 0..50 {
             let status = rt.block_on(async {
                 let mut child = spawn(&Spawn {
@@ -762,10 +771,7 @@ mod tests {
     #[test]
     fn many_children_at_once_each_get_their_own_arguments() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let mut children = Vec::new();
             for i in 0..64 {
