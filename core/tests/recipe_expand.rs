@@ -7,7 +7,7 @@ mod common;
 
 use common::catalog;
 use needle_core::recipe::{
-    Expansion, Instance, InstanceInput, Recipe, RecipeSource, SetArg, expand, parse,
+    Expansion, GpuRequest, Instance, InstanceInput, Recipe, RecipeSource, SetArg, expand, parse,
 };
 use serde_json::{Value, json};
 
@@ -582,7 +582,13 @@ timeout = 90
     let gen_step = &r.steps[0];
     assert_eq!(gen_step.op, "exec");
     assert_eq!(gen_step.code, ["src/lib.rs", "src"]);
-    assert_eq!(gen_step.resources.gpus, 1);
+    assert_eq!(
+        gen_step.resources.gpus,
+        GpuRequest::Whole {
+            count: 1,
+            mem_gb: None
+        }
+    );
     assert_eq!(gen_step.resources.cpus, 2);
     assert_eq!(gen_step.resources.mem_gb, 4.5);
     assert_eq!(gen_step.retries.count, 2);
@@ -602,7 +608,7 @@ timeout = 90
 
     let fit = &r.steps[1];
     assert_eq!(fit.op_version, 3);
-    assert_eq!(fit.resources.gpus, 0);
+    assert_eq!(fit.resources.gpus, GpuRequest::None);
     assert_eq!(fit.resources.cpus, 1);
     assert_eq!(fit.resources.mem_gb, 8.0);
     assert_eq!(fit.retries.count, 3);
@@ -611,4 +617,55 @@ timeout = 90
     assert_eq!(fit.inputs["data"].step, "gen");
     assert!(!fit.inputs["data"].gather);
     assert!(fit.vars_used.is_empty());
+}
+
+#[test]
+fn gpu_requests_whole_shares_and_memory() {
+    let step = |resources: &str| {
+        let text = format!(
+            "[recipe]\nname = \"t\"\n[steps.a]\nop = \"exec\"\ncmd = [\"true\"]\nresources = {resources}\n"
+        );
+        let r = parse_with(&text, &[]);
+        let span = r.steps[0].resource_spans.get("gpu_mem_gb").cloned();
+        (r.steps[0].resources.gpus, span.map(|s| text[s].to_string()))
+    };
+    assert_eq!(step("{ gpus = 0 }").0, GpuRequest::None);
+    assert_eq!(step("{ cpus = 2 }").0, GpuRequest::None);
+    assert_eq!(
+        step("{ gpus = 2.0 }").0,
+        GpuRequest::Whole {
+            count: 2,
+            mem_gb: None
+        }
+    );
+    assert_eq!(
+        step("{ gpus = 0.25 }").0,
+        GpuRequest::Part {
+            share: Some(0.25),
+            mem_gb: None
+        }
+    );
+    let (gpus, span) = step("{ gpus = 0.5, gpu_mem_gb = 6 }");
+    assert_eq!(
+        gpus,
+        GpuRequest::Part {
+            share: Some(0.5),
+            mem_gb: Some(6.0)
+        }
+    );
+    assert_eq!(span.as_deref(), Some("6"));
+    assert_eq!(
+        step("{ gpu_mem_gb = 2.5 }").0,
+        GpuRequest::Part {
+            share: None,
+            mem_gb: Some(2.5)
+        }
+    );
+    assert_eq!(
+        step("{ gpus = 1, gpu_mem_gb = 40 }").0,
+        GpuRequest::Whole {
+            count: 1,
+            mem_gb: Some(40.0)
+        }
+    );
 }

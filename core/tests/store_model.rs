@@ -161,6 +161,8 @@ impl Model {
             ended: 20,
             output,
             gpus: vec![],
+            gpu_share: None,
+            gpu_mem_gb: None,
             cpus: 1,
             log: Store::log_rel_path(&key, run, 1),
             job: None,

@@ -99,9 +99,20 @@ pub struct RecipeArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ExecArgs {
-    /// GPUs to schedule onto: auto, none, a count (`4`: ids 0-3), or ids (`0,2`).
+    /// GPUs to schedule onto: auto, none, a count (`4`: ids 0-3), or devices (`0,2`,
+    /// `GPU-<uuid>`, `MIG-<uuid>`).
     #[arg(long, default_value = "auto")]
     pub gpus: GpuSpec,
+
+    /// Memory of each GPU, in GB, for packing steps by `gpu_mem_gb` (default: what
+    /// nvidia-smi says of real GPUs; fake ids have none).
+    #[arg(long, value_name = "GB", value_parser = parse_gpu_mem)]
+    pub gpu_mem: Option<f64>,
+
+    /// Run the GPU steps as clients of a CUDA MPS server that needle starts for the run
+    /// (`nvidia-cuda-mps-control`), so steps sharing a GPU run their kernels side by side.
+    #[arg(long)]
+    pub mps: bool,
 
     /// CPU slots (default: the number of CPUs).
     #[arg(short = 'j', long)]
@@ -170,9 +181,13 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub recipe: RecipeArgs,
 
-    /// GPUs the run would have (for the resource check).
+    /// GPUs the run would have (for the resource check and the packing shown).
     #[arg(long, default_value = "auto")]
     pub gpus: GpuSpec,
+
+    /// Memory of each GPU, in GB (as `needle run --gpu-mem`).
+    #[arg(long, value_name = "GB", value_parser = parse_gpu_mem)]
+    pub gpu_mem: Option<f64>,
 
     /// List every unique step, not one line per recipe step.
     #[arg(long)]
@@ -340,4 +355,14 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
+}
+
+/// `--gpu-mem`: a positive number of GB.
+fn parse_gpu_mem(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),
+        _ => Err(format!(
+            "`{s}` is not a GPU memory size (expected a positive number of GB, like 80)"
+        )),
+    }
 }

@@ -32,9 +32,10 @@ use needle_core::store::{
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::executor::{self, AttemptEnd, AttemptSpec, InputArtifacts};
+use crate::executor::{self, AttemptEnd, AttemptSpec, Held, InputArtifacts};
+use crate::gpus::Gpu;
 use crate::progress::{Progress, RunningStep};
-use crate::scheduler::{Grant, Pool, ReadyQueue, Shape};
+use crate::scheduler::{GpuGrant, Grant, Pool, ReadyQueue, Shape};
 use crate::slurm::{Slurm, SlurmConfig};
 
 /// What reaches the loop from outside.
@@ -85,7 +86,8 @@ impl std::fmt::Debug for Executor {
 pub struct EngineOptions {
     /// Run through Slurm, configured so; `None`: locally.
     pub slurm: Option<SlurmConfig>,
-    pub gpus: Vec<u32>,
+    /// The GPUs local steps may be given; empty: steps asking for GPUs run on the CPU.
+    pub gpus: Vec<Gpu>,
     pub cpus: u32,
     pub mem_mb: u64,
     /// Step names whose instances execute even when cached.
@@ -207,7 +209,10 @@ impl Engine {
             Some(config) => Executor::Slurm(Arc::new(Slurm::new(config.clone(), store.root()))),
         };
         let pool = match &executor {
-            Executor::Local => Pool::new(&opts.gpus, opts.cpus, opts.mem_mb),
+            Executor::Local => {
+                let memory: Vec<Option<u64>> = opts.gpus.iter().map(|g| g.mem_mb).collect();
+                Pool::new(&memory, opts.cpus, opts.mem_mb)
+            }
             // One token per job in flight: Slurm places jobs, needle only throttles them.
             Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
         };
@@ -520,10 +525,10 @@ impl Engine {
             Executor::Local => Shape::of(
                 &self.plan.nodes[i].resources,
                 self.opts.cpus,
-                self.opts.gpus.len() as u32,
+                !self.opts.gpus.is_empty(),
             ),
             Executor::Slurm(_) => Shape {
-                gpus: 0,
+                gpus: crate::scheduler::GpuNeed::None,
                 cpus: 1,
                 mem_mb: 0,
             },
@@ -635,13 +640,13 @@ impl Engine {
                 }
             },
         };
-        // The resources a Slurm job asks for are the step's own; the grant is a job token.
-        let step_grant = match self.executor {
-            Executor::Local => grant.clone(),
-            Executor::Slurm(_) => Grant {
-                gpus: Vec::new(),
+        // The resources a Slurm job asks for are the step's own; the grant is a job token,
+        // and Slurm names the GPUs.
+        let held = match self.executor {
+            Executor::Local => self.held(&grant, &node.resources),
+            Executor::Slurm(_) => Held {
                 cpus: node.resources.cpus.max(1),
-                mem_mb: (node.resources.mem_gb * 1024.0).ceil() as u64,
+                ..Held::default()
             },
         };
         let attempt_spec = AttemptSpec {
@@ -656,7 +661,8 @@ impl Engine {
             code: node.code.iter().map(|(p, d)| (p.clone(), *d)).collect(),
             inputs,
             params: node.params.clone(),
-            grant: step_grant,
+            held,
+            builtin: node.kind == OpKind::Builtin,
             timeout: node.timeout,
             log_rel: Store::log_rel_path(&key, self.record.id, attempt),
             recipe_dir: self.plan.recipe.source.dir.clone(),
@@ -667,7 +673,15 @@ impl Engine {
             started: now_millis(),
             ended: 0,
             result: AttemptResult::Interrupted,
-            gpus: grant.gpus.clone(),
+            gpus: attempt_spec.held.gpus.clone(),
+            // A part's share; whole GPUs and memory alone have none to record.
+            gpu_share: matches!(grant.gpu, GpuGrant::Part { .. })
+                .then_some(attempt_spec.held.gpu_share)
+                .flatten(),
+            // What it asked for; the environment also says what a share of a known GPU is.
+            gpu_mem_gb: (!attempt_spec.held.gpus.is_empty())
+                .then(|| node.resources.gpus.mem_gb())
+                .flatten(),
             log: attempt_spec.log_rel.clone(),
             job: None,
         });
@@ -698,6 +712,41 @@ impl Engine {
                     self.events_tx.clone(),
                 ));
             }
+        }
+    }
+
+    /// What a local step holds of `grant`, as it will see it.
+    fn held(&self, grant: &Grant, asked: &needle_core::recipe::Resources) -> Held {
+        let gpus: Vec<&Gpu> = grant
+            .gpu
+            .gpus()
+            .iter()
+            .map(|&g| &self.opts.gpus[g])
+            .collect();
+        let capacity_gb = gpus
+            .first()
+            .and_then(|g| g.mem_mb)
+            .map(|mb| mb as f64 / 1024.0);
+        let (gpu_share, gpu_mem_gb, gpu_mem_fraction) = match grant.gpu {
+            GpuGrant::None => (None, None, None),
+            GpuGrant::Whole(_) => (Some(1.0), asked.gpus.mem_gb().or(capacity_gb), None),
+            GpuGrant::Part { units, .. } => {
+                let share = (units > 0).then(|| asked_share(asked));
+                let asked_gb = asked.gpus.mem_gb();
+                let gb = asked_gb.or_else(|| Some(share? * capacity_gb?));
+                let fraction = match (asked_gb, capacity_gb) {
+                    (Some(gb), Some(cap)) => Some((gb / cap).min(1.0)),
+                    _ => share,
+                };
+                (share, gb, fraction)
+            }
+        };
+        Held {
+            gpus: gpus.iter().map(|g| g.id.clone()).collect(),
+            gpu_share,
+            gpu_mem_gb,
+            gpu_mem_fraction,
+            cpus: grant.cpus,
         }
     }
 
@@ -748,6 +797,8 @@ impl Engine {
                     ended: attempt.ended,
                     output: ArtifactDigest::from_bytes([0; 32]),
                     gpus: attempt.gpus.clone(),
+                    gpu_share: attempt.gpu_share,
+                    gpu_mem_gb: attempt.gpu_mem_gb,
                     cpus: match self.executor {
                         Executor::Local => running.grant.cpus,
                         Executor::Slurm(_) => node.resources.cpus.max(1),
@@ -966,6 +1017,16 @@ impl Engine {
         self.store.put_run(&self.record)?;
         self.progress.done(&outcome);
         Ok((outcome, self.record))
+    }
+}
+
+/// The share a step asked for, as it wrote it (the pool counts it in [`SHARE_UNITS`]).
+fn asked_share(asked: &needle_core::recipe::Resources) -> f64 {
+    match asked.gpus {
+        needle_core::recipe::GpuRequest::Part {
+            share: Some(share), ..
+        } => share,
+        _ => 1.0,
     }
 }
 

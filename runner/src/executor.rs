@@ -17,7 +17,6 @@ use needle_core::value::{Value, render_plain};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{Event, Handle};
-use crate::scheduler::Grant;
 
 /// How long a process group gets between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -38,13 +37,32 @@ pub struct AttemptSpec {
     pub code: Vec<(String, BlobDigest)>,
     pub inputs: BTreeMap<String, InputArtifacts>,
     pub params: BTreeMap<String, Value>,
-    pub grant: Grant,
+    pub held: Held,
+    /// A built-in op (`needle-worker`): its caching allocator is capped to its GPU share.
+    pub builtin: bool,
     pub timeout: Option<Duration>,
     /// Where the log goes under the store root, if the attempt writes any.
     pub log_rel: String,
     pub recipe_dir: PathBuf,
     /// A clean staging slot (`out/` and `work/` empty): see [`new_slot`], [`clean_slot`].
     pub slot: PathBuf,
+}
+
+/// What an attempt holds, as its step sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Held {
+    /// Its devices, as `CUDA_VISIBLE_DEVICES` names them.
+    pub gpus: Vec<String>,
+    /// The share of its GPUs' compute it holds: 1 for whole GPUs, in (0, 1) for a share of
+    /// one; `None` for no GPU, or part of one asked for by memory alone.
+    pub gpu_share: Option<f64>,
+    /// The GPU memory it may use, in GB, where known: what it asked for, else its share of
+    /// its GPU's memory, else (whole GPUs) the memory of one.
+    pub gpu_mem_gb: Option<f64>,
+    /// The part of its GPU's memory it may use, for part of a GPU whose memory is known, or
+    /// when it asked for none: its share.
+    pub gpu_mem_fraction: Option<f64>,
+    pub cpus: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +85,7 @@ pub struct AttemptEnd {
     pub log: Option<String>,
     /// The GPUs it really had, where the executor learns them only from the attempt (a
     /// Slurm job); `None`: those of its grant.
-    pub gpus: Option<Vec<u32>>,
+    pub gpus: Option<Vec<String>>,
     /// The batch job it ran as.
     pub job: Option<needle_core::store::JobPlacement>,
 }
@@ -358,7 +376,6 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
         launch.set(format!("NEEDLE_PARAM_{}", env_name(name)), render_plain(v));
     }
     let params = Value::Object(spec.params.clone().into_iter().collect());
-    let gpus: Vec<String> = spec.grant.gpus.iter().map(u32::to_string).collect();
     launch.set("NEEDLE_PARAMS", needle_core::canonical::to_string(&params));
     launch.set("NEEDLE_OUT", out);
     launch.set("NEEDLE_SEED", spec.key.seed().to_string());
@@ -369,10 +386,44 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
     launch.set("NEEDLE_RECIPE_DIR", &spec.recipe_dir);
     launch.set("NEEDLE_PROGRESS", progress);
     launch.set("NEEDLE_RESUME", store.resume_path(&spec.key));
-    launch.set("NEEDLE_CPUS", spec.grant.cpus.to_string());
-    launch.set("OMP_NUM_THREADS", spec.grant.cpus.to_string());
-    launch.set("CUDA_VISIBLE_DEVICES", gpus.join(","));
+    launch.set("NEEDLE_CPUS", spec.held.cpus.to_string());
+    launch.set("OMP_NUM_THREADS", spec.held.cpus.to_string());
+    set_gpu_env(&mut launch, &spec.held, spec.builtin);
     Ok((staging, launch))
+}
+
+/// `CUDA_VISIBLE_DEVICES` names exactly the step's devices (empty: none, so the CPU), and
+/// `NEEDLE_GPU_SHARE` / `NEEDLE_GPU_MEM_GB` say how much of them it holds. Indices mean what
+/// `nvidia-smi` says (PCI bus order) unless the runner's environment chose an order itself.
+/// A built-in op's caching allocator is capped to its part of the GPU's memory (torch reads
+/// `per_process_memory_fraction` from `PYTORCH_CUDA_ALLOC_CONF`, added to what the user set).
+fn set_gpu_env(launch: &mut Launch, held: &Held, builtin: bool) {
+    launch.set("CUDA_VISIBLE_DEVICES", held.gpus.join(","));
+    if held.gpus.is_empty() {
+        return;
+    }
+    if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+        launch.set("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    }
+    if let Some(share) = held.gpu_share {
+        launch.set("NEEDLE_GPU_SHARE", share.to_string());
+    }
+    if let Some(gb) = held.gpu_mem_gb {
+        launch.set(
+            "NEEDLE_GPU_MEM_GB",
+            format!("{gb:.3}")
+                .trim_end_matches('0')
+                .trim_end_matches('.'),
+        );
+    }
+    if let (true, Some(fraction)) = (builtin, held.gpu_mem_fraction) {
+        let cap = format!("per_process_memory_fraction:{fraction:.4}");
+        let conf = match std::env::var("PYTORCH_CUDA_ALLOC_CONF") {
+            Ok(user) if !user.trim().is_empty() => format!("{user},{cap}"),
+            _ => cap,
+        };
+        launch.set("PYTORCH_CUDA_ALLOC_CONF", conf);
+    }
 }
 
 /// The log of a local attempt: it starts in the slot (a reused file when the last attempt

@@ -2,19 +2,80 @@
 //!
 //! Preconditions for a step to start: it is ready (every input committed, its key not in the
 //! store) and its shape (GPUs, CPU slots, memory) fits what is free. Among those, the step with
-//! the longest remaining path to a sink starts first; ties go to the larger GPU count (big
+//! the longest remaining path to a sink starts first; ties go to the larger GPU need (big
 //! allocations are hardest to place later), then to the earlier step. A step that does not fit
 //! never blocks smaller ones behind it (backfilling).
+//!
+//! GPUs are packed, never over-committed: a step holding whole GPUs holds them alone; a step
+//! asking for part of a GPU (a share of its compute, an amount of its memory, or both) goes on
+//! one GPU that has that much of both left and is not held whole, the fullest such GPU first
+//! (best fit), so that empty GPUs stay free for whole-GPU steps.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap};
 
-use needle_core::recipe::Resources;
+use needle_core::recipe::{GpuRequest, Resources};
+
+/// A GPU's compute, counted in these units: 720,720 is divisible by every k up to 16, so
+/// `gpus = 1/k` written to enough digits packs exactly k steps on a GPU.
+pub const SHARE_UNITS: u32 = 720_720;
+
+/// The units of a share in (0, 1): rounded to the nearest, at least one.
+pub fn share_units(share: f64) -> u32 {
+    ((share * SHARE_UNITS as f64).round() as u32).clamp(1, SHARE_UNITS)
+}
+
+/// What a step needs of the GPUs, in the units the pool counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GpuNeed {
+    None,
+    /// `count` GPUs held alone, each with at least `mem_mb` of memory.
+    Whole {
+        count: u32,
+        mem_mb: u64,
+    },
+    /// Part of one GPU: `units` of its compute (0: memory only) and `mem_mb` of its memory.
+    Part {
+        units: u32,
+        mem_mb: u64,
+    },
+}
+
+impl GpuNeed {
+    pub fn of(r: &GpuRequest) -> GpuNeed {
+        let mb = |gb: Option<f64>| gb.map_or(0, gb_to_mb);
+        match *r {
+            GpuRequest::None => GpuNeed::None,
+            GpuRequest::Whole { count, mem_gb } => GpuNeed::Whole {
+                count,
+                mem_mb: mb(mem_gb),
+            },
+            GpuRequest::Part { share, mem_gb } => GpuNeed::Part {
+                units: share.map_or(0, share_units),
+                mem_mb: mb(mem_gb),
+            },
+        }
+    }
+
+    /// How much GPU this is, for ranking ties: whole GPUs count all their units.
+    fn weight(&self) -> u64 {
+        match *self {
+            GpuNeed::None => 0,
+            GpuNeed::Whole { count, .. } => count as u64 * SHARE_UNITS as u64,
+            GpuNeed::Part { units, .. } => units as u64,
+        }
+    }
+}
+
+/// GB as the pool counts memory: MB, rounded up.
+pub fn gb_to_mb(gb: f64) -> u64 {
+    (gb * 1024.0).ceil() as u64
+}
 
 /// What a step needs, in the units the pool counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Shape {
-    pub gpus: u32,
+    pub gpus: GpuNeed,
     pub cpus: u32,
     pub mem_mb: u64,
 }
@@ -23,11 +84,34 @@ impl Shape {
     /// The shape of `r`, with CPU slots clamped to what the pool has (a step asking for more
     /// CPUs than the machine has still runs, alone). In a run without any GPU, a step asking
     /// for GPUs runs on the CPU: the ops fall back to it when `CUDA_VISIBLE_DEVICES` is empty.
-    pub fn of(r: &Resources, total_cpus: u32, total_gpus: u32) -> Shape {
+    pub fn of(r: &Resources, total_cpus: u32, has_gpus: bool) -> Shape {
         Shape {
-            gpus: if total_gpus == 0 { 0 } else { r.gpus },
+            gpus: if has_gpus {
+                GpuNeed::of(&r.gpus)
+            } else {
+                GpuNeed::None
+            },
             cpus: r.cpus.clamp(1, total_cpus.max(1)),
-            mem_mb: (r.mem_gb * 1024.0).ceil() as u64,
+            mem_mb: gb_to_mb(r.mem_gb),
+        }
+    }
+}
+
+/// The GPUs a step holds while it runs, as indices into the run's GPU list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuGrant {
+    None,
+    Whole(Vec<usize>),
+    Part { gpu: usize, units: u32, mem_mb: u64 },
+}
+
+impl GpuGrant {
+    /// Indices of the GPUs it runs on.
+    pub fn gpus(&self) -> Vec<usize> {
+        match self {
+            GpuGrant::None => Vec::new(),
+            GpuGrant::Whole(gpus) => gpus.clone(),
+            GpuGrant::Part { gpu, .. } => vec![*gpu],
         }
     }
 }
@@ -35,59 +119,135 @@ impl Shape {
 /// The resources a step holds while it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    pub gpus: Vec<u32>,
+    pub gpu: GpuGrant,
     pub cpus: u32,
     pub mem_mb: u64,
 }
 
-/// Free resources. GPUs are concrete ids; CPU slots and memory are counts.
+/// One GPU of the pool.
+#[derive(Debug, Clone)]
+struct Device {
+    /// Its memory, where known; a step asking for GPU memory never goes on one that is not.
+    capacity_mb: Option<u64>,
+    /// Held whole by a step.
+    whole: bool,
+    /// Compute units and memory not held by the steps sharing it.
+    free_units: u32,
+    free_mem_mb: u64,
+    /// Steps sharing it now.
+    parts: u32,
+}
+
+impl Device {
+    fn empty(&self) -> bool {
+        !self.whole && self.parts == 0
+    }
+
+    fn holds_whole(&self, mem_mb: u64) -> bool {
+        self.empty() && (mem_mb == 0 || self.capacity_mb.is_some_and(|c| c >= mem_mb))
+    }
+
+    fn holds_part(&self, units: u32, mem_mb: u64) -> bool {
+        !self.whole
+            && self.free_units >= units
+            && (mem_mb == 0 || (self.capacity_mb.is_some() && self.free_mem_mb >= mem_mb))
+    }
+}
+
+/// Free resources. GPUs are the run's devices by index; CPU slots and memory are counts.
 #[derive(Debug, Clone)]
 pub struct Pool {
-    free_gpus: BTreeSet<u32>,
+    gpus: Vec<Device>,
     free_cpus: u32,
     free_mem_mb: u64,
 }
 
 impl Pool {
-    pub fn new(gpus: &[u32], cpus: u32, mem_mb: u64) -> Pool {
+    /// A pool of the GPUs whose memory (MB, where known) `gpu_mem_mb` lists, in that order.
+    pub fn new(gpu_mem_mb: &[Option<u64>], cpus: u32, mem_mb: u64) -> Pool {
         Pool {
-            free_gpus: gpus.iter().copied().collect(),
+            gpus: gpu_mem_mb
+                .iter()
+                .map(|&capacity_mb| Device {
+                    capacity_mb,
+                    whole: false,
+                    free_units: SHARE_UNITS,
+                    free_mem_mb: capacity_mb.unwrap_or(0),
+                    parts: 0,
+                })
+                .collect(),
             free_cpus: cpus,
             free_mem_mb: mem_mb,
         }
     }
 
     pub fn fits(&self, s: Shape) -> bool {
-        s.gpus as usize <= self.free_gpus.len()
-            && s.cpus <= self.free_cpus
-            && s.mem_mb <= self.free_mem_mb
+        s.cpus <= self.free_cpus && s.mem_mb <= self.free_mem_mb && self.gpus_for(s.gpus).is_some()
     }
 
-    /// Take `s` from the pool: the lowest free GPU ids.
+    /// The GPUs `need` would take now, or `None` if it does not fit: whole ones, lowest index
+    /// first; part of the fullest GPU that has room (then the lowest index).
+    fn gpus_for(&self, need: GpuNeed) -> Option<GpuGrant> {
+        match need {
+            GpuNeed::None => Some(GpuGrant::None),
+            GpuNeed::Whole { count, mem_mb } => {
+                let free: Vec<usize> = (0..self.gpus.len())
+                    .filter(|&g| self.gpus[g].holds_whole(mem_mb))
+                    .take(count as usize)
+                    .collect();
+                (free.len() == count as usize).then_some(GpuGrant::Whole(free))
+            }
+            GpuNeed::Part { units, mem_mb } => (0..self.gpus.len())
+                .filter(|&g| self.gpus[g].holds_part(units, mem_mb))
+                .min_by_key(|&g| (self.gpus[g].free_units, self.gpus[g].free_mem_mb, g))
+                .map(|gpu| GpuGrant::Part { gpu, units, mem_mb }),
+        }
+    }
+
+    /// Take `s` from the pool.
     pub fn take(&mut self, s: Shape) -> Option<Grant> {
         if !self.fits(s) {
             return None;
         }
-        let gpus: Vec<u32> = self
-            .free_gpus
-            .iter()
-            .take(s.gpus as usize)
-            .copied()
-            .collect();
-        for g in &gpus {
-            self.free_gpus.remove(g);
+        let gpu = self.gpus_for(s.gpus)?;
+        match &gpu {
+            GpuGrant::None => {}
+            GpuGrant::Whole(gpus) => {
+                for &g in gpus {
+                    self.gpus[g].whole = true;
+                }
+            }
+            GpuGrant::Part { gpu, units, mem_mb } => {
+                let d = &mut self.gpus[*gpu];
+                d.parts += 1;
+                d.free_units -= units;
+                d.free_mem_mb -= mem_mb;
+            }
         }
         self.free_cpus -= s.cpus;
         self.free_mem_mb -= s.mem_mb;
         Some(Grant {
-            gpus,
+            gpu,
             cpus: s.cpus,
             mem_mb: s.mem_mb,
         })
     }
 
     pub fn give_back(&mut self, g: &Grant) {
-        self.free_gpus.extend(g.gpus.iter().copied());
+        match &g.gpu {
+            GpuGrant::None => {}
+            GpuGrant::Whole(gpus) => {
+                for &i in gpus {
+                    self.gpus[i].whole = false;
+                }
+            }
+            GpuGrant::Part { gpu, units, mem_mb } => {
+                let d = &mut self.gpus[*gpu];
+                d.parts -= 1;
+                d.free_units += units;
+                d.free_mem_mb += mem_mb;
+            }
+        }
         self.free_cpus += g.cpus;
         self.free_mem_mb += g.mem_mb;
     }
@@ -115,7 +275,7 @@ impl ReadyQueue {
     /// Remove and return the best ready step that fits `pool`, with its shape.
     pub fn pop_fitting(&mut self, pool: &Pool) -> Option<(usize, Shape)> {
         // Rank: remaining path, then GPUs, then the earlier node.
-        type Rank = (u64, u32, Reverse<usize>);
+        type Rank = (u64, u64, Reverse<usize>);
         let mut best: Option<(Shape, Rank)> = None;
         for (shape, heap) in &self.by_shape {
             let Some(&(priority, node)) = heap.peek() else {
@@ -124,7 +284,7 @@ impl ReadyQueue {
             if !pool.fits(*shape) {
                 continue;
             }
-            let rank = (priority, shape.gpus, node);
+            let rank = (priority, shape.gpus.weight(), node);
             if best.as_ref().is_none_or(|(_, b)| rank > *b) {
                 best = Some((*shape, rank));
             }
@@ -157,10 +317,36 @@ mod tests {
 
     fn shape(gpus: u32) -> Shape {
         Shape {
-            gpus,
+            gpus: if gpus == 0 {
+                GpuNeed::None
+            } else {
+                GpuNeed::Whole {
+                    count: gpus,
+                    mem_mb: 0,
+                }
+            },
             cpus: 1,
             mem_mb: 0,
         }
+    }
+
+    fn part(share: f64, gpu_mem_gb: f64) -> Shape {
+        Shape {
+            gpus: GpuNeed::Part {
+                units: if share > 0.0 { share_units(share) } else { 0 },
+                mem_mb: gb_to_mb(gpu_mem_gb),
+            },
+            cpus: 1,
+            mem_mb: 0,
+        }
+    }
+
+    fn pool(gpus: usize, mem_gb: Option<f64>) -> Pool {
+        Pool::new(&vec![mem_gb.map(gb_to_mb); gpus], 64, 0)
+    }
+
+    fn on(g: &Grant) -> Vec<usize> {
+        g.gpu.gpus()
     }
 
     #[test]
@@ -177,21 +363,23 @@ mod tests {
 
     #[test]
     fn ties_prefer_more_gpus_then_earlier_node() {
-        let pool = Pool::new(&[0, 1, 2, 3], 8, 0);
+        let pool = pool(4, None);
         let mut q = ReadyQueue::default();
         q.push(3, 1, shape(1));
         q.push(1, 1, shape(4));
         q.push(2, 1, shape(1));
+        q.push(4, 1, part(0.5, 0.0));
         assert_eq!(q.pop_fitting(&pool).unwrap().0, 1);
         assert_eq!(q.pop_fitting(&pool).unwrap().0, 2);
         assert_eq!(q.pop_fitting(&pool).unwrap().0, 3);
+        assert_eq!(q.pop_fitting(&pool).unwrap().0, 4);
     }
 
     #[test]
     fn backfills_what_fits() {
-        let mut pool = Pool::new(&[0, 1, 2, 3], 8, 0);
+        let mut pool = pool(4, None);
         let held = pool.take(shape(3)).unwrap();
-        assert_eq!(held.gpus, vec![0, 1, 2]);
+        assert_eq!(on(&held), vec![0, 1, 2]);
         let mut q = ReadyQueue::default();
         q.push(0, 9, shape(2));
         q.push(1, 1, shape(1));
@@ -202,29 +390,140 @@ mod tests {
     }
 
     #[test]
-    fn grants_distinct_gpu_ids() {
-        let mut pool = Pool::new(&[0, 2, 5], 8, 0);
+    fn grants_distinct_gpus() {
+        let mut pool = pool(3, None);
         let a = pool.take(shape(2)).unwrap();
         let b = pool.take(shape(1)).unwrap();
-        assert_eq!(a.gpus, vec![0, 2]);
-        assert_eq!(b.gpus, vec![5]);
+        assert_eq!(on(&a), vec![0, 1]);
+        assert_eq!(on(&b), vec![2]);
         assert!(pool.take(shape(1)).is_none());
+        assert!(
+            pool.take(part(0.1, 0.0)).is_none(),
+            "a whole GPU is never shared"
+        );
+    }
+
+    #[test]
+    fn quarter_shares_pack_four_on_one_gpu() {
+        let mut pool = pool(1, None);
+        let grants: Vec<Grant> = (0..4)
+            .map(|_| pool.take(part(0.25, 0.0)).unwrap())
+            .collect();
+        assert!(grants.iter().all(|g| on(g) == vec![0]));
+        assert!(pool.take(part(0.25, 0.0)).is_none());
+        pool.give_back(&grants[2]);
+        assert!(pool.take(part(0.25, 0.0)).is_some());
+    }
+
+    #[test]
+    fn shares_written_as_decimals_pack_exactly() {
+        for (share, k) in [
+            (0.333333, 3),
+            (0.166667, 6),
+            (0.16666, 6),
+            (0.17, 5),
+            (0.1, 10),
+            (0.0625, 16),
+        ] {
+            let mut pool = pool(1, None);
+            let n = std::iter::from_fn(|| pool.take(part(share, 0.0))).count();
+            assert_eq!(n, k, "gpus = {share}");
+        }
+    }
+
+    #[test]
+    fn half_and_three_quarters_never_share() {
+        let mut pool = pool(2, None);
+        let a = pool.take(part(0.5, 0.0)).unwrap();
+        let b = pool.take(part(0.75, 0.0)).unwrap();
+        assert_ne!(on(&a), on(&b));
+        // A third GPU's worth is not there: 0.5 fits beside the 0.5 only.
+        assert!(pool.take(part(0.75, 0.0)).is_none());
+        assert_eq!(on(&pool.take(part(0.5, 0.0)).unwrap()), on(&a));
+    }
+
+    #[test]
+    fn whole_gpu_waits_for_an_empty_one() {
+        let mut pool = pool(1, None);
+        let small = pool.take(part(0.1, 0.0)).unwrap();
+        assert!(!pool.fits(shape(1)));
+        let mut q = ReadyQueue::default();
+        q.push(0, 9, shape(1));
+        q.push(1, 1, part(0.25, 0.0));
+        // The whole-GPU step cannot start; the share backfills.
+        assert_eq!(q.pop_fitting(&pool).unwrap().0, 1);
+        pool.give_back(&small);
+        assert!(pool.take(shape(1)).is_some());
+    }
+
+    #[test]
+    fn parts_go_to_the_fullest_gpu_that_has_room() {
+        let mut pool = pool(3, None);
+        let a = pool.take(part(0.5, 0.0)).unwrap();
+        assert_eq!(on(&a), vec![0]);
+        // Best fit: beside `a`, not on an empty GPU, which stays free for a whole step.
+        assert_eq!(on(&pool.take(part(0.25, 0.0)).unwrap()), vec![0]);
+        assert_eq!(on(&pool.take(part(0.5, 0.0)).unwrap()), vec![1]);
+        assert_eq!(on(&pool.take(shape(1)).unwrap()), vec![2]);
+    }
+
+    #[test]
+    fn memory_packs_against_capacity() {
+        let mut pool = pool(2, Some(16.0));
+        // Memory alone: two 6 GB steps per 16 GB GPU.
+        let grants: Vec<Grant> = std::iter::from_fn(|| pool.take(part(0.0, 6.0))).collect();
+        assert_eq!(grants.len(), 4);
+        assert_eq!(grants.iter().filter(|g| on(g) == vec![0]).count(), 2);
+        // Share and memory together: whichever runs out first.
+        let mut pool = self::pool(1, Some(16.0));
+        assert!(pool.take(part(0.25, 10.0)).is_some());
+        assert!(pool.take(part(0.25, 10.0)).is_none());
+        assert!(pool.take(part(0.25, 6.0)).is_some());
+        // A whole GPU asking for more memory than any has never fits.
+        assert!(!self::pool(1, Some(16.0)).fits(Shape {
+            gpus: GpuNeed::Whole {
+                count: 1,
+                mem_mb: gb_to_mb(40.0)
+            },
+            cpus: 1,
+            mem_mb: 0
+        }));
+    }
+
+    #[test]
+    fn gpu_memory_needs_a_known_capacity() {
+        let pool = pool(1, None);
+        assert!(!pool.fits(part(0.25, 1.0)));
+        assert!(pool.fits(part(0.25, 0.0)));
     }
 
     #[test]
     fn cpus_clamp_to_pool() {
         let r = Resources {
-            gpus: 0,
+            gpus: GpuRequest::None,
             cpus: 16,
             mem_gb: 0.5,
         };
         assert_eq!(
-            Shape::of(&r, 2, 4),
+            Shape::of(&r, 2, true),
             Shape {
-                gpus: 0,
+                gpus: GpuNeed::None,
                 cpus: 2,
                 mem_mb: 512
             }
         );
+    }
+
+    #[test]
+    fn no_gpus_run_on_the_cpu() {
+        let r = Resources {
+            gpus: GpuRequest::Part {
+                share: Some(0.25),
+                mem_gb: Some(6.0),
+            },
+            cpus: 1,
+            mem_gb: 0.0,
+        };
+        assert_eq!(Shape::of(&r, 2, false).gpus, GpuNeed::None);
     }
 }

@@ -440,8 +440,12 @@ pub fn sbatch_args(
         format!("--comment={comment}"),
         format!("--cpus-per-task={}", resources.cpus.max(1)),
     ];
-    if resources.gpus > 0 {
-        args.push(format!("--gres=gpu:{}", resources.gpus));
+    // Part of a GPU is a whole one here: Slurm shares a GPU only where the cluster is set up
+    // for it (`shard` or `mps` GRES), and needle cannot know that. `sbatch_args` in
+    // needle.toml can ask for those instead.
+    let gpus = resources.gpus.devices();
+    if gpus > 0 {
+        args.push(format!("--gres=gpu:{gpus}"));
     }
     if resources.mem_gb > 0.0 {
         args.push(format!(
@@ -501,7 +505,10 @@ async fn attempt(
     };
     let _ = std::fs::remove_file(staging.join(PLACEMENT));
     let script = staging.join("job.sh");
-    if let Err(e) = std::fs::write(&script, job_script(&launch, &staging, resources.gpus)) {
+    if let Err(e) = std::fs::write(
+        &script,
+        job_script(&launch, &staging, resources.gpus.devices()),
+    ) {
         let error = format!("could not write `{}`: {e}", script.display());
         return (AttemptResult::SpawnFailed { error }, Some(staging), None);
     }
@@ -613,7 +620,7 @@ async fn attempt(
 }
 
 /// The node and GPU ids the job wrote into its slot (empty when it never started).
-fn read_placement(slot: &Path) -> (String, Vec<u32>) {
+fn read_placement(slot: &Path) -> (String, Vec<String>) {
     let text = std::fs::read_to_string(slot.join(PLACEMENT)).unwrap_or_default();
     let mut lines = text.lines();
     let node = lines.next().unwrap_or("").to_string();
@@ -621,7 +628,9 @@ fn read_placement(slot: &Path) -> (String, Vec<u32>) {
         .next()
         .unwrap_or("")
         .split(',')
-        .filter_map(|g| g.trim().parse().ok())
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(String::from)
         .collect();
     (node, gpus)
 }

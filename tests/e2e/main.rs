@@ -14,6 +14,7 @@ mod errors;
 mod exec_env;
 mod failures;
 mod gc;
+mod gpu_sharing;
 mod inspect;
 mod lineage;
 mod models;

@@ -201,6 +201,9 @@ pub struct StepDef {
     pub span: Range<usize>,
     /// Byte range of each param's value, for type errors found at expansion.
     pub param_spans: BTreeMap<String, Range<usize>>,
+    /// Byte range of each `resources` value, for errors found against the run's machine
+    /// (`gpu_mem_gb` above every GPU's memory).
+    pub resource_spans: BTreeMap<String, Range<usize>>,
 }
 
 /// `inputs = { data = "haystack" }` reads the single matching instance of `haystack`;
@@ -214,7 +217,7 @@ pub struct InputRef {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resources {
-    pub gpus: u32,
+    pub gpus: GpuRequest,
     pub cpus: u32,
     pub mem_gb: f64,
 }
@@ -222,9 +225,91 @@ pub struct Resources {
 impl Default for Resources {
     fn default() -> Self {
         Resources {
-            gpus: 0,
+            gpus: GpuRequest::None,
             cpus: 1,
             mem_gb: 0.0,
+        }
+    }
+}
+
+/// What a step asks of the GPUs: `resources.gpus` and `resources.gpu_mem_gb`.
+///
+/// Whole GPUs are held alone. Part of a GPU never spans two: it is a share of one GPU's
+/// compute (`gpus = 0.25`: up to four such steps at once), an amount of its memory
+/// (`gpu_mem_gb = 6`, packed against the GPU's capacity), or both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GpuRequest {
+    /// No GPU (`gpus = 0`, or nothing said).
+    None,
+    /// `gpus = N` (N ≥ 1), each GPU with at least `mem_gb` of memory when that is given.
+    Whole { count: u32, mem_gb: Option<f64> },
+    /// Part of one GPU. At least one of the two is given; `share` is in (0, 1).
+    Part {
+        share: Option<f64>,
+        mem_gb: Option<f64>,
+    },
+}
+
+impl GpuRequest {
+    pub fn is_none(&self) -> bool {
+        matches!(self, GpuRequest::None)
+    }
+
+    /// GPUs this step holds alone (0 for part of one).
+    pub fn whole(&self) -> u32 {
+        match self {
+            GpuRequest::Whole { count, .. } => *count,
+            _ => 0,
+        }
+    }
+
+    /// The GPU memory it asks for, per GPU.
+    pub fn mem_gb(&self) -> Option<f64> {
+        match self {
+            GpuRequest::None => None,
+            GpuRequest::Whole { mem_gb, .. } | GpuRequest::Part { mem_gb, .. } => *mem_gb,
+        }
+    }
+
+    /// How many GPUs it runs on: a part runs on one.
+    pub fn devices(&self) -> u32 {
+        match self {
+            GpuRequest::None => 0,
+            GpuRequest::Whole { count, .. } => *count,
+            GpuRequest::Part { .. } => 1,
+        }
+    }
+
+    /// As a recipe would write it: `-`, `2`, `0.25`, `0.25, 6 GB`, `6 GB`, `1, ≥ 40 GB`.
+    pub fn label(&self) -> String {
+        // f64's Display is the shortest form that reads back: `6`, `0.25`.
+        let gb = |g: f64| format!("{g} GB");
+        match *self {
+            GpuRequest::None => "-".into(),
+            GpuRequest::Whole {
+                count,
+                mem_gb: None,
+            } => count.to_string(),
+            GpuRequest::Whole {
+                count,
+                mem_gb: Some(m),
+            } => format!("{count} (≥ {} each)", gb(m)),
+            GpuRequest::Part {
+                share: Some(s),
+                mem_gb: None,
+            } => format!("{s}"),
+            GpuRequest::Part {
+                share: None,
+                mem_gb: Some(m),
+            } => gb(m),
+            GpuRequest::Part {
+                share: Some(s),
+                mem_gb: Some(m),
+            } => format!("{s}, {}", gb(m)),
+            GpuRequest::Part {
+                share: None,
+                mem_gb: None,
+            } => "-".into(),
         }
     }
 }

@@ -43,7 +43,13 @@ const STEP_KEYS: &[&str] = &[
     "retries",
     "timeout",
 ];
-const RESOURCE_KEYS: &[&str] = &["gpus", "cpus", "mem_gb"];
+const RESOURCE_KEYS: &[&str] = &["gpus", "gpu_mem_gb", "cpus", "mem_gb"];
+/// `resources.gpus` as written, before `gpu_mem_gb` is taken into account.
+enum Gpus {
+    Whole(u32),
+    Share(f64),
+}
+
 const RETRY_KEYS: &[&str] = &["count", "backoff"];
 /// Keys of `[sweep]` that are not vars.
 const SWEEP_RESERVED: &[&str] = &["zip", "exclude", "include"];
@@ -775,6 +781,7 @@ impl<'a> Parser<'a> {
                 vars_used: BTreeSet::new(),
                 span: span.clone(),
                 param_spans: BTreeMap::new(),
+                resource_spans: BTreeMap::new(),
             },
             refs: Vec::new(),
             input_spans: BTreeMap::new(),
@@ -829,7 +836,7 @@ impl<'a> Parser<'a> {
             self.env_collisions(name, "inputs", "NEEDLE_IN_", &draft.input_spans);
         }
         if let Some((_, rv)) = fields.get("resources") {
-            draft.def.resources = self.resources(rv);
+            draft.def.resources = self.resources(rv, &mut draft.def.resource_spans);
         }
         if let Some((_, rv)) = fields.get("retries") {
             draft.def.retries = self.retries(rv);
@@ -1251,7 +1258,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn resources(&mut self, v: &Node<'_>) -> Resources {
+    fn resources(&mut self, v: &Node<'_>, spans: &mut BTreeMap<String, Range<usize>>) -> Resources {
         let mut res = Resources::default();
         if !self.no_vars("resources", v) {
             return res;
@@ -1259,28 +1266,33 @@ impl<'a> Parser<'a> {
         let Some(t) = self.table(v, "`resources`") else {
             return res;
         };
+        // Read apart, then combined: `gpus` and `gpu_mem_gb` mean something together.
+        let mut gpus = None;
+        let mut gpu_mem_gb = None;
         for (k, rv) in t.iter() {
             let key = key_str(k);
+            if RESOURCE_KEYS.contains(&key) {
+                spans.insert(key.to_string(), rv.span());
+            }
             match key {
-                "gpus" => res.gpus = self.count(&format!("resources.{key}"), rv).unwrap_or(0),
+                "gpus" => gpus = self.gpus(rv),
+                "gpu_mem_gb" => {
+                    gpu_mem_gb = self.number(
+                        "resources.gpu_mem_gb",
+                        rv,
+                        |x| x > 0.0,
+                        "a positive number of GB",
+                    )
+                }
                 "cpus" => res.cpus = self.count(&format!("resources.{key}"), rv).unwrap_or(1),
                 "mem_gb" => {
-                    let gb = match rv.get_ref() {
-                        DeValue::Integer(_) | DeValue::Float(_) => self
-                            .value(rv)
-                            .and_then(|x| x.as_f64())
-                            .filter(|x| *x >= 0.0),
-                        _ => None,
-                    };
-                    match gb {
-                        Some(gb) => res.mem_gb = gb,
-                        None => self.error(
-                            rv.span(),
-                            format!(
-                                "`resources.mem_gb` must be a non-negative number, found {}",
-                                describe(rv)
-                            ),
-                        ),
+                    if let Some(gb) = self.number(
+                        "resources.mem_gb",
+                        rv,
+                        |x| x >= 0.0,
+                        "a non-negative number",
+                    ) {
+                        res.mem_gb = gb;
                     }
                 }
                 _ => {
@@ -1295,7 +1307,93 @@ impl<'a> Parser<'a> {
                 }
             }
         }
+        res.gpus = match (gpus, gpu_mem_gb) {
+            (None | Some(Gpus::Whole(0)), None) => GpuRequest::None,
+            (Some(Gpus::Whole(0)), Some(_)) => {
+                self.error_help(
+                    spans["gpu_mem_gb"].clone(),
+                    "`resources.gpu_mem_gb` asks for GPU memory, but this step asks for no GPU (`gpus = 0`)".to_string(),
+                    Some("leave `gpus` out, or ask for a share such as `gpus = 0.5`".to_string()),
+                );
+                GpuRequest::None
+            }
+            (Some(Gpus::Whole(count)), mem_gb) => GpuRequest::Whole { count, mem_gb },
+            (Some(Gpus::Share(share)), mem_gb) => GpuRequest::Part {
+                share: Some(share),
+                mem_gb,
+            },
+            (None, Some(mem_gb)) => GpuRequest::Part {
+                share: None,
+                mem_gb: Some(mem_gb),
+            },
+        };
         res
+    }
+
+    /// `resources.gpus`: a whole count (0, 1, 2…) or a share of one GPU in (0, 1).
+    fn gpus(&mut self, v: &Node<'_>) -> Option<Gpus> {
+        let x = match v.get_ref() {
+            DeValue::Integer(_) | DeValue::Float(_) => self.value(v).and_then(|x| x.as_f64()),
+            _ => None,
+        };
+        let help = "a step holds whole GPUs alone (`gpus = 2`) or shares one GPU (`gpus = 0.25`: \
+                    up to four such steps on a GPU at once); a share never spans two GPUs";
+        match x {
+            Some(x) if x > 0.0 && x < 1.0 => Some(Gpus::Share(x)),
+            Some(x) if x >= 1.0 && x.fract() == 0.0 && x <= u32::MAX as f64 => {
+                Some(Gpus::Whole(x as u32))
+            }
+            // An integer 0 is "no GPU"; a share of nothing is a mistake.
+            Some(x) if x == 0.0 && matches!(v.get_ref(), DeValue::Integer(_)) => {
+                Some(Gpus::Whole(0))
+            }
+            Some(0.0) => {
+                self.error_help(
+                    v.span(),
+                    format!(
+                        "`resources.gpus` = {}: a share of a GPU must be above 0",
+                        describe(v)
+                    ),
+                    Some("leave `gpus` out (or write `gpus = 0`) for a step without GPU".into()),
+                );
+                None
+            }
+            _ => {
+                self.error_help(
+                    v.span(),
+                    format!(
+                        "`resources.gpus` must be a whole count (0, 1, 2…) or a share of one GPU in (0, 1), found {}",
+                        describe(v)
+                    ),
+                    Some(help.into()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A finite number (integer or float) that passes `ok`.
+    fn number(
+        &mut self,
+        what: &str,
+        v: &Node<'_>,
+        ok: impl Fn(f64) -> bool,
+        expected: &str,
+    ) -> Option<f64> {
+        let x = match v.get_ref() {
+            DeValue::Integer(_) | DeValue::Float(_) => self
+                .value(v)
+                .and_then(|x| x.as_f64())
+                .filter(|x| x.is_finite() && ok(*x)),
+            _ => None,
+        };
+        if x.is_none() {
+            self.error(
+                v.span(),
+                format!("`{what}` must be {expected}, found {}", describe(v)),
+            );
+        }
+        x
     }
 
     /// A non-negative integer that fits a `u32`.

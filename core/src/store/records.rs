@@ -203,9 +203,16 @@ pub struct Execution {
     pub started: Millis,
     pub ended: Millis,
     pub output: ArtifactDigest,
-    /// GPU ids the step held (tokens; on a machine without GPUs they are labels only).
-    #[serde(default)]
-    pub gpus: Vec<u32>,
+    /// GPUs the step held, as it saw them in `CUDA_VISIBLE_DEVICES` (on a machine without
+    /// GPUs they are labels only).
+    #[serde(default, with = "gpu_ids")]
+    pub gpus: Vec<String>,
+    /// The share of its GPU it held; `None`: whole GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_share: Option<f64>,
+    /// The GPU memory it asked for, in GB (`resources.gpu_mem_gb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mem_gb: Option<f64>,
     pub cpus: u32,
     /// Where the combined stdout/stderr of this attempt is, relative to the store root;
     /// empty when it wrote nothing.
@@ -341,8 +348,15 @@ pub struct Attempt {
     pub started: Millis,
     pub ended: Millis,
     pub result: AttemptResult,
-    #[serde(default)]
-    pub gpus: Vec<u32>,
+    /// GPUs it held, as it saw them in `CUDA_VISIBLE_DEVICES`.
+    #[serde(default, with = "gpu_ids")]
+    pub gpus: Vec<String>,
+    /// The share of its GPU it held; `None`: whole GPUs (or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_share: Option<f64>,
+    /// The GPU memory it asked for, in GB (`resources.gpu_mem_gb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mem_gb: Option<f64>,
     /// Relative to the store root; empty when the attempt wrote nothing.
     pub log: String,
     /// The batch job it ran as, when a cluster scheduler ran it.
@@ -545,4 +559,40 @@ pub struct PinRecord {
 pub struct DroppedRecord {
     pub dropped: Millis,
     pub reason: String,
+}
+
+/// GPU ids as a step saw them in `CUDA_VISIBLE_DEVICES`: an index, a UUID (`GPU-…`) or a MIG
+/// id. An index is written as a JSON number, as every id was before ids could be UUIDs, so a
+/// record of a run on numbered GPUs reads the same to an older needle.
+mod gpu_ids {
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ids: &[String], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(ids.len()))?;
+        for id in ids {
+            match id.parse::<u32>() {
+                Ok(n) if n.to_string() == *id => seq.serialize_element(&n)?,
+                _ => seq.serialize_element(id)?,
+            }
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Index(u64),
+            Name(String),
+        }
+        let ids = Vec::<Id>::deserialize(d)?;
+        Ok(ids
+            .into_iter()
+            .map(|id| match id {
+                Id::Index(n) => n.to_string(),
+                Id::Name(s) => s,
+            })
+            .collect())
+    }
 }

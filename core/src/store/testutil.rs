@@ -85,6 +85,8 @@ impl Lab {
             ended: now_millis(),
             output,
             gpus: vec![],
+            gpu_share: None,
+            gpu_mem_gb: None,
             cpus: 1,
             log,
             job: None,
@@ -136,6 +138,8 @@ impl Lab {
                             ended: 0,
                             result: AttemptResult::Success,
                             gpus: vec![],
+                            gpu_share: None,
+                            gpu_mem_gb: None,
                             log: Store::log_rel_path(&d.key, id, 1),
                             job: None,
                         }]

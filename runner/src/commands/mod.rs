@@ -177,3 +177,26 @@ pub fn fmt_time(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+/// The GPUs an attempt held and the GPU memory it asked for, for tables: `0`, `0,1`,
+/// `0 ×0.25`, `0 ×0.25 4 GB`, `0 4 GB`; empty for none. A long device name (a UUID) is cut to its first 12 characters.
+pub fn gpu_label(gpus: &[String], share: Option<f64>, mem_gb: Option<f64>) -> String {
+    if gpus.is_empty() {
+        return String::new();
+    }
+    let ids: Vec<String> = gpus
+        .iter()
+        .map(|id| match id.char_indices().nth(12) {
+            Some((at, _)) => format!("{}…", &id[..at]),
+            None => id.clone(),
+        })
+        .collect();
+    let mut label = ids.join(",");
+    if let Some(share) = share {
+        label.push_str(&format!(" ×{share}"));
+    }
+    if let Some(gb) = mem_gb {
+        label.push_str(&format!(" {} GB", (gb * 10.0).round() / 10.0));
+    }
+    label
+}

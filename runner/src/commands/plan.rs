@@ -8,9 +8,12 @@ use needle_core::store::StoreRead;
 use needle_ops::Registry;
 
 use crate::cli::{Cli, PlanArgs};
-use crate::commands::run::check_resources;
+use crate::commands::run::{check_resources, fmt_gb};
 use crate::commands::{load_recipe, open_reader_if_exists, print_json, read_recipe};
 use crate::error::{CliError, Exit};
+use crate::gpus::Gpu;
+use crate::scheduler::{GpuNeed, SHARE_UNITS};
+use needle_core::recipe::GpuRequest;
 
 /// What the plan predicts for one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +75,8 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     let source = read_recipe(&args.recipe.recipe)?;
     let registry = Registry::new();
     let (recipe, expansion) = load_recipe(source, &args.recipe.sets, &registry)?;
-    check_resources(&recipe, args.gpus.resolve().len() as u32, u64::MAX / 2)?;
+    let gpus = args.gpus.resolve(args.gpu_mem);
+    check_resources(&recipe, &gpus, u64::MAX / 2)?;
     let plan = plan::build(recipe, expansion, &mut HashOnly)?;
     // Planning hashes code files without storing them (`HashOnly`), so it reads the store
     // only: while a run holds it, through the runner, which sees what it has committed.
@@ -86,6 +90,7 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     };
     if args.json {
         let mut v = plan_json(&plan, &predicted);
+        v["gpus"] = packing_json(&plan, &gpus);
         if let Some(reasons) = &reasons {
             for (step, r) in v["steps"]
                 .as_array_mut()
@@ -99,6 +104,11 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
         print_json(&v);
     } else {
         print_plan(&plan, &predicted, args.steps);
+        print_packing(&plan, &gpus);
+        if !args.steps {
+            println!();
+            println!("  `needle plan --steps` lists every unique step; `--json` for scripts.");
+        }
         if let Some(reasons) = &reasons {
             print_reasons(&plan, &predicted, reasons);
         }
@@ -284,8 +294,118 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
             nodes.len() - c
         );
     }
+}
+
+/// How many instances of a step asking for `need` fit on the run's GPUs at once (CPU slots
+/// and memory aside), and how many on each GPU where it shares one.
+fn fit(need: GpuNeed, gpus: &[Gpu]) -> (u64, Option<u64>) {
+    match need {
+        GpuNeed::None => (0, None),
+        GpuNeed::Whole { count, mem_mb } => {
+            let eligible = (gpus.iter())
+                .filter(|g| mem_mb == 0 || g.mem_mb.is_some_and(|m| m >= mem_mb))
+                .count() as u64;
+            (eligible / count.max(1) as u64, None)
+        }
+        GpuNeed::Part { units, mem_mb } => {
+            let on = |g: &Gpu| {
+                let by_share = (units > 0).then(|| (SHARE_UNITS / units) as u64);
+                let by_mem = (mem_mb > 0).then(|| g.mem_mb.map_or(0, |m| m / mem_mb));
+                match (by_share, by_mem) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (Some(a), None) | (None, Some(a)) => a,
+                    (None, None) => 0,
+                }
+            };
+            let per: Vec<u64> = gpus.iter().map(on).collect();
+            let uniform = per.windows(2).all(|w| w[0] == w[1]);
+            (
+                per.iter().sum(),
+                uniform.then(|| per.first().copied()).flatten(),
+            )
+        }
+    }
+}
+
+/// The run's GPUs and how each recipe step that asks for GPUs packs onto them.
+fn print_packing(plan: &Plan, gpus: &[Gpu]) {
+    let asking: Vec<_> = (plan.recipe.steps.iter())
+        .filter(|d| !d.resources.gpus.is_none())
+        .collect();
+    if asking.is_empty() {
+        return;
+    }
     println!();
-    println!("  `needle plan --steps` lists every unique step; `--json` for scripts.");
+    if gpus.is_empty() {
+        println!(
+            "  no GPU in this run: steps asking for GPUs run on the CPU (--gpus gives a run GPUs)"
+        );
+    } else {
+        let ids: Vec<&str> = gpus.iter().map(|g| g.id.as_str()).collect();
+        let mems: Vec<String> = gpus
+            .iter()
+            .map(|g| g.mem_mb.map_or("memory unknown".into(), fmt_gb))
+            .collect();
+        let mem = if mems.len() == 1 {
+            mems[0].clone()
+        } else if mems.windows(2).all(|w| w[0] == w[1]) {
+            format!("{} each", mems[0])
+        } else {
+            mems.join(", ")
+        };
+        println!("  {} GPU(s): {} ({mem})", gpus.len(), ids.join(", "));
+        let name_w = asking
+            .iter()
+            .map(|d| d.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let labels: Vec<String> = asking.iter().map(|d| d.resources.gpus.label()).collect();
+        let label_w = labels
+            .iter()
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap_or(3)
+            .max(3);
+        for (d, label) in asking.iter().zip(&labels) {
+            let (total, per) = fit(GpuNeed::of(&d.resources.gpus), gpus);
+            let how = match (d.resources.gpus, per) {
+                (GpuRequest::Whole { count: 1, .. }, _) => format!("a GPU alone, {total} at once"),
+                (GpuRequest::Whole { count, .. }, _) => {
+                    format!("{count} GPUs alone, {total} at once")
+                }
+                (_, Some(per)) => format!("{per} at once on each GPU, {total} in all"),
+                (_, None) => format!("{total} at once in all (GPUs differ)"),
+            };
+            println!("    {:<name_w$} {label:<label_w$}  {how}", d.name);
+        }
+    }
+}
+
+fn packing_json(plan: &Plan, gpus: &[Gpu]) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = (plan.recipe.steps.iter())
+        .filter(|d| !d.resources.gpus.is_none())
+        .map(|d| {
+            let r = d.resources.gpus;
+            let (total, per) = fit(GpuNeed::of(&r), gpus);
+            let share = match r {
+                GpuRequest::Part { share, .. } => share,
+                _ => None,
+            };
+            serde_json::json!({
+                "step": d.name,
+                "whole": r.whole(),
+                "share": share,
+                "gpu_mem_gb": r.mem_gb(),
+                "at_once": total,
+                "per_gpu": per,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "devices": gpus.iter().map(|g| serde_json::json!({"id": g.id, "mem_mb": g.mem_mb})).collect::<Vec<_>>(),
+        "steps": steps,
+    })
 }
 
 /// "once for all 6 arms", "each by 2 arms", "one per arm".

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use needle_core::plan::{self, Plan};
-use needle_core::recipe::{Recipe, RecipeSource, SetArg};
+use needle_core::recipe::{Recipe, RecipeDiagnostic, RecipeErrors, RecipeSource, SetArg};
 use needle_core::store::remote::{LiveRun, Server};
 use needle_core::store::{RunRecord, RunState, Store, now_millis};
 use needle_ops::Registry;
@@ -13,7 +13,9 @@ use crate::cli::{Cli, ExecArgs, RunArgs};
 use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
 use crate::engine::{Engine, EngineOptions, RunOutcome, run_steps};
 use crate::error::{CliError, Exit};
+use crate::gpus::Gpu;
 use crate::progress;
+use crate::scheduler::gb_to_mb;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
     let source = read_recipe(&args.recipe.recipe)?;
@@ -30,22 +32,27 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
 
 /// Resources and forced steps for a run, checked against the recipe before anything runs.
 pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions, CliError> {
-    let gpus = exec.gpus.resolve();
+    let slurm = crate::config::executor(exec)?;
+    // Slurm places the GPUs of its jobs; this machine's are not the run's.
+    let gpus = if slurm.is_none() {
+        exec.gpus.resolve(exec.gpu_mem)
+    } else {
+        Vec::new()
+    };
     let cpus = exec
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
         .max(1);
-    let slurm = crate::config::executor(exec)?;
     let mem_mb = total_memory_mb();
     // Slurm checks a job's resources against the cluster when it is submitted.
     if slurm.is_none() {
-        check_resources(recipe, gpus.len() as u32, mem_mb)?;
+        check_resources(recipe, &gpus, mem_mb)?;
     }
     if gpus.is_empty() && slurm.is_none() {
         let wanting: Vec<String> = recipe
             .steps
             .iter()
-            .filter(|s| s.resources.gpus > 0)
+            .filter(|s| !s.resources.gpus.is_none())
             .map(|s| format!("`{}`", s.name))
             .collect();
         if !wanting.is_empty() {
@@ -76,31 +83,92 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
     })
 }
 
-/// A step asking for more GPUs or memory than the run has can never start: say so up front.
-/// A run without any GPU is the exception: its steps run on the CPU (see `Shape::of`).
-pub fn check_resources(recipe: &Recipe, gpus: u32, mem_mb: u64) -> Result<(), CliError> {
+/// A step asking for more GPUs, GPU memory or memory than the run has can never start: say
+/// so up front, at the line that asks. A run without any GPU is the exception: its steps run
+/// on the CPU (see `Shape::of`).
+pub fn check_resources(recipe: &Recipe, gpus: &[Gpu], mem_mb: u64) -> Result<(), CliError> {
     let mut problems = Vec::new();
     for step in &recipe.steps {
-        if gpus > 0 && step.resources.gpus > gpus {
-            problems.push(format!(
-                "step `{}` asks for {} GPU(s), but this run has {gpus} (hint: --gpus N hands out N GPU ids)",
-                step.name, step.resources.gpus
-            ));
+        let at = |key: &str| step.resource_spans.get(key).unwrap_or(&step.span).clone();
+        let r = &step.resources;
+        if !gpus.is_empty() && r.gpus.whole() as usize > gpus.len() {
+            problems.push(
+                RecipeDiagnostic::at(
+                    at("gpus"),
+                    format!(
+                        "step `{}` asks for {} GPU(s), but this run has {}",
+                        step.name,
+                        r.gpus.whole(),
+                        gpus.len()
+                    ),
+                )
+                .with_help("--gpus N hands out N GPU ids; `gpus = 0.5` asks for part of one"),
+            );
         }
-        let want_mb = (step.resources.mem_gb * 1024.0).ceil() as u64;
+        if let (false, Some(gb)) = (gpus.is_empty(), r.gpus.mem_gb())
+            && let Some(problem) = gpu_memory_problem(gpus, gb)
+        {
+            problems.push(
+                RecipeDiagnostic::at(
+                    at("gpu_mem_gb"),
+                    format!(
+                        "step `{}` asks for {gb} GB of GPU memory, but {problem}",
+                        step.name
+                    ),
+                )
+                .with_help(
+                    "--gpu-mem GB states each GPU's memory; `gpus = 0.5` without `gpu_mem_gb` \
+                     packs by share alone",
+                ),
+            );
+        }
+        let want_mb = gb_to_mb(r.mem_gb);
         if want_mb > mem_mb {
-            problems.push(format!(
-                "step `{}` asks for {} GB of memory, but this machine has {:.1} GB",
-                step.name,
-                step.resources.mem_gb,
-                mem_mb as f64 / 1024.0
+            problems.push(RecipeDiagnostic::at(
+                at("mem_gb"),
+                format!(
+                    "step `{}` asks for {} GB of memory, but this machine has {:.1} GB",
+                    step.name,
+                    r.mem_gb,
+                    mem_mb as f64 / 1024.0
+                ),
             ));
         }
     }
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(CliError::usage(problems.join("\n")))
+        Err(RecipeErrors::new(&recipe.source, problems).into())
+    }
+}
+
+/// Why no GPU of the run can give a step `gb` of its memory, if none can.
+fn gpu_memory_problem(gpus: &[Gpu], gb: f64) -> Option<String> {
+    let want = gb_to_mb(gb);
+    let known: Vec<u64> = gpus.iter().filter_map(|g| g.mem_mb).collect();
+    if known.iter().any(|&m| m >= want) {
+        return None;
+    }
+    let unknown: Vec<&str> = (gpus.iter())
+        .filter(|g| g.mem_mb.is_none())
+        .map(|g| g.id.as_str())
+        .collect();
+    Some(match known.iter().max() {
+        None => format!(
+            "the memory of this run's GPUs ({}) is not known",
+            unknown.join(", ")
+        ),
+        Some(&largest) => format!("the largest GPU of this run has {}", fmt_gb(largest)),
+    })
+}
+
+/// MB as GB, as a person writes it: `80 GB`, `39.5 GB`.
+pub fn fmt_gb(mb: u64) -> String {
+    let gb = mb as f64 / 1024.0;
+    if (gb - gb.round()).abs() < 0.05 {
+        format!("{} GB", gb.round())
+    } else {
+        format!("{gb:.1} GB")
     }
 }
 

@@ -8,7 +8,7 @@ use needle_core::value::render_short;
 
 use crate::cli::{Cli, ShowArgs};
 use crate::commands::status::step_state;
-use crate::commands::{fmt_time, open_reader, print_json};
+use crate::commands::{fmt_time, gpu_label, open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::progress::step_label;
 use crate::refs::{Target, resolve};
@@ -132,10 +132,9 @@ fn show_step(
     }
     println!("executions");
     for e in &rec.executions {
-        let gpus = if e.gpus.is_empty() {
-            String::new()
-        } else {
-            format!(" gpus {:?}", e.gpus)
+        let gpus = match gpu_label(&e.gpus, e.gpu_share, e.gpu_mem_gb) {
+            label if label.is_empty() => label,
+            label => format!(" on gpu {label}"),
         };
         let job = e
             .job

@@ -4,7 +4,7 @@ use needle_core::store::{AttemptResult, RunStep, StepStatus, StoreRead, fmt_ms, 
 
 use crate::cli::{Cli, StatusArgs};
 use crate::commands::runs::state_label;
-use crate::commands::{find_run, fmt_time, open_reader, print_json};
+use crate::commands::{find_run, fmt_time, gpu_label, open_reader, print_json};
 use crate::error::{CliError, Exit};
 use crate::progress::step_label;
 
@@ -75,11 +75,30 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
         println!("  --set {}", sets.join(" --set "));
     }
     println!();
+    // The GPU column only where some step held a GPU: CPU recipes print as before.
+    let gpus: Vec<String> = (run.steps.iter())
+        .map(|s| match s.attempts.last() {
+            Some(a) => gpu_label(&a.gpus, a.gpu_share, a.gpu_mem_gb),
+            None => String::new(),
+        })
+        .collect();
+    let gpu_w = gpus.iter().map(|g| g.chars().count()).max().unwrap_or(0);
+    let gpu_col = |g: &str| {
+        if gpu_w == 0 {
+            String::new()
+        } else {
+            format!("  {g:<w$}", w = gpu_w.max(3))
+        }
+    };
     println!(
-        "  {:<11} {:<14} {:<44} {:>8}  detail",
-        "status", "key", "step", "took"
+        "  {:<11} {:<14} {:<44} {:>8}{}  detail",
+        "status",
+        "key",
+        "step",
+        "took",
+        gpu_col("gpu")
     );
-    for s in &run.steps {
+    for (s, gpu) in run.steps.iter().zip(&gpus) {
         let key = s.key.map(|k| k.short()).unwrap_or_else(|| "-".into());
         let took = match s.attempts.last() {
             Some(a) if a.ended >= a.started && a.ended > 0 => fmt_ms(a.ended - a.started),
@@ -92,11 +111,12 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
             detail = format!("{} attempts {detail}", s.attempts.len());
         }
         println!(
-            "  {:<11} {:<14} {:<44} {:>8}  {detail}",
+            "  {:<11} {:<14} {:<44} {:>8}{}  {detail}",
             step_state(s, live),
             key,
             step_label(s),
-            took
+            took,
+            gpu_col(gpu)
         );
     }
     Ok(Exit::Success)

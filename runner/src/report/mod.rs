@@ -131,7 +131,7 @@ fn timeline(run: &RunRecord, out: &mut String) {
                 gpus: if a.gpus.is_empty() {
                     String::new()
                 } else {
-                    let ids: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
+                    let ids: Vec<String> = a.gpus.clone();
                     format!("gpu {}", ids.join(","))
                 },
             })

@@ -403,6 +403,8 @@ fn reach_follows_lineage_not_only_runs() {
             ended,
             output: out,
             gpus: vec![],
+            gpu_share: None,
+            gpu_mem_gb: None,
             cpus: 1,
             log: String::new(),
             job: None,
