@@ -92,6 +92,9 @@ pub struct EngineOptions {
     pub mem_mb: u64,
     /// Step names whose instances execute even when cached.
     pub force: BTreeSet<String>,
+    /// The run's MPS daemon (`--mps`), whose clients its GPU steps are; it quits when the
+    /// last holder drops it.
+    pub mps: Option<Arc<crate::mps::Mps>>,
 }
 
 /// How a run ended, for the summary and the exit code.
@@ -742,6 +745,9 @@ impl Engine {
             }
         };
         Held {
+            mps: (self.opts.mps.as_ref())
+                .filter(|_| !gpus.is_empty())
+                .map(|m| m.dirs().clone()),
             gpus: gpus.iter().map(|g| g.id.clone()).collect(),
             gpu_share,
             gpu_mem_gb,

@@ -63,6 +63,8 @@ pub struct Held {
     /// when it asked for none: its share.
     pub gpu_mem_fraction: Option<f64>,
     pub cpus: u32,
+    /// The run's MPS server, for a GPU step of a run with `--mps`.
+    pub mps: Option<crate::mps::MpsDirs>,
 }
 
 #[derive(Debug, Clone)]
@@ -405,6 +407,9 @@ fn set_gpu_env(launch: &mut Launch, held: &Held, builtin: bool) {
     if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
         launch.set("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
+    for (k, v) in held.mps.iter().flat_map(|m| m.env()) {
+        launch.set(k, v);
+    }
     if let Some(share) = held.gpu_share {
         launch.set("NEEDLE_GPU_SHARE", share.to_string());
     }
@@ -584,6 +589,68 @@ fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gpu_env(held: &Held, builtin: bool) -> BTreeMap<String, String> {
+        let mut launch = Launch {
+            program: PathBuf::new(),
+            argv0: String::new(),
+            args: Vec::new(),
+            cwd: PathBuf::new(),
+            log: PathBuf::new(),
+            env: Vec::new(),
+        };
+        set_gpu_env(&mut launch, held, builtin);
+        (launch.env.into_iter())
+            .map(|(k, v)| (k, v.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_step_learns_its_gpus_and_how_much_of_them_it_holds() {
+        let share = Held {
+            gpus: vec!["GPU-8f1c".into()],
+            gpu_share: Some(0.25),
+            gpu_mem_gb: Some(20.0),
+            gpu_mem_fraction: Some(0.25),
+            cpus: 2,
+            mps: None,
+        };
+        let env = gpu_env(&share, true);
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "GPU-8f1c");
+        assert_eq!(env["NEEDLE_GPU_SHARE"], "0.25");
+        assert_eq!(env["NEEDLE_GPU_MEM_GB"], "20");
+        if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
+            assert_eq!(
+                env["PYTORCH_CUDA_ALLOC_CONF"],
+                "per_process_memory_fraction:0.2500"
+            );
+        }
+        // A user's command is not capped: it reads NEEDLE_GPU_MEM_GB if it wants to.
+        assert!(!gpu_env(&share, false).contains_key("PYTORCH_CUDA_ALLOC_CONF"));
+
+        let whole = Held {
+            gpus: vec!["0".into(), "1".into()],
+            gpu_share: Some(1.0),
+            gpu_mem_gb: Some(79.6),
+            gpu_mem_fraction: None,
+            cpus: 1,
+            mps: Some(crate::mps::MpsDirs {
+                pipe: "/tmp/m/pipe".into(),
+                log: "/tmp/m/log".into(),
+            }),
+        };
+        let env = gpu_env(&whole, true);
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "0,1");
+        assert_eq!(env["NEEDLE_GPU_SHARE"], "1");
+        assert_eq!(env["NEEDLE_GPU_MEM_GB"], "79.6");
+        assert!(!env.contains_key("PYTORCH_CUDA_ALLOC_CONF"));
+        assert_eq!(env["CUDA_MPS_PIPE_DIRECTORY"], "/tmp/m/pipe");
+        assert_eq!(env["CUDA_MPS_LOG_DIRECTORY"], "/tmp/m/log");
+
+        let none = gpu_env(&Held::default(), true);
+        assert_eq!(none["CUDA_VISIBLE_DEVICES"], "");
+        assert_eq!(none.len(), 1);
+    }
 
     #[test]
     fn long_inputs_go_to_a_file() {

@@ -8,6 +8,7 @@ mod error;
 mod executor;
 mod gpus;
 mod guard;
+mod mps;
 mod oom;
 mod progress;
 mod reaper;

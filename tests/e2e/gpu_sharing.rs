@@ -260,3 +260,112 @@ fn auto_keeps_the_ids_cuda_visible_devices_gives() {
     let (run, _) = run_visible(&p, "3,-1,0");
     assert_eq!(seen(&p, &run, "a").0, "3");
 }
+
+/// A stand-in for `nvidia-cuda-mps-control`: `-d` records its environment and returns (as
+/// the real one does once its daemon runs); without arguments it records what it reads on
+/// stdin (`quit`).
+const FAKE_MPS: &str = r#"#!/bin/sh
+if [ "${1-}" = "-d" ]; then
+  {
+    echo "start"
+    echo "pipe=${CUDA_MPS_PIPE_DIRECTORY-}"
+    echo "visible=${CUDA_VISIBLE_DEVICES-unset}"
+    echo "order=${CUDA_DEVICE_ORDER-}"
+    echo "reaper=${NEEDLE_REAPER:+set}"
+  } >> "$FAKE_MPS_LOG"
+  exit 0
+fi
+echo "command $(cat) pipe=${CUDA_MPS_PIPE_DIRECTORY-}" >> "$FAKE_MPS_LOG"
+"#;
+
+#[test]
+fn mps_serves_the_gpu_steps_of_a_run_and_quits_with_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let steps = "[steps.gpu]\nop = \"exec\"\ncmd = [\"sh\", \"-c\", \"echo \\\"pipe:$CUDA_MPS_PIPE_DIRECTORY\\\" > \\\"$NEEDLE_OUT/pipe\\\"\"]\nresources = { gpus = 0.5 }\n\n[steps.cpu]\nop = \"exec\"\ncmd = [\"sh\", \"-c\", \"echo \\\"pipe:$CUDA_MPS_PIPE_DIRECTORY\\\" > \\\"$NEEDLE_OUT/pipe\\\"; true\"]\n";
+    let p = project(steps);
+    let bin = p.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = p.write("bin/nvidia-cuda-mps-control", FAKE_MPS);
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let log = p.path("mps.log");
+
+    let out = p
+        .cmd(&["run", "recipe.toml", "--gpus", "1", "--mps", "--json"])
+        .env("PATH", &path)
+        .env("FAKE_MPS_LOG", &log)
+        .env("CUDA_VISIBLE_DEVICES", "0")
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpu_pipe = read(&output_view(&p, &run, "gpu"), "pipe");
+    let gpu_pipe = gpu_pipe.strip_prefix("pipe:").unwrap().to_string();
+    assert_eq!(read(&output_view(&p, &run, "cpu"), "pipe"), "pipe:");
+    let said = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "start",
+            &format!("pipe={gpu_pipe}"),
+            "visible=unset",
+            "order=PCI_BUS_ID",
+            "reaper=set",
+            &format!("command quit pipe={gpu_pipe}"),
+        ],
+        "{said}"
+    );
+    assert!(gpu_pipe.contains("needle-mps-"), "{gpu_pipe}");
+
+    // Without the program, or without a GPU, --mps is refused before anything runs.
+    let out = p
+        .cmd(&["run", "recipe.toml", "--gpus", "1", "--mps"])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_code(&out, 2);
+    assert!(
+        stderr(&out).contains("--mps needs `nvidia-cuda-mps-control`, which is not on PATH"),
+        "{}",
+        stderr(&out)
+    );
+    let out = p
+        .cmd(&["run", "recipe.toml", "--gpus", "none", "--mps"])
+        .output()
+        .unwrap();
+    assert_code(&out, 2);
+    assert!(
+        stderr(&out).contains("--mps: this run has no GPU"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn every_shipped_recipe_plans_and_packs_onto_a_gpu() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let mut planned = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let p = Project::new();
+        let recipe = path.to_str().unwrap();
+        for gpus in ["none", "1"] {
+            let out = p.needle(&["plan", recipe, "--gpus", gpus, "--gpu-mem", "80"]);
+            assert_code(&out, 0);
+        }
+        planned += 1;
+    }
+    assert!(planned >= 5, "only {planned} recipes in {}", dir.display());
+    // The demo's GPU steps share a GPU four at a time.
+    let p = Project::new();
+    let recipe = dir.join("emu-mini.toml");
+    let plan = stdout(&p.needle(&["plan", recipe.to_str().unwrap(), "--gpus", "1"]));
+    assert!(
+        plan.contains("0.25  4 at once on each GPU, 4 in all"),
+        "{plan}"
+    );
+}

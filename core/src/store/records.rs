@@ -596,3 +596,31 @@ mod gpu_ids {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_ids_read_old_records_and_write_indices_as_numbers() {
+        let old =
+            r#"{"n":1,"started":0,"ended":0,"result":{"result":"success"},"gpus":[0,2],"log":""}"#;
+        let a: Attempt = serde_json::from_str(old).unwrap();
+        assert_eq!(a.gpus, ["0", "2"]);
+        assert_eq!(a.gpu_share, None);
+        assert_eq!(serde_json::to_string(&a).unwrap(), old);
+
+        let shared = Attempt {
+            gpus: vec!["GPU-8f1c".into()],
+            gpu_share: Some(0.25),
+            gpu_mem_gb: Some(6.0),
+            ..a
+        };
+        let text = serde_json::to_string(&shared).unwrap();
+        assert!(
+            text.contains(r#""gpus":["GPU-8f1c"],"gpu_share":0.25,"gpu_mem_gb":6.0"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Attempt>(&text).unwrap(), shared);
+    }
+}

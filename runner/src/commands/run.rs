@@ -14,6 +14,7 @@ use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_rec
 use crate::engine::{Engine, EngineOptions, RunOutcome, run_steps};
 use crate::error::{CliError, Exit};
 use crate::gpus::Gpu;
+use crate::mps::Mps;
 use crate::progress;
 use crate::scheduler::gb_to_mb;
 
@@ -74,12 +75,28 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
             )));
         }
     }
+    let mps = match (exec.mps, &slurm, gpus.is_empty()) {
+        (false, _, _) => None,
+        (true, Some(_), _) => {
+            return Err(CliError::usage(
+                "--mps starts an MPS server on this machine, and Slurm runs the steps elsewhere \
+                 (hint: ask the cluster for its MPS or shard GRES with --sbatch-arg)",
+            ));
+        }
+        (true, None, true) => {
+            return Err(CliError::usage(
+                "--mps: this run has no GPU (hint: --gpus gives a run GPUs)",
+            ));
+        }
+        (true, None, false) => Some(Arc::new(Mps::start().map_err(CliError::usage)?)),
+    };
     Ok(EngineOptions {
         slurm,
         gpus,
         cpus,
         mem_mb,
         force: exec.force.iter().cloned().collect(),
+        mps,
     })
 }
 
