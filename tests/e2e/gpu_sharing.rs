@@ -369,3 +369,24 @@ fn every_shipped_recipe_plans_and_packs_onto_a_gpu() {
         "{plan}"
     );
 }
+
+#[test]
+fn doctor_says_what_gpus_auto_hands_out() {
+    let p = Project::new();
+    let doctor = |visible: &str| -> Value {
+        let out = p
+            .cmd(&["doctor", "--json"])
+            .env("CUDA_VISIBLE_DEVICES", visible)
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        (v["gpus"]["auto"].as_array().unwrap().iter())
+            .map(|g| g["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&doctor("GPU-8f1c,3")), ["GPU-8f1c", "3"]);
+    assert!(ids(&doctor("-1")).is_empty());
+}

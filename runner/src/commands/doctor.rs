@@ -48,6 +48,14 @@ struct Gpus {
     /// `nvidia-smi -L`, line by line; `None` when there is no `nvidia-smi` or it failed.
     nvidia_smi: Option<Vec<String>>,
     cuda_visible_devices: Option<String>,
+    /// What `--gpus auto` hands out: each device as a step sees it, and its memory in MB.
+    auto: Vec<AutoGpu>,
+}
+
+#[derive(Debug, Serialize)]
+struct AutoGpu {
+    id: String,
+    mem_mb: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +82,14 @@ pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         gpus: Gpus {
             nvidia_smi: nvidia_smi(),
             cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+            auto: crate::gpus::GpuSpec::Auto
+                .resolve(None)
+                .into_iter()
+                .map(|g| AutoGpu {
+                    id: g.id,
+                    mem_mb: g.mem_mb,
+                })
+                .collect(),
         },
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         store: store_report(&cli.store),
@@ -225,6 +241,17 @@ fn print_text(r: &Report) {
     match &r.gpus.cuda_visible_devices {
         Some(v) => println!("            CUDA_VISIBLE_DEVICES={v}"),
         None => println!("            CUDA_VISIBLE_DEVICES is not set"),
+    }
+    let auto: Vec<String> = (r.gpus.auto.iter())
+        .map(|g| match g.mem_mb {
+            Some(mb) => format!("{} ({})", g.id, crate::commands::run::fmt_gb(mb)),
+            None => format!("{} (memory unknown)", g.id),
+        })
+        .collect();
+    if auto.is_empty() {
+        println!("            a run gets no GPU (--gpus auto): GPU steps run on the CPU");
+    } else {
+        println!("            a run gets (--gpus auto): {}", auto.join(", "));
     }
     println!("cpus        {} (torch threads: {})", r.cpus, t.threads);
     print_store(&r.store);
