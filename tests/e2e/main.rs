@@ -14,6 +14,7 @@ mod errors;
 mod exec_env;
 mod failures;
 mod gc;
+mod gpu_usage;
 mod inspect;
 mod lineage;
 mod models;
