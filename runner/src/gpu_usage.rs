@@ -36,7 +36,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use needle_core::store::{
-    Attempt, GpuIdentity, GpuSeries, GpuUsage, Millis, RunRecord, Sample, Store, now_millis,
+    Attempt, GpuIdentity, GpuSample, GpuSeries, GpuUsage, Millis, RunRecord, Store, now_millis,
 };
 
 /// How often each GPU is sampled.
@@ -111,7 +111,7 @@ impl Shared {
 }
 
 impl Sampler {
-    /// Sample `devices` (the run's GPU ids) for run `run`, which started at `start`. `None`
+    /// GpuSample `devices` (the run's GPU ids) for run `run`, which started at `start`. `None`
     /// when there is nothing to sample (no GPU, or `NEEDLE_GPU_USAGE=off`). Returns at once:
     /// finding the GPUs happens on the sampler's thread.
     pub fn start(
@@ -244,7 +244,7 @@ impl<'a> Recorder<'a> {
     }
 
     /// Count `sample` of the physical GPU `gpu` for the run's GPU `id`, taken `at`.
-    fn record(&mut self, id: &str, gpu: &GpuIdentity, at: Millis, sample: Sample) {
+    fn record(&mut self, id: &str, gpu: &GpuIdentity, at: Millis, sample: GpuSample) {
         let position = match self.series.get(id) {
             Some(&i) => i,
             None => {
@@ -318,7 +318,7 @@ mod smi {
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Row {
         pub gpu: GpuIdentity,
-        pub sample: Sample,
+        pub sample: GpuSample,
     }
 
     /// `0, GPU-8f1c…, NVIDIA H100 80GB HBM3, 20, 1234, 81559`; a value nvidia-smi does not
@@ -352,7 +352,7 @@ mod smi {
                 uuid: uuid.to_string(),
                 name,
             },
-            sample: Sample {
+            sample: GpuSample {
                 util: util.map(|u| u.min(100) as u32),
                 memory_used_mib: used.unwrap_or(0),
                 memory_total_mib: total.unwrap_or(0),
@@ -583,7 +583,7 @@ mod nvml {
                         id,
                         gpu,
                         now_millis(),
-                        Sample {
+                        GpuSample {
                             util,
                             memory_used_mib: memory.used >> 20,
                             memory_total_mib: memory.total >> 20,
@@ -715,7 +715,7 @@ mod tests {
         assert_eq!(row.gpu, gpu(0, "GPU-8f1c2d3e-0000-1111-2222-333344445555"));
         assert_eq!(
             row.sample,
-            Sample {
+            GpuSample {
                 util: Some(20),
                 memory_used_mib: 1234,
                 memory_total_mib: 81559
@@ -823,7 +823,7 @@ mod tests {
         usage.record(
             s,
             1_000,
-            Sample {
+            GpuSample {
                 util: Some(30),
                 memory_used_mib: 100,
                 memory_total_mib: 1_000,
@@ -844,7 +844,7 @@ mod tests {
         assert_eq!(run_end(&r, None, true, 99_000), 99_000);
         let mut usage = GpuUsage::new(1, "nvml", 500, 1_000);
         let s = usage.add_gpu("0", &gpu(0, "GPU-0"));
-        let sample = Sample {
+        let sample = GpuSample {
             util: Some(1),
             memory_used_mib: 1,
             memory_total_mib: 1,

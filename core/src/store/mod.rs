@@ -104,7 +104,7 @@ pub use read::StoreRead;
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
 pub use space::Space;
-pub use usage::{GpuIdentity, GpuSeries, GpuUsage, MAX_BUCKETS, Sample};
+pub use usage::{GpuIdentity, GpuSample, GpuSeries, GpuUsage};
 pub use verify::{Repaired, VerifyReport};
 
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};

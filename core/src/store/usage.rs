@@ -67,7 +67,7 @@ pub struct GpuSeries {
 
 /// One reading of one GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sample {
+pub struct GpuSample {
     /// Utilisation in percent (the share of the last sample period in which a kernel ran), when
     /// the GPU reports one.
     pub util: Option<u32>,
@@ -113,7 +113,7 @@ impl GpuUsage {
     /// Count `sample`, taken at `at`, in series `gpu`'s bucket (a sample from before the start
     /// counts in the first bucket), halving every series first if it would fall past
     /// [`MAX_BUCKETS`].
-    pub fn record(&mut self, gpu: usize, at: Millis, sample: Sample) {
+    pub fn record(&mut self, gpu: usize, at: Millis, sample: GpuSample) {
         let offset = at.saturating_sub(self.start);
         while (offset / self.bucket_ms) as usize >= MAX_BUCKETS {
             self.halve();
@@ -254,8 +254,8 @@ mod tests {
         }
     }
 
-    fn sample(util: u32, mem: u64) -> Sample {
-        Sample {
+    fn sample(util: u32, mem: u64) -> GpuSample {
+        GpuSample {
             util: Some(util),
             memory_used_mib: mem,
             memory_total_mib: 1000,
@@ -343,7 +343,7 @@ mod tests {
         u.record(
             g,
             0,
-            Sample {
+            GpuSample {
                 util: None,
                 memory_used_mib: 42,
                 memory_total_mib: 80,

@@ -458,7 +458,7 @@ fn a_gather_goes_with_any_member_gc_removes() {
 
 #[test]
 fn gpu_usage_goes_with_its_run() {
-    use crate::store::{GpuIdentity, GpuUsage, Sample};
+    use crate::store::{GpuIdentity, GpuSample, GpuUsage};
     let lab = Lab::new();
     history(&lab);
     let usage = |run| {
@@ -471,7 +471,7 @@ fn gpu_usage_goes_with_its_run() {
                 name: "Test GPU".into(),
             },
         );
-        let sample = Sample {
+        let sample = GpuSample {
             util: Some(50),
             memory_used_mib: 1,
             memory_total_mib: 2,
