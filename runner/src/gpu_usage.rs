@@ -111,7 +111,7 @@ impl Shared {
 }
 
 impl Sampler {
-    /// GpuSample `devices` (the run's GPU ids) for run `run`, which started at `start`. `None`
+    /// Sample `devices` (the run's GPU ids) for run `run`, which started at `start`. `None`
     /// when there is nothing to sample (no GPU, or `NEEDLE_GPU_USAGE=off`). Returns at once:
     /// finding the GPUs happens on the sampler's thread.
     pub fn start(
