@@ -6,6 +6,7 @@ mod config;
 mod engine;
 mod error;
 mod executor;
+mod gpu_usage;
 mod gpus;
 mod guard;
 mod mps;

@@ -15,6 +15,7 @@ mod exec_env;
 mod failures;
 mod gc;
 mod gpu_sharing;
+mod gpu_usage;
 mod inspect;
 mod lineage;
 mod models;

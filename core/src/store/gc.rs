@@ -99,6 +99,8 @@ pub struct GcPlan {
     producers: Vec<Vec<u8>>,
     consumers: Vec<Vec<u8>>,
     dropped: Vec<Vec<u8>>,
+    /// GPU usage of runs dropped (or never recorded: a runner that died before its run was).
+    gpu_usage: Vec<Vec<u8>>,
     views: Vec<(ArtifactDigest, PathBuf)>,
     gathers: Vec<PathBuf>,
     blobs: Vec<PathBuf>,
@@ -212,6 +214,7 @@ impl Store {
             }
         }
         s.runs = plan.runs.len();
+        plan.gpu_usage = self.gpu_usage_keys_without(|id| reached.runs.contains(&id))?;
         for k in records.steps.keys() {
             if !reached.steps.contains(k) {
                 plan.steps.push(k.hex().into_bytes());
@@ -340,7 +343,7 @@ impl Store {
 
     fn gc_records_transaction(&self, plan: &GcPlan) -> Result<(), StoreError> {
         let t = &self.trees;
-        let trees: [&sled::Tree; 7] = [
+        let trees: [&sled::Tree; 8] = [
             &t.runs,
             &t.run_index,
             &t.steps,
@@ -348,6 +351,7 @@ impl Store {
             &t.producers,
             &t.consumers,
             &t.dropped,
+            &t.gpu_usage,
         ];
         trees[..]
             .transaction(|tx| {
@@ -361,6 +365,7 @@ impl Store {
                     (4, &plan.producers),
                     (5, &plan.consumers),
                     (6, &plan.dropped),
+                    (7, &plan.gpu_usage),
                 ] {
                     for k in keys {
                         tx[i].remove(k.as_slice())?;

@@ -24,6 +24,7 @@ pub(crate) struct Trees {
     pub run_index: sled::Tree,
     pub pins: sled::Tree,
     pub dropped: sled::Tree,
+    pub gpu_usage: sled::Tree,
 }
 
 impl Trees {
@@ -39,6 +40,7 @@ impl Trees {
             // that lacks them, and a needle that does not know them ignores them.
             pins: db.open_tree("pins")?,
             dropped: db.open_tree("dropped")?,
+            gpu_usage: db.open_tree(super::usage::TREE)?,
         })
     }
 }

@@ -53,11 +53,12 @@
 //! run_index    run id (u64 big-endian)     → RunSummary
 //! pins         artifact digest             → PinRecord    kept by gc whatever --keep-last says
 //! dropped      artifact digest             → DroppedRecord  damaged, dropped; runs still name it
+//! gpu_usage    run id (u64 big-endian)     → GpuUsage     its GPUs' utilisation and memory
 //! (default)    "next_run_id"               → u64 big-endian, the last id handed out
 //! ```
 //!
-//! `pins` and `dropped` came after the format's first stores: sled creates them, empty, when
-//! such a store opens, so the format stays `needle-store 1`.
+//! `pins`, `dropped` and `gpu_usage` came after the format's first stores: sled creates them,
+//! empty, when such a store opens, so the format stays `needle-store 1`.
 //!
 //! Removing things (`gc.rs`, `repair.rs`) keeps the invariant from the other side: what no
 //! record needs goes only after the metadata transaction that stops recording it, and bytes
@@ -79,6 +80,7 @@ pub mod records;
 pub mod remote;
 mod repair;
 mod space;
+mod usage;
 mod verify;
 mod view;
 
@@ -102,6 +104,7 @@ pub use read::StoreRead;
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
 pub use space::Space;
+pub use usage::{GpuIdentity, GpuSample, GpuSeries, GpuUsage};
 pub use verify::{Repaired, VerifyReport};
 
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};

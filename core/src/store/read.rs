@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Found, Manifest, RunRecord, RunSummary, StepRecord, Store, StoreCounts, StoreError};
+use super::{
+    Found, GpuUsage, Manifest, RunRecord, RunSummary, StepRecord, Store, StoreCounts, StoreError,
+};
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
 
 /// The store's read operations (see the methods of the same names on [`Store`]).
@@ -38,6 +40,10 @@ pub trait StoreRead {
     fn runs(&self) -> Result<Vec<RunSummary>, StoreError>;
 
     fn find_prefix(&self, prefix: &str) -> Result<Vec<Found>, StoreError>;
+
+    /// The GPU usage sampled during run `id`. For the run a runner is executing right now, as
+    /// the runner last saved it (it saves every few seconds while it samples).
+    fn gpu_usage(&self, id: u64) -> Result<Option<GpuUsage>, StoreError>;
 
     fn counts(&self) -> Result<StoreCounts, StoreError>;
 
@@ -109,6 +115,10 @@ impl StoreRead for Store {
 
     fn find_prefix(&self, prefix: &str) -> Result<Vec<Found>, StoreError> {
         Store::find_prefix(self, prefix)
+    }
+
+    fn gpu_usage(&self, id: u64) -> Result<Option<GpuUsage>, StoreError> {
+        Store::gpu_usage(self, id)
     }
 
     fn counts(&self) -> Result<StoreCounts, StoreError> {

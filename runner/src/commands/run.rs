@@ -13,6 +13,7 @@ use crate::cli::{Cli, ExecArgs, RunArgs};
 use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
 use crate::engine::{Engine, EngineOptions, RunOutcome, run_steps};
 use crate::error::{CliError, Exit};
+use crate::gpu_usage::Sampler;
 use crate::gpus::Gpu;
 use crate::mps::Mps;
 use crate::progress;
@@ -231,6 +232,13 @@ pub fn execute(
     let store = Arc::new(store);
     let live = Arc::new(LiveRun::new(record.id));
     let server = serve_reads(&store, &live);
+    // The GPUs of a local run are sampled beside it, on a thread of its own (`gpu_usage`).
+    let local_gpus: Vec<String> = if opts.slurm.is_some() {
+        Vec::new()
+    } else {
+        opts.gpus.iter().map(|g| g.id.clone()).collect()
+    };
+    let sampler = Sampler::start(store.clone(), record.id, record.started, &local_gpus);
     let mut engine = Engine::new(
         store.clone(),
         plan,
@@ -255,6 +263,9 @@ pub fn execute(
         Ok(()) => runtime.block_on(engine.execute()).map_err(CliError::from),
         Err(e) => Err(e),
     };
+    if let Some(sampler) = sampler {
+        sampler.stop();
+    }
     // The final record is stored (or the run failed to store it): readers read the store
     // from now on. The server's threads are done with the store once it is dropped.
     live.end();

@@ -12,11 +12,14 @@ use std::fmt::Write;
 use base64::Engine;
 use needle_core::digest::ArtifactDigest;
 use needle_core::recipe::bindings_label;
-use needle_core::store::{EntryKind, RunRecord, RunStep, StepStatus, StoreRead, fmt_ms};
+use needle_core::store::{
+    EntryKind, GpuUsage, Millis, RunRecord, RunStep, StepStatus, StoreRead, fmt_ms, now_millis,
+};
 use needle_core::value::{Value, render_short};
 
 use crate::error::CliError;
-use svg::{Series, Span, esc};
+use crate::gpu_usage;
+use svg::{GpuChart, Series, Span, UsageBucket, esc};
 
 /// Pictures larger than this are linked by path, not embedded, to keep the file quick to open.
 const MAX_EMBEDDED_IMAGE: u64 = 4 * 1024 * 1024;
@@ -64,7 +67,9 @@ fn read_file(
 pub fn build(store: &dyn StoreRead, run: &RunRecord) -> Result<String, CliError> {
     let mut body = String::new();
     header(run, &mut body);
-    timeline(run, &mut body);
+    let usage = store.gpu_usage(run.id)?;
+    let live = store.live_run() == Some(run.id);
+    timeline(run, usage.as_ref(), live, &mut body);
     results(store, run, &mut body)?;
     summaries(store, run, &mut body)?;
     images(store, run, &mut body)?;
@@ -114,7 +119,7 @@ fn header(run: &RunRecord, out: &mut String) {
     }
 }
 
-fn timeline(run: &RunRecord, out: &mut String) {
+fn timeline(run: &RunRecord, usage: Option<&GpuUsage>, live: bool, out: &mut String) {
     let spans: Vec<Span> = run
         .steps
         .iter()
@@ -128,15 +133,12 @@ fn timeline(run: &RunRecord, out: &mut String) {
                 } else {
                     "failed".into()
                 },
-                gpus: if a.gpus.is_empty() {
-                    String::new()
-                } else {
-                    let ids: Vec<String> = a.gpus.clone();
-                    format!("gpu {}", ids.join(","))
-                },
+                gpus: gpu_usage::attempt_gpus(a),
             })
         })
         .collect();
+    let end = gpu_usage::run_end(run, usage, live, now_millis());
+    let charts = usage.map_or_else(Vec::new, |u| gpu_charts(run, u, end));
     let cached = run
         .steps
         .iter()
@@ -144,9 +146,59 @@ fn timeline(run: &RunRecord, out: &mut String) {
         .count();
     let _ = write!(
         out,
-        "<h2>Timeline</h2><p>Each executed attempt on its GPU or CPU lane; {cached} step(s) were cached and took no time.</p>{}",
-        svg::timeline(&spans)
+        "<h2>Timeline</h2><p>Each executed attempt on its GPU or CPU lane (steps sharing a GPU at once on rows of their own in its lane); {cached} step(s) were cached and took no time.",
     );
+    if let Some(u) = usage.filter(|u| !u.gpus.is_empty()) {
+        let _ = write!(
+            out,
+            " Under each GPU, its utilisation (mean) and memory used (peak) per {}, sampled every {} through {}.",
+            fmt_ms(u.bucket_ms),
+            fmt_ms(u.interval_ms),
+            esc(&u.source)
+        );
+    }
+    let _ = write!(
+        out,
+        "</p>{}",
+        svg::timeline(&spans, &charts, end.saturating_sub(run.started))
+    );
+}
+
+/// Each sampled GPU's buckets, placed on the run's time axis, with its summary.
+fn gpu_charts(run: &RunRecord, usage: &GpuUsage, end: Millis) -> Vec<GpuChart> {
+    let offset = usage.start.saturating_sub(run.started);
+    gpu_usage::summarise(run, usage, end)
+        .into_iter()
+        .zip(&usage.gpus)
+        .map(|(summary, series)| {
+            let buckets = (0..series.n.len())
+                .filter(|&i| series.n[i] > 0)
+                .map(|i| UsageBucket {
+                    start: offset + i as u64 * usage.bucket_ms,
+                    end: offset + (i as u64 + 1) * usage.bucket_ms,
+                    util: series.util[i],
+                    memory_mib: series.memory_mib[i],
+                })
+                .collect();
+            let busy = summary
+                .busy_percent
+                .map_or_else(|| "no utilisation reported".into(), |b| format!("busy {b:.0}%"));
+            GpuChart {
+                id: series.id.clone(),
+                buckets,
+                memory_total_mib: series.memory_total_mib,
+                busy_percent: summary.busy_percent,
+                summary: format!(
+                    "{} ({}): {busy}, peak memory {:.1} of {:.1} GiB, held by steps {:.0}% of the run",
+                    series.name,
+                    series.uuid,
+                    series.memory_peak_mib() as f64 / 1024.0,
+                    series.memory_total_mib as f64 / 1024.0,
+                    summary.held_percent
+                ),
+            }
+        })
+        .collect()
 }
 
 /// What a metrics file says, flattened to the columns the table shows.

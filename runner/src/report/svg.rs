@@ -30,73 +30,229 @@ pub struct Span {
     pub start: u64,
     pub end: u64,
     pub status: String,
-    /// "gpu 0,1", or empty for a CPU step.
-    pub gpus: String,
+    /// The GPU ids it held; empty for a CPU step.
+    pub gpus: Vec<String>,
 }
 
-/// Bars on lanes: a step's GPUs name its lane; CPU steps share lanes, first free first.
-pub fn timeline(spans: &[Span]) -> String {
-    if spans.is_empty() {
+/// A GPU's sampled usage, drawn under its lane: utilisation and memory as area charts.
+pub struct GpuChart {
+    /// The GPU id, as the spans name it.
+    pub id: String,
+    /// Buckets with samples, in time order.
+    pub buckets: Vec<UsageBucket>,
+    pub memory_total_mib: u64,
+    /// Mean utilisation over the run (%), when the GPU reports one.
+    pub busy_percent: Option<f64>,
+    /// What a pointer over the charts says (busy share, peak memory).
+    pub summary: String,
+}
+
+/// One stretch of a [`GpuChart`].
+pub struct UsageBucket {
+    /// Milliseconds from the run's start.
+    pub start: u64,
+    pub end: u64,
+    /// Mean utilisation (%), when the GPU reports one.
+    pub util: Option<f32>,
+    /// Peak memory used (MiB).
+    pub memory_mib: u64,
+}
+
+/// A row of the timeline.
+enum Row<'a> {
+    /// Bars that never overlap. `label` names the lane on its first row only.
+    Bars {
+        label: String,
+        spans: Vec<&'a Span>,
+    },
+    Chart(AreaChart),
+}
+
+/// One of a GPU's charts: stretches `(start, end, value)`, the row's height standing for `top`.
+struct AreaChart {
+    class: &'static str,
+    colour: &'static str,
+    /// In the label column: what it shows, and its figure over the run.
+    label: String,
+    /// What a pointer over it says.
+    title: String,
+    top: f64,
+    values: Vec<(u64, u64, Option<f64>)>,
+}
+
+const BAR_ROW: f64 = 22.0;
+const CHART_ROW: f64 = 30.0;
+
+/// Bars that overlap in time on rows of their own, first free row first: each row's spans
+/// in start order.
+fn rows_for(mut spans: Vec<&Span>) -> Vec<Vec<&Span>> {
+    spans.sort_by_key(|s| (s.start, s.end));
+    let mut rows: Vec<Vec<&Span>> = Vec::new();
+    for s in spans {
+        match rows
+            .iter_mut()
+            .find(|r| r.last().is_some_and(|last| last.end <= s.start))
+        {
+            Some(row) => row.push(s),
+            None => rows.push(vec![s]),
+        }
+    }
+    rows
+}
+
+/// GPU ids in a sensible order: numbers by value, then the others (UUIDs) by name.
+fn gpu_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Err(_)) => a.cmp(b),
+    }
+}
+
+/// A GPU's utilisation and memory charts.
+fn chart_rows(chart: &GpuChart) -> [AreaChart; 2] {
+    let title = format!("gpu {}: {}", chart.id, chart.summary);
+    let peak = chart
+        .buckets
+        .iter()
+        .map(|b| b.memory_mib)
+        .max()
+        .unwrap_or(0);
+    let memory_top = if chart.memory_total_mib > 0 {
+        chart.memory_total_mib
+    } else {
+        peak.max(1)
+    };
+    [
+        AreaChart {
+            class: "gpu-util",
+            colour: "#1565c0",
+            label: match chart.busy_percent {
+                Some(b) => format!("util {b:.0}%"),
+                None => "util n/a".into(),
+            },
+            title: title.clone(),
+            top: 100.0,
+            values: chart
+                .buckets
+                .iter()
+                .map(|b| (b.start, b.end, b.util.map(f64::from)))
+                .collect(),
+        },
+        AreaChart {
+            class: "gpu-memory",
+            colour: "#6a1b9a",
+            label: format!("mem {:.1} GiB", peak as f64 / 1024.0),
+            title,
+            top: memory_top as f64,
+            values: chart
+                .buckets
+                .iter()
+                .map(|b| (b.start, b.end, Some(b.memory_mib as f64)))
+                .collect(),
+        },
+    ]
+}
+
+/// The run's attempts as bars, on an axis at least `total` ms long. Each GPU has a lane (a bar
+/// holding several GPUs is drawn in each of theirs); bars that overlap on one GPU (steps
+/// sharing it) get rows of their own in its lane, and under it come its utilisation and
+/// memory, where `charts` has them. CPU steps share lanes, first free first.
+pub fn timeline(spans: &[Span], charts: &[GpuChart], total: u64) -> String {
+    if spans.is_empty() && charts.is_empty() {
         return "<p>No step executed in this run.</p>".into();
     }
-    let total = spans.iter().map(|s| s.end).max().unwrap_or(1).max(1);
-    let mut lanes: Vec<(String, u64)> = Vec::new(); // (label, busy until)
-    let mut placed = Vec::new();
-    let mut order: Vec<usize> = (0..spans.len()).collect();
-    order.sort_by_key(|&i| (spans[i].start, spans[i].end));
-    for i in order {
-        let s = &spans[i];
-        let lane = if !s.gpus.is_empty() {
-            match lanes.iter().position(|(l, _)| *l == s.gpus) {
-                Some(l) => l,
-                None => {
-                    lanes.push((s.gpus.clone(), 0));
-                    lanes.len() - 1
-                }
-            }
-        } else {
-            match lanes
-                .iter()
-                .position(|(l, until)| l.starts_with("cpu") && *until <= s.start)
-            {
-                Some(l) => l,
-                None => {
-                    let n = lanes.iter().filter(|(l, _)| l.starts_with("cpu")).count();
-                    lanes.push((format!("cpu {n}"), 0));
-                    lanes.len() - 1
-                }
-            }
-        };
-        lanes[lane].1 = lanes[lane].1.max(s.end);
-        placed.push((i, lane));
+    let total = spans.iter().map(|s| s.end).fold(total, u64::max).max(1);
+    let mut gpus: Vec<&str> = spans
+        .iter()
+        .flat_map(|s| s.gpus.iter().map(String::as_str))
+        .chain(charts.iter().map(|c| c.id.as_str()))
+        .collect();
+    gpus.sort_by(|a, b| gpu_order(a, b));
+    gpus.dedup();
+    let mut rows: Vec<Row> = Vec::new();
+    for gpu in gpus {
+        let on_gpu = spans
+            .iter()
+            .filter(|s| s.gpus.iter().any(|g| g == gpu))
+            .collect();
+        let mut bars = rows_for(on_gpu);
+        if bars.is_empty() {
+            bars.push(Vec::new());
+        }
+        for (k, spans) in bars.into_iter().enumerate() {
+            let label = if k == 0 {
+                format!("gpu {gpu}")
+            } else {
+                String::new()
+            };
+            rows.push(Row::Bars { label, spans });
+        }
+        if let Some(chart) = charts.iter().find(|c| c.id == gpu) {
+            rows.extend(chart_rows(chart).map(Row::Chart));
+        }
     }
-    let (left, width, row) = (90.0, 900.0, 22.0);
-    let height = lanes.len() as f64 * row + 30.0;
-    let x = |t: u64| left + width * t as f64 / total as f64;
+    let cpu = spans.iter().filter(|s| s.gpus.is_empty()).collect();
+    for (k, spans) in rows_for(cpu).into_iter().enumerate() {
+        rows.push(Row::Bars {
+            label: format!("cpu {k}"),
+            spans,
+        });
+    }
+
+    let (left, width) = (90.0, 900.0);
+    let x = |t: u64| left + width * t.min(total) as f64 / total as f64;
+    let height: f64 = rows
+        .iter()
+        .map(|r| match r {
+            Row::Bars { .. } => BAR_ROW,
+            Row::Chart(_) => CHART_ROW,
+        })
+        .sum::<f64>()
+        + 30.0;
     let mut out = format!(
         r#"<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" font-size="11" font-family="sans-serif">"#,
         left + width + 10.0
     );
-    for (l, (label, _)) in lanes.iter().enumerate() {
-        let y = l as f64 * row;
-        let _ = write!(out, r#"<text x="4" y="{}">{}</text>"#, y + 15.0, esc(label));
+    let mut y = 0.0;
+    for row in &rows {
+        match row {
+            Row::Bars { label, spans } => {
+                if !label.is_empty() {
+                    // A lane begins: a rule above it, unless it is the first.
+                    if y > 0.0 {
+                        let _ = write!(
+                            out,
+                            r##"<line x1="0" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#e0e0e0"/>"##,
+                            x(total)
+                        );
+                    }
+                    let _ = write!(out, r#"<text x="4" y="{}">{}</text>"#, y + 15.0, esc(label));
+                }
+                for s in spans {
+                    let (x0, x1) = (x(s.start), x(s.end).max(x(s.start) + 1.5));
+                    let _ = write!(
+                        out,
+                        r#"<rect x="{x0:.1}" y="{}" width="{:.1}" height="{}" fill="{}"><title>{} — {} ({:.1} s)</title></rect>"#,
+                        y + 3.0,
+                        x1 - x0,
+                        BAR_ROW - 6.0,
+                        status_colour(&s.status),
+                        esc(&s.label),
+                        esc(&s.status),
+                        (s.end - s.start) as f64 / 1000.0
+                    );
+                }
+                y += BAR_ROW;
+            }
+            Row::Chart(chart) => {
+                area(&mut out, chart, y, &x);
+                y += CHART_ROW;
+            }
+        }
     }
-    for (i, lane) in placed {
-        let s = &spans[i];
-        let (x0, x1) = (x(s.start), x(s.end).max(x(s.start) + 1.5));
-        let y = lane as f64 * row + 3.0;
-        let _ = write!(
-            out,
-            r#"<rect x="{x0:.1}" y="{y}" width="{:.1}" height="{}" fill="{}"><title>{} — {} ({:.1} s)</title></rect>"#,
-            x1 - x0,
-            row - 6.0,
-            status_colour(&s.status),
-            esc(&s.label),
-            esc(&s.status),
-            (s.end - s.start) as f64 / 1000.0
-        );
-    }
-    let axis_y = lanes.len() as f64 * row + 14.0;
+    let axis_y = y + 14.0;
     for k in 0..=4 {
         let t = total * k / 4;
         let _ = write!(
@@ -108,6 +264,41 @@ pub fn timeline(spans: &[Span]) -> String {
     }
     out.push_str("</svg>");
     out
+}
+
+/// `chart` as a step-shaped area in the row at `y`: a flat top per stretch, at its value's
+/// share of `top`; where there is no value the outline drops to the baseline.
+fn area(out: &mut String, chart: &AreaChart, y: f64, x: &impl Fn(u64) -> f64) {
+    let base = y + CHART_ROW - 3.0;
+    let h = CHART_ROW - 6.0;
+    let mut path = String::new();
+    let mut at: Option<u64> = None; // where the outline is, when it is off the baseline
+    for &(start, end, value) in &chart.values {
+        let Some(v) = value else { continue };
+        let top_y = base - h * (v / chart.top).clamp(0.0, 1.0);
+        if at != Some(start) {
+            if let Some(prev) = at {
+                let _ = write!(path, "L{:.1},{base:.1}", x(prev));
+            }
+            let _ = write!(path, "M{:.1},{base:.1}", x(start));
+        }
+        let _ = write!(path, "L{:.1},{top_y:.1}L{:.1},{top_y:.1}", x(start), x(end));
+        at = Some(end);
+    }
+    if let Some(prev) = at {
+        let _ = write!(path, "L{:.1},{base:.1}Z", x(prev));
+    }
+    let _ = write!(
+        out,
+        r##"<g class="{}"><title>{}</title><text x="10" y="{:.1}" fill="#666">{}</text><line x1="{:.1}" x2="{:.1}" y1="{base:.1}" y2="{base:.1}" stroke="#ddd"/><path d="{path}" fill="{colour}" fill-opacity="0.35" stroke="{colour}" stroke-width="0.8"/></g>"##,
+        chart.class,
+        esc(&chart.title),
+        y + 18.0,
+        esc(&chart.label),
+        x(0),
+        x(u64::MAX),
+        colour = chart.colour,
+    );
 }
 
 /// A plotted point: x, y, and y's interval when there is one.
@@ -319,24 +510,113 @@ mod tests {
         );
     }
 
-    #[test]
-    fn cpu_steps_share_lanes_when_they_do_not_overlap() {
-        let span = |start, end, gpus: &str| Span {
+    fn span(start: u64, end: u64, gpus: &[&str]) -> Span {
+        Span {
             label: "s".into(),
             start,
             end,
             status: "succeeded".into(),
-            gpus: gpus.into(),
-        };
-        let svg = timeline(&[
-            span(0, 10, ""),
-            span(10, 20, ""),
-            span(5, 15, ""),
-            span(0, 30, "gpu 0"),
-        ]);
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    /// The y of each bar, in the order drawn.
+    fn bar_ys(svg: &str) -> Vec<f64> {
+        svg.split("<rect ")
+            .skip(1)
+            .map(|r| {
+                let at = r.find(" y=\"").unwrap() + 4;
+                r[at..at + r[at..].find('"').unwrap()].parse().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cpu_steps_share_lanes_when_they_do_not_overlap() {
+        let svg = timeline(
+            &[
+                span(0, 10, &[]),
+                span(10, 20, &[]),
+                span(5, 15, &[]),
+                span(0, 30, &["0"]),
+            ],
+            &[],
+            0,
+        );
         assert_eq!(svg.matches("<rect").count(), 4);
         assert!(svg.contains(">cpu 0<") && svg.contains(">cpu 1<") && svg.contains(">gpu 0<"));
         assert!(!svg.contains(">cpu 2<"), "{svg}");
+    }
+
+    #[test]
+    fn steps_sharing_a_gpu_get_rows_of_their_own_in_its_lane() {
+        // Four quarter-GPU steps at once on GPU 0, then one after them; a two-GPU step.
+        let spans = [
+            span(0, 10, &["0"]),
+            span(0, 10, &["0"]),
+            span(2, 12, &["0"]),
+            span(3, 9, &["0"]),
+            span(12, 20, &["0"]),
+            span(0, 20, &["1", "0"]),
+        ];
+        let svg = timeline(&spans, &[], 0);
+        let ys = bar_ys(&svg);
+        // The two-GPU step is drawn in both lanes.
+        assert_eq!(ys.len(), 7, "{svg}");
+        let mut gpu0: Vec<f64> = ys[..6].to_vec();
+        gpu0.sort_by(f64::total_cmp);
+        gpu0.dedup();
+        assert_eq!(gpu0.len(), 5, "five overlap at t = 3..9: {ys:?}");
+        // The step after them reuses the first row.
+        assert_eq!(ys.iter().filter(|&&y| y == ys[0]).count(), 2, "{ys:?}");
+        assert_eq!(svg.matches(">gpu 0<").count(), 1);
+        assert_eq!(svg.matches(">gpu 1<").count(), 1);
+        // GPU 1's lane is below all of GPU 0's rows.
+        let gpu1 = ys[6];
+        assert!(gpu0.iter().all(|&y| y < gpu1), "{ys:?}");
+    }
+
+    #[test]
+    fn a_sampled_gpu_has_its_charts_under_its_lane() {
+        let chart = GpuChart {
+            id: "0".into(),
+            buckets: vec![
+                UsageBucket {
+                    start: 0,
+                    end: 500,
+                    util: Some(40.0),
+                    memory_mib: 1000,
+                },
+                // A gap, then a sample without utilisation.
+                UsageBucket {
+                    start: 1000,
+                    end: 1500,
+                    util: None,
+                    memory_mib: 2000,
+                },
+            ],
+            memory_total_mib: 4000,
+            busy_percent: Some(40.0),
+            summary: "busy 40%".into(),
+        };
+        let svg = timeline(&[span(0, 1500, &["0"])], &[chart], 2000);
+        assert_eq!(svg.matches("<g class=\"gpu-util\">").count(), 1, "{svg}");
+        assert_eq!(svg.matches("<g class=\"gpu-memory\">").count(), 1);
+        assert!(svg.contains("<title>gpu 0: busy 40%</title>"));
+        assert!(
+            svg.contains(">util 40%<") && svg.contains(">mem 2.0 GiB<"),
+            "{svg}"
+        );
+        // The axis covers the run, not only its bars.
+        assert!(svg.contains(">2.0 s<"), "{svg}");
+        // Utilisation: one stretch; memory: two, the gap on the baseline.
+        let util = &svg[svg.find("gpu-util").unwrap()..svg.find("gpu-memory").unwrap()];
+        assert_eq!(util.matches('M').count(), 1, "{util}");
+        let memory = &svg[svg.find("gpu-memory").unwrap()..];
+        assert_eq!(memory.matches('M').count(), 2, "{memory}");
+        // The bar sits above the charts.
+        let ys = bar_ys(&svg);
+        assert_eq!(ys, vec![3.0]);
     }
 
     #[test]

@@ -457,3 +457,38 @@ fn a_gather_goes_with_any_member_gc_removes() {
     assert!(kept.exists(), "run 3's artifacts stay, and their gather");
     lab.assert_verifies();
 }
+
+#[test]
+fn gpu_usage_goes_with_its_run() {
+    use crate::store::{GpuIdentity, GpuSample, GpuUsage};
+    let lab = Lab::new();
+    history(&lab);
+    let usage = |run| {
+        let mut u = GpuUsage::new(run, "nvidia-smi", 500, 0);
+        let g = u.add_gpu(
+            "0",
+            &GpuIdentity {
+                index: 0,
+                uuid: "GPU-0".into(),
+                name: "Test GPU".into(),
+            },
+        );
+        let sample = GpuSample {
+            util: Some(50),
+            memory_used_mib: 1,
+            memory_total_mib: 2,
+        };
+        u.record(g, 0, sample);
+        u
+    };
+    // Runs 1 and 3, and run 9, which was never recorded (its runner died first).
+    for run in [1, 3, 9] {
+        lab.store().put_gpu_usage(&usage(run)).unwrap();
+    }
+    gc(&lab, None);
+    assert!(lab.store().gpu_usage(1).unwrap().is_some());
+    assert!(lab.store().gpu_usage(9).unwrap().is_none());
+    gc(&lab, Some(1));
+    assert!(lab.store().gpu_usage(1).unwrap().is_none());
+    assert_eq!(lab.store().gpu_usage(3).unwrap(), Some(usage(3)));
+}

@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use super::{Answer, Hello, PROTOCOL, Request, read_frame, send_frame};
 use crate::digest::{ArtifactDigest, StepKey};
 use crate::store::{
-    Found, LockMode, Manifest, RunRecord, RunSummary, StepRecord, Store, StoreCounts, StoreError,
-    StoreRead,
+    Found, GpuUsage, LockMode, Manifest, RunRecord, RunSummary, StepRecord, Store, StoreCounts,
+    StoreError, StoreRead,
 };
 
 /// How long a reader without `--wait` waits for a store that is locked but not served: a
@@ -169,6 +169,10 @@ impl StoreRead for Reader {
             prefix: prefix.into(),
         };
         self.read(|s| s.find_prefix(prefix), request)
+    }
+
+    fn gpu_usage(&self, id: u64) -> Result<Option<GpuUsage>, StoreError> {
+        self.read(|s| s.gpu_usage(id), Request::GpuUsage { run: id })
     }
 
     fn counts(&self) -> Result<StoreCounts, StoreError> {

@@ -109,6 +109,7 @@ pub enum Request {
     FindPrefix { prefix: String },
     Counts,
     LiveLog { run: u64, step: usize },
+    GpuUsage { run: u64 },
 }
 
 /// The answer to [`Request::Hello`].

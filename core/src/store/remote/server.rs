@@ -213,6 +213,7 @@ fn answer(stream: &UnixStream, store: &Store, live: &LiveRun, request: Request) 
         Request::Runs => reply(stream, runs(store, live)),
         Request::FindPrefix { prefix } => reply(stream, store.find_prefix(&prefix)),
         Request::Counts => reply(stream, store.counts()),
+        Request::GpuUsage { run } => reply(stream, store.gpu_usage(run)),
         Request::LiveLog { run, step } => {
             let log = live_copy(live, run).and_then(|copy| copy.logs.get(&step).cloned());
             send_frame(stream, &Answer::Ok(log))

@@ -107,6 +107,18 @@ fn a_served_store_answers_as_the_store_itself() {
     );
     assert_eq!(reader.counts().unwrap(), store.counts().unwrap());
     assert_eq!(reader.runs().unwrap(), store.runs().unwrap());
+    assert_eq!(reader.gpu_usage(1).unwrap(), None);
+    let mut usage = crate::store::GpuUsage::new(1, "nvidia-smi", 500, 0);
+    usage.add_gpu(
+        "0",
+        &crate::store::GpuIdentity {
+            index: 0,
+            uuid: "GPU-0".into(),
+            name: "Test GPU".into(),
+        },
+    );
+    store.put_gpu_usage(&usage).unwrap();
+    assert_eq!(reader.gpu_usage(1).unwrap(), Some(usage));
     // The runner builds the view; the reader reads its files.
     let view = reader.view(&output).unwrap();
     assert_eq!(std::fs::read(view.join("a.txt")).unwrap(), b"alpha");
