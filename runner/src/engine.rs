@@ -28,7 +28,7 @@ use needle_core::plan::{NodeInput, Plan};
 use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
     Attempt, AttemptResult, Execution, Health, InputCheck, Manifest, RunRecord, RunState, RunStep,
-    StepCommit, StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
+    StepCommit, StepProgress, StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -173,6 +173,11 @@ pub struct Engine {
     worker: PathBuf,
     /// Where readers of the store see this run as far as it has got (`needle status`).
     live: Option<Arc<LiveRun>>,
+    /// Steps whose state changed since the run's progress was last recorded (a committed
+    /// step's is recorded with its commit): see `Store::put_run_progress`.
+    progress_dirty: Vec<usize>,
+    progress_urgent: bool,
+    progress_recorded: Instant,
 }
 
 impl Engine {
@@ -254,6 +259,9 @@ impl Engine {
             programs: HashMap::new(),
             worker: worker_path(),
             live: None,
+            progress_dirty: Vec::new(),
+            progress_urgent: false,
+            progress_recorded: Instant::now(),
         }
     }
 
@@ -376,6 +384,9 @@ impl Engine {
             }
         }
         // The live display refreshes on the tick: recounting per event would cost O(steps²).
+        if self.progress_urgent {
+            self.record_progress();
+        }
         Ok(())
     }
 
@@ -404,6 +415,7 @@ impl Engine {
             let may_reuse = !forced || self.forced_done.contains(&i);
             if may_reuse && let Some(rec) = self.store.step(&key)? {
                 self.record.steps[i].status = StepStatus::Cached { output: rec.output };
+                self.progress_dirty.push(i);
                 self.phase[i] = Phase::Finished;
                 self.outputs[i] = Some(rec.output);
                 self.progress.finished(&self.record.steps[i], None);
@@ -500,6 +512,8 @@ impl Engine {
         self.outputs[u] = None;
         self.phase[u] = Phase::Waiting;
         self.record.steps[u].status = StepStatus::Pending;
+        self.progress_dirty.push(u);
+        self.progress_urgent = true;
         self.progress.reopened(&self.record.steps[u]);
         for &d in &self.dependents[u] {
             if self.phase[d] == Phase::Waiting {
@@ -573,6 +587,7 @@ impl Engine {
             match result {
                 Ok(output) => {
                     self.record.steps[f].status = StepStatus::Cached { output };
+                    self.progress_dirty.push(f);
                     self.progress.finished(&self.record.steps[f], None);
                     // Errors surface when the follower's own dependents resolve.
                     let _ = self.on_done(f, output);
@@ -814,6 +829,8 @@ impl Engine {
                 },
                 staging,
                 forced: self.opts.force.contains(&node.name),
+                // Its status once committed is set by the commit (see `commit_batch`).
+                progress: self.step_progress(i),
             };
             if self.to_commit.is_empty() {
                 self.to_commit_since = Instant::now();
@@ -904,7 +921,9 @@ impl Engine {
 
     fn finish_node(&mut self, i: usize, status: StepStatus) {
         self.phase[i] = Phase::Finished;
+        self.progress_urgent |= !matches!(status, StepStatus::Cached { .. });
         self.record.steps[i].status = status;
+        self.progress_dirty.push(i);
         if !matches!(self.record.steps[i].status, StepStatus::Failed { .. }) {
             self.progress.finished(&self.record.steps[i], None);
         }
@@ -945,7 +964,40 @@ impl Engine {
         }
     }
 
+    /// Record how far the steps that changed have got, for readers after a killed runner.
+    /// A failure costs only that record: the final run record is written at the end anyway.
+    /// Cached steps are recorded at most once a second, and not in a run's first second: a
+    /// run of cached steps that ends at once writes its final record alone. A step that failed,
+    /// was skipped or interrupted, or must execute again is recorded before the next step
+    /// starts (`urgent`).
+    fn record_progress(&mut self) {
+        let due = self.progress_urgent || self.progress_recorded.elapsed() >= PROGRESS_EVERY;
+        if self.progress_dirty.is_empty() || !due {
+            return;
+        }
+        self.progress_recorded = Instant::now();
+        self.progress_urgent = false;
+        let mut nodes = std::mem::take(&mut self.progress_dirty);
+        nodes.sort_unstable();
+        nodes.dedup();
+        let progress: Vec<StepProgress> = nodes.iter().map(|&i| self.step_progress(i)).collect();
+        if let Err(e) = self.store.put_run_progress(self.record.id, &progress) {
+            tracing::warn!("could not record the run's progress: {e}");
+        }
+    }
+
+    fn step_progress(&self, i: usize) -> StepProgress {
+        let step = &self.record.steps[i];
+        StepProgress {
+            node: i as u32,
+            key: step.key,
+            status: step.status.clone(),
+            attempts: step.attempts.clone(),
+        }
+    }
+
     fn update_progress(&mut self) {
+        self.record_progress();
         let running: Vec<RunningStep> = self
             .running
             .iter()
@@ -1110,6 +1162,8 @@ struct CommitJob {
     execution: Execution,
     staging: PathBuf,
     forced: bool,
+    /// How far the step got, recorded with its commit.
+    progress: StepProgress,
 }
 
 /// Finished steps are committed together: when the engine has nothing else to start, when
@@ -1117,6 +1171,9 @@ struct CommitJob {
 /// commit pays a few syncs whatever its size, so steps that finish while others keep the
 /// slots busy share them.
 const MAX_BATCH: usize = 256;
+
+/// How often the run's progress (other than commits) is recorded.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
 
 /// The commit thread: absorbs outputs into blobs and records them, a batch at a time.
@@ -1147,13 +1204,19 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
     let mut results = Vec::with_capacity(batch.len());
     let mut commits = Vec::with_capacity(batch.len());
     let mut committed_nodes = Vec::with_capacity(batch.len());
+    let mut progress = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
     for (job, outcome) in batch.iter().zip(prepared) {
         // An output that was refused is still in `out/`.
         let refused = outcome.is_err();
         match outcome {
             Ok(commit) => {
-                committed_nodes.push((job.node, commit.record.output));
+                let output = commit.record.output;
+                committed_nodes.push((job.node, output));
+                progress.push(StepProgress {
+                    status: StepStatus::Succeeded { output },
+                    ..job.progress.clone()
+                });
                 commits.push(commit);
             }
             Err(e) => results.push((job.node, Err(commit_error(store, job, &e)))),
@@ -1163,7 +1226,8 @@ fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<E
         }
     }
     let absorbed = t0.elapsed();
-    let committed = store.commit(&commits);
+    let run = batch.first().map_or(0, |j| j.execution.run);
+    let committed = store.commit_for_run(&commits, run, &progress);
     tracing::debug!(
         batch = batch.len(),
         absorb_ms = absorbed.as_secs_f64() * 1e3,

@@ -174,3 +174,89 @@ fn fifty_kills_at_spread_out_moments_never_change_the_final_digests() {
         "only {killed_mid_run} of 50 kills hit a running run"
     );
 }
+
+#[test]
+fn a_killed_runs_status_shows_what_it_committed_and_what_failed() {
+    let p = Project::new();
+    // With one slot, steps start one at a time by longest remaining path: `bad` (the head of
+    // a chain) fails first, then `a` and `b` commit, then `wait` (which gathers every `b`)
+    // says it runs, and the runner is killed.
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "killed"
+
+[sweep]
+i = [1, 2, 3]
+
+[steps.bad]
+op = "exec"
+cmd = ["sh", "-c", "exit 3"]
+
+[steps.bad2]
+op = "exec"
+inputs = { x = "bad" }
+cmd = ["true"]
+
+[steps.bad3]
+op = "exec"
+inputs = { x = "bad2" }
+cmd = ["true"]
+
+[steps.bad4]
+op = "exec"
+inputs = { x = "bad3" }
+cmd = ["true"]
+
+[steps.a]
+op = "exec"
+cmd = ["sh", "-c", "echo a${i} > \"$NEEDLE_OUT/v\""]
+
+[steps.b]
+op = "exec"
+inputs = { a = "a" }
+cmd = ["sh", "-c", "echo b${i} > \"$NEEDLE_OUT/v\""]
+
+[steps.wait]
+op = "exec"
+inputs = { all = "b[*]" }
+cmd = ["sh", "-c", "cd \"$NEEDLE_RECIPE_DIR\"; [ -e waiting ] && exit 0; touch waiting; exec sleep 120"]
+"#,
+    );
+    let mut child = p
+        .background(&["run", "recipe.toml", "-j", "1"])
+        .spawn()
+        .unwrap();
+    wait_for("the last step to start", Duration::from_secs(60), || {
+        p.path("waiting").exists()
+    });
+    // SAFETY: SIGKILL to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+
+    let status = p.json(&["status", "last"], 0);
+    for name in ["a", "b"] {
+        for s in steps_named(&status, name) {
+            assert_eq!(s["status"], "succeeded", "{s}");
+            assert!(s["key"].is_string(), "{s}");
+            assert!(s["output"].is_string(), "{s}");
+        }
+    }
+    assert_eq!(steps_named(&status, "bad")[0]["status"], "failed");
+    assert_eq!(steps_named(&status, "bad2")[0]["status"], "skipped");
+    assert_eq!(steps_named(&status, "wait")[0]["status"], "pending");
+    let text = stdout(&p.needle(&["status", "last"]));
+    assert!(text.contains("aborted"), "{text}");
+    assert!(text.contains("exited with code 3"), "{text}");
+    // A committed step of the killed run can be looked at.
+    let show = p.needle(&["show", "1:b[i=2]"]);
+    assert_code(&show, 0);
+    assert!(stdout(&show).contains("output"), "{}", stdout(&show));
+    assert_code(&p.needle(&["lineage", "1:b[i=2]"]), 0);
+
+    // The next run executes only what had not finished (`wait` does not wait again).
+    let run = p.json(&["run", "recipe.toml", "-j", "2"], 1);
+    assert_eq!(run["cached"], 6, "{run}");
+    assert_code(&p.needle(&["verify"]), 0);
+}

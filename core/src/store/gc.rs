@@ -101,6 +101,8 @@ pub struct GcPlan {
     dropped: Vec<Vec<u8>>,
     /// GPU usage of runs dropped (or never recorded: a runner that died before its run was).
     gpu_usage: Vec<Vec<u8>>,
+    /// Progress of runs dropped, or never recorded (see `progress.rs`).
+    run_progress: Vec<Vec<u8>>,
     views: Vec<(ArtifactDigest, PathBuf)>,
     gathers: Vec<PathBuf>,
     blobs: Vec<PathBuf>,
@@ -215,6 +217,7 @@ impl Store {
         }
         s.runs = plan.runs.len();
         plan.gpu_usage = self.gpu_usage_keys_without(|id| reached.runs.contains(&id))?;
+        plan.run_progress = self.progress_keys_without(|id| reached.runs.contains(&id))?;
         for k in records.steps.keys() {
             if !reached.steps.contains(k) {
                 plan.steps.push(k.hex().into_bytes());
@@ -343,7 +346,7 @@ impl Store {
 
     fn gc_records_transaction(&self, plan: &GcPlan) -> Result<(), StoreError> {
         let t = &self.trees;
-        let trees: [&sled::Tree; 8] = [
+        let trees: [&sled::Tree; 9] = [
             &t.runs,
             &t.run_index,
             &t.steps,
@@ -352,6 +355,7 @@ impl Store {
             &t.consumers,
             &t.dropped,
             &t.gpu_usage,
+            &t.run_progress,
         ];
         trees[..]
             .transaction(|tx| {
@@ -366,6 +370,7 @@ impl Store {
                     (5, &plan.consumers),
                     (6, &plan.dropped),
                     (7, &plan.gpu_usage),
+                    (8, &plan.run_progress),
                 ] {
                     for k in keys {
                         tx[i].remove(k.as_slice())?;
@@ -389,7 +394,8 @@ impl Store {
                 ))
             })?;
             let run: RunRecord = decode("runs", &key, &value)?;
-            records.runs.insert(id, run);
+            // A run whose runner died holds what it got to in its progress.
+            records.runs.insert(id, self.with_progress(run)?);
         }
         for item in self.trees.steps.iter() {
             let (key, value) = item?;

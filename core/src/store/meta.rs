@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
-    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit, StepRecord,
-    Store, StoreError, fsutil,
+    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit,
+    StepProgress, StepRecord, Store, StoreError, fsutil,
 };
 use crate::digest::{ArtifactDigest, Digest, DigestKind, HEX_LEN, StepKey, is_hex_prefix};
 
@@ -25,6 +25,7 @@ pub(crate) struct Trees {
     pub pins: sled::Tree,
     pub dropped: sled::Tree,
     pub gpu_usage: sled::Tree,
+    pub run_progress: sled::Tree,
 }
 
 impl Trees {
@@ -41,6 +42,7 @@ impl Trees {
             pins: db.open_tree("pins")?,
             dropped: db.open_tree("dropped")?,
             gpu_usage: db.open_tree(super::usage::TREE)?,
+            run_progress: db.open_tree(super::progress::TREE)?,
         })
     }
 }
@@ -56,7 +58,12 @@ struct Encoded {
 }
 
 impl Store {
-    pub(super) fn commit_inner(&self, commits: &[StepCommit]) -> Result<(), StoreError> {
+    pub(super) fn commit_inner(
+        &self,
+        commits: &[StepCommit],
+        run: u64,
+        progress: &[StepProgress],
+    ) -> Result<(), StoreError> {
         if commits.is_empty() {
             return Ok(());
         }
@@ -107,7 +114,9 @@ impl Store {
             });
         }
 
-        let bytes: usize = encoded
+        let progress = super::progress::encode(run, progress);
+        let bytes: usize = progress.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + encoded
             .iter()
             .map(|e| {
                 e.record.len()
@@ -115,13 +124,13 @@ impl Store {
                     + e.producer.len()
                     + e.consumers.iter().map(Vec::len).sum::<usize>()
             })
-            .sum();
+            .sum::<usize>();
         // sled must not meet a full disk (see `space.rs`).
         self.ensure_room(bytes as u64)?;
 
         let t = &self.trees;
-        (&t.steps, &t.artifacts, &t.producers, &t.consumers)
-            .transaction(|(steps, artifacts, producers, consumers)| {
+        (&t.steps, &t.artifacts, &t.producers, &t.consumers, &t.run_progress)
+            .transaction(|(steps, artifacts, producers, consumers, run_progress)| {
                 for e in &encoded {
                     if let Some((key, value)) = &e.manifest
                         && artifacts.get(key)?.is_none()
@@ -133,6 +142,9 @@ impl Store {
                     for c in &e.consumers {
                         consumers.insert(c.as_slice(), &[][..])?;
                     }
+                }
+                for (k, v) in &progress {
+                    run_progress.insert(&k[..], v.as_slice())?;
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
@@ -253,8 +265,22 @@ impl Store {
         let record = to_json(run);
         let summary = to_json(&RunSummary::of(run));
         let default: &sled::Tree = &self.db;
-        (&self.trees.runs, &self.trees.run_index, default)
-            .transaction(|(runs, run_index, default)| {
+        // An ended run's record is whole: its progress goes (see `progress.rs`).
+        let progress = if run.ended.is_some() {
+            self.progress_keys(run.id)?
+        } else {
+            Vec::new()
+        };
+        (
+            &self.trees.runs,
+            &self.trees.run_index,
+            default,
+            &self.trees.run_progress,
+        )
+            .transaction(|(runs, run_index, default, run_progress)| {
+                for k in &progress {
+                    run_progress.remove(k)?;
+                }
                 runs.insert(&key[..], record.as_slice())?;
                 run_index.insert(&key[..], summary.as_slice())?;
                 // Keep the counter past every recorded id, also one not from `next_run_id`.
@@ -270,7 +296,10 @@ impl Store {
     }
 
     pub(super) fn run_inner(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
-        get_json(&self.trees.runs, "runs", &id.to_be_bytes())
+        match get_json(&self.trees.runs, "runs", &id.to_be_bytes())? {
+            Some(record) => Ok(Some(self.with_progress(record)?)),
+            None => Ok(None),
+        }
     }
 
     pub(super) fn runs_inner(&self) -> Result<Vec<RunSummary>, StoreError> {

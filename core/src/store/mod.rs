@@ -75,6 +75,7 @@ mod guard;
 mod lock;
 mod meta;
 mod pins;
+mod progress;
 mod read;
 pub mod records;
 pub mod remote;
@@ -103,6 +104,7 @@ use lock::Purpose;
 pub use read::StoreRead;
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
+pub use progress::StepProgress;
 pub use space::Space;
 pub use usage::{GpuIdentity, GpuSample, GpuSeries, GpuUsage};
 pub use verify::{Repaired, VerifyReport};
@@ -386,7 +388,18 @@ impl Store {
     /// ([`StoreError::Corrupt`]), a malformed manifest, a record whose `output` is not its
     /// manifest's digest.
     pub fn commit(&self, commits: &[StepCommit]) -> Result<(), StoreError> {
-        self.commit_inner(commits)
+        self.commit_inner(commits, 0, &[])
+    }
+
+    /// [`Store::commit`], recording in the same transaction how far these steps of run `run`
+    /// have got (see `progress.rs`): a run whose runner is killed later still shows them.
+    pub fn commit_for_run(
+        &self,
+        commits: &[StepCommit],
+        run: u64,
+        progress: &[StepProgress],
+    ) -> Result<(), StoreError> {
+        self.commit_inner(commits, run, progress)
     }
 
     pub fn step(&self, key: &StepKey) -> Result<Option<StepRecord>, StoreError> {

@@ -101,8 +101,65 @@ impl Lab {
 
     /// Record run `id` with these steps (all named `s`), in order, finished.
     pub fn run(&self, id: u64, steps: &[Done]) {
-        let store = self.store();
-        let run = RunRecord {
+        self.store().put_run(&run_record(id, steps)).unwrap();
+    }
+
+    /// Every file under the store's `dir` (relative paths), sorted.
+    pub fn files(&self, dir: &str) -> Vec<String> {
+        let root = self.root().join(dir);
+        let mut out = Vec::new();
+        walk(&root, &root, &mut out);
+        out.sort();
+        out
+    }
+
+
+    /// Overwrite the bytes of `blob` in place (through every hard link to it), size kept.
+    pub fn flip(&self, blob: &BlobDigest) {
+        let path = self.store().blob_path(blob);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0x20;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, bytes).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).unwrap();
+    }
+
+    pub fn blob_of(&self, artifact: &ArtifactDigest, path: &str) -> BlobDigest {
+        let m = self.store().manifest(artifact).unwrap().unwrap();
+        match m.entries.iter().find(|e| e.path == path).unwrap().kind {
+            EntryKind::File { blob, .. } => blob,
+            EntryKind::Dir => panic!("`{path}` is a directory"),
+        }
+    }
+
+    /// `verify --hash` finds nothing wrong.
+    pub fn assert_verifies(&self) {
+        let report = self.store().verify(true).unwrap();
+        assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    }
+}
+
+pub(crate) fn key(tag: &str) -> StepKey {
+    StepKey::of_parts(&[tag.as_bytes()])
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(root, &p, out);
+        } else {
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+}
+
+/// Run `id` with these steps (all named `s`), in order, finished.
+pub(crate) fn run_record(id: u64, steps: &[Done]) -> RunRecord {
+    RunRecord {
             id,
             recipe_name: "r".into(),
             recipe_path: "r.toml".into(),
@@ -146,58 +203,5 @@ impl Lab {
                     },
                 })
                 .collect(),
-        };
-        store.put_run(&run).unwrap();
-    }
-
-    /// Every file under the store's `dir` (relative paths), sorted.
-    pub fn files(&self, dir: &str) -> Vec<String> {
-        let root = self.root().join(dir);
-        let mut out = Vec::new();
-        walk(&root, &root, &mut out);
-        out.sort();
-        out
-    }
-
-    /// Overwrite the bytes of `blob` in place (through every hard link to it), size kept.
-    pub fn flip(&self, blob: &BlobDigest) {
-        let path = self.store().blob_path(blob);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[0] ^= 0x20;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        fs::write(&path, bytes).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).unwrap();
-    }
-
-    pub fn blob_of(&self, artifact: &ArtifactDigest, path: &str) -> BlobDigest {
-        let m = self.store().manifest(artifact).unwrap().unwrap();
-        match m.entries.iter().find(|e| e.path == path).unwrap().kind {
-            EntryKind::File { blob, .. } => blob,
-            EntryKind::Dir => panic!("`{path}` is a directory"),
         }
-    }
-
-    /// `verify --hash` finds nothing wrong.
-    pub fn assert_verifies(&self) {
-        let report = self.store().verify(true).unwrap();
-        assert!(report.problems.is_empty(), "{:#?}", report.problems);
-    }
-}
-
-pub(crate) fn key(tag: &str) -> StepKey {
-    StepKey::of_parts(&[tag.as_bytes()])
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            walk(root, &p, out);
-        } else {
-            out.push(p.strip_prefix(root).unwrap().display().to_string());
-        }
-    }
 }
