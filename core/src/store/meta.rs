@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
-    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit,
-    StepProgress, StepRecord, Store, StoreError, fsutil,
+    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit, StepProgress,
+    StepRecord, Store, StoreError, fsutil,
 };
 use crate::digest::{ArtifactDigest, Digest, DigestKind, HEX_LEN, StepKey, is_hex_prefix};
 
@@ -115,21 +115,30 @@ impl Store {
         }
 
         let progress = super::progress::encode(run, progress);
-        let bytes: usize = progress.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-            + encoded
+        let bytes: usize = progress
             .iter()
-            .map(|e| {
-                e.record.len()
-                    + e.manifest.as_ref().map_or(0, |(k, v)| k.len() + v.len())
-                    + e.producer.len()
-                    + e.consumers.iter().map(Vec::len).sum::<usize>()
-            })
-            .sum::<usize>();
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + encoded
+                .iter()
+                .map(|e| {
+                    e.record.len()
+                        + e.manifest.as_ref().map_or(0, |(k, v)| k.len() + v.len())
+                        + e.producer.len()
+                        + e.consumers.iter().map(Vec::len).sum::<usize>()
+                })
+                .sum::<usize>();
         // sled must not meet a full disk (see `space.rs`).
         self.ensure_room(bytes as u64)?;
 
         let t = &self.trees;
-        (&t.steps, &t.artifacts, &t.producers, &t.consumers, &t.run_progress)
+        (
+            &t.steps,
+            &t.artifacts,
+            &t.producers,
+            &t.consumers,
+            &t.run_progress,
+        )
             .transaction(|(steps, artifacts, producers, consumers, run_progress)| {
                 for e in &encoded {
                     if let Some((key, value)) = &e.manifest

@@ -101,10 +101,10 @@ pub use guard::{
 };
 pub use lock::LockMode;
 use lock::Purpose;
+pub use progress::StepProgress;
 pub use read::StoreRead;
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
-pub use progress::StepProgress;
 pub use space::Space;
 pub use usage::{GpuIdentity, GpuSample, GpuSeries, GpuUsage};
 pub use verify::{Repaired, VerifyReport};

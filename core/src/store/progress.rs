@@ -89,7 +89,10 @@ impl Store {
         let mut out = Vec::new();
         for k in self.trees.run_progress.iter().keys() {
             let k = k?;
-            let run = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let run = k
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
             match run {
                 Some(id) if keep(id) => {}
                 Some(_) => out.push(k.to_vec()),
@@ -168,7 +171,9 @@ mod tests {
             },
             attempts: vec![attempt],
         };
-        lab.store().put_run_progress(1, &[progress.clone()]).unwrap();
+        lab.store()
+            .put_run_progress(1, std::slice::from_ref(&progress))
+            .unwrap();
         lab.reopen();
 
         let read = lab.store().run(1).unwrap().unwrap();

@@ -113,7 +113,6 @@ impl Lab {
         out
     }
 
-
     /// Overwrite the bytes of `blob` in place (through every hard link to it), size kept.
     pub fn flip(&self, blob: &BlobDigest) {
         let path = self.store().blob_path(blob);
@@ -160,48 +159,48 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
 /// Run `id` with these steps (all named `s`), in order, finished.
 pub(crate) fn run_record(id: u64, steps: &[Done]) -> RunRecord {
     RunRecord {
-            id,
-            recipe_name: "r".into(),
-            recipe_path: "r.toml".into(),
-            recipe_dir: "/tmp".into(),
-            recipe_text: "[recipe]\nname = \"r\"\n".into(),
-            sets: vec![],
-            rerun_of: None,
-            started: now_millis(),
-            ended: Some(now_millis()),
-            state: RunState::Succeeded,
-            arms: vec![],
-            steps: steps
-                .iter()
-                .map(|d| RunStep {
-                    id: StepId::of_parts(&[d.key.as_bytes()]),
-                    name: "s".into(),
-                    op: "exec".into(),
-                    bindings: BTreeMap::new(),
-                    arms: vec![],
-                    inputs: BTreeMap::new(),
-                    key: Some(d.key),
-                    status: if d.cached {
-                        StepStatus::Cached { output: d.output }
-                    } else {
-                        StepStatus::Succeeded { output: d.output }
-                    },
-                    attempts: if d.cached {
-                        vec![]
-                    } else {
-                        vec![Attempt {
-                            n: 1,
-                            started: 0,
-                            ended: 0,
-                            result: AttemptResult::Success,
-                            gpus: vec![],
-                            gpu_share: None,
-                            gpu_mem_gb: None,
-                            log: Store::log_rel_path(&d.key, id, 1),
-                            job: None,
-                        }]
-                    },
-                })
-                .collect(),
-        }
+        id,
+        recipe_name: "r".into(),
+        recipe_path: "r.toml".into(),
+        recipe_dir: "/tmp".into(),
+        recipe_text: "[recipe]\nname = \"r\"\n".into(),
+        sets: vec![],
+        rerun_of: None,
+        started: now_millis(),
+        ended: Some(now_millis()),
+        state: RunState::Succeeded,
+        arms: vec![],
+        steps: steps
+            .iter()
+            .map(|d| RunStep {
+                id: StepId::of_parts(&[d.key.as_bytes()]),
+                name: "s".into(),
+                op: "exec".into(),
+                bindings: BTreeMap::new(),
+                arms: vec![],
+                inputs: BTreeMap::new(),
+                key: Some(d.key),
+                status: if d.cached {
+                    StepStatus::Cached { output: d.output }
+                } else {
+                    StepStatus::Succeeded { output: d.output }
+                },
+                attempts: if d.cached {
+                    vec![]
+                } else {
+                    vec![Attempt {
+                        n: 1,
+                        started: 0,
+                        ended: 0,
+                        result: AttemptResult::Success,
+                        gpus: vec![],
+                        gpu_share: None,
+                        gpu_mem_gb: None,
+                        log: Store::log_rel_path(&d.key, id, 1),
+                        job: None,
+                    }]
+                },
+            })
+            .collect(),
+    }
 }
