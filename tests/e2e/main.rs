@@ -5,6 +5,7 @@ mod common;
 
 mod bad_recipes;
 mod builtin;
+mod code_dirs;
 mod concurrent;
 mod crash;
 mod curation;

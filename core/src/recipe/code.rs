@@ -7,8 +7,18 @@
 //! files and directories are read: a FIFO or a device could block hashing forever or never
 //! end. The validator walks each entry once to report these at the recipe's `code` line;
 //! planning walks it again to hash what it lists.
+//!
+//! A directory's walk leaves out what is never a step's code, so that `code = ["."]` at the
+//! root of a project works: a needle store (the one the run writes into would change under
+//! its own key), version control (`.git`, `.hg`, `.svn`), Python's `__pycache__` (written as
+//! soon as the code runs locally) and virtual environments (a directory with `pyvenv.cfg`),
+//! and whatever a `.gitignore` or `.needleignore` in the recipe's directory or below it
+//! ignores, as git reads those files. An entry the recipe names itself is always taken.
 
 use std::path::{Path, PathBuf};
+
+use ignore::Match;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 /// Why a `code` entry cannot be read. `path` is as the recipe names it: relative to the
 /// recipe's directory, `/`-separated.
@@ -43,16 +53,86 @@ pub fn code_files(dir: &Path, entry: &str) -> Result<Vec<(String, PathBuf)>, Cod
     let rel = if entry == "." { "" } else { entry };
     let path = dir.join(entry);
     let real = resolve(&root, rel, &path)?;
+    // The ignore files of the directories above the entry, from the recipe's down.
+    let mut ignores = Vec::new();
+    let mut above = dir.to_path_buf();
+    let parents: Vec<&str> = rel.split('/').collect();
+    for (i, part) in parents.iter().enumerate() {
+        if i + 1 == parents.len() {
+            break;
+        }
+        load_ignores(&above, &mut ignores).map_err(io(rel))?;
+        above.push(part);
+    }
+    if !rel.is_empty() {
+        load_ignores(&above, &mut ignores).map_err(io(rel))?;
+    }
     let mut out = Vec::new();
     walk(
         &root,
         rel.to_string(),
         &path,
         real,
-        &mut Vec::new(),
+        &mut Walk {
+            open: Vec::new(),
+            ignores,
+        },
         &mut out,
     )?;
     Ok(out)
+}
+
+/// What a walk carries down: the real paths of the directories being walked (to catch a
+/// symlink back to one of them) and the ignore files that apply, outermost first.
+struct Walk {
+    open: Vec<PathBuf>,
+    ignores: Vec<Gitignore>,
+}
+
+/// Names of directories that are never a step's code.
+const NEVER_CODE: &[&str] = &[".git", ".hg", ".svn", "__pycache__", ".needle"];
+
+/// Read `dir`'s `.gitignore` and `.needleignore` into `ignores`, if it has them.
+fn load_ignores(dir: &Path, ignores: &mut Vec<Gitignore>) -> std::io::Result<()> {
+    for name in [".gitignore", ".needleignore"] {
+        let file = dir.join(name);
+        if !file.is_file() {
+            continue;
+        }
+        let mut builder = GitignoreBuilder::new(dir);
+        if let Some(e) = builder.add(&file) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("`{}`: {e}", file.display()),
+            ));
+        }
+        let built = builder
+            .build()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        ignores.push(built);
+    }
+    Ok(())
+}
+
+/// Whether the walk leaves out the child `path` (a directory when `is_dir`; `real` is where it
+/// leads) of a directory being walked.
+fn left_out(path: &Path, real: &Path, name: &str, is_dir: bool, ignores: &[Gitignore]) -> bool {
+    if is_dir
+        && (NEVER_CODE.contains(&name)
+            || real.join("pyvenv.cfg").is_file()
+            || std::fs::read(real.join("FORMAT")).is_ok_and(|f| f.starts_with(b"needle-store")))
+    {
+        return true;
+    }
+    // The innermost ignore file that says anything about it decides, as in git.
+    for ignore in ignores.iter().rev() {
+        match ignore.matched(path, is_dir) {
+            Match::Ignore(_) => return true,
+            Match::Whitelist(_) => return false,
+            Match::None => {}
+        }
+    }
+    false
 }
 
 /// The real path of `path` (named `rel`), checked to lie inside `root`.
@@ -91,7 +171,7 @@ fn walk(
     rel: String,
     path: &Path,
     real: PathBuf,
-    open: &mut Vec<PathBuf>,
+    state: &mut Walk,
     out: &mut Vec<(String, PathBuf)>,
 ) -> Result<(), CodeError> {
     let shown = if rel.is_empty() { "." } else { rel.as_str() };
@@ -108,7 +188,7 @@ fn walk(
             path: shown.to_string(),
         });
     }
-    if open.contains(&real) {
+    if state.open.contains(&real) {
         return Err(CodeError::Loop {
             path: shown.to_string(),
             target: real,
@@ -130,7 +210,9 @@ fn walk(
         entries.push((name, e.file_type().map_err(read_err)?));
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    open.push(real.clone());
+    state.open.push(real.clone());
+    let ignores = state.ignores.len();
+    load_ignores(path, &mut state.ignores).map_err(read_err)?;
     for (name, kind) in entries {
         let child_rel = if rel.is_empty() {
             name.clone()
@@ -144,9 +226,18 @@ fn walk(
         } else {
             real.join(&name)
         };
-        walk(root, child_rel, &child, child_real, open, out)?;
+        let is_dir = if kind.is_symlink() {
+            child_real.is_dir()
+        } else {
+            kind.is_dir()
+        };
+        if left_out(&child, &child_real, &name, is_dir, &state.ignores) {
+            continue;
+        }
+        walk(root, child_rel, &child, child_real, state, out)?;
     }
-    open.pop();
+    state.ignores.truncate(ignores);
+    state.open.pop();
     Ok(())
 }
 
@@ -180,6 +271,50 @@ mod tests {
             names(&d, "."),
             ["gen.py", "inside/a.py", "lib/b.py", "lib/deep/a.py"]
         );
+    }
+
+    #[test]
+    fn a_directory_leaves_out_stores_vcs_caches_venvs_and_ignored_files() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("project");
+        let file = |rel: &str, text: &str| {
+            let p = d.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        file("train.py", "1");
+        file("lib/util.py", "2");
+        file("lib/__pycache__/util.cpython-311.pyc", "x");
+        file(".git/HEAD", "x");
+        file(".needle/FORMAT", "needle-store 1\n");
+        file("elsewhere/FORMAT", "needle-store 1\n");
+        file("elsewhere/blobs/ab", "x");
+        file("env/pyvenv.cfg", "x");
+        file("env/lib/site.py", "x");
+        file("runs/out.log", "x");
+        file("lib/notes.tmp", "x");
+        file("lib/keep.tmp", "x");
+        file(".gitignore", "runs/\n*.tmp\n");
+        file("lib/.needleignore", "!keep.tmp\n");
+        file(".env", "hidden files are code");
+        assert_eq!(
+            names(&d, "."),
+            [
+                ".env",
+                ".gitignore",
+                "lib/.needleignore",
+                "lib/keep.tmp",
+                "lib/util.py",
+                "train.py"
+            ]
+        );
+        // The ignore files above an entry apply to it; an entry named outright is taken.
+        assert_eq!(
+            names(&d, "lib"),
+            ["lib/.needleignore", "lib/keep.tmp", "lib/util.py"]
+        );
+        assert_eq!(names(&d, "runs/out.log"), ["runs/out.log"]);
+        assert_eq!(names(&d, "env"), ["env/lib/site.py", "env/pyvenv.cfg"]);
     }
 
     #[test]

@@ -44,6 +44,18 @@ const STEP_KEYS: &[&str] = &[
     "timeout",
 ];
 const RESOURCE_KEYS: &[&str] = &["gpus", "gpu_mem_gb", "cpus", "mem_gb"];
+/// The most bytes one `code` entry may hold.
+const CODE_LIMIT: u64 = 1 << 30;
+
+/// The bytes of `files` (a file that cannot be read counts nothing: hashing reports it).
+fn code_bytes(files: &[(String, std::path::PathBuf)]) -> u64 {
+    files
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// `resources.gpus` as written, before `gpu_mem_gb` is taken into account.
 enum Gpus {
     Whole(u32),
@@ -1041,6 +1053,21 @@ impl<'a> Parser<'a> {
             };
             // Walked here, so that what planning would trip on is reported at this line.
             match code_files(&self.source.dir, &path) {
+                Ok(files) if code_bytes(&files) > CODE_LIMIT => self.error_help(
+                    item.span(),
+                    format!(
+                        "code path `{raw}` holds {} in {} files: code is hashed at every plan \
+                         and copied into every attempt's working directory",
+                        crate::store::human_bytes(code_bytes(&files)),
+                        files.len()
+                    ),
+                    Some(
+                        "leave data out of `code`: a `path` param fingerprints a dataset without \
+                         hashing it, and a `.needleignore` (gitignore syntax) leaves files out of \
+                         a directory"
+                            .into(),
+                    ),
+                ),
                 Ok(_) if !out.contains(&path) => out.push(path),
                 Ok(_) => {}
                 Err(CodeError::Missing { path: missing }) if missing == path => self.error_help(
