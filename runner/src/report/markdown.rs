@@ -1,89 +1,56 @@
-//! The little Markdown the ops write in `summary.md` — paragraphs, `- ` lists, pipe tables,
-//! `code` spans — as HTML. Anything else passes through as escaped text.
+//! A step's `summary.md` as HTML, for the report: CommonMark with tables, strikethrough and
+//! task lists (pulldown-cmark), safely. The file is a step's output, so nothing in it may run
+//! in the reader's browser: raw HTML is shown as text, and a link or image whose address has
+//! a scheme other than http(s) or mailto (`javascript:`, `data:`) keeps its text and loses its
+//! address. Images other than by http(s) address show their alt text.
 
-use super::svg::esc;
-
-/// Inline: escaped text with `code` spans.
-fn inline(s: &str) -> String {
-    let mut out = String::new();
-    for (i, part) in esc(s).split('`').enumerate() {
-        if i % 2 == 1 {
-            out.push_str("<code>");
-            out.push_str(part);
-            out.push_str("</code>");
-        } else {
-            out.push_str(part);
-        }
-    }
-    out
-}
-
-fn cells(line: &str) -> Vec<&str> {
-    line.trim()
-        .trim_start_matches('|')
-        .trim_end_matches('|')
-        .split('|')
-        .map(str::trim)
-        .collect()
-}
-
-fn is_separator(line: &str) -> bool {
-    let t = line.trim();
-    t.starts_with('|') && t.chars().all(|c| matches!(c, '|' | '-' | ':' | ' '))
-}
+use pulldown_cmark::{CowStr, Event, Options, Parser, Tag, html};
 
 pub fn to_html(md: &str) -> String {
-    let lines: Vec<&str> = md.lines().collect();
+    let options =
+        Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TASKLISTS;
+    let events = Parser::new_ext(md, options).map(|event| match event {
+        // Raw HTML becomes text, escaped like any other.
+        Event::Html(raw) | Event::InlineHtml(raw) => Event::Text(raw),
+        Event::Start(Tag::Link {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) => Event::Start(Tag::Link {
+            link_type,
+            dest_url: safe_url(dest_url),
+            title,
+            id,
+        }),
+        Event::Start(Tag::Image {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) => Event::Start(Tag::Image {
+            link_type,
+            dest_url: safe_url(dest_url),
+            title,
+            id,
+        }),
+        other => other,
+    });
     let mut out = String::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        let t = line.trim();
-        if t.is_empty() {
-            i += 1;
-        } else if t.starts_with('|') {
-            out.push_str("<table>");
-            let mut first = true;
-            while i < lines.len() && lines[i].trim().starts_with('|') {
-                if !is_separator(lines[i]) {
-                    let tag = if first { "th" } else { "td" };
-                    out.push_str("<tr>");
-                    for c in cells(lines[i]) {
-                        out.push_str(&format!("<{tag}>{}</{tag}>", inline(c)));
-                    }
-                    out.push_str("</tr>");
-                    first = false;
-                }
-                i += 1;
-            }
-            out.push_str("</table>");
-        } else if let Some(item) = t.strip_prefix("- ") {
-            out.push_str("<ul>");
-            out.push_str(&format!("<li>{}</li>", inline(item)));
-            i += 1;
-            while i < lines.len() {
-                match lines[i].trim().strip_prefix("- ") {
-                    Some(item) => out.push_str(&format!("<li>{}</li>", inline(item))),
-                    None => break,
-                }
-                i += 1;
-            }
-            out.push_str("</ul>");
-        } else {
-            let mut para = vec![t];
-            i += 1;
-            while i < lines.len() {
-                let n = lines[i].trim();
-                if n.is_empty() || n.starts_with('|') || n.starts_with("- ") {
-                    break;
-                }
-                para.push(n);
-                i += 1;
-            }
-            out.push_str(&format!("<p>{}</p>", inline(&para.join(" "))));
-        }
-    }
+    html::push_html(&mut out, events);
     out
+}
+
+/// `url` when it is relative or http(s)/mailto; otherwise nothing.
+fn safe_url(url: CowStr<'_>) -> CowStr<'_> {
+    let scheme = url
+        .split_once(':')
+        .map(|(s, _)| s)
+        .filter(|s| !s.contains('/') && !s.contains('?') && !s.contains('#'));
+    match scheme.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("http" | "https" | "mailto") => url,
+        Some(_) => CowStr::Borrowed(""),
+    }
 }
 
 #[cfg(test)]
@@ -94,9 +61,34 @@ mod tests {
     fn tables_lists_and_paragraphs() {
         let md = "Kept 200 of `20000`.\n\n| stage | in |\n|---|---:|\n| pool | 20000 |\n\n- a <b>\n- c\n";
         let html = to_html(md);
-        assert_eq!(
-            html,
-            "<p>Kept 200 of <code>20000</code>.</p><table><tr><th>stage</th><th>in</th></tr><tr><td>pool</td><td>20000</td></tr></table><ul><li>a &lt;b&gt;</li><li>c</li></ul>"
+        assert!(
+            html.contains("<p>Kept 200 of <code>20000</code>.</p>"),
+            "{html}"
         );
+        assert!(html.contains("<th>stage</th>"), "{html}");
+        assert!(
+            html.contains("<td style=\"text-align: right\">20000</td>"),
+            "{html}"
+        );
+        assert!(html.contains("<li>a &lt;b&gt;</li>"), "{html}");
+    }
+
+    #[test]
+    fn a_users_markdown_renders_and_nothing_in_it_runs() {
+        let md = "# Results\n\nThe *tuned* model **wins**; see [the paper](https://arxiv.org/abs/2309.15807).\n\n<script>alert(1)</script>\n\n[click](javascript:alert(1)) ![x](data:image/svg+xml;base64,PHN2Zz4=)\n";
+        let html = to_html(md);
+        assert!(html.contains("<h1>Results</h1>"), "{html}");
+        assert!(
+            html.contains("<em>tuned</em>") && html.contains("<strong>wins</strong>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<a href=\"https://arxiv.org/abs/2309.15807\">the paper</a>"),
+            "{html}"
+        );
+        assert!(!html.contains("<script"), "{html}");
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+        assert!(html.contains("<a href=\"\">click</a>"), "{html}");
+        assert!(html.contains("<img src=\"\" alt=\"x\""), "{html}");
     }
 }
