@@ -34,6 +34,10 @@ pub enum CliError {
     #[error(transparent)]
     Store(#[from] StoreError),
 
+    /// The store could not be opened, whatever the cause: unavailable (exit 3).
+    #[error(transparent)]
+    StoreOpen(StoreError),
+
     #[error(transparent)]
     Plan(#[from] PlanError),
 
@@ -65,12 +69,14 @@ impl CliError {
             CliError::Recipe(_) | CliError::Usage(_) | CliError::Plan(_) => Exit::BadInput,
             CliError::Store(StoreError::Locked { .. })
             | CliError::Store(StoreError::Missing { .. })
+            | CliError::Store(StoreError::ReadOnly { .. })
             | CliError::Store(StoreError::Format { .. })
             | CliError::Store(StoreError::NotAStore { .. })
             | CliError::Store(StoreError::Db(_))
             | CliError::Store(StoreError::Runner { .. })
             | CliError::Store(StoreError::RunnerProtocol { .. })
-            | CliError::Store(StoreError::Corrupt { .. }) => Exit::StoreUnavailable,
+            | CliError::Store(StoreError::Corrupt { .. })
+            | CliError::StoreOpen(_) => Exit::StoreUnavailable,
             CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) => Exit::StepFailed,
         }
     }

@@ -152,3 +152,70 @@ pub fn wait_for(what: &str, limit: std::time::Duration, mut done: impl FnMut() -
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Whether this process may mount filesystems (it is root). Where it may not, a test that
+/// needs to says so and is skipped, unless `NEEDLE_TEST_MOUNTS=require` (set by `make test`)
+/// makes that a failure: CI must not pass by skipping.
+pub fn may_mount(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_fail(&format!("{what} needs root, and this test runs as a user"));
+    false
+}
+
+/// `mount ARGS DIR`; `None` (skipped, or a failure under `NEEDLE_TEST_MOUNTS=require`) when
+/// it fails.
+pub fn mount_or_skip(args: &[&str], dir: &Path) -> Option<()> {
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .arg(dir)
+        .output()
+        .expect("mount runs");
+    if out.status.success() {
+        return Some(());
+    }
+    skip_or_fail(&format!(
+        "`mount {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ));
+    None
+}
+
+fn skip_or_fail(why: &str) {
+    if std::env::var("NEEDLE_TEST_MOUNTS").is_ok_and(|v| v == "require") {
+        panic!("{why} (NEEDLE_TEST_MOUNTS=require)");
+    }
+    eprintln!("skipping: {why}");
+}
+
+/// A read-only bind mount of `src` on `dir`, unmounted on drop.
+pub struct ReadOnlyMount {
+    dir: PathBuf,
+}
+
+impl ReadOnlyMount {
+    pub fn of(src: &Path, dir: &Path) -> Option<ReadOnlyMount> {
+        if !may_mount("a read-only bind mount") {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        mount_or_skip(&["--bind", src.to_str().unwrap()], dir)?;
+        let mounted = ReadOnlyMount {
+            dir: dir.to_path_buf(),
+        };
+        mount_or_skip(&["-o", "remount,bind,ro"], dir)?;
+        Some(mounted)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}

@@ -14,26 +14,15 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// `None`, saying why on stderr, where this process may not mount one.
+    /// `None`, saying why on stderr, where this process may not mount one (a failure
+    /// instead under `NEEDLE_TEST_MOUNTS=require`, which `make test` sets).
     fn mount(dir: PathBuf, size: &str) -> Option<Tmpfs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipping: mounting a small tmpfs needs root, and this test runs as a user");
+        if !may_mount("mounting a small tmpfs") {
             return None;
         }
         std::fs::create_dir_all(&dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .output()
-            .expect("mount runs");
-        if !out.status.success() {
-            eprintln!(
-                "skipping: `mount -t tmpfs` failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
+        let size = format!("size={size}");
+        mount_or_skip(&["-t", "tmpfs", "-o", &size, "tmpfs"], &dir)?;
         Some(Tmpfs { dir })
     }
 

@@ -26,6 +26,7 @@ mod resources;
 mod resume;
 mod slurm;
 mod snapshots;
+mod store_access;
 mod sweep;
 mod verify;
 mod why;

@@ -9,6 +9,13 @@ pub enum StoreError {
     #[error("no store at `{root}` (hint: run a recipe first, or pass --store)")]
     Missing { root: PathBuf },
 
+    /// The store's filesystem is mounted read-only: it can be read, not written.
+    #[error(
+        "the store `{root}` is on a read-only filesystem: it can be read (`runs`, `status`, \
+         `show`, `lineage`, `export`…), not written"
+    )]
+    ReadOnly { root: PathBuf },
+
     /// `FORMAT` names another format than this needle's: see [`format_message`].
     #[error("{}", format_message(root, found, expected))]
     Format {

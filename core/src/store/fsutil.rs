@@ -107,3 +107,19 @@ pub(crate) fn exists(path: &Path) -> Result<bool, StoreError> {
         Err(e) => Err(StoreError::io("inspect", path)(e)),
     }
 }
+
+/// Copy the directory tree `from` (files and directories only) to a new `to`.
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(to).map_err(StoreError::io("create", to))?;
+    for entry in fs::read_dir(from).map_err(StoreError::io("list", from))? {
+        let entry = entry.map_err(StoreError::io("list", from))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().map_err(StoreError::io("inspect", &src))?;
+        if kind.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            fs::copy(&src, &dst).map_err(StoreError::io("copy", &src))?;
+        }
+    }
+    Ok(())
+}

@@ -40,8 +40,16 @@ pub(crate) enum Purpose {
 
 /// Held for as long as the store is open; dropping it releases the lock.
 pub(crate) struct StoreLock {
+    /// `None` for a store on a read-only filesystem, which no process can write.
     #[allow(dead_code)] // held for its `flock`
-    file: File,
+    file: Option<File>,
+}
+
+impl StoreLock {
+    /// No lock: for a store nobody can write (it is on a read-only filesystem).
+    pub(crate) fn none() -> StoreLock {
+        StoreLock { file: None }
+    }
 }
 
 impl StoreLock {
@@ -102,7 +110,7 @@ impl StoreLock {
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| file.write_all(line.as_bytes()))
             .map_err(StoreError::io("write the lock file", &path))?;
-        Ok(StoreLock { file })
+        Ok(StoreLock { file: Some(file) })
     }
 }
 

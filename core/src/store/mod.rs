@@ -142,6 +142,8 @@ pub struct Store {
     spare_staging: Mutex<Vec<PathBuf>>,
     /// Held by a commit and by the dropping of damaged records, which must not interleave.
     commit_lock: Mutex<()>,
+    /// The copy of the metadata a store on a read-only filesystem is read through.
+    snapshot: Option<tempfile::TempDir>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
     #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
@@ -240,6 +242,16 @@ impl Store {
         purpose: Purpose,
     ) -> Result<Store, StoreError> {
         check_format(root, create)?;
+        // Nobody can write a store on a read-only filesystem: no lock to take, nothing to
+        // tidy, and sled (which must write) reads a copy of the metadata.
+        if root.is_dir() && space::read_only_fs(root) {
+            return match purpose {
+                Purpose::Read => Store::open_read_only(root),
+                Purpose::Write => Err(StoreError::ReadOnly {
+                    root: root.to_path_buf(),
+                }),
+            };
+        }
         let lock = lock::StoreLock::acquire(root, mode, purpose)?;
 
         let mut created = false;
@@ -304,8 +316,46 @@ impl Store {
             known_views: Mutex::new(Default::default()),
             spare_staging: Mutex::new(spare),
             commit_lock: Mutex::new(()),
+            snapshot: None,
             lock,
         })
+    }
+
+    /// A store on a read-only filesystem, for reading: its metadata copied to a temporary
+    /// directory (sled writes even to open), its blobs and logs read where they are.
+    fn open_read_only(root: &Path) -> Result<Store, StoreError> {
+        let meta = root.join("meta");
+        if !meta.is_dir() {
+            return Err(StoreError::Missing {
+                root: root.to_path_buf(),
+            });
+        }
+        let snapshot = tempfile::Builder::new()
+            .prefix("needle-ro-meta-")
+            .tempdir()
+            .map_err(StoreError::io("create a copy of the metadata of", root))?;
+        let copy = snapshot.path().join("meta");
+        fsutil::copy_tree(&meta, &copy)?;
+        let db = open_sled(&copy)?;
+        let trees = meta::Trees::open(&db)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            db,
+            trees,
+            seq: AtomicU64::new(0),
+            fanout: blobs::Fanout::default(),
+            fanout_lock: Mutex::new(()),
+            known_views: Mutex::new(Default::default()),
+            spare_staging: Mutex::new(Vec::new()),
+            commit_lock: Mutex::new(()),
+            snapshot: Some(snapshot),
+            lock: lock::StoreLock::none(),
+        })
+    }
+
+    /// Whether this store was opened from a read-only filesystem (see [`StoreError::ReadOnly`]).
+    pub fn is_read_only(&self) -> bool {
+        self.snapshot.is_some()
     }
 
     pub fn root(&self) -> &Path {
@@ -537,8 +587,17 @@ fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
                 });
             }
             if !create {
-                return Err(StoreError::Missing {
-                    root: root.to_path_buf(),
+                // A file, or a directory holding something else, is no store at all.
+                let foreign =
+                    fs::metadata(root).is_ok_and(|m| !m.is_dir()) || layout == Layout::Foreign;
+                return Err(if foreign {
+                    StoreError::NotAStore {
+                        root: root.to_path_buf(),
+                    }
+                } else {
+                    StoreError::Missing {
+                        root: root.to_path_buf(),
+                    }
                 });
             }
             match fs::metadata(root) {

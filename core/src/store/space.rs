@@ -78,6 +78,18 @@ impl Store {
 
 /// (free for unprivileged users, total) bytes of the filesystem holding `path`.
 fn statvfs(path: &Path) -> Result<(u64, u64), StoreError> {
+    let st = statvfs_raw(path)?;
+    // The field types differ between targets (c_ulong, fsblkcnt_t): widen them all.
+    let [frsize, bavail, blocks] = [st.f_frsize, st.f_bavail, st.f_blocks].map(u64::from);
+    Ok((bavail.saturating_mul(frsize), blocks.saturating_mul(frsize)))
+}
+
+/// Whether the filesystem holding `path` is mounted read-only (false when it cannot be told).
+pub(super) fn read_only_fs(path: &Path) -> bool {
+    statvfs_raw(path).is_ok_and(|st| st.f_flag & libc::ST_RDONLY != 0)
+}
+
+fn statvfs_raw(path: &Path) -> Result<libc::statvfs, StoreError> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
         StoreError::io("inspect the filesystem of", path)(std::io::Error::from(
@@ -91,11 +103,7 @@ fn statvfs(path: &Path) -> Result<(u64, u64), StoreError> {
             std::io::Error::last_os_error(),
         ));
     }
-    let frsize = st.f_frsize as u64;
-    Ok((
-        (st.f_bavail as u64).saturating_mul(frsize),
-        (st.f_blocks as u64).saturating_mul(frsize),
-    ))
+    Ok(st)
 }
 
 /// The highest directory above `path` on the same device as `path`: its mount point.

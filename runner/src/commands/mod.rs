@@ -89,19 +89,19 @@ fn store_root(cli: &Cli) -> Result<PathBuf, CliError> {
 
 /// Open the store, creating it (for `run`).
 pub fn open_store(cli: &Cli) -> Result<Store, CliError> {
-    Ok(Store::open(&store_root(cli)?, lock_mode(cli))?)
+    Store::open(&store_root(cli)?, lock_mode(cli)).map_err(CliError::StoreOpen)
 }
 
 /// Open an existing store for a command that writes nothing but must see it alone (`rerun`,
 /// `verify`).
 pub fn open_existing(cli: &Cli) -> Result<Store, CliError> {
-    Ok(Store::open_existing(&store_root(cli)?, lock_mode(cli))?)
+    Store::open_existing(&store_root(cli)?, lock_mode(cli)).map_err(CliError::StoreOpen)
 }
 
 /// Open an existing store for a read-only command: the store itself, or, while a run holds
 /// it, through that runner.
 pub fn open_reader(cli: &Cli) -> Result<Reader, CliError> {
-    Ok(Reader::open(&store_root(cli)?, lock_mode(cli))?)
+    Reader::open(&store_root(cli)?, lock_mode(cli)).map_err(CliError::StoreOpen)
 }
 
 /// [`open_reader`], or `None` when there is no store yet.
@@ -109,7 +109,7 @@ pub fn open_reader_if_exists(cli: &Cli) -> Result<Option<Reader>, CliError> {
     match Reader::open(&store_root(cli)?, lock_mode(cli)) {
         Ok(r) => Ok(Some(r)),
         Err(StoreError::Missing { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(CliError::StoreOpen(e)),
     }
 }
 

@@ -3,7 +3,7 @@
 use needle_core::store::{RunState, StoreRead, fmt_ms};
 
 use crate::cli::{Cli, JsonArg};
-use crate::commands::{fmt_time, open_reader_if_exists, print_json};
+use crate::commands::{fmt_time, open_reader, print_json};
 use crate::error::{CliError, Exit};
 
 /// How a run's state reads. A run marked running is running if the runner holding the store
@@ -20,14 +20,8 @@ pub fn state_label(state: RunState, live: bool) -> &'static str {
 }
 
 pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
-    let Some(store) = open_reader_if_exists(cli)? else {
-        if args.json {
-            print_json(&serde_json::json!([]));
-        } else {
-            println!("no runs yet (no store at `{}`)", cli.store.display());
-        }
-        return Ok(Exit::Success);
-    };
+    // No store is "unavailable" (exit 3), as for every other command that reads one.
+    let store = open_reader(cli)?;
     let runs = store.runs()?;
     let live = store.live_run();
     if args.json {
