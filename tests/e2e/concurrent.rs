@@ -334,3 +334,25 @@ fn a_run_waits_for_a_readers_moment_but_not_for_a_writer() {
     );
     drop(writer);
 }
+
+#[test]
+fn a_removed_lock_file_does_not_let_a_second_runner_in() {
+    let p = Project::new();
+    p.write("recipe.toml", RECIPE);
+    let run = spawn_run(&p);
+    wait_started(&p);
+    // Someone tidies the store by hand while it runs.
+    std::fs::remove_file(p.store().join("lock")).unwrap();
+    let second = p.needle(&["run", "recipe.toml"]);
+    assert_code(&second, 3);
+    assert!(
+        stderr(&second).contains("the store's lock file was removed or replaced"),
+        "{}",
+        stderr(&second)
+    );
+    // The first run's step was not disturbed: it finishes, and its log is kept.
+    let summary = finish(&p, run);
+    assert_eq!(summary["state"], "succeeded", "{summary}");
+    assert!(text(&p, &["logs", "last:slow"]).contains("waiting for go"));
+    assert_code(&p.needle(&["verify"]), 0);
+}

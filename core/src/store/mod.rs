@@ -261,6 +261,10 @@ impl Store {
         if created {
             fsutil::fsync_dir(root)?;
         }
+        // sled's own lock, taken before anything is tidied: the store lock alone is a file
+        // anyone can remove, after which a second process would take a new one and delete
+        // the first one's live staging slots.
+        let db = open_sled(&root.join("meta"), root)?;
         // Fan-out dirs are made with their first blob. Those here now may be the work of a
         // process that died before it fsynced `blobs/`: fsync it once, then trust them.
         let blobs = root.join("blobs");
@@ -304,7 +308,6 @@ impl Store {
             }
         }
 
-        let db = open_sled(&root.join("meta"))?;
         let trees = meta::Trees::open(&db)?;
         Ok(Store {
             root: root.to_path_buf(),
@@ -336,7 +339,7 @@ impl Store {
             .map_err(StoreError::io("create a copy of the metadata of", root))?;
         let copy = snapshot.path().join("meta");
         fsutil::copy_tree(&meta, &copy)?;
-        let db = open_sled(&copy)?;
+        let db = open_sled(&copy, root)?;
         let trees = meta::Trees::open(&db)?;
         Ok(Store {
             root: root.to_path_buf(),
@@ -682,19 +685,26 @@ fn store_layout(root: &Path) -> Result<Layout, StoreError> {
 
 /// Open sled with explicit flushes only: [`Store::commit`] flushes after each transaction,
 /// which is the durability point of the invariant.
-fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+fn open_sled(path: &Path, root: &Path) -> Result<sled::Db, StoreError> {
     let config = sled::Config::new()
         .path(path)
         .flush_every_ms(None)
         .cache_capacity(CACHE_BYTES);
     // sled's own file lock can outlive a `Db` of this process for a moment (its IO threads
-    // let go last); we hold the store lock, so anyone else holding sled's is on the way out.
+    // let go last); we hold the store lock, so anyone else holding sled's is on the way out,
+    // unless the store's lock file was removed under a live holder.
     let mut tries = 0;
     loop {
         match config.open() {
-            Err(sled::Error::Io(e))
-                if tries < 100 && e.to_string().contains("could not acquire lock") =>
-            {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if tries == 100 {
+                    return Err(StoreError::Locked {
+                        root: root.to_path_buf(),
+                        holder: "another process, which holds its metadata database (the \
+                                 store's lock file was removed or replaced while it ran)"
+                            .into(),
+                    });
+                }
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -51,7 +51,7 @@ pub(super) fn encode(run: u64, progress: &[StepProgress]) -> Vec<([u8; 12], Vec<
 }
 
 impl Store {
-    /// Record how far steps of run `run` have got (not flushed: see the module's doc).
+    /// Record how far steps of run `run` have got, durably.
     pub fn put_run_progress(&self, run: u64, progress: &[StepProgress]) -> Result<(), StoreError> {
         if progress.is_empty() {
             return Ok(());
@@ -68,6 +68,8 @@ impl Store {
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(tx_error)?;
+        // sled writes only when flushed (see `open_sled`): a kill must not lose these.
+        self.db.flush()?;
         Ok(())
     }
 

@@ -408,9 +408,10 @@ fn refuses_unknown_formats_and_foreign_dirs() {
         Err(StoreError::NotAStore { .. })
     ));
     assert_eq!(fs::read_dir(&home).unwrap().count(), 1, "nothing written");
+    // Also for a command that would not create a store: it is no store, not a missing one.
     assert!(matches!(
         Store::open_existing(&home, LockMode::Fail),
-        Err(StoreError::Missing { .. })
+        Err(StoreError::NotAStore { .. })
     ));
 
     let empty = tmp.path().join("empty");
