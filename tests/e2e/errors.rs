@@ -106,3 +106,42 @@ fn completions_are_generated() {
     assert_code(&out, 0);
     assert!(stdout(&out).contains("needle"));
 }
+
+#[test]
+fn params_too_large_for_the_environment_are_refused_before_anything_runs() {
+    let p = Project::new();
+    let big = "x".repeat(140 * 1024);
+    let medium = "y".repeat(100 * 1024);
+    p.write(
+        "recipe.toml",
+        &format!(
+            r#"[recipe]
+name = "big"
+
+[steps.one]
+op = "exec"
+cmd = ["true"]
+params = {{ blob = "{big}" }}
+
+[steps.many]
+op = "exec"
+cmd = ["true"]
+params = {{ a = "{medium}", b = "{medium}" }}
+"#
+        ),
+    );
+    for cmd in ["plan", "run"] {
+        let out = p.needle(&[cmd, "recipe.toml"]);
+        assert_code(&out, 2);
+        let err = stderr(&out);
+        assert!(
+            err.contains("recipe.toml:7:19: error: param `blob` of step `one` is 140.0 KiB as `NEEDLE_PARAM_BLOB`: one environment variable holds at most 128.0 KiB"),
+            "{err}"
+        );
+        assert!(
+            err.contains("recipe.toml:9:1: error: the params of step `many` take"),
+            "{err}"
+        );
+    }
+    assert!(!p.store().exists());
+}

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use super::*;
 use crate::ops::{OpCatalog, ParamType, ParamsSchema, TypeMismatch};
+use crate::store::human_bytes;
 use crate::value::render_plain;
 
 /// Expand the sweep of a parsed recipe. Errors: too many arms or instances, no arm left, and
@@ -194,7 +195,52 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                         ),
                     ));
                 }
+                let var = format!("NEEDLE_PARAM_{}", crate::ops::env_name(pname));
+                let bytes = env_bytes(&var, &render_plain(&value));
+                if bytes > MAX_ENV_STRING {
+                    errors.push(
+                        param_error(
+                            step,
+                            pname,
+                            format!(
+                                "param `{pname}` of step `{}` is {} as `{var}`: one environment \
+                                 variable holds at most {} (Linux's MAX_ARG_STRLEN)",
+                                step.name,
+                                human_bytes(bytes as u64),
+                                human_bytes(MAX_ENV_STRING as u64)
+                            ),
+                        )
+                        .with_help("keep large values in a file, and pass its path"),
+                    );
+                }
                 params.insert(pname.clone(), value);
+            }
+            let all = crate::canonical::to_string(&Value::Object(
+                params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ));
+            let each: usize = (params.iter())
+                .map(|(k, v)| {
+                    let var = format!("NEEDLE_PARAM_{}", crate::ops::env_name(k));
+                    env_bytes(&var, &render_plain(v))
+                })
+                .sum();
+            let together = env_bytes("NEEDLE_PARAMS", &all);
+            if together > MAX_ENV_STRING || each + together > MAX_PARAMS_ENV {
+                errors.push(
+                    RecipeDiagnostic::at(
+                        step.span.clone(),
+                        format!(
+                            "the params of step `{}` take {} of its environment ({} as \
+                             `NEEDLE_PARAMS`): at most {} fit, and {} in one variable",
+                            step.name,
+                            human_bytes((each + together) as u64),
+                            human_bytes(together as u64),
+                            human_bytes(MAX_PARAMS_ENV as u64),
+                            human_bytes(MAX_ENV_STRING as u64)
+                        ),
+                    )
+                    .with_help("keep large values in a file, and pass its path"),
+                );
             }
             let cmd: Option<Vec<String>> = step.cmd.as_ref().map(|argv| {
                 argv.iter()
@@ -249,6 +295,20 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
         arms: table.arms,
         instances,
     })
+}
+
+/// The longest string Linux passes in an environment (`NAME=value` and its NUL):
+/// MAX_ARG_STRLEN, 32 pages.
+const MAX_ENV_STRING: usize = 32 * 4096;
+
+/// The most a step's params may take of its environment: exec refuses an argument list and
+/// environment over ARG_MAX (2 MiB with the usual 8 MiB stack), which the runner's own
+/// environment, the inputs and the command line share.
+const MAX_PARAMS_ENV: usize = 1 << 20;
+
+/// Bytes of `NAME=value` in an environment block.
+fn env_bytes(name: &str, value: &str) -> usize {
+    name.len() + 1 + value.len() + 1
 }
 
 /// A param whose value, once vars are substituted, does not fit its type. The help names the
