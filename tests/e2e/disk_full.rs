@@ -259,3 +259,62 @@ cmd = ["sh", "-c", "echo small > \"$NEEDLE_OUT/s\""]
     assert_eq!(rerun["executed"], 1, "{rerun}");
     assert_code(&needle(&p, &store, &["verify", "--hash"]), 0);
 }
+
+/// A disk filled to the last byte under a store with runs: what needs to write fails cleanly,
+/// sled's unfinished snapshot is not left to poison the store, and once space is freed every
+/// command works and the store verifies.
+#[test]
+fn a_store_filled_to_the_last_byte_opens_again_once_space_is_freed() {
+    let p = Project::new();
+    let Some(disk) = Tmpfs::mount(p.path("disk"), "8m") else {
+        return;
+    };
+    let store = disk.dir.join("store");
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "filled"
+
+[vars]
+salt = 0
+
+[sweep]
+i = [1, 2, 3, 4]
+
+[steps.a]
+op = "exec"
+cmd = ["sh", "-c", "seq 1 2000 > \"$NEEDLE_OUT/v\"; echo ${i} ${salt} >> \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    for salt in ["1", "2", "3"] {
+        json(
+            &p,
+            &store,
+            &["run", "recipe.toml", "--set", &format!("salt={salt}")],
+            0,
+        );
+    }
+    let filler = disk.dir.join("filler");
+    std::fs::write(&filler, vec![0u8; disk.free() as usize]).unwrap_or_default();
+    assert_eq!(disk.free(), 0);
+    // Commands that write fail, each saying why; none may break the store for later.
+    let run = needle(&p, &store, &["run", "recipe.toml", "--set", "salt=4"]);
+    assert_ne!(run.status.code(), Some(0));
+    let gc = needle(&p, &store, &["gc"]);
+    assert_ne!(gc.status.code(), Some(0));
+    assert!(
+        stderr(&gc).contains("No space left on device"),
+        "{}",
+        stderr(&gc)
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let runs = needle(&p, &store, &["runs"]);
+    assert_code(&runs, 0);
+    assert!(stdout(&runs).contains("filled"), "{}", stdout(&runs));
+    assert_code(&needle(&p, &store, &["verify", "--hash"]), 0);
+    let again = json(&p, &store, &["run", "recipe.toml", "--set", "salt=4"], 0);
+    assert_eq!(again["executed"], 4, "{again}");
+    assert_code(&needle(&p, &store, &["verify", "--hash"]), 0);
+}

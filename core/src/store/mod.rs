@@ -685,7 +685,32 @@ fn store_layout(root: &Path) -> Result<Layout, StoreError> {
 
 /// Open sled with explicit flushes only: [`Store::commit`] flushes after each transaction,
 /// which is the durability point of the invariant.
+/// Remove the snapshots sled began and could not finish (`snap.*.generating`). sled writes a
+/// snapshot under that name and renames it once whole; a write that fails (a full disk)
+/// leaves the file, and sled 0.34 then reads it as the newest snapshot and refuses to open
+/// ever after ("Read corrupted data"). A finished snapshot has no such suffix. Called only by
+/// the process holding the store.
+fn drop_unfinished_snapshots(meta: &Path) -> Result<(), StoreError> {
+    let entries = match fs::read_dir(meta) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io("list", meta)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(StoreError::io("list", meta))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!("removing sled's unfinished snapshot `{name}` (a write that failed)");
+            let path = entry.path();
+            fs::remove_file(&path).map_err(StoreError::io("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
 fn open_sled(path: &Path, root: &Path) -> Result<sled::Db, StoreError> {
+    drop_unfinished_snapshots(path)?;
     let config = sled::Config::new()
         .path(path)
         .flush_every_ms(None)
