@@ -97,23 +97,27 @@ pub struct AttemptEnd {
 pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
     let started = now_millis();
     crate::oom::note_baseline();
-    let (result, staging) = attempt(&store, &spec, &events).await;
-    let end = ended(&store, &spec, started, result, staging).await;
+    let mut fs_started = None;
+    let (result, staging) = attempt(&store, &spec, &events, &mut fs_started).await;
+    let checked_from = fs_started.map_or(started, |fs: u64| fs.min(started));
+    let end = ended(&store, &spec, started, checked_from, result, staging).await;
     let _ = events.send(Event::Ended(end));
 }
 
 /// The end of an attempt that has run, whichever executor ran it: what it did to its inputs
 /// outranks how it exited (see `guard.rs`), and its log is kept. `gpus` and `job` are left for
-/// an executor that learns them from the attempt.
+/// an executor that learns them from the attempt. A change to an input whose time is before
+/// `checked_from` (ms) was there before the attempt began.
 pub async fn ended(
     store: &Arc<Store>,
     spec: &AttemptSpec,
     started: u64,
+    checked_from: u64,
     result: AttemptResult,
     staging: Option<PathBuf>,
 ) -> AttemptEnd {
     let result = match staging {
-        Some(_) => crate::guard::after_attempt(store, spec, started, result).await,
+        Some(_) => crate::guard::after_attempt(store, spec, checked_from, result).await,
         None => result,
     };
     crate::guard::done_reading_inputs(spec);
@@ -132,10 +136,16 @@ pub async fn ended(
     }
 }
 
+/// `fs_started` gets the filesystem's clock as the attempt begins: the time the kernel gave
+/// its log file when opening it. File times come from the kernel's coarse clock, up to a tick
+/// (4-10 ms) behind `now_millis()`, so a step writing into an input in its first milliseconds
+/// could leave a time before the attempt's start as the runner read it, and be told the input
+/// was damaged before it started.
 async fn attempt(
     store: &Store,
     spec: &AttemptSpec,
     events: &UnboundedSender<Event>,
+    fs_started: &mut Option<u64>,
 ) -> (AttemptResult, Option<PathBuf>) {
     // Preparing is a handful of quick filesystem calls: done in place, it costs less than a
     // hand-off to a blocking thread and back.
@@ -148,6 +158,12 @@ async fn attempt(
         Ok(f) => f,
         Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
     };
+    *fs_started = log_file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
     // How the reaper finds a step the runner was killed too early to list.
     launch.set(crate::reaper::ENV, crate::reaper::token());
     crate::reaper::ready();

@@ -484,7 +484,7 @@ pub async fn run_attempt(
         .map(read_placement)
         .map(|(_, gpus)| gpus)
         .unwrap_or_default();
-    let end = executor::ended(&store, &spec, started, result, staging).await;
+    let end = executor::ended(&store, &spec, started, started, result, staging).await;
     let _ = events.send(Event::Ended(AttemptEnd {
         gpus: Some(gpus),
         job,

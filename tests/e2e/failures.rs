@@ -269,3 +269,50 @@ cmd = ["sh", "-c", "echo 1 > \"$NEEDLE_OUT/v\""]
     );
     holder.wait().unwrap();
 }
+
+/// File times come from the kernel's coarse clock, a tick behind the runner's: a step that
+/// writes into its input in its first milliseconds was once told, about one try in eight,
+/// that its input "was damaged before it started", and was retried. Thirty tries, each a
+/// step adding a file to its own input's view at once, must all be blamed on the step.
+#[test]
+fn a_write_into_an_input_at_once_is_blamed_on_the_step_every_time() {
+    let p = Project::new();
+    let tries: Vec<String> = (1..=30).map(|i| i.to_string()).collect();
+    p.write(
+        "recipe.toml",
+        &format!(
+            r#"
+[recipe]
+name = "quick-writer"
+
+[sweep]
+i = [{}]
+
+[steps.up]
+op = "exec"
+cmd = ["sh", "-c", "echo ${{i}} > \"$NEEDLE_OUT/v\""]
+
+[steps.w]
+op = "exec"
+inputs = {{ up = "up" }}
+retries = 2
+cmd = ["sh", "-c", "echo cache > \"$NEEDLE_IN_UP/cache\""]
+"#,
+            tries.join(", ")
+        ),
+    );
+    let run = p.json(&["run", "recipe.toml", "-j", "2"], 1);
+    let status = p.json(&["status", &run["run"].to_string()], 0);
+    let writers = steps_named(&status, "w");
+    assert_eq!(writers.len(), 30);
+    for w in writers {
+        assert_eq!(w["status"], "failed", "{w}");
+        let reason = w["detail"].as_str().unwrap();
+        assert!(
+            reason.contains("wrote outside its output directory"),
+            "{reason}"
+        );
+        assert!(!reason.contains("before it started"), "{reason}");
+        assert_eq!(w["attempts"].as_array().unwrap().len(), 1, "retried: {w}");
+    }
+}
