@@ -81,3 +81,58 @@ fn find_blob(blobs: &std::path::Path, file: &std::path::Path) -> std::path::Path
     }
     panic!("no blob shares {}'s inode", file.display());
 }
+
+/// A file put into `blobs/` by hand under the name of a step's future output, made to look as
+/// the store leaves a blob (its size, read-only, the store's time), does not stand in for the
+/// step's fresh bytes: the store hashes it once before trusting it, and replaces it.
+#[test]
+fn a_blob_planted_before_its_producer_runs_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let recipe = r#"
+[recipe]
+name = "planted"
+
+[steps.make]
+op = "exec"
+cmd = ["sh", "-c", "echo 'the real bytes' > \"$NEEDLE_OUT/v\""]
+"#;
+    // Where the output's blob goes, learnt in a store of its own.
+    let scout = Project::new();
+    scout.write("recipe.toml", recipe);
+    let run = scout.json(&["run", "recipe.toml"], 0);
+    let artifact = steps_named(&run, "make")[0]["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = scout.json(&["show", &artifact], 0)["files"][0]["blob"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let p = Project::new();
+    p.write("recipe.toml", recipe);
+    // Create the store (a run of nothing else), then plant.
+    p.write(
+        "empty.toml",
+        "[recipe]\nname = \"empty\"\n[steps.x]\nop = \"exec\"\ncmd = [\"true\"]\n",
+    );
+    p.json(&["run", "empty.toml"], 0);
+    let planted = p.store().join("blobs").join(&blob[..2]).join(&blob[2..]);
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    std::fs::write(&planted, "the fake bytes\n").unwrap();
+    let file = std::fs::File::options().write(true).open(&planted).unwrap();
+    file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(946_684_800))
+        .unwrap();
+    drop(file);
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o444)).unwrap();
+
+    p.json(&["run", "recipe.toml"], 0);
+    let out = p.path("exported");
+    let export = p.needle(&["export", "last:make", out.to_str().unwrap()]);
+    assert_code(&export, 0);
+    assert_eq!(
+        std::fs::read_to_string(out.join("v")).unwrap(),
+        "the real bytes\n"
+    );
+    assert_code(&p.needle(&["verify", "--hash"]), 0);
+}

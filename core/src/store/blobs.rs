@@ -136,6 +136,9 @@ impl Store {
             for blob in p.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 if !used.contains(blob) {
                     let _ = fs::remove_file(self.blob_path(blob));
+                    (self.verified_blobs.lock())
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(blob);
                 }
             }
         }
@@ -219,6 +222,7 @@ impl Store {
                 match fs::hard_link(&src, &dest) {
                     Ok(()) => {
                         placed.push(a.blob);
+                        self.mark_verified(a.blob);
                         continue;
                     }
                     // Something is there: placed meanwhile by another absorb (the same bytes),
@@ -229,6 +233,7 @@ impl Store {
             }
             fs::rename(&src, &dest).map_err(StoreError::io("move into the store", &src))?;
             placed.push(a.blob);
+            self.mark_verified(a.blob);
         }
         Ok(())
     }
@@ -357,15 +362,22 @@ impl Store {
     }
 
     /// Whether `blobs/` holds `blob` whole, so that an absorb may use it instead of placing the
-    /// bytes again. A file there that is not as the store left it (another size, another
-    /// mtime: something wrote it, or it was planted) is trusted only if it still hashes to its
-    /// name; one that does not is reported and left for the caller to replace with the bytes it
-    /// is absorbing — a repair, since views linking the bad file are removed too.
+    /// bytes again. A file there is trusted once this process has placed it or hashed it:
+    /// one that looks as the store leaves a blob (its size, the store's time) may still have
+    /// been put there by hand, with other bytes, and would stand in for the fresh output for
+    /// good. One that does not hash to its name is reported and left for the caller to
+    /// replace with the bytes it is absorbing — a repair, since views linking the bad file
+    /// are removed too.
     fn holds_blob(&self, blob: &BlobDigest, size: u64) -> Result<bool, StoreError> {
-        match self.blob_state(blob, size)? {
-            BlobState::Missing => return Ok(false),
-            BlobState::Intact => return Ok(true),
-            BlobState::Damaged => {}
+        let state = self.blob_state(blob, size)?;
+        if state == BlobState::Missing {
+            return Ok(false);
+        }
+        if state == BlobState::Intact
+            && (self.is_verified(blob) || super::guard::hash_file(&self.blob_path(blob))? == *blob)
+        {
+            self.mark_verified(*blob);
+            return Ok(true);
         }
         tracing::warn!(
             "`{}` does not hold the bytes it is named after; replacing it",
@@ -375,6 +387,18 @@ impl Store {
             self.remove_view(&artifact)?;
         }
         Ok(false)
+    }
+
+    fn is_verified(&self, blob: &BlobDigest) -> bool {
+        (self.verified_blobs.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(blob)
+    }
+
+    fn mark_verified(&self, blob: BlobDigest) {
+        (self.verified_blobs.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(blob);
     }
 
     /// Copy `src` (following symlinks) into `blobs/` unless its bytes are there already.
@@ -436,6 +460,7 @@ impl Store {
         fs::rename(&tmp, &dest).map_err(StoreError::io("move into the store", &tmp))?;
         guard.0 = None;
         placed.push(blob);
+        self.mark_verified(blob);
         Ok(Absorbed {
             blob,
             size,

@@ -142,6 +142,8 @@ pub struct Store {
     spare_staging: Mutex<Vec<PathBuf>>,
     /// Held by a commit and by the dropping of damaged records, which must not interleave.
     commit_lock: Mutex<()>,
+    /// Blobs this process placed or hashed: an absorb may trust them without reading them.
+    verified_blobs: Mutex<std::collections::HashSet<BlobDigest>>,
     /// The copy of the metadata a store on a read-only filesystem is read through.
     snapshot: Option<tempfile::TempDir>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
@@ -319,6 +321,7 @@ impl Store {
             known_views: Mutex::new(Default::default()),
             spare_staging: Mutex::new(spare),
             commit_lock: Mutex::new(()),
+            verified_blobs: Mutex::new(Default::default()),
             snapshot: None,
             lock,
         })
@@ -351,6 +354,7 @@ impl Store {
             known_views: Mutex::new(Default::default()),
             spare_staging: Mutex::new(Vec::new()),
             commit_lock: Mutex::new(()),
+            verified_blobs: Mutex::new(Default::default()),
             snapshot: Some(snapshot),
             lock: lock::StoreLock::none(),
         })
