@@ -23,7 +23,7 @@ demo: build
 ## Build and run every test (unit, property, snapshot and end-to-end).
 test:
 	@scripts/setup.sh --test
-	NEEDLE_TEST_SLURM=require NEEDLE_TEST_MOUNTS=require $(CARGO) test --workspace --locked
+	NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require $(CARGO) test --workspace --locked
 
 ## Benchmarks (not tests): see BENCHMARKS.md.
 bench: build

@@ -154,8 +154,9 @@ pub fn wait_for(what: &str, limit: std::time::Duration, mut done: impl FnMut() -
 }
 
 /// Whether this process may mount filesystems (it is root). Where it may not, a test that
-/// needs to says so and is skipped, unless `NEEDLE_TEST_MOUNTS=require` (set by `make test`)
-/// makes that a failure: CI must not pass by skipping.
+/// needs to says so and is skipped, unless `NEEDLE_TEST_PRIVILEGED=require` (set by `make
+/// test`) makes that a failure: CI must not pass by skipping what needs root (mounts, memory
+/// cgroups, the kernel log).
 pub fn may_mount(what: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -165,7 +166,7 @@ pub fn may_mount(what: &str) -> bool {
     false
 }
 
-/// `mount ARGS DIR`; `None` (skipped, or a failure under `NEEDLE_TEST_MOUNTS=require`) when
+/// `mount ARGS DIR`; `None` (skipped, or a failure under `NEEDLE_TEST_PRIVILEGED=require`) when
 /// it fails.
 pub fn mount_or_skip(args: &[&str], dir: &Path) -> Option<()> {
     let out = std::process::Command::new("mount")
@@ -184,9 +185,9 @@ pub fn mount_or_skip(args: &[&str], dir: &Path) -> Option<()> {
     None
 }
 
-fn skip_or_fail(why: &str) {
-    if std::env::var("NEEDLE_TEST_MOUNTS").is_ok_and(|v| v == "require") {
-        panic!("{why} (NEEDLE_TEST_MOUNTS=require)");
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("NEEDLE_TEST_PRIVILEGED").is_ok_and(|v| v == "require") {
+        panic!("{why} (NEEDLE_TEST_PRIVILEGED=require)");
     }
     eprintln!("skipping: {why}");
 }

@@ -15,7 +15,7 @@ struct Tmpfs {
 
 impl Tmpfs {
     /// `None`, saying why on stderr, where this process may not mount one (a failure
-    /// instead under `NEEDLE_TEST_MOUNTS=require`, which `make test` sets).
+    /// instead under `NEEDLE_TEST_PRIVILEGED=require`, which `make test` sets).
     fn mount(dir: PathBuf, size: &str) -> Option<Tmpfs> {
         if !may_mount("mounting a small tmpfs") {
             return None;

@@ -188,7 +188,7 @@ fn the_real_oom_killer_is_recognised_where_a_memory_limit_can_be_set() {
             "out of memory",
         ]
     } else {
-        eprintln!("/dev/kmsg is not readable: only the general SIGKILL reason can be checked");
+        skip_or_fail("/dev/kmsg is not readable: only the general SIGKILL reason is checked");
         &["killed by SIGKILL"]
     };
     crash_and_rerun(&script, expected, "filling memory");
@@ -202,7 +202,7 @@ struct MemoryCgroup {
 impl MemoryCgroup {
     fn new(limit: u64) -> Option<MemoryCgroup> {
         let skip = |why: String| {
-            eprintln!("skipping the real OOM kill: {why}");
+            skip_or_fail(&format!("the real OOM kill: {why}"));
             None
         };
         let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
