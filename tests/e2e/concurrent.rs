@@ -264,11 +264,10 @@ fn wait_reads_through_the_runner_instead_of_waiting() {
     p.write("recipe.toml", RECIPE);
     let run = spawn_run(&p);
     wait_started(&p);
-    // --wait is for the store being busy; a runner that answers is not busy.
-    let t0 = Instant::now();
+    // --wait is for the store being busy; a runner that answers is not busy: the answer is
+    // the run as it is now, not as it ends.
     let status = p.json(&["status", "last", "--wait"], 0);
     assert_eq!(status["state"], "running");
-    assert!(t0.elapsed() < Duration::from_secs(20));
     finish(&p, run);
 }
 

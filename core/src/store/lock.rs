@@ -79,7 +79,10 @@ impl StoreLock {
                     None
                 };
                 let released = match patience {
-                    Some(limit) => wait_for_release(&file, &path, limit)?,
+                    Some(limit) => {
+                        waiting(root);
+                        wait_for_release(&file, &path, limit)?
+                    }
                     None => false,
                 };
                 if !released {
@@ -98,6 +101,7 @@ impl StoreLock {
                         }
                         LockMode::Wait => {
                             tracing::info!(store = %root.display(), %holder, "waiting for the store lock");
+                            waiting(root);
                             file.lock().map_err(StoreError::io("lock", &path))?;
                         }
                     }
@@ -112,6 +116,20 @@ impl StoreLock {
             .map_err(StoreError::io("write the lock file", &path))?;
         Ok(StoreLock { file: Some(file) })
     }
+}
+
+/// Tests learn here which stores a thread of theirs began to wait for, instead of sleeping and
+/// guessing whether it waits.
+#[cfg(test)]
+pub(crate) static WAITED_FOR: std::sync::Mutex<Vec<std::path::PathBuf>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn waiting(_root: &Path) {
+    #[cfg(test)]
+    WAITED_FOR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(_root.to_path_buf());
 }
 
 /// How long a lock whose holder has exited may take to be released (see the module's doc).

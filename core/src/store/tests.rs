@@ -346,7 +346,7 @@ fn second_open_names_the_holder_and_wait_gets_in_later() {
         let root = root.clone();
         std::thread::spawn(move || Store::open(&root, LockMode::Wait).map(|s| s.runs().unwrap()))
     };
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    wait_until_waiting(&root);
     assert!(!waiter.is_finished(), "waits while the store is held");
     drop(first);
     assert!(waiter.join().unwrap().is_ok());
@@ -363,7 +363,7 @@ fn a_reader_is_waited_for_and_a_writer_is_not() {
         let root = root.clone();
         std::thread::spawn(move || Store::open(&root, LockMode::Fail).map(|s| s.runs().unwrap()))
     };
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_until_waiting(&root);
     assert!(
         !writer.is_finished(),
         "a writer waits for a reader's moment"
@@ -372,16 +372,33 @@ fn a_reader_is_waited_for_and_a_writer_is_not() {
     assert!(writer.join().unwrap().is_ok());
 
     let writer = open(&root);
-    let t0 = std::time::Instant::now();
+    let waits = waits_for(&root);
     match Store::open_to_read(&root, LockMode::Fail) {
         Err(StoreError::Locked { holder, .. }) => assert!(!holder.ends_with("reading"), "{holder}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
-    assert!(
-        t0.elapsed() < std::time::Duration::from_secs(5),
-        "no wait for a writer"
-    );
+    assert_eq!(waits_for(&root), waits, "no wait for a writer");
     drop(writer);
+}
+
+/// How many times a thread of this process began to wait for the lock of `root`.
+fn waits_for(root: &std::path::Path) -> usize {
+    (super::lock::WAITED_FOR.lock().unwrap().iter())
+        .filter(|r| r.as_path() == root)
+        .count()
+}
+
+/// Until a thread of this process waits for the lock of `root` (the handshake).
+fn wait_until_waiting(root: &std::path::Path) {
+    let t0 = std::time::Instant::now();
+    while waits_for(root) == 0 {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "nothing waited for `{}`",
+            root.display()
+        );
+        std::thread::yield_now();
+    }
 }
 
 #[test]
