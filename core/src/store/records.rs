@@ -624,3 +624,71 @@ mod tests {
         assert_eq!(serde_json::from_str::<Attempt>(&text).unwrap(), shared);
     }
 }
+
+/// The encoding of a step's key, pinned: every store's cache is addressed by it, so a change
+/// here (a field renamed, a float printed otherwise, an order changed) would silently make
+/// every stored step look new. If this fails, the change must be deliberate: bump the store
+/// format or keep the old encoding.
+#[cfg(test)]
+mod key_encoding {
+    use super::*;
+    use crate::digest::BlobDigest;
+    use serde_json::json;
+
+    fn spec() -> StepSpec {
+        let a = ArtifactDigest::from_bytes([1; 32]);
+        let b = ArtifactDigest::from_bytes([2; 32]);
+        let mut spec = StepSpec::bare(
+            "exec",
+            3,
+            BTreeMap::from([
+                ("data".to_string(), InputDigests::One(a)),
+                (
+                    "runs".to_string(),
+                    InputDigests::Gather(vec![
+                        GatherMember {
+                            label: "lr=0.001".into(),
+                            artifact: a,
+                        },
+                        GatherMember {
+                            label: "lr=0.01".into(),
+                            artifact: b,
+                        },
+                    ]),
+                ),
+            ]),
+        );
+        spec.params = BTreeMap::from([
+            ("lr".to_string(), json!(0.001)),
+            ("steps".to_string(), json!(2000)),
+            ("mult".to_string(), json!([1, 2, 4])),
+            ("name".to_string(), json!("unet ü")),
+            ("opts".to_string(), json!({"b": true, "a": null})),
+        ]);
+        spec.cmd = Some(vec![
+            "python3".into(),
+            "train.py".into(),
+            "--lr".into(),
+            "0.001".into(),
+        ]);
+        spec.code = BTreeMap::from([("train.py".to_string(), BlobDigest::from_bytes([3; 32]))]);
+        spec
+    }
+
+    #[test]
+    fn a_step_key_is_what_it_was() {
+        assert_eq!(
+            spec().key().hex(),
+            "35ea6fd7f67bba33606f40f4e1aae8f7ec05de4aa9ba27eac04020660961d250",
+            "the encoding of step keys changed: every stored step would run again"
+        );
+        let mut with_paths = spec();
+        with_paths.paths.insert("data".into(), "ab".repeat(32));
+        assert_eq!(
+            with_paths.key().hex(),
+            "3c8bcb8e860d16570a9085390ba7cd8a4a9071549b0c80d64f72068351c75777"
+        );
+        // The seed a step gets (`NEEDLE_SEED`) comes from its key: pinned too.
+        assert_eq!(spec().key().seed(), 1_807_217_946);
+    }
+}
