@@ -170,7 +170,6 @@ fn reader_command(program: &str) -> std::process::Command {
 
 /// A page's session: where it stands, and what each block printed.
 struct Session {
-    root: tempfile::TempDir,
     cwd: PathBuf,
     /// Throwaway stores for recipe checks, one per block.
     checks: tempfile::TempDir,
@@ -178,11 +177,10 @@ struct Session {
 }
 
 impl Session {
-    fn new(root: tempfile::TempDir) -> Session {
-        let cwd = root.path().to_path_buf();
+    /// A session starting in `dir`, which the caller keeps for as long as the session.
+    fn new(dir: &Path) -> Session {
         Session {
-            root,
-            cwd,
+            cwd: dir.to_path_buf(),
             checks: tempfile::tempdir().unwrap(),
             outputs: Vec::new(),
         }
@@ -273,8 +271,9 @@ impl Session {
 
     /// Run one `sh` block where the session stands; it must exit as the block says.
     fn run_sh(&mut self, block: &Block) {
-        let cwd_file = self.root.path().join(".docs-cwd");
-        // The trap records where the block ended, whatever its exit, for the next block.
+        // The trap records where the block ended, whatever its exit, for the next block; the
+        // file is kept out of the session, where a page's `ls` or `code = ["."]` would see it.
+        let cwd_file = self.checks.path().join("cwd");
         let script = format!(
             "trap 'pwd > \"{}\"' EXIT\nset -e -o pipefail\n{}",
             cwd_file.display(),
@@ -509,7 +508,8 @@ fn follow_pages(belongs: impl Fn(&Path) -> bool) {
             scope.spawn(move || {
                 let md = read(&page);
                 let page = page.display().to_string();
-                let mut session = Session::new(session_dir());
+                let dir = session_dir();
+                let mut session = Session::new(dir.path());
                 session.follow(&blocks(&page, &md));
             });
         }
@@ -564,7 +564,8 @@ fn five_minute_tutorial() -> Vec<Block> {
 #[test]
 fn the_five_minute_tutorial_works_followed_literally_in_an_empty_directory() {
     let tutorial = five_minute_tutorial();
-    let mut session = Session::new(tempfile::tempdir().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut session = Session::new(dir.path());
     session.follow(&tutorial);
 
     // Where the tutorial left the reader: its project directory, with its store.
