@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEEDLE := target/release/needle
 
-.PHONY: all deps build demo test bench fuzz lint fmt clean-demo
+.PHONY: all deps build demo test bench fuzz lint fmt docs clean-demo
 
 all: build
 
@@ -39,6 +39,10 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Regenerate docs/reference/ops.md from `needle ops --json` (a test fails when it drifts).
+docs:
+	UPDATE_DOCS=1 $(CARGO) test --locked --test e2e docs::the_ops_reference
 
 clean-demo:
 	rm -rf .needle

@@ -10,6 +10,7 @@ mod concurrent;
 mod crash;
 mod curation;
 mod disk_full;
+mod docs;
 mod doctor;
 mod errors;
 mod exec_env;
