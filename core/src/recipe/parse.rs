@@ -1062,9 +1062,9 @@ impl<'a> Parser<'a> {
                         files.len()
                     ),
                     Some(
-                        "leave data out of `code`: a `path` param fingerprints a dataset without \
-                         hashing it, and a `.needleignore` (gitignore syntax) leaves files out of \
-                         a directory"
+                        "leave data out of `code` (a `.needleignore`, gitignore syntax, leaves \
+                         files out of a directory): import it with a `files` step, whose output \
+                         is an input like any other, or hand a built-in op its `path`"
                             .into(),
                     ),
                 ),
