@@ -53,6 +53,8 @@ pub struct PlanNode {
     pub code: BTreeMap<String, BlobDigest>,
     /// `path` param → fingerprint of what is there (see [`fingerprint_path`]).
     pub paths: BTreeMap<String, String>,
+    /// `environment` command → digest of what it printed.
+    pub environment: BTreeMap<String, String>,
     pub inputs: BTreeMap<String, NodeInput>,
     pub resources: Resources,
     pub retries: RetryPolicy,
@@ -80,6 +82,14 @@ impl NodeInput {
 /// copies the bytes into the store, so what ran can always be shown.
 pub trait CodeHasher {
     fn hash_file(&mut self, path: &Path) -> std::io::Result<BlobDigest>;
+
+    /// What an `environment` command prints, digested (hex), run in `dir`. `core` runs no
+    /// processes: the binary that plans provides this; without it, a recipe with
+    /// `environment` cannot be planned.
+    fn probe(&mut self, command: &str, dir: &Path) -> Result<String, String> {
+        let _ = dir;
+        Err(format!("`{command}` cannot be run here"))
+    }
 }
 
 /// Hashes without storing.
@@ -109,6 +119,12 @@ pub enum PlanError {
         #[source]
         source: crate::recipe::CodeError,
     },
+    #[error("environment command `{command}` of step `{step}`: {reason}")]
+    Environment {
+        step: String,
+        command: String,
+        reason: String,
+    },
     #[error("param `{param}` of step `{step}`: could not read `{path}`")]
     Path {
         step: String,
@@ -128,6 +144,7 @@ pub fn build(
 ) -> Result<Plan, PlanError> {
     let mut code_cache: HashMap<String, BTreeMap<String, BlobDigest>> = HashMap::new();
     let mut path_cache: HashMap<PathBuf, String> = HashMap::new();
+    let mut probe_cache: HashMap<String, String> = HashMap::new();
     let mut nodes: Vec<PlanNode> = Vec::new();
     let mut by_id: HashMap<StepId, usize> = HashMap::new();
     // instance index → node index
@@ -170,6 +187,21 @@ pub fn build(
             paths.insert(param.clone(), fingerprint);
         }
 
+        let mut environment = BTreeMap::new();
+        for command in &def.environment {
+            if !probe_cache.contains_key(command) {
+                let digest = hasher
+                    .probe(command, &recipe.source.dir)
+                    .map_err(|reason| PlanError::Environment {
+                        step: def.name.clone(),
+                        command: command.clone(),
+                        reason,
+                    })?;
+                probe_cache.insert(command.clone(), digest);
+            }
+            environment.insert(command.clone(), probe_cache[command].clone());
+        }
+
         let inputs: BTreeMap<String, NodeInput> = inst
             .inputs
             .iter()
@@ -194,8 +226,11 @@ pub fn build(
             def,
             &inst.params,
             inst.cmd.as_deref(),
-            &code,
-            &paths,
+            Found {
+                code: &code,
+                paths: &paths,
+                environment: &environment,
+            },
             &inputs,
             &nodes,
         );
@@ -223,6 +258,7 @@ pub fn build(
                     cmd: inst.cmd.clone(),
                     code,
                     paths,
+                    environment,
                     inputs,
                     resources: def.resources,
                     retries: def.retries,
@@ -240,15 +276,27 @@ pub fn build(
     })
 }
 
+/// What an instance's files and commands were found to be when planned: its code files, its
+/// `path` params' fingerprints, what its `environment` commands printed.
+struct Found<'a> {
+    code: &'a BTreeMap<String, BlobDigest>,
+    paths: &'a BTreeMap<String, String>,
+    environment: &'a BTreeMap<String, String>,
+}
+
 fn structural_id(
     def: &StepDef,
     params: &BTreeMap<String, Value>,
     cmd: Option<&[String]>,
-    code: &BTreeMap<String, BlobDigest>,
-    paths: &BTreeMap<String, String>,
+    found: Found<'_>,
     inputs: &BTreeMap<String, NodeInput>,
     nodes: &[PlanNode],
 ) -> StepId {
+    let Found {
+        code,
+        paths,
+        environment,
+    } = found;
     let inputs: BTreeMap<&str, Value> = inputs
         .iter()
         .map(|(name, input)| {
@@ -280,6 +328,9 @@ fn structural_id(
     // Only where there are any, so ids of steps without `path` params stay what they were.
     if !paths.is_empty() {
         v["paths"] = serde_json::json!(paths);
+    }
+    if !environment.is_empty() {
+        v["environment"] = serde_json::json!(environment);
     }
     StepId::of_parts(&[&crate::canonical::encode(&v)])
 }
@@ -462,6 +513,7 @@ impl PlanNode {
             cmd: self.cmd.clone(),
             code: self.code.clone(),
             paths: self.paths.clone(),
+            environment: self.environment.clone(),
             inputs,
         })
     }

@@ -41,6 +41,14 @@ pub enum Change {
         param: String,
         what: Presence,
     },
+    /// What an `environment` command prints: `before` and `after` are digests (hex) of it,
+    /// the blobs the store keeps of it.
+    Environment {
+        command: String,
+        what: Presence,
+        before: Option<String>,
+        after: Option<String>,
+    },
     Input {
         name: String,
         before: Option<InputDigests>,
@@ -58,7 +66,7 @@ pub enum Presence {
 }
 
 /// Every difference from `before` to `after`, in a fixed order: op, version, params, argv,
-/// code files, paths, inputs.
+/// code files, paths, environment commands, inputs.
 pub fn diff(before: &StepSpec, after: &StepSpec) -> Vec<Change> {
     let mut out = Vec::new();
     if before.op != after.op {
@@ -95,6 +103,14 @@ pub fn diff(before: &StepSpec, after: &StepSpec) -> Vec<Change> {
     }
     for (param, what) in keyed(&before.paths, &after.paths) {
         out.push(Change::Path { param, what });
+    }
+    for (command, what) in keyed(&before.environment, &after.environment) {
+        out.push(Change::Environment {
+            before: before.environment.get(&command).cloned(),
+            after: after.environment.get(&command).cloned(),
+            command,
+            what,
+        });
     }
     let names: BTreeSet<&String> = before.inputs.keys().chain(after.inputs.keys()).collect();
     for name in names {
@@ -223,6 +239,11 @@ impl fmt::Display for Change {
                 Presence::Changed => write!(f, "the files at path param {param} changed"),
                 Presence::Added => write!(f, "path param {param} added"),
                 Presence::Removed => write!(f, "path param {param} removed"),
+            },
+            Change::Environment { command, what, .. } => match what {
+                Presence::Changed => write!(f, "what `{command}` prints changed"),
+                Presence::Added => write!(f, "environment command `{command}` added"),
+                Presence::Removed => write!(f, "environment command `{command}` removed"),
             },
             Change::Input {
                 name,

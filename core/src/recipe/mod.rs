@@ -192,6 +192,9 @@ pub struct StepDef {
     /// `exec` only: paths relative to the recipe's directory (files or directories) whose
     /// content enters the key. Validated: relative, inside the recipe directory, existing.
     pub code: Vec<String>,
+    /// Commands (argv, split at whitespace, no shell) whose output enters the key: what the
+    /// step's results depend on outside its code and inputs (`python3 -V`, `pip freeze`).
+    pub environment: Vec<String>,
     pub resources: Resources,
     pub retries: RetryPolicy,
     pub timeout: Option<Duration>,

@@ -37,6 +37,7 @@ const STEP_KEYS: &[&str] = &[
     "op",
     "cmd",
     "code",
+    "environment",
     "params",
     "inputs",
     "resources",
@@ -787,6 +788,7 @@ impl<'a> Parser<'a> {
                 params: BTreeMap::new(),
                 cmd: None,
                 code: Vec::new(),
+                environment: Vec::new(),
                 resources: Resources::default(),
                 retries: RetryPolicy::default(),
                 timeout: None,
@@ -830,6 +832,9 @@ impl<'a> Parser<'a> {
         }
         if let Some((_, cv)) = fields.get("code") {
             draft.def.code = self.code(cv);
+        }
+        if let Some((_, ev)) = fields.get("environment") {
+            draft.def.environment = self.environment(ev);
         }
 
         if let Some((_, pv)) = fields.get("params") {
@@ -1022,6 +1027,44 @@ impl<'a> Parser<'a> {
             }
         }
         ok.then_some(out)
+    }
+
+    /// `environment = ["python3 -V", "python3 -m pip freeze"]`: commands, each a string split
+    /// at whitespace into an argv (no shell), run when the recipe is planned.
+    fn environment(&mut self, v: &Node<'_>) -> Vec<String> {
+        if !self.no_vars("environment", v) {
+            return Vec::new();
+        }
+        let DeValue::Array(items) = v.get_ref() else {
+            self.error_help(
+                v.span(),
+                format!(
+                    "`environment` must be a list of commands, found {}",
+                    describe(v)
+                ),
+                Some("e.g. `environment = [\"python3 -V\", \"python3 -m pip freeze\"]`".into()),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::String(c) if !c.trim().is_empty() && !c.contains('\0') => {
+                    let command = c.split_whitespace().collect::<Vec<_>>().join(" ");
+                    if !out.contains(&command) {
+                        out.push(command);
+                    }
+                }
+                _ => self.error(
+                    item.span(),
+                    format!(
+                        "`environment` commands must be non-empty strings, found {}",
+                        describe(item)
+                    ),
+                ),
+            }
+        }
+        out
     }
 
     fn code(&mut self, v: &Node<'_>) -> Vec<String> {

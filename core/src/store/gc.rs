@@ -12,7 +12,8 @@
 //! - a kept artifact keeps the step lineage shows as its producer
 //!   ([`crate::lineage::latest_producer`]), so `needle lineage` of anything kept reads the
 //!   same after gc; a pin keeps its artifact, and so its whole ancestry;
-//! - bytes: the blobs of kept manifests and the code files of kept steps; the logs that kept
+//! - bytes: the blobs of kept manifests and the code files (and what their `environment`
+//!   commands printed) of kept steps; the logs that kept
 //!   records name or that kept runs wrote; views of kept artifacts; `resume/<key>` of a step
 //!   that has not succeeded, unless it belongs to a dropped run (no kept run names its key and
 //!   it has not changed since before the oldest kept run started).
@@ -280,6 +281,10 @@ impl Store {
         for k in &reached.steps {
             let rec = &records.steps[k];
             blobs.extend(rec.spec.code.values().copied());
+            // What its `environment` commands printed, kept beside its code.
+            blobs.extend(
+                (rec.spec.environment.values()).filter_map(|d| d.parse::<BlobDigest>().ok()),
+            );
             logs.extend(rec.executions.iter().map(|e| e.log.clone()));
         }
         for id in &reached.runs {

@@ -130,6 +130,10 @@ pub struct StepSpec {
     /// empty, so the keys of steps without `path` params are what they were before it existed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub paths: BTreeMap<String, String>,
+    /// `environment` commands → digest (hex) of what each printed when the plan was made.
+    /// Absent from the encoding when empty, as `paths`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment: BTreeMap<String, String>,
     pub inputs: BTreeMap<String, InputDigests>,
 }
 
@@ -143,6 +147,7 @@ impl StepSpec {
             cmd: None,
             code: BTreeMap::new(),
             paths: BTreeMap::new(),
+            environment: BTreeMap::new(),
             inputs,
         }
     }

@@ -127,6 +127,23 @@ impl Store {
                     .1
                     .push(format!("code file `{path}` of step {}", rec.key.short()));
             }
+            for (command, digest) in &rec.spec.environment {
+                let Ok(blob) = digest.parse::<BlobDigest>() else {
+                    report.problems.push(format!(
+                        "step {name} ({}): what `{command}` printed is named `{digest}`, not a digest",
+                        rec.name
+                    ));
+                    continue;
+                };
+                users
+                    .entry(blob)
+                    .or_insert((None, Vec::new()))
+                    .1
+                    .push(format!(
+                        "what `{command}` printed for step {}",
+                        rec.key.short()
+                    ));
+            }
         }
 
         let blobs: Vec<(BlobDigest, Option<u64>)> =

@@ -138,7 +138,7 @@ pub fn find_run(store: &dyn StoreRead, text: &str) -> Result<RunRecord, CliError
 /// absent. [`PlannedCode::keep_in`] then keeps their bytes in the store, so what ran can be
 /// shown later.
 #[derive(Default)]
-pub struct PlannedCode(BTreeMap<PathBuf, BlobDigest>);
+pub struct PlannedCode(BTreeMap<PathBuf, BlobDigest>, BTreeMap<BlobDigest, Vec<u8>>);
 
 impl CodeHasher for PlannedCode {
     fn hash_file(&mut self, path: &Path) -> std::io::Result<BlobDigest> {
@@ -146,6 +146,43 @@ impl CodeHasher for PlannedCode {
         self.0.insert(path.to_path_buf(), digest);
         Ok(digest)
     }
+
+    fn probe(&mut self, command: &str, dir: &Path) -> Result<String, String> {
+        let printed = probe(command, dir)?;
+        let mut h = blake3::Hasher::new();
+        h.update(&printed);
+        let digest = BlobDigest::from_hasher(&h);
+        self.1.insert(digest, printed);
+        Ok(digest.hex())
+    }
+}
+
+/// Run an `environment` command (its argv split at whitespace, no shell) in `dir`, with the
+/// runner's environment and no input: what it printed (stdout, then stderr: `python -V` once
+/// wrote to stderr). A command that cannot start, or exits non-zero, is an error: a probe that
+/// fails would key every step on its error message.
+pub fn probe(command: &str, dir: &Path) -> Result<Vec<u8>, String> {
+    let argv: Vec<&str> = command.split_whitespace().collect();
+    let Some((program, args)) = argv.split_first() else {
+        return Err("it is empty".into());
+    };
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("could not run it: {e}"))?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "it failed ({}): {}",
+            out.status,
+            said.lines().last().unwrap_or("").trim()
+        ));
+    }
+    let mut printed = out.stdout;
+    printed.extend_from_slice(&out.stderr);
+    Ok(printed)
 }
 
 impl PlannedCode {
@@ -159,6 +196,19 @@ impl PlannedCode {
                     path.display()
                 )));
             }
+        }
+        // What the environment commands printed, so that `show` and `why` can say it.
+        for (digest, printed) in &self.1 {
+            let mut tmp = tempfile::NamedTempFile::new().map_err(|source| CliError::Io {
+                context: "could not write what an environment command printed".into(),
+                source,
+            })?;
+            std::io::Write::write_all(&mut tmp, printed).map_err(|source| CliError::Io {
+                context: "could not write what an environment command printed".into(),
+                source,
+            })?;
+            let kept = store.absorb_file_copy(tmp.path())?;
+            debug_assert_eq!(kept, *digest);
         }
         Ok(())
     }

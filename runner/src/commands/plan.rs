@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 
 use needle_core::digest::{ArtifactDigest, StepKey};
-use needle_core::plan::{self, HashOnly, Plan};
+use needle_core::plan::{self, Plan};
 use needle_core::store::StoreRead;
 use needle_ops::Registry;
 
 use crate::cli::{Cli, PlanArgs};
 use crate::commands::run::{check_resources, fmt_gb};
-use crate::commands::{load_recipe, open_reader_if_exists, print_json, read_recipe};
+use crate::commands::{PlannedCode, load_recipe, open_reader_if_exists, print_json, read_recipe};
 use crate::error::{CliError, Exit};
 use crate::gpus::Gpu;
 use crate::scheduler::{GpuNeed, SHARE_UNITS};
@@ -77,8 +77,8 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     let (recipe, expansion) = load_recipe(source, &args.recipe.sets, &registry)?;
     let gpus = args.gpus.resolve(args.gpu_mem);
     check_resources(&recipe, &gpus, u64::MAX / 2)?;
-    let plan = plan::build(recipe, expansion, &mut HashOnly)?;
-    // Planning hashes code files without storing them (`HashOnly`), so it reads the store
+    let plan = plan::build(recipe, expansion, &mut PlannedCode::default())?;
+    // Planning hashes code files without storing them (`keep_in` is not called), so it reads the store
     // only: while a run holds it, through the runner, which sees what it has committed.
     let reader = open_reader_if_exists(cli)?;
     let store = reader.as_ref().map(|r| r as &dyn StoreRead);
@@ -164,7 +164,7 @@ fn reasons(
                             &spec,
                             None,
                         )
-                        .lines(&node.name)
+                        .lines(&node.name, Some(store))
                     }
                     None => vec!["there is no store yet: nothing ran before".into()],
                 }

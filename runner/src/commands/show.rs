@@ -85,6 +85,25 @@ fn show_step(
             println!("  {param}  {}", &fingerprint[..fingerprint.len().min(12)]);
         }
     }
+    if !rec.spec.environment.is_empty() {
+        println!("environment  (what each command printed when it was planned)");
+        for (command, digest) in &rec.spec.environment {
+            let printed = (digest.parse::<needle_core::digest::BlobDigest>().ok())
+                .and_then(|d| std::fs::read_to_string(store.blob_path(&d)).ok());
+            match printed {
+                Some(text) => {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let first = lines.first().copied().unwrap_or("").trim();
+                    let more = match lines.len() {
+                        0 | 1 => String::new(),
+                        n => format!(" (and {} more lines)", n - 1),
+                    };
+                    println!("  {command}: {first}{more}");
+                }
+                None => println!("  {command}: {}", &digest[..digest.len().min(12)]),
+            }
+        }
+    }
     if !rec.spec.inputs.is_empty() {
         println!("inputs");
         for (name, digests) in &rec.spec.inputs {

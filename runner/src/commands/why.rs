@@ -54,8 +54,9 @@ impl Reason {
         }
     }
 
-    /// One line per change, or why there is none to show.
-    pub fn lines(&self, name: &str) -> Vec<String> {
+    /// One line per change, or why there is none to show. With the store, a changed
+    /// `environment` command's line says which of its lines changed.
+    pub fn lines(&self, name: &str, store: Option<&dyn StoreRead>) -> Vec<String> {
         match self.closest {
             None => vec![format!(
                 "nothing named `{name}` ran before: it is the first of its kind in this store"
@@ -63,9 +64,49 @@ impl Reason {
             Some(_) if self.changes.is_empty() => {
                 vec!["its spec equals an earlier step's (the op's output differed)".into()]
             }
-            Some(_) => self.changes.iter().map(|c| c.to_string()).collect(),
+            Some(_) => (self.changes.iter())
+                .map(|c| match (c, store) {
+                    (
+                        Change::Environment {
+                            before: Some(b),
+                            after: Some(a),
+                            ..
+                        },
+                        Some(store),
+                    ) => match printed_lines_changed(store, b, a) {
+                        Some(lines) => format!("{c}: {lines}"),
+                        None => c.to_string(),
+                    },
+                    _ => c.to_string(),
+                })
+                .collect(),
         }
     }
+}
+
+/// The lines an environment command's output lost (`-`) and gained (`+`), at most six, where
+/// the store has both (`needle plan` keeps nothing, so the newer is not there until a run).
+fn printed_lines_changed(store: &dyn StoreRead, before: &str, after: &str) -> Option<String> {
+    let read = |hex: &str| -> Option<String> {
+        let digest: needle_core::digest::BlobDigest = hex.parse().ok()?;
+        std::fs::read_to_string(store.blob_path(&digest)).ok()
+    };
+    let (b, a) = (read(before)?, read(after)?);
+    let gone = b.lines().filter(|l| !a.lines().any(|x| x == *l));
+    let new = a.lines().filter(|l| !b.lines().any(|x| x == *l));
+    let mut shown: Vec<String> = gone
+        .map(|l| format!("-{}", l.trim()))
+        .chain(new.map(|l| format!("+{}", l.trim())))
+        .collect();
+    if shown.is_empty() {
+        return None;
+    }
+    let more = shown.len().saturating_sub(6);
+    shown.truncate(6);
+    if more > 0 {
+        shown.push(format!("and {more} more"));
+    }
+    Some(shown.join(", "))
 }
 
 pub fn why(cli: &Cli, args: &WhyArgs) -> Result<Exit, CliError> {
@@ -139,7 +180,7 @@ pub fn why(cli: &Cli, args: &WhyArgs) -> Result<Exit, CliError> {
         &label,
         Some(key),
         &head,
-        Some((&rec.name, &reason)),
+        Some((&rec.name, &reason, &store)),
     )
 }
 
@@ -148,20 +189,20 @@ fn finish(
     label: &str,
     key: Option<StepKey>,
     head: &str,
-    reason: Option<(&str, &Reason)>,
+    reason: Option<(&str, &Reason, &dyn StoreRead)>,
 ) -> Result<Exit, CliError> {
     if json {
         print_json(&serde_json::json!({
             "step": label,
             "key": key,
             "summary": head,
-            "reason": reason.map(|(_, r)| r),
+            "reason": reason.map(|(_, r, _)| r),
         }));
         return Ok(Exit::Success);
     }
     println!("{head}");
-    if let Some((name, r)) = reason {
-        for line in r.lines(name) {
+    if let Some((name, r, store)) = reason {
+        for line in r.lines(name, Some(store)) {
             println!("  - {line}");
         }
     }
