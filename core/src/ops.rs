@@ -9,7 +9,7 @@ use crate::value::{Value, type_name};
 pub enum OpKind {
     /// The user's own command (`cmd`), with `code` files hashed into the key.
     Exec,
-    /// A built-in op run by `needle worker`.
+    /// A built-in op run by `needle-worker`.
     Builtin,
 }
 

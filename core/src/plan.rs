@@ -42,7 +42,7 @@ pub struct PlanNode {
     pub name: String,
     pub op: String,
     pub op_version: u32,
-    /// How the node runs: its `cmd`, or `needle worker OP`.
+    /// How the node runs: its `cmd`, or `needle-worker OP`.
     pub kind: OpKind,
     pub bindings: BTreeMap<String, Value>,
     /// Indices into [`Plan::arms`], ascending.

@@ -1,4 +1,4 @@
-//! What a built-in op sees when `needle worker OP` runs it: the same environment an `exec`
+//! What a built-in op sees when `needle-worker OP` runs it: the same environment an `exec`
 //! step gets (`NEEDLE_OUT`, `NEEDLE_INPUTS`, `NEEDLE_PARAMS`, `NEEDLE_SEED`,
 //! `CUDA_VISIBLE_DEVICES`, `NEEDLE_CPUS`), read once into a typed context.
 

@@ -6,7 +6,7 @@ use crate::context::OpContext;
 use crate::errors::OpError;
 
 /// A built-in op: a schema the recipe validator checks params and inputs against, and a
-/// body that `needle worker` runs in the step's own process.
+/// body that `needle-worker` runs in the step's own process.
 ///
 /// Contract: `run` reads only its inputs and params (and `path` params' files), writes only
 /// under `ctx.out`, and is deterministic for a given context (`ctx.seed` seeds every random

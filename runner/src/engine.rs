@@ -169,7 +169,7 @@ pub struct Engine {
     free_slots: Vec<PathBuf>,
     /// `cmd[0]` → where it is on PATH, looked up once per name.
     programs: HashMap<String, Option<PathBuf>>,
-    /// This very binary: built-in ops run as `<it> worker OP`.
+    /// `needle-worker`, beside this binary: built-in ops run as `needle-worker OP`.
     worker: PathBuf,
     /// Where readers of the store see this run as far as it has got (`needle status`).
     live: Option<Arc<LiveRun>>,

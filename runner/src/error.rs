@@ -41,7 +41,7 @@ pub enum CliError {
     #[error(transparent)]
     Plan(#[from] PlanError),
 
-    /// A built-in op failed in `needle worker`: the step fails.
+    /// A built-in op failed in `needle-worker`: the step fails.
     #[error(transparent)]
     Op(#[from] OpError),
 

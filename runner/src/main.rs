@@ -1,4 +1,32 @@
 //! The `needle` binary.
+//!
+//! A map, for a first read:
+//!
+//! ```text
+//! main ── cli (clap) ── commands/<verb>.rs      one file per command; each opens the store
+//!                          │                    (or reads through a live runner's socket)
+//!                          │
+//!            run / rerun ──┴── engine            the run loop: one select! over events;
+//!                               │               owns every step's state (phase, outputs,
+//!                               │               the run record), the ready queue, the pool
+//!                               ├── scheduler    which ready step starts next (pure: shapes,
+//!                               │               GPU shares, CPU slots, memory)
+//!                               ├── executor     one local attempt: staging slot, environment,
+//!                               │    ├── spawn   the child process (its own group)
+//!                               │    ├── reaper  kills steps when the runner dies
+//!                               │    ├── guard   what the attempt did to its inputs
+//!                               │    └── oom     why a SIGKILL came
+//!                               ├── slurm        one attempt as a batch job, and the poller
+//!                               ├── commit thread (in engine) absorbs outputs, records them
+//!                               └── progress     what the terminal shows
+//!            gpus, mps, gpu_usage                the run's GPUs, its MPS daemon, their sampling
+//!            report/                             the HTML report (svg timeline, markdown)
+//! ```
+//!
+//! State lives in the engine alone; executors talk to it only through `engine::Event`s on one
+//! channel, and the commit thread through the same channel. Everything durable is in the store
+//! (`needle_core::store`); the engine writes the run record at the start and end, each step's
+//! progress as it changes, and outputs through the commit thread.
 
 mod cli;
 mod commands;

@@ -61,7 +61,7 @@ pub struct Spawn<'a> {
 /// group is killed (a run torn down mid-attempt leaves nothing running).
 pub struct Child {
     pid: libc::pid_t,
-    exit: Exit,
+    exit: ExitWatch,
     reaped: bool,
     /// What the child runs on until it execs; released once it has exec'd or exited.
     pad: Option<Box<Launchpad>>,
@@ -69,7 +69,7 @@ pub struct Child {
 
 /// How the end of a child is noticed: its pidfd becomes readable; where the kernel has no
 /// pidfds (before Linux 5.3), a poll every few milliseconds.
-enum Exit {
+enum ExitWatch {
     Pidfd(AsyncFd<OwnedFd>),
     Poll,
 }
@@ -86,8 +86,8 @@ impl Child {
         loop {
             // A pidfd registered after its process ended is reported ready at once.
             match &self.exit {
-                Exit::Pidfd(fd) => fd.readable().await?.clear_ready(),
-                Exit::Poll => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                ExitWatch::Pidfd(fd) => fd.readable().await?.clear_ready(),
+                ExitWatch::Poll => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
             }
             if let Some(status) = self.try_wait()? {
                 return Ok(status);
@@ -215,7 +215,7 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
     // (leaked) while the child may still run on it.
     let mut child = Child {
         pid,
-        exit: Exit::Poll,
+        exit: ExitWatch::Poll,
         reaped: false,
         pad: Some(pad),
     };
@@ -228,7 +228,7 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
         if let Ok(fd) =
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         {
-            child.exit = Exit::Pidfd(fd);
+            child.exit = ExitWatch::Pidfd(fd);
         }
     }
     Ok(child)

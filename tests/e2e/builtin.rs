@@ -1,4 +1,4 @@
-//! Built-in ops run as `needle worker OP`: the `files` op imports data from outside the store,
+//! Built-in ops run as `needle-worker OP`: the `files` op imports data from outside the store,
 //! re-runs when the data changes, and fails a step (not the run) with its error in the log.
 
 use std::path::Path;

@@ -179,7 +179,7 @@ pub struct StepDef {
     pub name: String,
     pub op: String,
     pub op_version: u32,
-    /// How the op runs: the user's command, or `needle worker`.
+    /// How the op runs: the user's command, or `needle-worker OP`.
     pub kind: OpKind,
     /// Params the op types as `path`: the planner fingerprints what they point at.
     pub path_params: Vec<String>,
