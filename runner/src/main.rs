@@ -53,10 +53,17 @@ use crate::cli::{Cli, Command};
 use crate::error::{CliError, Exit};
 
 fn main() {
-    // Die quietly when a reader goes away (`needle status 3 | head`), as Unix tools do.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    // Die quietly when a reader goes away (`needle status 3 | head`), as Unix tools do. And
+    // block no signal: every thread inherits this thread's mask, and the steps the safe spawn
+    // starts inherit the mask of the thread that starts them (a parent that blocked a signal
+    // would otherwise pass that on to every step).
+    // SAFETY: restoring the default disposition of SIGPIPE, and emptying this thread's signal
+    // mask (a sigset_t filled in by sigemptyset), before any other thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
     if std::env::args_os().nth(1).is_some_and(|a| a == reaper::ARG) {
         std::process::exit(reaper::main());

@@ -182,3 +182,67 @@ cmd = ["sh", "-c", "echo b > scratch && cp scratch \"$NEEDLE_OUT/b\""]
     assert_eq!(run["executed"], 1);
     assert_eq!(staging(), slots, "the slot was used again, not replaced");
 }
+
+/// A runner started with a signal blocked (its parent's doing) gives its steps an empty mask
+/// and SIGPIPE at its default, whichever way it starts them (`NEEDLE_SPAWN`).
+#[test]
+fn steps_start_with_no_blocked_signal_whoever_started_the_runner() {
+    use std::os::unix::process::CommandExt;
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "mask"
+
+[steps.look]
+op = "exec"
+cmd = ["sh", "-c", "while read -r l; do case $l in SigBlk*|SigIgn*) echo \"$l\";; esac; done < /proc/self/status > \"$NEEDLE_OUT/sig\""]
+"#,
+    );
+    for mode in ["command", "clone"] {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.current_dir(p.dir.path())
+            .env("NEEDLE_STORE", p.path(&format!("store-{mode}")))
+            .env("NEEDLE_SPAWN", mode)
+            .args(["run", "recipe.toml", "--json"]);
+        // SAFETY: between fork and exec, only async-signal-safe calls on a sigset_t of our own.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGUSR1);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert_code(&out, 0);
+        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let show = p
+            .cmd(&[
+                "show",
+                steps_named(&run, "look")[0]["output"].as_str().unwrap(),
+            ])
+            .env("NEEDLE_STORE", p.path(&format!("store-{mode}")))
+            .arg("--json")
+            .output()
+            .unwrap();
+        let view = serde_json::from_slice::<serde_json::Value>(&show.stdout).unwrap()["view"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let sig = std::fs::read_to_string(std::path::Path::new(&view).join("sig")).unwrap();
+        let field = |name: &str| {
+            let line = sig.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(field("SigBlk:"), 0, "{mode}: {sig}");
+        assert_eq!(
+            field("SigIgn:") & (1 << (libc::SIGPIPE - 1)),
+            0,
+            "{mode}: {sig}"
+        );
+    }
+}

@@ -1,6 +1,5 @@
-//! Starting a local step's process, and waiting for it.
-//!
-//! Neither `std::process::Command` nor `posix_spawn`: both suspend the calling thread until the
+//! The fast spawn (`NEEDLE_SPAWN=clone`, Linux on x86_64 and aarch64): neither
+//! `std::process::Command` nor `posix_spawn`, both suspend the calling thread until the
 //! child has called `exec` (they are built on `vfork`), and on a machine whose every CPU runs a
 //! step, the new child often queues behind a step on another CPU while the runner's CPU sits
 //! idle: at N = 10,000 trivial steps, over 40 % of the idle time of a run (BENCHMARKS.md). `Command`
@@ -26,36 +25,16 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use tokio::io::unix::AsyncFd;
 
-#[cfg(not(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-)))]
-compile_error!(
-    "needle's local executor starts steps with Linux system calls for x86_64 or aarch64"
-);
-
-/// What to start.
-pub struct Spawn<'a> {
-    pub program: &'a Path,
-    pub argv0: &'a str,
-    pub args: &'a [String],
-    pub cwd: &'a Path,
-    /// Set on top of the runner's environment less its `NEEDLE_*` variables; a variable set
-    /// here replaces an inherited one of the same name.
-    pub env: &'a [(String, OsString)],
-    /// Where stdout and stderr go.
-    pub log: BorrowedFd<'a>,
-}
+use super::{NotStarted, Spawn, Stage};
 
 /// A started process, leader of its own process group. Dropped before it was waited for, its
 /// group is killed (a run torn down mid-attempt leaves nothing running).
@@ -150,44 +129,6 @@ impl Drop for Child {
     }
 }
 
-/// What a child does before its program runs, in order; which one failed says why it did not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Stage {
-    Group = 1,
-    Descriptors = 2,
-    Directory = 3,
-    Program = 4,
-}
-
-/// The error [`Child::wait`] returns for a process that could not start its program: the
-/// system's error, and where it met it.
-#[derive(Debug)]
-pub struct NotStarted {
-    pub error: io::Error,
-    pub stage: Stage,
-    /// The working directory it was to run in.
-    pub dir: std::path::PathBuf,
-}
-
-impl std::fmt::Display for NotStarted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.stage {
-            Stage::Program => self.error.fmt(f),
-            Stage::Directory => write!(
-                f,
-                "entering its working directory `{}`: {}",
-                self.dir.display(),
-                self.error
-            ),
-            Stage::Descriptors => write!(f, "redirecting its output: {}", self.error),
-            Stage::Group => write!(f, "making its process group: {}", self.error),
-        }
-    }
-}
-
-impl std::error::Error for NotStarted {}
-
 fn not_started(errno: i32, stage: i32, dir: &CString) -> io::Error {
     let error = io::Error::from_raw_os_error(errno);
     let dir = std::path::PathBuf::from(OsStr::from_bytes(dir.as_bytes()));
@@ -198,12 +139,6 @@ fn not_started(errno: i32, stage: i32, dir: &CString) -> io::Error {
         _ => Stage::Program,
     };
     io::Error::new(error.kind(), NotStarted { error, stage, dir })
-}
-
-/// Whether `e` (from [`Child::wait`]) says the program never started, and why.
-pub fn never_started(e: &io::Error) -> Option<&NotStarted> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<NotStarted>())
 }
 
 /// Start `spec` as a child in its own process group. Returns once the child exists; whether
@@ -591,211 +526,6 @@ fn dev_null() -> io::Result<libc::c_int> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
-    fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, OsString)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
-        let rt = runtime();
-        let status = rt.block_on(async {
-            let mut child = spawn(&Spawn {
-                program: Path::new(program),
-                argv0: program,
-                args: &args,
-                cwd: dir.path(),
-                env: &env,
-                log: log.as_fd(),
-            })
-            .unwrap();
-            child.wait().await.unwrap()
-        });
-        (status, std::fs::read_to_string(&log_path).unwrap())
-    }
-
-    #[test]
-    fn output_cwd_environment_and_status() {
-        let (status, out) = run(
-            "sh",
-            &[
-                "-c",
-                "echo out; echo err >&2; ls; echo \"$A $PATH_SET\"; exit 3",
-            ],
-            &[("A", "1"), ("PATH_SET", "yes")],
-        );
-        assert_eq!(status.code(), Some(3));
-        let lines: Vec<&str> = out.lines().collect();
-        // The working directory is the one holding the log, and nothing else.
-        assert_eq!(lines, ["out", "err", "log", "1 yes"]);
-    }
-
-    #[test]
-    fn the_child_starts_with_no_blocked_signals_and_sigpipe_at_its_default() {
-        // A blocked signal in the spawning thread, and SIGPIPE ignored (as Rust's runtime
-        // leaves it in this test binary): neither reaches the child.
-        // SAFETY: sigset_t filled in by sigemptyset/sigaddset; the mask is this thread's own.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGUSR1);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        }
-        // Read by the shell itself, with builtins: a shell blocks every signal while it forks,
-        // so a `grep` it forked could see that mask instead of the one it started with.
-        let (_, out) = run(
-            "sh",
-            &[
-                "-c",
-                "while read -r l; do case $l in Sig*) echo \"$l\";; esac; done < /proc/self/status",
-            ],
-            &[],
-        );
-        let mask = |name: &str| {
-            let line = out.lines().find(|l| l.starts_with(name)).unwrap();
-            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
-        };
-        assert_eq!(mask("SigBlk:"), 0, "{out}");
-        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
-    }
-
-    #[test]
-    fn a_variable_set_for_the_step_replaces_the_inherited_one() {
-        // PATH is inherited; set anew it must appear once, with the new value.
-        let (_, out) = run("/usr/bin/env", &[], &[("PATH", "/nowhere")]);
-        let paths: Vec<&str> = out.lines().filter(|l| l.starts_with("PATH=")).collect();
-        assert_eq!(paths, ["PATH=/nowhere"]);
-    }
-
-    #[test]
-    fn own_group_and_signals() {
-        let (status, out) = run(
-            "sh",
-            &["-c", "cut -d' ' -f5 /proc/$$/stat; echo $$; kill -9 $$"],
-            &[],
-        );
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
-        let lines: Vec<&str> = out.split_whitespace().collect();
-        assert_eq!(lines[0], lines[1], "the step leads its own process group");
-    }
-
-    #[test]
-    fn a_program_that_cannot_start_is_an_error_of_its_kind() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let script = dir.path().join("not-executable");
-        std::fs::write(&script, "#!/bin/sh\n").unwrap();
-        let rt = runtime();
-        let missing_dir = dir.path().join("gone");
-        for (program, cwd, kind) in [
-            ("/no/such/program", dir.path(), io::ErrorKind::NotFound),
-            (
-                "no-such-program-anywhere",
-                dir.path(),
-                io::ErrorKind::NotFound,
-            ),
-            (
-                script.to_str().unwrap(),
-                dir.path(),
-                io::ErrorKind::PermissionDenied,
-            ),
-            ("sh", missing_dir.as_path(), io::ErrorKind::NotFound),
-        ] {
-            let e = rt.block_on(async {
-                let mut child = spawn(&Spawn {
-                    program: Path::new(program),
-                    argv0: program,
-                    args: &[],
-                    cwd,
-                    env: &[],
-                    log: log.as_fd(),
-                })
-                .unwrap();
-                child.wait().await.expect_err("it never starts")
-            });
-            let why = never_started(&e).unwrap_or_else(|| panic!("{program}: {e:?}"));
-            assert_eq!(
-                why.error.kind(),
-                kind,
-                "{program} in {}: {why}",
-                cwd.display()
-            );
-            let in_missing_dir = cwd == missing_dir.as_path();
-            assert_eq!(why.stage == Stage::Directory, in_missing_dir, "{why:?}");
-            let said = format!(
-                "entering its working directory `{}`: ",
-                missing_dir.display()
-            );
-            assert_eq!(why.to_string().starts_with(&said), in_missing_dir, "{why}");
-        }
-        assert_eq!(std::fs::read_to_string(dir.path().join("log")).unwrap(), "");
-    }
-
-    #[test]
-    fn the_child_has_its_group_as_soon_as_spawn_returns() {
-        // The group is signalled right away: the child must already be in it, or the step
-        // would run on untouched.
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let rt = runtime();
-        for _ in 0..50 {
-            let status = rt.block_on(async {
-                let mut child = spawn(&Spawn {
-                    program: Path::new("sleep"),
-                    argv0: "sleep",
-                    args: &["30".to_string()],
-                    cwd: dir.path(),
-                    env: &[],
-                    log: log.as_fd(),
-                })
-                .unwrap();
-                crate::executor::kill_group(child.id(), libc::SIGKILL);
-                child.wait().await.unwrap()
-            });
-            assert_eq!(status.signal(), Some(libc::SIGKILL));
-        }
-    }
-
-    #[test]
-    fn many_children_at_once_each_get_their_own_arguments() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
-        rt.block_on(async {
-            let mut children = Vec::new();
-            for i in 0..64 {
-                let log = std::fs::File::create(dir.path().join(format!("log{i}"))).unwrap();
-                let child = spawn(&Spawn {
-                    program: Path::new("sh"),
-                    argv0: "sh",
-                    args: &["-c".to_string(), format!("echo {i} $N")],
-                    cwd: dir.path(),
-                    env: &[("N".to_string(), OsString::from(format!("n{i}")))],
-                    log: log.as_fd(),
-                })
-                .unwrap();
-                children.push(child);
-            }
-            for mut c in children {
-                assert!(c.wait().await.unwrap().success());
-            }
-        });
-        for i in 0..64 {
-            let out = std::fs::read_to_string(dir.path().join(format!("log{i}"))).unwrap();
-            assert_eq!(out, format!("{i} n{i}\n"));
-        }
-    }
 
     #[test]
     fn entry_names() {
