@@ -24,6 +24,11 @@ demo: build
 test:
 	@scripts/setup.sh --test
 	NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require $(CARGO) test --workspace --locked
+	@# The end-to-end tests again, with steps started by the fast spawn where it exists.
+	@if [[ $$(uname -s) == Linux && $$(uname -m) =~ ^(x86_64|aarch64)$$ ]]; then \
+	  echo "NEEDLE_SPAWN=clone: the end-to-end tests again"; \
+	  NEEDLE_SPAWN=clone NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require $(CARGO) test --locked -p needle-runner --test e2e; \
+	fi
 
 ## Benchmarks (not tests): see BENCHMARKS.md.
 bench: build
