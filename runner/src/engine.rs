@@ -27,41 +27,18 @@ use needle_core::ops::OpKind;
 use needle_core::plan::{NodeInput, Plan};
 use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
-    Attempt, AttemptResult, Execution, Health, InputCheck, Manifest, RunRecord, RunState, RunStep,
-    StepCommit, StepProgress, StepRecord, StepSpec, StepStatus, Store, StoreError, now_millis,
+    Attempt, AttemptResult, Execution, Health, InputCheck, RunRecord, RunState, RunStep,
+    StepProgress, StepSpec, StepStatus, Store, StoreError, now_millis,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::executor::{self, AttemptEnd, AttemptSpec, Held, InputArtifacts};
+use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, Held, InputArtifacts, RunOutcome};
+use crate::commit::{CommitJob, MAX_BATCH, MAX_BATCH_WAIT, commit_loop};
 use crate::gpus::Gpu;
 use crate::progress::{Progress, RunningStep};
 use crate::scheduler::{GpuGrant, Grant, Pool, ReadyQueue, Shape};
 use crate::slurm::{Slurm, SlurmConfig};
-
-/// What reaches the loop from outside.
-#[derive(Debug)]
-pub enum Event {
-    /// An attempt's process runs, or its batch job was submitted.
-    Started {
-        node: usize,
-        handle: Handle,
-    },
-    Ended(AttemptEnd),
-    /// Results of one commit batch, and the staging slots it has cleaned for reuse.
-    Committed(Vec<(usize, Result<ArtifactDigest, String>)>, Vec<PathBuf>),
-    RetryDue {
-        node: usize,
-    },
-}
-
-/// What the runner holds of a started attempt, to stop it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Handle {
-    /// The pid of a local attempt, leader of its process group.
-    Process(u32),
-    /// A Slurm job id.
-    Job(String),
-}
+use crate::{executor, process, staging};
 
 /// Where attempts run.
 #[derive(Clone, Default)]
@@ -95,20 +72,6 @@ pub struct EngineOptions {
     /// The run's MPS daemon (`--mps`), whose clients its GPU steps are; it quits when the
     /// last holder drops it.
     pub mps: Option<Arc<crate::mps::Mps>>,
-}
-
-/// How a run ended, for the summary and the exit code.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunOutcome {
-    pub run: u64,
-    pub state: RunState,
-    pub executed: usize,
-    pub cached: usize,
-    pub failed: usize,
-    pub skipped: usize,
-    pub interrupted: usize,
-    pub pending: usize,
-    pub duration_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -641,7 +604,7 @@ impl Engine {
                 let program = cmd.first().and_then(|first| {
                     self.programs
                         .entry(first.clone())
-                        .or_insert_with(|| executor::find_on_path(first))
+                        .or_insert_with(|| process::find_on_path(first))
                         .clone()
                 });
                 (cmd, program)
@@ -649,7 +612,7 @@ impl Engine {
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => slot,
-            None => match executor::new_slot(&self.store) {
+            None => match staging::new_slot(&self.store) {
                 Ok(slot) => slot,
                 Err(e) => {
                     self.pool.give_back(&grant);
@@ -843,7 +806,7 @@ impl Engine {
         }
 
         if let Some(slot) = end.staging {
-            match executor::clean_slot(&slot, true) {
+            match staging::clean_slot(&slot, true) {
                 Ok(()) => self.free_slots.push(slot),
                 // Not reusable; the store clears staging/ when it next opens.
                 Err(e) => tracing::warn!("could not clean staging slot {}: {e}", slot.display()),
@@ -951,7 +914,7 @@ impl Engine {
         for h in handles {
             match h {
                 Handle::Process(pid) => {
-                    executor::kill_group(*pid, if kill { libc::SIGKILL } else { libc::SIGTERM })
+                    process::kill_group(*pid, if kill { libc::SIGKILL } else { libc::SIGTERM })
                 }
                 Handle::Job(id) => jobs.push(id.clone()),
             }
@@ -1004,7 +967,7 @@ impl Engine {
             .map(|(&i, r)| RunningStep {
                 name: self.plan.nodes[i].display_name(),
                 elapsed: r.started.elapsed(),
-                progress: executor::last_progress(&r.slot),
+                progress: staging::last_progress(&r.slot),
             })
             .collect();
         self.progress.update(&self.counts(), &running);
@@ -1152,197 +1115,5 @@ pub fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
         .collect()
 }
 
-struct CommitJob {
-    node: usize,
-    key: StepKey,
-    spec: StepSpec,
-    record_id: needle_core::digest::StepId,
-    name: String,
-    bindings: BTreeMap<String, needle_core::value::Value>,
-    execution: Execution,
-    staging: PathBuf,
-    forced: bool,
-    /// How far the step got, recorded with its commit.
-    progress: StepProgress,
-}
-
-/// Finished steps are committed together: when the engine has nothing else to start, when
-/// this many wait, or when the oldest has waited this long, whichever comes first. Every
-/// commit pays a few syncs whatever its size, so steps that finish while others keep the
-/// slots busy share them.
-const MAX_BATCH: usize = 256;
-
 /// How often the run's progress (other than commits) is recorded.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-const MAX_BATCH_WAIT: Duration = Duration::from_millis(50);
-
-/// The commit thread: absorbs outputs into blobs and records them, a batch at a time.
-fn commit_loop(
-    store: Arc<Store>,
-    batches: std::sync::mpsc::Receiver<Vec<CommitJob>>,
-    events: UnboundedSender<Event>,
-) {
-    while let Ok(batch) = batches.recv() {
-        if !commit_batch(&store, batch, &events) {
-            return;
-        }
-    }
-}
-
-/// Absorb and record one batch; false once the engine is gone.
-fn commit_batch(store: &Store, batch: Vec<CommitJob>, events: &UnboundedSender<Event>) -> bool {
-    let t0 = Instant::now();
-    // One absorb for the whole batch: durability is paid once, not once per step.
-    let outs: Vec<PathBuf> = batch.iter().map(|j| j.staging.join("out")).collect();
-    let dirs: Vec<&std::path::Path> = outs.iter().map(PathBuf::as_path).collect();
-    let manifests = store.absorb_dirs(&dirs);
-    let prepared: Vec<Result<StepCommit, StoreError>> = batch
-        .iter()
-        .zip(manifests)
-        .map(|(job, manifest)| step_commit(store, job, manifest?))
-        .collect();
-    let mut results = Vec::with_capacity(batch.len());
-    let mut commits = Vec::with_capacity(batch.len());
-    let mut committed_nodes = Vec::with_capacity(batch.len());
-    let mut progress = Vec::with_capacity(batch.len());
-    let mut slots = Vec::with_capacity(batch.len());
-    for (job, outcome) in batch.iter().zip(prepared) {
-        // An output that was refused is still in `out/`.
-        let refused = outcome.is_err();
-        match outcome {
-            Ok(commit) => {
-                let output = commit.record.output;
-                committed_nodes.push((job.node, output));
-                progress.push(StepProgress {
-                    status: StepStatus::Succeeded { output },
-                    ..job.progress.clone()
-                });
-                commits.push(commit);
-            }
-            Err(e) => results.push((job.node, Err(commit_error(store, job, &e)))),
-        }
-        if crate::executor::clean_slot(&job.staging, refused).is_ok() {
-            slots.push(job.staging.clone());
-        }
-    }
-    let absorbed = t0.elapsed();
-    let run = batch.first().map_or(0, |j| j.execution.run);
-    let committed = store.commit_for_run(&commits, run, &progress);
-    tracing::debug!(
-        batch = batch.len(),
-        absorb_ms = absorbed.as_secs_f64() * 1e3,
-        total_ms = t0.elapsed().as_secs_f64() * 1e3,
-        "commit"
-    );
-    match committed {
-        Ok(()) => {
-            // What the steps kept to resume from is of no use now.
-            for job in &batch {
-                if let Err(e) = store.drop_resume(&job.key) {
-                    tracing::warn!("could not remove the resume directory of {}: {e}", job.key);
-                }
-            }
-            results.extend(committed_nodes.into_iter().map(|(n, o)| (n, Ok(o))))
-        }
-        Err(e) => {
-            let by_node: HashMap<usize, &CommitJob> = batch.iter().map(|j| (j.node, j)).collect();
-            results.extend(
-                committed_nodes
-                    .into_iter()
-                    .map(|(n, _)| (n, Err(commit_error(store, by_node[&n], &e)))),
-            );
-        }
-    }
-    events.send(Event::Committed(results, slots)).is_ok()
-}
-
-fn step_commit(
-    store: &Store,
-    job: &CommitJob,
-    manifest: Manifest,
-) -> Result<StepCommit, StoreError> {
-    let output = manifest.digest();
-    let mut execution = job.execution.clone();
-    execution.output = output;
-    // Only a forced step can already have a record (the others were looked up as they became
-    // ready); skip the lookup for the rest.
-    let existing = if job.forced {
-        store.step(&job.key)?
-    } else {
-        None
-    };
-    let record = match existing {
-        // A forced re-execution: keep the history, point at the new output.
-        Some(mut existing) => {
-            existing.output = output;
-            existing.executions.push(execution);
-            existing
-        }
-        None => StepRecord {
-            key: job.key,
-            id: job.record_id,
-            name: job.name.clone(),
-            bindings: job.bindings.clone(),
-            spec: job.spec.clone(),
-            output,
-            executions: vec![execution],
-        },
-    };
-    Ok(StepCommit { record, manifest })
-}
-
-/// Why `job`'s output was not committed; a full disk in the words a user acts on.
-fn commit_error(store: &Store, job: &CommitJob, e: &StoreError) -> String {
-    if !e.is_no_space() {
-        return error_chain(e);
-    }
-    let step = if job.bindings.is_empty() {
-        job.name.clone()
-    } else {
-        format!(
-            "{}[{}]",
-            job.name,
-            needle_core::recipe::bindings_label(&job.bindings)
-        )
-    };
-    let (mount, free) = match store.space() {
-        Ok(s) => (s.mount.display().to_string(), s.free),
-        Err(_) => (store.root().display().to_string(), 0),
-    };
-    // Still in the slot unless the absorb got as far as moving it.
-    let size = match tree_size(&job.staging.join("out")) {
-        0 => String::new(),
-        n => format!(" ({})", needle_core::store::human_bytes(n)),
-    };
-    format!(
-        "no space left on device while storing the output of step `{step}`{size}: free space \
-         on `{mount}` (the store's filesystem; {} free now), then run it again",
-        needle_core::store::human_bytes(free)
-    )
-}
-
-/// Bytes of the files under `dir`, symlinks followed (a linked file is stored as a copy).
-fn tree_size(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match std::fs::metadata(e.path()) {
-            Ok(m) if m.is_dir() => tree_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}

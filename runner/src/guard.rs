@@ -11,7 +11,7 @@ use needle_core::store::{
     AttemptResult, Store, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, now_millis,
 };
 
-use crate::executor::{AttemptSpec, InputArtifacts};
+use crate::attempt::{AttemptSpec, InputArtifacts};
 
 /// Entries looked at in place, on the runtime's thread; inputs larger than this are checked on
 /// a blocking thread (a 20,000-file input takes tens of milliseconds to `lstat`).

@@ -1,35 +1,39 @@
 //! The `needle` binary.
 //!
-//! A map, for a first read:
+//! A map, for a first read (arrows: who calls whom; no module calls back up):
 //!
 //! ```text
 //! main ── cli (clap) ── commands/<verb>.rs      one file per command; each opens the store
 //!                          │                    (or reads through a live runner's socket)
-//!                          │
 //!            run / rerun ──┴── engine            the run loop: one select! over events;
 //!                               │               owns every step's state (phase, outputs,
 //!                               │               the run record), the ready queue, the pool
 //!                               ├── scheduler    which ready step starts next (pure: shapes,
 //!                               │               GPU shares, CPU slots, memory)
-//!                               ├── executor     one local attempt: staging slot, environment,
-//!                               │    ├── spawn   the child process (its own group)
+//!                               ├── executor     one local attempt as a child process
+//!                               │    ├── spawn   starts it (safe `command`, or `clone`)
 //!                               │    ├── reaper  kills steps when the runner dies
-//!                               │    ├── guard   what the attempt did to its inputs
 //!                               │    └── oom     why a SIGKILL came
 //!                               ├── slurm        one attempt as a batch job, and the poller
-//!                               ├── commit thread (in engine) absorbs outputs, records them
+//!                               ├── commit       the commit thread: absorbs outputs, records
 //!                               └── progress     what the terminal shows
+//!            staging                             a step's slot, its launch, its end (shared
+//!                                                by executor and slurm; guard checks inputs)
+//!            attempt, process                    leaves: the attempt's types and events;
+//!                                                signalling groups, finding programs
 //!            gpus, mps, gpu_usage                the run's GPUs, its MPS daemon, their sampling
 //!            report/                             the HTML report (svg timeline, markdown)
 //! ```
 //!
-//! State lives in the engine alone; executors talk to it only through `engine::Event`s on one
-//! channel, and the commit thread through the same channel. Everything durable is in the store
-//! (`needle_core::store`); the engine writes the run record at the start and end, each step's
-//! progress as it changes, and outputs through the commit thread.
+//! State lives in the engine alone; executors and the commit thread talk to it only through
+//! `attempt::Event`s on one channel. Everything durable is in the store (`needle_core::store`):
+//! the engine writes the run record at the start and end, each step's progress as it changes,
+//! and outputs through the commit thread.
 
+mod attempt;
 mod cli;
 mod commands;
+mod commit;
 mod config;
 mod engine;
 mod error;
@@ -39,6 +43,7 @@ mod gpus;
 mod guard;
 mod mps;
 mod oom;
+mod process;
 mod progress;
 mod reaper;
 mod refs;
@@ -46,6 +51,7 @@ mod report;
 mod scheduler;
 mod slurm;
 mod spawn;
+mod staging;
 
 use clap::Parser;
 

@@ -15,7 +15,7 @@ use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use crate::executor::find_on_path;
+use crate::process::find_on_path;
 
 /// The program that starts and stops MPS.
 pub const CONTROL: &str = "nvidia-cuda-mps-control";

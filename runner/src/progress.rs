@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use needle_core::recipe::bindings_label;
 use needle_core::store::{AttemptResult, RunStep, StepStatus, fmt_ms};
 
-use crate::engine::RunOutcome;
+use crate::attempt::RunOutcome;
 
 /// One line on stderr in a single write: stderr is unbuffered, and a formatted line would
 /// otherwise go out in as many writes as it has pieces.

@@ -255,7 +255,7 @@ pub fn serve(mut runner: impl Read, table: &[AtomicU32], token: &str) -> i32 {
     for slot in table {
         let pgid = slot.load(Ordering::Acquire);
         if pgid > 1 {
-            crate::executor::kill_group(pgid, libc::SIGKILL);
+            crate::process::kill_group(pgid, libc::SIGKILL);
         }
     }
     if !token.is_empty() {

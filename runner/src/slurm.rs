@@ -29,8 +29,9 @@ use needle_core::recipe::Resources;
 use needle_core::store::{AttemptResult, JobPlacement, Store, now_millis};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::engine::{Event, Handle};
-use crate::executor::{self, AttemptEnd, AttemptSpec, Launch};
+use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle};
+use crate::process;
+use crate::staging::{self, Launch};
 
 /// How needle talks to Slurm: from the command line or the `[executor]` table of a config
 /// file.
@@ -484,7 +485,7 @@ pub async fn run_attempt(
         .map(read_placement)
         .map(|(_, gpus)| gpus)
         .unwrap_or_default();
-    let end = executor::ended(&store, &spec, started, started, result, staging).await;
+    let end = staging::ended(&store, &spec, started, started, result, staging).await;
     let _ = events.send(Event::Ended(AttemptEnd {
         gpus: Some(gpus),
         job,
@@ -499,7 +500,7 @@ async fn attempt(
     resources: &Resources,
     events: &mpsc::UnboundedSender<Event>,
 ) -> (AttemptResult, Option<PathBuf>, Option<JobPlacement>) {
-    let (staging, launch) = match executor::prepare(store, spec) {
+    let (staging, launch) = match staging::prepare(store, spec) {
         Ok(p) => p,
         Err(error) => return (AttemptResult::SpawnFailed { error }, None, None),
     };
@@ -528,7 +529,7 @@ async fn attempt(
             .stdin(std::process::Stdio::null())
             .env_remove("CUDA_VISIBLE_DEVICES")
             .kill_on_drop(true);
-        for k in executor::inherited_needle_vars() {
+        for k in process::inherited_needle_vars() {
             cmd.env_remove(k);
         }
         tokio::time::timeout(COMMAND_TIMEOUT, cmd.output()).await
@@ -544,12 +545,12 @@ async fn attempt(
                 "sbatch refused the job: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
-            let _ = executor::append_log(&launch.log, &format!("needle: {error}\n"));
+            let _ = staging::append_log(&launch.log, &format!("needle: {error}\n"));
             return (AttemptResult::SpawnFailed { error }, Some(staging), None);
         }
         Ok(Err(e)) => {
             let error = format!("could not run `sbatch`: {e}");
-            let _ = executor::append_log(&launch.log, &format!("needle: {error}\n"));
+            let _ = staging::append_log(&launch.log, &format!("needle: {error}\n"));
             return (AttemptResult::SpawnFailed { error }, Some(staging), None);
         }
         Err(_) => {
@@ -586,7 +587,7 @@ async fn attempt(
                         }
                     }
                     let limit = humantime::format_duration(spec.timeout.expect("a deadline"));
-                    let _ = executor::append_log(
+                    let _ = staging::append_log(
                         &launch.log,
                         &format!("needle: timed out after {limit}; cancelled Slurm job {id}\n"),
                     );

@@ -9,9 +9,10 @@ use needle_core::store::remote::{LiveRun, Server};
 use needle_core::store::{RunRecord, RunState, Store, now_millis};
 use needle_ops::Registry;
 
+use crate::attempt::RunOutcome;
 use crate::cli::{Cli, ExecArgs, RunArgs};
 use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
-use crate::engine::{Engine, EngineOptions, RunOutcome, run_steps};
+use crate::engine::{Engine, EngineOptions, run_steps};
 use crate::error::{CliError, Exit};
 use crate::gpu_usage::Sampler;
 use crate::gpus::Gpu;

@@ -114,7 +114,7 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.reaped {
-            crate::executor::kill_group(self.pid as u32, libc::SIGKILL);
+            crate::process::kill_group(self.pid as u32, libc::SIGKILL);
             // Reaped now if it is already gone; otherwise it stays a zombie until the runner
             // exits, which is what dropping an unfinished attempt means.
             let _ = self.try_wait();
@@ -505,7 +505,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
 fn inherited_env() -> &'static [CString] {
     static ENV: OnceLock<Vec<CString>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let own = crate::executor::inherited_needle_vars();
+        let own = crate::process::inherited_needle_vars();
         std::env::vars_os()
             .filter(|(k, _)| !own.contains(k))
             .filter_map(|(k, v)| env_entry(&k, &v).ok())

@@ -35,7 +35,7 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.reaped {
-            crate::executor::kill_group(self.pid, libc::SIGKILL);
+            crate::process::kill_group(self.pid, libc::SIGKILL);
         }
     }
 }
@@ -47,7 +47,7 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
         .current_dir(spec.cwd)
         .stdin(Stdio::null())
         .process_group(0);
-    for k in crate::executor::inherited_needle_vars() {
+    for k in crate::process::inherited_needle_vars() {
         cmd.env_remove(k);
     }
     for (k, v) in spec.env {

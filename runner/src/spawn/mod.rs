@@ -399,7 +399,7 @@ mod tests {
                         },
                     )
                     .unwrap();
-                    crate::executor::kill_group(child.id(), libc::SIGKILL);
+                    crate::process::kill_group(child.id(), libc::SIGKILL);
                     child.wait().await.unwrap()
                 });
                 assert_eq!(status.signal(), Some(libc::SIGKILL), "{mode:?}");
