@@ -259,9 +259,9 @@ fn stores_of_other_formats_are_refused_with_what_to_do() {
             other => panic!("{:?}", other.map(|_| ())),
         }
     };
-    let newer = refusal("needle-store 2\n");
+    let newer = refusal("needle-store 3\n");
     assert!(
-        newer.contains("was written by a newer needle (store format 2; this needle reads format 1): use that needle, or `needle export` the artifacts you need with it"),
+        newer.contains("was written by a newer needle (store format 3; this needle reads format 2): use that needle, or `needle export` the artifacts you need with it"),
         "{newer}"
     );
     let older = refusal("needle-store 0\n");
@@ -297,7 +297,7 @@ fn a_store_without_its_format_file_is_refused_or_finished() {
             Err(e @ StoreError::FormatMissing { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains("no `FORMAT` file"), "{msg}");
-                assert!(msg.contains("echo 'needle-store 1' >"), "{msg}");
+                assert!(msg.contains("echo 'needle-store 2' >"), "{msg}");
             }
             other => panic!("{:?}", other.map(|_| ())),
         }
