@@ -59,7 +59,10 @@
 //! pins         artifact digest             → PinRecord    kept by gc whatever --keep-last says
 //! dropped      artifact digest             → DroppedRecord  damaged, dropped; runs still name it
 //! gpu_usage    run id (u64 big-endian)     → GpuUsage     its GPUs' utilisation and memory
+//! run_progress run id ‖ node (u32 BE)      → StepProgress how far a run that has not ended got
 //! (default)    "next_run_id"               → u64 big-endian, the last id handed out
+//!              "journal"                   → the journal position sled mirrors (journal.rs);
+//!                                            the one key the journal does not hold
 //! ```
 //!
 //! `pins`, `dropped` and `gpu_usage` came after the format's first stores: sled creates them,
