@@ -7,9 +7,10 @@
 //! frame         magic "NJ01" | len u32 LE | check [16] | payload [len]
 //!               check: the first 16 bytes of BLAKE3(len LE ‖ payload)
 //! payload       kind u8 | seq u64 LE | body
-//!   head (1)    generation u64 LE | base_len u64 LE | created u64 LE (ms)      seq: the base seq
-//!   snap (2)    op*    the records as they were at the base seq          seq: the base seq
-//!   change (3)  op*    one metadata transaction                          seq: previous + 1
+//!   head (1)    generation u64 LE | base_len u64 LE | created u64 LE (ms)
+//!                                                        seq: the base seq
+//!   snap (2)    op*   the records as they were then      seq: the base seq
+//!   change (3)  op*   one metadata transaction           seq: previous + 1
 //! op            tag u8 (0 remove, 1 insert) | tree len u8 | tree name | key len u32 LE | key
 //!               [| value len u32 LE | value]     (the value for an insert only)
 //! ```
@@ -36,9 +37,25 @@
 //! the store opens to write and the journal has grown past [`COMPACT_FACTOR`] times its
 //! snapshot (plus [`COMPACT_SLACK`]).
 //!
-//! **Healing.** Sled and the journal each can restore the other: when the journal is missing,
-//! behind sled (a lost tail) or damaged while sled reads whole, the open writes a new
-//! snapshot from sled, keeping a damaged journal aside (`log.damaged-<time>`).
+//! **Healing.** Sled and the journal each can restore the other. When the journal is missing,
+//! or behind sled (it lost a tail), or damaged in what the open reads (its head, the changes
+//! after sled's position), the open writes a new one from sled. The open reads no more than
+//! that, to stay cheap; damage further inside is found by `verify`, which replays the whole
+//! journal against sled, and `verify --repair` writes a new one. A damaged journal is kept
+//! aside (`log.damaged-<time>`), never deleted.
+//!
+//! ```text
+//! open:  sled's position      the journal's file                  then
+//!        (gen, seq, end)      same gen, len == end                 in step (the usual case)
+//!                             same gen, len > end                  apply the changes after
+//!                                                                  `end`; cut a torn tail
+//!                             same gen, len < end; missing;        write a new journal
+//!                             head unreadable                      from sled
+//!                             another gen (a compaction sled       read it all; apply what
+//!                             did not record)                      follows sled's seq
+//!        none, sled empty     holds records                        refuse: `verify --rebuild`
+//!        none, sled empty     a head alone, or missing             a new store: in step
+//! ```
 
 use std::fs::{self, File};
 use std::io::{self, Read};

@@ -372,12 +372,12 @@ impl Store {
     }
 
     /// Close the store, keeping its lock (for a rebuild, which opens it again).
-    fn into_lock(self) -> lock::StoreLock {
+    fn into_lock(self) -> Result<lock::StoreLock, StoreError> {
         let Store { db, lock, .. } = self;
-        // Sled writes what it holds when dropped; its files must be whole before they move.
-        let _ = db.flush();
+        // Sled's files must be whole before its directory moves.
+        db.flush()?;
         drop(db);
-        lock
+        Ok(lock)
     }
 
     /// Replace the journal by a snapshot of the live records (see `journal.rs`): after a gc,
@@ -743,13 +743,16 @@ fn write_format(root: &Path) -> Result<(), StoreError> {
 }
 
 /// The error of a sled that would not open: unreadable metadata, with what can restore it.
+/// An I/O error (a full disk, a permission) stays what it is: rebuilding would not help.
 fn unreadable_meta(root: &Path, e: StoreError) -> StoreError {
     match e {
-        StoreError::Db(source) => StoreError::MetaUnreadable {
-            root: root.to_path_buf(),
-            journal: journal::holds_records(root).unwrap_or(false),
-            source: Box::new(source),
-        },
+        StoreError::Db(source) if !matches!(source, sled::Error::Io(_)) => {
+            StoreError::MetaUnreadable {
+                root: root.to_path_buf(),
+                journal: journal::holds_records(root).unwrap_or(false),
+                source: Box::new(source),
+            }
+        }
         other => other,
     }
 }

@@ -130,7 +130,7 @@ impl Store {
         let store = Store::open_locked(root, lock, &tmp, 2)?;
         let verify = store.verify(hash)?;
         let restored = store.restored()?;
-        let lock = store.into_lock();
+        let lock = store.into_lock()?;
 
         let meta = root.join("meta");
         let old_meta = if !fsutil::exists(&meta)? {
