@@ -134,8 +134,9 @@ fn a_deleted_meta_is_refused_then_rebuilt_record_for_record() {
 #[test]
 fn unreadable_or_emptied_meta_is_rebuilt_and_kept_aside() {
     // Every file garbage: sled says "Read corrupted data". A zeroed `db`: sled opens it
-    // as an empty database, which the journal position tells from a new one.
-    for damage in ["garbage", "zeroed db"] {
+    // as an empty database, which the journal position tells from a new one. Emptied: the
+    // directory is there, and nothing in it.
+    for damage in ["garbage", "zeroed db", "emptied"] {
         let mut lab = Lab::new();
         history(&lab);
         let before = lab.records();
@@ -143,7 +144,10 @@ fn unreadable_or_emptied_meta_is_rebuilt_and_kept_aside() {
         for entry in fs::read_dir(meta(&lab)).unwrap().flatten() {
             let path = entry.path();
             let name = entry.file_name();
-            if entry.file_type().unwrap().is_file() && (damage == "garbage" || name == "db") {
+            if damage == "emptied" {
+                crate::store::fsutil::remove_tree(&path).unwrap();
+            } else if entry.file_type().unwrap().is_file() && (damage == "garbage" || name == "db")
+            {
                 let len = fs::metadata(&path).unwrap().len().max(1) as usize;
                 let byte = if damage == "garbage" { 0x5a } else { 0 };
                 fs::write(&path, vec![byte; len]).unwrap();
@@ -164,6 +168,10 @@ fn unreadable_or_emptied_meta_is_rebuilt_and_kept_aside() {
 
         let rebuilt = lab.rebuild();
         assert_eq!(lab.records(), before, "{damage}");
+        if damage == "emptied" {
+            assert_eq!(rebuilt.old_meta, None, "nothing to keep");
+            continue;
+        }
         let aside = rebuilt.old_meta.expect("the old metadata is kept");
         assert!(
             aside
