@@ -266,16 +266,25 @@ impl Store {
                 )
             });
         }
-        if let Some(example) = example {
-            problems.push(format!(
-                "the journal does not replay to the metadata: {differ} record(s) differ, e.g. \
-                 {example}"
-            ));
-        }
+        // A journal that cannot be read through is rewritten by `--repair` from sled. One that
+        // reads whole but differs is not: which side lost what cannot be told, sled is the one
+        // known to lose records silently (a damaged file it opens as empty), and the journal
+        // was written first.
         if !problems.is_empty() {
             report.damage.journal = Some(problems.join("; "));
-            report.problems.extend(problems);
         }
+        if let Some(example) = example {
+            let hint = if replay.stop.is_none() {
+                " (hint: `needle verify --rebuild` restores the metadata from the journal)"
+            } else {
+                ""
+            };
+            problems.push(format!(
+                "the journal does not replay to the metadata: {differ} record(s) differ, e.g. \
+                 {example}{hint}"
+            ));
+        }
+        report.problems.extend(problems);
         Ok(())
     }
 

@@ -447,3 +447,28 @@ fn a_new_store_has_an_empty_journal_and_a_healthy_meta_can_be_rebuilt_too() {
     assert_eq!(lab.records(), before);
     assert!(rebuilt.old_meta.unwrap().join("db").exists());
 }
+
+#[test]
+fn a_meta_that_lost_records_the_journal_has_is_told_to_rebuild_not_repaired() {
+    let mut lab = Lab::new();
+    history(&lab);
+    let before = lab.records();
+    // A record sled lost behind the store's back (its position untouched).
+    let pin = lab.store().pins().unwrap()[0].0;
+    lab.store().trees.pins.remove(pin.hex().as_bytes()).unwrap();
+    let report = lab.store().verify(false).unwrap();
+    let problem = report.problems.last().unwrap();
+    assert!(
+        problem.contains("is in the journal only") && problem.contains("verify --rebuild"),
+        "{problem}"
+    );
+    let repaired = lab.store().repair().unwrap();
+    assert_eq!(
+        repaired.dropped.journal_kept_as, None,
+        "the journal is kept as it is"
+    );
+    assert!(!repaired.after.problems.is_empty());
+    lab.rebuild();
+    assert_eq!(lab.records(), before);
+    lab.assert_verifies();
+}
