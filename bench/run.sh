@@ -6,13 +6,15 @@
 #   BENCH_N="1000" bench/run.sh  only N = 1,000
 #   BENCH_SNAKEMAKE=0 ...        skip Snakemake
 #   BENCH_ROUNDS=9 ...           first-run rounds per N (default: 7 at N <= 2,000, else 3)
+#   BENCH_SCHED=0 ...            skip the scheduling benchmark
+#   NEEDLE=path/to/needle ...    another build (to compare two, alternate invocations)
 #
 # Workload (gen.py): 1 shared root, N/4 arms of 4 chained steps, 1 final step reading all arms;
 # every step one trivial `sh -c`. Scheduling (sched.py): sleeps needing 1, 2 or 4 GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-NEEDLE=$ROOT/target/release/needle
+NEEDLE=${NEEDLE:-$ROOT/target/release/needle}
 OUT=$ROOT/bench/out
 NS=${BENCH_N:-"1000 10000"}
 SNAKE=${BENCH_SNAKEMAKE:-1}
@@ -48,7 +50,7 @@ fi
 {
   echo "# needle benchmarks"
   echo
-  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, needle $(git -C "$ROOT" rev-parse --short HEAD)$( [[ $SNAKE == 1 ]] && echo ", $("$OUT/venv/bin/snakemake" --version | head -1 | sed 's/^/snakemake /')")"
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, needle $(git -C "$ROOT" rev-parse --short HEAD) ($NEEDLE)$( [[ $SNAKE == 1 ]] && echo ", $("$OUT/venv/bin/snakemake" --version | head -1 | sed 's/^/snakemake /')")"
   echo
   echo "| N | what | needle (s) | snakemake -j $JOBS (s) | no orchestrator (s) | needle / baseline |"
   echo "|---|---|---|---|---|---|"
@@ -115,6 +117,7 @@ for N in $NS; do
 done
 
 # Scheduling: makespan against its lower bound on --gpus 4.
+if [[ ${BENCH_SCHED:-1} == 1 ]]; then
 S=$RUN_DIR/sched
 read -r bound critical gpu_seconds count < <(python3 bench/sched.py "$S" 4)
 makespan=$(NEEDLE_STORE=$S/store t "$NEEDLE" run "$S/sched.toml" --gpus 4 -j 16)
@@ -128,6 +131,7 @@ makespan=$(NEEDLE_STORE=$S/store t "$NEEDLE" run "$S/sched.toml" --gpus 4 -j 16)
   echo "|---|---|---|"
   echo "| $bound | $makespan | $(ratio "$makespan" "$bound") |"
 } >>"$RESULTS"
+fi
 
 cat "$RESULTS"
 find "$OUT/runs" -mindepth 1 -maxdepth 1 ! -path "$RUN_DIR" -exec rm -rf {} +

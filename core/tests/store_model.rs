@@ -1,5 +1,7 @@
 //! Model-based test of the store, in the style of sled's `tests/tree/mod.rs`: random sequences
-//! of operations, reopens included, each checked against an in-memory model.
+//! of operations, reopens, crashes, gc, pins and rebuilds from the journal included, each
+//! checked against an in-memory model, and by `verify` (which also checks that the journal
+//! replays to exactly the metadata).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -7,9 +9,9 @@ use std::path::Path;
 
 use needle_core::digest::{ArtifactDigest, BlobDigest, StepId, StepKey};
 use needle_core::store::{
-    EntryKind, Execution, Found, GatherMember, InputDigests, LockMode, Manifest, ManifestEntry,
-    RunRecord, RunState, RunStep, RunSummary, StepCommit, StepRecord, StepSpec, StepStatus, Store,
-    StoreError,
+    EntryKind, Execution, Found, GatherMember, GcOptions, InputDigests, LockMode, Manifest,
+    ManifestEntry, PinRecord, RunRecord, RunState, RunStep, RunSummary, StepCommit, StepRecord,
+    StepSpec, StepStatus, Store, StoreError,
 };
 use proptest::prelude::*;
 
@@ -38,6 +40,25 @@ enum Op {
     },
     View(u8),
     Reopen,
+    /// Pin, or unpin, a recorded artifact.
+    Pin(u8),
+    Unpin(u8),
+    /// gc keeping every run, or the last few.
+    Gc(Option<u8>),
+    /// Go on from a copy of the store's files taken while it is open: what a SIGKILL after the
+    /// last operation leaves.
+    Crash,
+    /// Rebuild the metadata from the journal, after doing this to `meta/`.
+    Rebuild(MetaDamage),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum MetaDamage {
+    /// Nothing: a rebuild of a healthy store.
+    None,
+    Deleted,
+    /// Every file overwritten with garbage.
+    Garbage,
 }
 
 fn step_op() -> impl Strategy<Value = StepOp> {
@@ -63,6 +84,16 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(replace, statuses)| Op::PutRun { replace, statuses }),
         1 => any::<u8>().prop_map(Op::View),
         1 => Just(Op::Reopen),
+        1 => any::<u8>().prop_map(Op::Pin),
+        1 => any::<u8>().prop_map(Op::Unpin),
+        1 => prop::option::of(0u8..3).prop_map(Op::Gc),
+        1 => Just(Op::Crash),
+        1 => prop_oneof![
+            Just(MetaDamage::None),
+            Just(MetaDamage::Deleted),
+            Just(MetaDamage::Garbage)
+        ]
+        .prop_map(Op::Rebuild),
     ]
 }
 
@@ -79,6 +110,7 @@ struct Model {
     consumers: BTreeSet<(ArtifactDigest, StepKey)>,
     runs: BTreeMap<u64, RunRecord>,
     last_run_id: u64,
+    pins: BTreeMap<ArtifactDigest, PinRecord>,
 }
 
 /// The tree a step op writes: path → bytes (`None`: an empty dir).
@@ -114,10 +146,6 @@ fn expected_manifest(tree: &Tree) -> Manifest {
     }
 }
 
-fn key_of(n: u8) -> StepKey {
-    StepKey::of_parts(&[b"model step", &[n]])
-}
-
 impl Model {
     fn inputs(&self, s: &StepOp) -> BTreeMap<String, InputDigests> {
         if self.artifacts.is_empty() {
@@ -147,8 +175,12 @@ impl Model {
     }
 
     /// The record a commit of `s` writes: a previous record of the key gets an execution more.
+    /// Its key is its spec's (`verify` checks): the op's `key` number and its inputs, so the
+    /// same number with the same inputs is a forced re-execution.
     fn record(&self, s: &StepOp, output: ArtifactDigest, run: u64) -> StepRecord {
-        let key = key_of(s.key);
+        let mut spec = StepSpec::bare("exec", 1, self.inputs(s));
+        spec.params.insert("n".into(), i64::from(s.key).into());
+        let key = spec.key();
         let mut executions = self
             .steps
             .get(&key)
@@ -171,7 +203,7 @@ impl Model {
             key,
             StepId::of_parts(&[key.as_bytes()]),
             &format!("step{}", s.key),
-            StepSpec::bare("exec", 1, self.inputs(s)),
+            spec,
             output,
         );
         record.executions = executions;
@@ -207,8 +239,9 @@ fn write_tree(dir: &Path, tree: &Tree) {
     }
 }
 
-fn run_record(id: u64, statuses: &[u8]) -> RunRecord {
-    let out = ArtifactDigest::of_parts(&[b"out"]);
+/// A run whose finished steps name artifacts the model holds (a run record names only what
+/// was committed, or `verify` would say it is lost); with none yet, they are pending.
+fn run_record(id: u64, statuses: &[u8], artifacts: &[ArtifactDigest]) -> RunRecord {
     RunRecord {
         id,
         recipe_name: "model".into(),
@@ -223,27 +256,31 @@ fn run_record(id: u64, statuses: &[u8]) -> RunRecord {
         arms: vec![],
         steps: statuses
             .iter()
-            .map(|s| RunStep {
-                id: StepId::of_parts(&[&[*s]]),
-                name: format!("s{s}"),
-                op: "exec".into(),
-                bindings: BTreeMap::new(),
-                arms: vec![0],
-                inputs: BTreeMap::new(),
-                key: None,
-                status: match s {
-                    0 => StepStatus::Pending,
-                    1 => StepStatus::Cached { output: out },
-                    2 => StepStatus::Succeeded { output: out },
-                    3 => StepStatus::Failed {
-                        reason: "no".into(),
+            .enumerate()
+            .map(|(i, s)| {
+                let out = (!artifacts.is_empty()).then(|| artifacts[i % artifacts.len()]);
+                RunStep {
+                    id: StepId::of_parts(&[&[*s]]),
+                    name: format!("s{s}"),
+                    op: "exec".into(),
+                    bindings: BTreeMap::new(),
+                    arms: vec![0],
+                    inputs: BTreeMap::new(),
+                    key: None,
+                    status: match (s, out) {
+                        (1, Some(output)) => StepStatus::Cached { output },
+                        (2, Some(output)) => StepStatus::Succeeded { output },
+                        (0..=2, _) => StepStatus::Pending,
+                        (3, _) => StepStatus::Failed {
+                            reason: "no".into(),
+                        },
+                        (4, _) => StepStatus::Skipped {
+                            upstream: "s3".into(),
+                        },
+                        _ => StepStatus::Interrupted,
                     },
-                    4 => StepStatus::Skipped {
-                        upstream: "s3".into(),
-                    },
-                    _ => StepStatus::Interrupted,
-                },
-                attempts: vec![],
+                    attempts: vec![],
+                }
             })
             .collect(),
     }
@@ -254,11 +291,10 @@ fn check(store: &Store, model: &Model) {
         assert_eq!(store.step(key).unwrap().as_ref(), Some(record));
         assert_eq!(store.find_prefix(&key.hex()).unwrap(), [Found::Step(*key)]);
     }
-    for n in 0..12 {
-        if !model.steps.contains_key(&key_of(n)) {
-            assert_eq!(store.step(&key_of(n)).unwrap(), None);
-        }
-    }
+    let counts = store.counts().unwrap();
+    assert_eq!(counts.steps, model.steps.len());
+    assert_eq!(counts.artifacts, model.manifests.len());
+    assert_eq!(counts.runs, model.runs.len());
     for (a, (manifest, _)) in &model.manifests {
         assert_eq!(store.manifest(a).unwrap().as_ref(), Some(manifest));
         assert_eq!(store.find_prefix(&a.hex()).unwrap(), [Found::Artifact(*a)]);
@@ -280,11 +316,70 @@ fn check(store: &Store, model: &Model) {
     for (id, run) in &model.runs {
         assert_eq!(store.run(*id).unwrap().as_ref(), Some(run));
     }
+    let pins: Vec<(ArtifactDigest, PinRecord)> =
+        model.pins.iter().map(|(a, p)| (*a, p.clone())).collect();
+    assert_eq!(store.pins().unwrap(), pins);
+    let report = store.verify(false).unwrap();
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(
+        report.journal_records,
+        Some(store.raw_records().unwrap().values().map(Vec::len).sum())
+    );
+}
+
+/// After a gc, drop from the model what the store no longer holds, having checked that gc kept
+/// what the kept runs and the pins need.
+fn after_gc(store: &Store, model: &mut Model, keep_last: Option<usize>) {
+    let kept: BTreeSet<u64> = match keep_last {
+        Some(n) => model.runs.keys().rev().take(n).copied().collect(),
+        None => model.runs.keys().copied().collect(),
+    };
+    model.runs.retain(|id, _| kept.contains(id));
+    for run in model.runs.values() {
+        for s in &run.steps {
+            if let Some(out) = s.status.output() {
+                assert!(
+                    store.manifest(&out).unwrap().is_some(),
+                    "a kept run's output"
+                );
+            }
+        }
+    }
+    for a in model.pins.keys() {
+        assert!(store.manifest(a).unwrap().is_some(), "a pinned artifact");
+    }
+    model.steps.retain(|k, _| store.step(k).unwrap().is_some());
+    model
+        .manifests
+        .retain(|a, _| store.manifest(a).unwrap().is_some());
+    let manifests = &model.manifests;
+    model.artifacts.retain(|a| manifests.contains_key(a));
+    let steps = &model.steps;
+    model
+        .producers
+        .retain(|(a, k)| store.producers(a).unwrap().contains(k) && steps.contains_key(k));
+    model.consumers.retain(|(_, k)| steps.contains_key(k));
+}
+
+/// Copy the tree `from` to `to` (files and directories; modes as they are).
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else if kind.is_file() {
+            fs::copy(&src, &dst).unwrap();
+        }
+    }
 }
 
 fn run_ops(ops: Vec<Op>) {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("store");
+    let mut root = tmp.path().join("store");
+    let mut crashes = 0;
     let mut store = Store::open(&root, LockMode::Fail).unwrap();
     let mut model = Model::default();
     let mut run = 0u64;
@@ -350,7 +445,7 @@ fn run_ops(ops: Vec<Op>) {
                         id
                     }
                 };
-                let record = run_record(id, &statuses);
+                let record = run_record(id, &statuses, &model.artifacts);
                 store.put_run(&record).unwrap();
                 model.runs.insert(id, record);
             }
@@ -381,13 +476,70 @@ fn run_ops(ops: Vec<Op>) {
                 drop(store);
                 store = Store::open(&root, LockMode::Fail).unwrap();
             }
+            Op::Pin(i) => {
+                if model.artifacts.is_empty() {
+                    continue;
+                }
+                let a = model.artifacts[i as usize % model.artifacts.len()];
+                let pin = PinRecord {
+                    pinned: i as u64,
+                    reference: format!("pin {i}"),
+                    step: None,
+                };
+                let new = store.pin(&a, &pin).unwrap();
+                assert_eq!(new, !model.pins.contains_key(&a));
+                model.pins.entry(a).or_insert(pin);
+            }
+            Op::Unpin(i) => {
+                if model.artifacts.is_empty() {
+                    continue;
+                }
+                let a = model.artifacts[i as usize % model.artifacts.len()];
+                assert_eq!(store.unpin(&a).unwrap(), model.pins.remove(&a).is_some());
+            }
+            Op::Gc(keep) => {
+                let keep_last = keep.map(usize::from);
+                let plan = store.gc_plan(GcOptions { keep_last }).unwrap();
+                store.gc_apply(&plan).unwrap();
+                after_gc(&store, &mut model, keep_last);
+            }
+            Op::Crash => {
+                crashes += 1;
+                let copy = tmp.path().join(format!("crashed-{crashes}"));
+                copy_tree(&root, &copy);
+                drop(store);
+                root = copy;
+                store = Store::open(&root, LockMode::Fail).unwrap();
+            }
+            Op::Rebuild(damage) => {
+                let before = store.raw_records().unwrap();
+                drop(store);
+                let meta = root.join("meta");
+                match damage {
+                    MetaDamage::None => {}
+                    MetaDamage::Deleted => fs::remove_dir_all(&meta).unwrap(),
+                    MetaDamage::Garbage => {
+                        for entry in fs::read_dir(&meta).unwrap().flatten() {
+                            if entry.file_type().unwrap().is_file() {
+                                let len = entry.metadata().unwrap().len().max(1) as usize;
+                                fs::write(entry.path(), vec![0x5a; len]).unwrap();
+                            }
+                        }
+                    }
+                }
+                let (rebuilt, report) = Store::rebuild(&root, LockMode::Fail, true).unwrap();
+                store = rebuilt;
+                assert_eq!(store.raw_records().unwrap(), before, "after {damage:?}");
+                assert!(report.verify.problems.is_empty(), "{:#?}", report.verify);
+                assert_eq!(report.stopped, None);
+            }
         }
         check(&store, &model);
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn store_matches_model(ops in prop::collection::vec(op(), 1..30)) {
@@ -428,5 +580,20 @@ fn store_matches_model_fixed() {
             replace: None,
             statuses: vec![],
         },
+        Op::Pin(1),
+        Op::Pin(1),
+        Op::Rebuild(MetaDamage::Deleted),
+        Op::Crash,
+        Op::Commit(vec![s(4, &[(2, b"e")], vec![vec![2]])]),
+        Op::PutRun {
+            replace: None,
+            statuses: vec![2, 1],
+        },
+        Op::Gc(Some(1)),
+        Op::Rebuild(MetaDamage::Garbage),
+        Op::Unpin(1),
+        Op::Gc(Some(0)),
+        Op::Rebuild(MetaDamage::None),
+        Op::Reopen,
     ]);
 }

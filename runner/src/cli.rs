@@ -210,6 +210,11 @@ pub struct VerifyArgs {
     /// steps that produced those (the next run executes them again).
     #[arg(long)]
     pub repair: bool,
+    /// Rebuild the store's metadata (`meta/`) from its journal, when it is lost, emptied or
+    /// unreadable; the old `meta/` is kept as `meta.broken-<time>/`. The result is verified
+    /// (with --hash, every blob re-hashed).
+    #[arg(long, conflicts_with = "repair")]
+    pub rebuild: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -21,6 +21,7 @@ mod gpu_usage;
 mod inspect;
 mod lineage;
 mod models;
+mod rebuild;
 mod repair;
 mod report;
 mod resources;

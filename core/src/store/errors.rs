@@ -54,6 +54,74 @@ pub enum StoreError {
     #[error("the store's metadata database failed")]
     Db(#[from] sled::Error),
 
+    /// sled would not open `meta/` (damaged files, "Read corrupted data").
+    #[error(
+        "the store's metadata `{}/meta` cannot be read{}",
+        root.display(),
+        if *journal {
+            " (hint: `needle verify --rebuild` restores it from the store's journal)"
+        } else {
+            ", and the store has no journal to rebuild it from"
+        }
+    )]
+    MetaUnreadable {
+        root: PathBuf,
+        /// Whether a journal with records is there to rebuild from.
+        journal: bool,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// `meta/` is missing or empty, but the journal holds records.
+    #[error(
+        "the store's metadata `{}/meta` is missing or empty, but its journal holds its records \
+         (hint: `needle verify --rebuild` restores them)",
+        root.display()
+    )]
+    MetaLost { root: PathBuf },
+
+    /// sled holds records but no journal position, beside a journal that holds records: which
+    /// of the two is the store's cannot be told.
+    #[error(
+        "the store's metadata `{}/meta` does not match its journal (it records no place in it) \
+         (hint: `needle verify --rebuild` restores the metadata from the journal, keeping this \
+         one aside)",
+        root.display()
+    )]
+    MetaUnmatched { root: PathBuf },
+
+    /// sled is older than the journal's snapshot: changes between are in neither.
+    #[error(
+        "the store's metadata `{}/meta` is older than its journal (it lost changes the journal \
+         has) (hint: `needle verify --rebuild` restores it from the journal)",
+        root.display()
+    )]
+    MetaStale { root: PathBuf },
+
+    /// The journal cannot be read from its start, and sled holds nothing to rewrite it from.
+    #[error(
+        "the store's journal `{}` cannot be used: {reason} (hint: move it away to start the \
+         store's records afresh; its blobs stay)",
+        path.display()
+    )]
+    JournalDamaged { path: PathBuf, reason: String },
+
+    /// An earlier write of this process reached the journal and not sled, or could not be
+    /// cut off after failing.
+    #[error(
+        "an earlier write to the store's metadata failed part-way, so this process writes no \
+         more (`{}`) (hint: run the command again: opening the store finishes that write)",
+        path.display()
+    )]
+    JournalPoisoned { path: PathBuf },
+
+    /// `needle verify --rebuild` on a store that has no journal.
+    #[error(
+        "the store `{}` has no journal to rebuild its metadata from: {why}",
+        root.display()
+    )]
+    NoJournal { root: PathBuf, why: String },
+
     /// A record that does not decode, an index key that does not parse, a blob that a record
     /// needs and that is not in `blobs/`.
     #[error("a metadata record is unreadable: {what}")]

@@ -259,9 +259,9 @@ fn stores_of_other_formats_are_refused_with_what_to_do() {
             other => panic!("{:?}", other.map(|_| ())),
         }
     };
-    let newer = refusal("needle-store 2\n");
+    let newer = refusal("needle-store 3\n");
     assert!(
-        newer.contains("was written by a newer needle (store format 2; this needle reads format 1): use that needle, or `needle export` the artifacts you need with it"),
+        newer.contains("was written by a newer needle (store format 3; this needle reads format 2): use that needle, or `needle export` the artifacts you need with it"),
         "{newer}"
     );
     let older = refusal("needle-store 0\n");
@@ -297,7 +297,7 @@ fn a_store_without_its_format_file_is_refused_or_finished() {
             Err(e @ StoreError::FormatMissing { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains("no `FORMAT` file"), "{msg}");
-                assert!(msg.contains("echo 'needle-store 1' >"), "{msg}");
+                assert!(msg.contains("echo 'needle-store 2' >"), "{msg}");
             }
             other => panic!("{:?}", other.map(|_| ())),
         }
@@ -420,4 +420,46 @@ fn a_commit_on_a_full_disk_is_refused_before_sled_writes() {
     let store = open(&root);
     assert!(store.step(&key).unwrap().is_some());
     assert_eq!(store.verify(true).unwrap().problems, Vec::<String>::new());
+}
+
+/// A journal append that meets a full disk is cut off again: nothing of it stays to stop a
+/// rebuild before the changes written after it, and sled never sees it.
+#[test]
+fn a_journal_append_on_a_full_disk_leaves_no_torn_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&tmp.path().join("disk"), "4m") else {
+        return;
+    };
+    let root = disk.0.join("s");
+    let store = open(&root);
+    let (_, a) = commit(&store, "first", &[("x", b"x")]);
+    let journal = root.join("journal").join("log");
+    let before = fs::metadata(&journal).unwrap().len();
+    // Full to the last 4 KiB block, less than the pin's record (pins skip the room check, which
+    // is for sled's sake, so the append itself meets the full disk, part-way through).
+    let filler = disk.0.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let pin = PinRecord {
+        pinned: 1,
+        reference: "r".repeat(256 << 10),
+        step: None,
+    };
+    let e = store.pin(&a, &pin).unwrap_err();
+    assert!(e.is_no_space(), "{e}");
+    assert_eq!(fs::metadata(&journal).unwrap().len(), before, "cut off");
+    assert!(store.pins().unwrap().is_empty());
+
+    // Space again: the same handle writes on, and a rebuild gives back every record.
+    fs::remove_file(&filler).unwrap();
+    assert!(store.pin(&a, &pin).unwrap());
+    let records = store.raw_records().unwrap();
+    drop(store);
+    fs::remove_dir_all(root.join("meta")).unwrap();
+    let (store, rebuilt) = Store::rebuild(&root, LockMode::Fail, true).unwrap();
+    assert_eq!(rebuilt.stopped, None);
+    assert_eq!(store.raw_records().unwrap(), records);
 }

@@ -24,7 +24,8 @@
 //!
 //! **Order.** Views of dropped artifacts go first (they hold no data of their own), then one
 //! metadata transaction drops every record (runs, steps, manifests, index entries, `dropped`
-//! records), then blob files, logs and resume dirs. A SIGKILL at any moment leaves a store that
+//! records), then blob files, logs and resume dirs; last, the journal is compacted (rewritten
+//! with the records that remain, `journal.rs`). A SIGKILL at any moment leaves a store that
 //! `verify --hash` accepts: before the transaction every record and its blobs are there;
 //! after it, what remains on disk of the dropped things is unreferenced, and the next gc
 //! removes it.
@@ -34,14 +35,13 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, Transactional};
-
-use super::meta::{decode, decode_u64, parse_key, tx_error};
+use super::journal::{Op, TreeId};
+use super::meta::{decode, decode_u64, parse_key};
 use super::repair::split_index_key;
 use super::{EntryKind, Manifest, Millis, RunRecord, StepRecord, Store, StoreError, fsutil};
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
 use crate::lineage::latest_producer;
+use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcOptions {
@@ -113,7 +113,8 @@ pub struct GcPlan {
 }
 
 impl GcPlan {
-    /// The deletions [`Store::gc_apply`] makes, the metadata transaction counting as one.
+    /// The deletions [`Store::gc_apply`] makes, the metadata transaction counting as one, and
+    /// the compaction of the journal after them as one more.
     pub fn operations(&self) -> usize {
         self.views.len()
             + self.gathers.len()
@@ -121,6 +122,7 @@ impl GcPlan {
             + self.blobs.len()
             + self.logs.len()
             + self.resume.len()
+            + 1
     }
 }
 
@@ -340,6 +342,14 @@ impl Store {
             }
             fsutil::remove_tree(path)?;
         }
+        if !go() {
+            return Ok(());
+        }
+        // The journal still holds what was just dropped: keep it as small as the records. A
+        // failure costs only space.
+        if let Err(e) = self.compact_journal() {
+            tracing::warn!("could not compact the store's journal after gc: {e}");
+        }
         tracing::debug!(
             views_ms = views.as_secs_f64() * 1e3,
             records_ms = records.as_secs_f64() * 1e3,
@@ -350,42 +360,25 @@ impl Store {
     }
 
     fn gc_records_transaction(&self, plan: &GcPlan) -> Result<(), StoreError> {
-        let t = &self.trees;
-        let trees: [&sled::Tree; 9] = [
-            &t.runs,
-            &t.run_index,
-            &t.steps,
-            &t.artifacts,
-            &t.producers,
-            &t.consumers,
-            &t.dropped,
-            &t.gpu_usage,
-            &t.run_progress,
-        ];
-        trees[..]
-            .transaction(|tx| {
-                for k in &plan.runs {
-                    tx[0].remove(k.as_slice())?;
-                    tx[1].remove(k.as_slice())?;
-                }
-                for (i, keys) in [
-                    (2, &plan.steps),
-                    (3, &plan.artifacts),
-                    (4, &plan.producers),
-                    (5, &plan.consumers),
-                    (6, &plan.dropped),
-                    (7, &plan.gpu_usage),
-                    (8, &plan.run_progress),
-                ] {
-                    for k in keys {
-                        tx[i].remove(k.as_slice())?;
-                    }
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(tx_error)?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            let mut ops = Vec::new();
+            for k in &plan.runs {
+                ops.push(Op::remove(TreeId::Runs, k.clone()));
+                ops.push(Op::remove(TreeId::RunIndex, k.clone()));
+            }
+            for (tree, keys) in [
+                (TreeId::Steps, &plan.steps),
+                (TreeId::Artifacts, &plan.artifacts),
+                (TreeId::Producers, &plan.producers),
+                (TreeId::Consumers, &plan.consumers),
+                (TreeId::Dropped, &plan.dropped),
+                (TreeId::GpuUsage, &plan.gpu_usage),
+                (TreeId::RunProgress, &plan.run_progress),
+            ] {
+                ops.extend(keys.iter().map(|k| Op::remove(tree, k.clone())));
+            }
+            Ok((ops, ()))
+        })
     }
 
     fn gc_records(&self) -> Result<Records, StoreError> {

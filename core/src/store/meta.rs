@@ -4,8 +4,9 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::TransactionError;
 
+use super::journal::{Op, TreeId, apply_tx};
 use super::{
     EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit, StepProgress,
     StepRecord, Store, StoreError, fsutil,
@@ -16,6 +17,8 @@ use crate::digest::{ArtifactDigest, Digest, DigestKind, HEX_LEN, StepKey, is_hex
 const RUN_COUNTER: &[u8] = b"next_run_id";
 
 pub(crate) struct Trees {
+    /// sled's default tree (the run counter, the journal position).
+    pub default: sled::Tree,
     pub steps: sled::Tree,
     pub artifacts: sled::Tree,
     pub producers: sled::Tree,
@@ -31,6 +34,7 @@ pub(crate) struct Trees {
 impl Trees {
     pub(crate) fn open(db: &sled::Db) -> Result<Trees, StoreError> {
         Ok(Trees {
+            default: std::ops::Deref::deref(db).clone(),
             steps: db.open_tree("steps")?,
             artifacts: db.open_tree("artifacts")?,
             producers: db.open_tree("producers")?,
@@ -44,6 +48,70 @@ impl Trees {
             gpu_usage: db.open_tree(super::usage::TREE)?,
             run_progress: db.open_tree(super::progress::TREE)?,
         })
+    }
+
+    /// The tree the journal names `id`.
+    pub(crate) fn get(&self, id: TreeId) -> &sled::Tree {
+        match id {
+            TreeId::Default => &self.default,
+            TreeId::Steps => &self.steps,
+            TreeId::Artifacts => &self.artifacts,
+            TreeId::Producers => &self.producers,
+            TreeId::Consumers => &self.consumers,
+            TreeId::Runs => &self.runs,
+            TreeId::RunIndex => &self.run_index,
+            TreeId::Pins => &self.pins,
+            TreeId::Dropped => &self.dropped,
+            TreeId::GpuUsage => &self.gpu_usage,
+            TreeId::RunProgress => &self.run_progress,
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's next writes stop once the journal holds them, as a kill would.
+    pub(crate) static STOP_AFTER_JOURNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Store {
+    /// The one way the metadata is written: `build` decides the change (reading the
+    /// metadata as it needs: no other write can come between), which is appended to the
+    /// journal and made durable, then applied to sled in one transaction with the journal
+    /// position, then flushed. See `journal.rs` for why this order.
+    ///
+    /// A change `build` leaves empty writes nothing. When sled fails after the journal took
+    /// the change, the journal refuses this process's later writes: the next open applies the
+    /// change to sled.
+    pub(super) fn write<T>(
+        &self,
+        build: impl FnOnce() -> Result<(Vec<Op>, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let journal = guard.as_mut().ok_or_else(|| StoreError::ReadOnly {
+            root: self.root.clone(),
+        })?;
+        journal.usable()?;
+        let (ops, out) = build()?;
+        if ops.is_empty() {
+            return Ok(out);
+        }
+        let pos = journal.append(&ops)?;
+        #[cfg(test)]
+        if STOP_AFTER_JOURNAL.with(std::cell::Cell::get) {
+            // What a kill between the journal and sled leaves (see `journal.rs`).
+            journal.poison();
+            return Err(StoreError::corrupt("stopped after the journal (a test)"));
+        }
+        let applied = apply_tx(&self.trees, &ops, Some(pos)).and_then(|()| {
+            self.db.flush()?;
+            Ok(())
+        });
+        if let Err(e) = applied {
+            journal.poison();
+            return Err(e);
+        }
+        Ok(out)
     }
 }
 
@@ -131,35 +199,26 @@ impl Store {
         // sled must not meet a full disk (see `space.rs`).
         self.ensure_room(bytes as u64)?;
 
-        let t = &self.trees;
-        (
-            &t.steps,
-            &t.artifacts,
-            &t.producers,
-            &t.consumers,
-            &t.run_progress,
-        )
-            .transaction(|(steps, artifacts, producers, consumers, run_progress)| {
-                for e in &encoded {
-                    if let Some((key, value)) = &e.manifest
-                        && artifacts.get(key)?.is_none()
-                    {
-                        artifacts.insert(key.as_slice(), value.as_slice())?;
-                    }
-                    steps.insert(e.step_key.as_slice(), e.record.as_slice())?;
-                    producers.insert(e.producer.as_slice(), &[][..])?;
-                    for c in &e.consumers {
-                        consumers.insert(c.as_slice(), &[][..])?;
-                    }
+        self.write(|| {
+            let mut ops = Vec::new();
+            for e in encoded {
+                // Another commit may have recorded it meanwhile (it has the same bytes).
+                if let Some((key, value)) = e.manifest
+                    && !self.trees.artifacts.contains_key(&key)?
+                {
+                    ops.push(Op::insert(TreeId::Artifacts, key, value));
                 }
-                for (k, v) in &progress {
-                    run_progress.insert(&k[..], v.as_slice())?;
+                ops.push(Op::insert(TreeId::Steps, e.step_key, e.record));
+                ops.push(Op::insert(TreeId::Producers, e.producer, Vec::new()));
+                for c in e.consumers {
+                    ops.push(Op::insert(TreeId::Consumers, c, Vec::new()));
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(tx_error)?;
-        self.db.flush()?;
-        Ok(())
+            }
+            for (k, v) in progress {
+                ops.push(Op::insert(TreeId::RunProgress, k.to_vec(), v));
+            }
+            Ok((ops, ()))
+        })
     }
 
     /// Every blob `manifest` references is in `blobs/`: the invariant's check.
@@ -244,64 +303,48 @@ impl Store {
     }
 
     pub(super) fn next_run_id_inner(&self) -> Result<u64, StoreError> {
-        if let Some(v) = self.db.get(RUN_COUNTER)?
-            && decode_u64(Some(&v)).is_none()
-        {
-            return Err(StoreError::corrupt("the run counter (key `next_run_id`)"));
-        }
-        // Past every recorded run too, so that ids stay unique whatever befell the counter.
-        let last_run = match self.trees.runs.last()? {
-            Some((key, _)) => decode_u64(Some(&key)).ok_or_else(|| {
-                StoreError::corrupt(format!("key `{}` of tree `runs`", display_key(&key)))
-            })?,
-            None => 0,
-        };
-        let id = self
-            .db
-            .update_and_fetch(RUN_COUNTER, |old| {
-                let last = decode_u64(old).unwrap_or(0).max(last_run);
-                Some((last + 1).to_be_bytes().to_vec())
-            })?
-            .and_then(|v| decode_u64(Some(&v)))
-            .ok_or_else(|| StoreError::corrupt("the run counter (key `next_run_id`)"))?;
-        // A run id handed out must never be handed out again, even after a crash.
-        self.db.flush()?;
-        Ok(id)
+        // A run id handed out must never be handed out again, even after a crash: the counter
+        // is written (durably) before the id is.
+        self.write(|| {
+            let counter = match self.trees.default.get(RUN_COUNTER)? {
+                None => 0,
+                Some(v) => decode_u64(Some(&v))
+                    .ok_or_else(|| StoreError::corrupt("the run counter (key `next_run_id`)"))?,
+            };
+            // Past every recorded run too, so that ids stay unique whatever befell the counter.
+            let last_run = match self.trees.runs.last()? {
+                Some((key, _)) => decode_u64(Some(&key)).ok_or_else(|| {
+                    StoreError::corrupt(format!("key `{}` of tree `runs`", display_key(&key)))
+                })?,
+                None => 0,
+            };
+            let id = counter.max(last_run) + 1;
+            let op = Op::insert(TreeId::Default, RUN_COUNTER, id.to_be_bytes());
+            Ok((vec![op], id))
+        })
     }
 
     pub(super) fn put_run_inner(&self, run: &RunRecord) -> Result<(), StoreError> {
         let key = run.id.to_be_bytes();
         let record = to_json(run);
         let summary = to_json(&RunSummary::of(run));
-        let default: &sled::Tree = &self.db;
-        // An ended run's record is whole: its progress goes (see `progress.rs`).
-        let progress = if run.ended.is_some() {
-            self.progress_keys(run.id)?
-        } else {
-            Vec::new()
-        };
-        (
-            &self.trees.runs,
-            &self.trees.run_index,
-            default,
-            &self.trees.run_progress,
-        )
-            .transaction(|(runs, run_index, default, run_progress)| {
-                for k in &progress {
-                    run_progress.remove(k)?;
+        self.write(|| {
+            let mut ops = Vec::new();
+            // An ended run's record is whole: its progress goes (see `progress.rs`).
+            if run.ended.is_some() {
+                for k in self.progress_keys(run.id)? {
+                    ops.push(Op::remove(TreeId::RunProgress, k.to_vec()));
                 }
-                runs.insert(&key[..], record.as_slice())?;
-                run_index.insert(&key[..], summary.as_slice())?;
-                // Keep the counter past every recorded id, also one not from `next_run_id`.
-                let counter = decode_u64(default.get(RUN_COUNTER)?.as_deref()).unwrap_or(0);
-                if counter < run.id {
-                    default.insert(RUN_COUNTER, &key[..])?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(tx_error)?;
-        self.db.flush()?;
-        Ok(())
+            }
+            ops.push(Op::insert(TreeId::Runs, key, record));
+            ops.push(Op::insert(TreeId::RunIndex, key, summary));
+            // Keep the counter past every recorded id, also one not from `next_run_id`.
+            let counter = decode_u64(self.trees.default.get(RUN_COUNTER)?.as_deref()).unwrap_or(0);
+            if counter < run.id {
+                ops.push(Op::insert(TreeId::Default, RUN_COUNTER, key));
+            }
+            Ok((ops, ()))
+        })
     }
 
     pub(super) fn run_inner(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {

@@ -2,11 +2,14 @@
 //!
 //! ```text
 //! <root>/                   (.needle/ by default)
-//!   FORMAT                  "needle-store 1": refused if unknown
+//!   FORMAT                  "needle-store 2": refused if unknown; a format-1 store is upgraded
 //!   lock                    flock held by the one process that has the store open
 //!   runner.sock             while a run goes: the runner answers read requests here
 //!   meta/                   sled: steps, artifacts, producers, consumers, runs, run_index,
 //!                           pins, dropped
+//!   journal/log             every change to meta/, checksummed, written before sled applies
+//!                           it: what `needle verify --rebuild` restores meta/ from (journal.rs)
+//!   meta.broken-<time>/     a meta/ that a rebuild replaced, kept for its owner to remove
 //!   blobs/ab/cdef…          one file per content digest (plain BLAKE3 of the bytes), 0444
 //!   staging/<pid>-<n>/      a step's private dirs; emptied after each attempt and reused
 //!   views/<artifact>/       read-only trees of hardlinks to blobs, made on demand, rebuildable
@@ -18,8 +21,10 @@
 //!
 //! **Invariant: no record ever points at a blob that is not whole.** Commit order is: blob
 //! bytes written and fsynced, renamed into `blobs/`, directory fsynced; only then the metadata
-//! transaction (manifest + step record + indices), then a sled flush. A crash at any point
-//! leaves either no record (the step re-runs; stray blobs are harmless) or a whole one.
+//! change (manifest + step record + indices): appended to the journal and fsynced, then one
+//! sled transaction, then a sled flush. A crash at any point leaves either no record (the step
+//! re-runs; stray blobs are harmless) or a whole one, in the journal and (once the store opens
+//! again, see `journal.rs`) in sled.
 //!
 //! Only one process opens a store at a time (sled itself is single-process): [`Store::open`]
 //! takes an exclusive lock and names the holder when it cannot. While a run holds it, the
@@ -54,11 +59,17 @@
 //! pins         artifact digest             → PinRecord    kept by gc whatever --keep-last says
 //! dropped      artifact digest             → DroppedRecord  damaged, dropped; runs still name it
 //! gpu_usage    run id (u64 big-endian)     → GpuUsage     its GPUs' utilisation and memory
+//! run_progress run id ‖ node (u32 BE)      → StepProgress how far a run that has not ended got
 //! (default)    "next_run_id"               → u64 big-endian, the last id handed out
+//!              "journal"                   → the journal position sled mirrors (journal.rs);
+//!                                            the one key the journal does not hold
 //! ```
 //!
 //! `pins`, `dropped` and `gpu_usage` came after the format's first stores: sled creates them,
-//! empty, when such a store opens, so the format stays `needle-store 1`.
+//! empty, when such a store opens. The journal did not fit so: a needle that knew nothing of
+//! it would write to sled alone, and a rebuild would later lose what it wrote. So a store with
+//! a journal is `needle-store 2`, which older needles refuse; this needle upgrades a format-1
+//! store when it opens it (writing the journal from sled, then `FORMAT`).
 //!
 //! Removing things (`gc.rs`, `repair.rs`) keeps the invariant from the other side: what no
 //! record needs goes only after the metadata transaction that stops recording it, and bytes
@@ -72,11 +83,13 @@ mod fsutil;
 mod gather;
 mod gc;
 mod guard;
+mod journal;
 mod lock;
 mod meta;
 mod pins;
 mod progress;
 mod read;
+mod rebuild;
 pub mod records;
 pub mod remote;
 mod repair;
@@ -99,10 +112,12 @@ pub use guard::{
     STORE_TIME_SECS, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, has_store_time,
     set_store_time, store_time,
 };
+pub use journal::Stop as JournalStop;
 pub use lock::LockMode;
 use lock::Purpose;
 pub use progress::StepProgress;
 pub use read::StoreRead;
+pub use rebuild::{RawRecords, Rebuilt, Restored};
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
 pub use space::Space;
@@ -112,7 +127,10 @@ pub use verify::{Repaired, VerifyReport};
 use crate::digest::{ArtifactDigest, BlobDigest, StepKey};
 
 /// On-disk format of the store; bumped on incompatible change.
-pub const FORMAT: &str = "needle-store 1";
+pub const FORMAT: &str = "needle-store 2";
+
+/// The format before the journal: opened by upgrading it (see the module's doc).
+const FORMAT_1: &str = "needle-store 1";
 
 /// Most results [`Store::find_prefix`] returns.
 pub const FIND_PREFIX_LIMIT: usize = 50;
@@ -122,7 +140,7 @@ pub const FIND_PREFIX_LIMIT: usize = 50;
 const CACHE_BYTES: u64 = 64 << 20;
 
 /// Top-level directories of a store.
-const SUBDIRS: [&str; 5] = ["meta", "blobs", "staging", "views", "logs"];
+const SUBDIRS: [&str; 6] = ["meta", "blobs", "staging", "views", "logs", "journal"];
 
 /// An open store: the only handle on it in this process and on this machine, while it lives
 /// (see [`Store::open`]). `Send + Sync`: steps may be absorbed and committed from several
@@ -146,6 +164,9 @@ pub struct Store {
     verified_blobs: Mutex<std::collections::HashSet<BlobDigest>>,
     /// The copy of the metadata a store on a read-only filesystem is read through.
     snapshot: Option<tempfile::TempDir>,
+    /// Where every change to the metadata goes first (`journal.rs`); held across the change's
+    /// sled transaction, so the journal's order is sled's. `None` for a read-only store.
+    journal: Mutex<Option<journal::Journal>>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
     #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
@@ -243,21 +264,42 @@ impl Store {
         create: bool,
         purpose: Purpose,
     ) -> Result<Store, StoreError> {
-        check_format(root, create)?;
+        let version = check_format(root, create)?;
         // Nobody can write a store on a read-only filesystem: no lock to take, nothing to
         // tidy, and sled (which must write) reads a copy of the metadata.
         if root.is_dir() && space::read_only_fs(root) {
             return match purpose {
-                Purpose::Read => Store::open_read_only(root),
+                Purpose::Read => Store::open_read_only(root, version),
                 Purpose::Write => Err(StoreError::ReadOnly {
                     root: root.to_path_buf(),
                 }),
             };
         }
         let lock = lock::StoreLock::acquire(root, mode, purpose)?;
+        let store = Store::open_locked(root, lock, &root.join("meta"), version)?;
+        if purpose == Purpose::Write {
+            store.compact_journal_if_outgrown();
+        }
+        Ok(store)
+    }
 
-        let mut created = false;
-        for sub in SUBDIRS {
+    /// Open the store at `root` whose lock is held, with its metadata (sled) in `meta`: tidy
+    /// what a dead process left, and bring sled and the journal into step.
+    fn open_locked(
+        root: &Path,
+        lock: lock::StoreLock,
+        meta: &Path,
+        version: u32,
+    ) -> Result<Store, StoreError> {
+        // A lost `meta/` must not be taken for a new store's: sled would make an empty one.
+        let meta_empty = !fsutil::exists(meta)? || holds_nothing(meta);
+        if version >= 2 && meta_empty && journal::holds_records(root)? {
+            return Err(StoreError::MetaLost {
+                root: root.to_path_buf(),
+            });
+        }
+        let mut created = fsutil::ensure_dir(meta)?;
+        for sub in SUBDIRS.into_iter().filter(|s| *s != "meta") {
             created |= fsutil::ensure_dir(&root.join(sub))?;
         }
         if created {
@@ -266,7 +308,7 @@ impl Store {
         // sled's own lock, taken before anything is tidied: the store lock alone is a file
         // anyone can remove, after which a second process would take a new one and delete
         // the first one's live staging slots.
-        let db = open_sled(&root.join("meta"), root)?;
+        let db = open_sled(meta, root).map_err(|e| unreadable_meta(root, e))?;
         // Fan-out dirs are made with their first blob. Those here now may be the work of a
         // process that died before it fsynced `blobs/`: fsync it once, then trust them.
         let blobs = root.join("blobs");
@@ -311,6 +353,7 @@ impl Store {
         }
 
         let trees = meta::Trees::open(&db)?;
+        let journal = journal::reconcile(root, &trees, &db, version, journal::Access::Write)?;
         Ok(Store {
             root: root.to_path_buf(),
             db,
@@ -323,13 +366,64 @@ impl Store {
             commit_lock: Mutex::new(()),
             verified_blobs: Mutex::new(Default::default()),
             snapshot: None,
+            journal: Mutex::new(journal),
             lock,
         })
     }
 
+    /// Close the store, keeping its lock (for a rebuild, which opens it again).
+    fn into_lock(self) -> Result<lock::StoreLock, StoreError> {
+        let Store { db, lock, .. } = self;
+        // Sled's files must be whole before its directory moves.
+        db.flush()?;
+        drop(db);
+        Ok(lock)
+    }
+
+    /// Replace the journal by a snapshot of the live records (see `journal.rs`): after a gc,
+    /// or when it has outgrown them.
+    pub(crate) fn compact_journal(&self) -> Result<(), StoreError> {
+        let mut guard = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(journal) = guard.as_mut() else {
+            return Ok(());
+        };
+        journal.usable()?;
+        *journal = journal::snapshot_and_record(&self.root, &self.trees, &self.db, journal.seq)?;
+        Ok(())
+    }
+
+    /// Write the journal anew from sled, keeping the old one aside (it does not replay to the
+    /// metadata: `why`); where it was kept.
+    pub(crate) fn rewrite_journal(&self, why: &str) -> Result<PathBuf, StoreError> {
+        let mut guard = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(journal) = guard.as_mut() else {
+            return Err(StoreError::ReadOnly {
+                root: self.root.clone(),
+            });
+        };
+        let pos = journal::read_pos(&self.trees)?;
+        let (fresh, kept) = journal::heal(&self.root, &self.trees, &self.db, pos, why)?;
+        *journal = fresh;
+        Ok(kept)
+    }
+
+    /// [`Store::compact_journal`] when the journal has outgrown its snapshot; a failure only
+    /// costs the space (the journal stays as it was).
+    fn compact_journal_if_outgrown(&self) {
+        let outgrown = self
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(journal::Journal::outgrown);
+        if outgrown && let Err(e) = self.compact_journal() {
+            tracing::warn!("could not compact the store's journal: {e}");
+        }
+    }
+
     /// A store on a read-only filesystem, for reading: its metadata copied to a temporary
     /// directory (sled writes even to open), its blobs and logs read where they are.
-    fn open_read_only(root: &Path) -> Result<Store, StoreError> {
+    fn open_read_only(root: &Path, version: u32) -> Result<Store, StoreError> {
         let meta = root.join("meta");
         if !meta.is_dir() {
             return Err(StoreError::Missing {
@@ -342,8 +436,10 @@ impl Store {
             .map_err(StoreError::io("create a copy of the metadata of", root))?;
         let copy = snapshot.path().join("meta");
         fsutil::copy_tree(&meta, &copy)?;
-        let db = open_sled(&copy, root)?;
+        let db = open_sled(&copy, root).map_err(|e| unreadable_meta(root, e))?;
         let trees = meta::Trees::open(&db)?;
+        // Changes the journal has and sled lacks are applied to the copy.
+        journal::reconcile(root, &trees, &db, version, journal::Access::ReadOnly)?;
         Ok(Store {
             root: root.to_path_buf(),
             db,
@@ -356,6 +452,7 @@ impl Store {
             commit_lock: Mutex::new(()),
             verified_blobs: Mutex::new(Default::default()),
             snapshot: Some(snapshot),
+            journal: Mutex::new(None),
             lock: lock::StoreLock::none(),
         })
     }
@@ -567,22 +664,20 @@ fn holds_nothing(dir: &Path) -> bool {
     })
 }
 
-/// Check (or, when `create`, write) `FORMAT`, creating `root` if needed.
-fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
+/// Check (or, when `create`, write) `FORMAT`, creating `root` if needed; the store's format
+/// version (1 or 2).
+fn check_format(root: &Path, create: bool) -> Result<u32, StoreError> {
     let format_path = root.join("FORMAT");
     match fs::read_to_string(&format_path) {
-        Ok(text) => {
-            let found = text.trim();
-            if found == FORMAT {
-                Ok(())
-            } else {
-                Err(StoreError::Format {
-                    root: root.to_path_buf(),
-                    found: found.to_string(),
-                    expected: FORMAT,
-                })
-            }
-        }
+        Ok(text) => match text.trim() {
+            FORMAT => Ok(2),
+            FORMAT_1 => Ok(1),
+            found => Err(StoreError::Format {
+                root: root.to_path_buf(),
+                found: found.to_string(),
+                expected: FORMAT,
+            }),
+        },
         Err(e)
             if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
         {
@@ -626,17 +721,39 @@ fn check_format(root: &Path, create: bool) -> Result<(), StoreError> {
                 }
                 Err(e) => return Err(StoreError::io("inspect", root)(e)),
             }
-            let tmp = root.join(format!("FORMAT.tmp-{}", std::process::id()));
-            fs::File::create(&tmp)
-                .and_then(|mut f| {
-                    f.write_all(format!("{FORMAT}\n").as_bytes())?;
-                    f.sync_all()
-                })
-                .and_then(|()| fs::rename(&tmp, &format_path))
-                .map_err(StoreError::io("write", &format_path))?;
-            fsutil::fsync_dir(root)
+            write_format(root)?;
+            Ok(2)
         }
         Err(e) => Err(StoreError::io("read", &format_path)(e)),
+    }
+}
+
+/// Write `FORMAT` (this needle's format), atomically and durably.
+fn write_format(root: &Path) -> Result<(), StoreError> {
+    let format_path = root.join("FORMAT");
+    let tmp = root.join(format!("FORMAT.tmp-{}", std::process::id()));
+    fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(format!("{FORMAT}\n").as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, &format_path))
+        .map_err(StoreError::io("write", &format_path))?;
+    fsutil::fsync_dir(root)
+}
+
+/// The error of a sled that would not open: unreadable metadata, with what can restore it.
+/// An I/O error (a full disk, a permission) stays what it is: rebuilding would not help.
+fn unreadable_meta(root: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Db(source) if !matches!(source, sled::Error::Io(_)) => {
+            StoreError::MetaUnreadable {
+                root: root.to_path_buf(),
+                journal: journal::holds_records(root).unwrap_or(false),
+                source: Box::new(source),
+            }
+        }
+        other => other,
     }
 }
 
@@ -672,10 +789,11 @@ fn store_layout(root: &Path) -> Result<Layout, StoreError> {
         if name == "lock" || name.starts_with("FORMAT.tmp") {
             continue;
         }
-        if !(is_dir && (SUBDIRS.contains(&name.as_ref()) || name == "resume")) {
+        let aside = name.starts_with("meta.broken-") || name.starts_with("meta.rebuild-");
+        if !(is_dir && (SUBDIRS.contains(&name.as_ref()) || name == "resume" || aside)) {
             return Ok(Layout::Foreign);
         }
-        if name == "blobs" || name == "meta" {
+        if name == "blobs" || name == "meta" || name == "journal" || aside {
             let mut inside = fs::read_dir(entry.path()).map_err(StoreError::io("list", root))?;
             data |= inside.next().is_some();
         }
@@ -724,7 +842,22 @@ fn open_sled(path: &Path, root: &Path) -> Result<sled::Db, StoreError> {
     // unless the store's lock file was removed under a live holder.
     let mut tries = 0;
     loop {
-        match config.open() {
+        // sled 0.34 panics on some damaged files (a truncated `db`) where it reports others as
+        // "Read corrupted data": both are metadata that cannot be read.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                StoreError::MetaUnreadable {
+                    root: root.to_path_buf(),
+                    journal: journal::holds_records(root).unwrap_or(false),
+                    source: format!("sled failed reading its files: {what}").into(),
+                }
+            })?;
+        match opened {
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 if tries == 100 {
                     return Err(StoreError::Locked {

@@ -1,5 +1,6 @@
 //! Pins: artifacts `needle gc` keeps, with their lineage, whatever `--keep-last` says.
 
+use super::journal::{Op, TreeId};
 use super::meta::{decode, parse_key, to_json};
 use super::{PinRecord, Store, StoreError};
 use crate::digest::ArtifactDigest;
@@ -14,20 +15,23 @@ impl Store {
             });
         }
         let key = artifact.hex().into_bytes();
-        let inserted = self
-            .trees
-            .pins
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(to_json(pin)))?
-            .is_ok();
-        self.db.flush()?;
-        Ok(inserted)
+        self.write(|| {
+            if self.trees.pins.contains_key(&key)? {
+                return Ok((Vec::new(), false));
+            }
+            Ok((vec![Op::insert(TreeId::Pins, key, to_json(pin))], true))
+        })
     }
 
     /// Unpin `artifact`; false when it was not pinned.
     pub fn unpin(&self, artifact: &ArtifactDigest) -> Result<bool, StoreError> {
-        let removed = self.trees.pins.remove(artifact.hex().as_bytes())?.is_some();
-        self.db.flush()?;
-        Ok(removed)
+        let key = artifact.hex().into_bytes();
+        self.write(|| {
+            if !self.trees.pins.contains_key(&key)? {
+                return Ok((Vec::new(), false));
+            }
+            Ok((vec![Op::remove(TreeId::Pins, key)], true))
+        })
     }
 
     /// Every pin, by artifact digest.

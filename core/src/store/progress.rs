@@ -15,9 +15,8 @@
 //! loses at most the last moments of them. Reading a run that has not ended lays its progress
 //! over its record; the final record replaces the progress, which is removed with it.
 
-use sled::transaction::ConflictableTransactionError;
-
-use super::meta::{decode, to_json, tx_error};
+use super::journal::{Op, TreeId};
+use super::meta::{decode, to_json};
 use super::{Attempt, RunRecord, StepStatus, Store, StoreError};
 use crate::digest::StepKey;
 
@@ -59,18 +58,13 @@ impl Store {
         let encoded = encode(run, progress);
         let bytes: usize = encoded.iter().map(|(k, v)| k.len() + v.len()).sum();
         self.ensure_room(bytes as u64)?;
-        self.trees
-            .run_progress
-            .transaction(|tree| {
-                for (k, v) in &encoded {
-                    tree.insert(&k[..], v.as_slice())?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(tx_error)?;
-        // sled writes only when flushed (see `open_sled`): a kill must not lose these.
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            let ops = encoded
+                .into_iter()
+                .map(|(k, v)| Op::insert(TreeId::RunProgress, k.to_vec(), v))
+                .collect();
+            Ok((ops, ()))
+        })
     }
 
     /// The keys of run `run`'s progress entries.

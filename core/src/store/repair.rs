@@ -21,14 +21,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, Transactional};
-
-use super::meta::{contains_bytes, index_key, to_json, tx_error};
+use super::journal::{Op, TreeId};
+use super::meta::{contains_bytes, index_key, to_json};
 use super::{
     DroppedRecord, EntryKind, Manifest, StepRecord, Store, StoreError, fsutil, now_millis,
 };
 use crate::digest::{ArtifactDigest, BlobDigest, HEX_LEN, StepKey};
+use serde::Serialize;
 
 /// Most threads hashing blobs at once (as when absorbing).
 const THREADS: usize = 16;
@@ -53,6 +52,9 @@ pub struct Damage {
     pub missing_producers: Vec<(ArtifactDigest, StepKey)>,
     /// Artifacts a run or pin names that are gone with no `dropped` record: given one.
     pub lost: BTreeMap<ArtifactDigest, String>,
+    /// Why the journal does not replay to the metadata: it is written anew from sled, the old
+    /// one kept aside.
+    pub journal: Option<String>,
 }
 
 impl Damage {
@@ -64,6 +66,7 @@ impl Damage {
             && self.pins.is_empty()
             && self.missing_producers.is_empty()
             && self.lost.is_empty()
+            && self.journal.is_none()
     }
 }
 
@@ -87,6 +90,9 @@ pub struct Dropped {
     pub runs: Vec<DroppedItem>,
     pub producer_entries_added: usize,
     pub pins_rewritten: usize,
+    /// Where the journal that did not replay to the metadata was kept, when it was replaced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_kept_as: Option<std::path::PathBuf>,
     /// The dropped artifacts whose digest parses (all but broken keys).
     #[serde(skip)]
     pub artifact_digests: BTreeSet<ArtifactDigest>,
@@ -100,6 +106,7 @@ impl Dropped {
             && self.runs.is_empty()
             && self.producer_entries_added == 0
             && self.pins_rewritten == 0
+            && self.journal_kept_as.is_none()
     }
 }
 
@@ -313,51 +320,45 @@ impl Store {
             fsutil::syncfs(&self.root.join("blobs"))?;
         }
         // 3. One transaction for every record.
-        let t = &self.trees;
-        let trees: [&sled::Tree; 8] = [
-            &t.artifacts,
-            &t.steps,
-            &t.producers,
-            &t.consumers,
-            &t.dropped,
-            &t.runs,
-            &t.run_index,
-            &t.pins,
-        ];
-        trees[..]
-            .transaction(|tx| {
-                let (artifacts_t, steps_t, producers_t, consumers_t) =
-                    (&tx[0], &tx[1], &tx[2], &tx[3]);
-                let (dropped_t, runs_t, run_index_t, pins_t) = (&tx[4], &tx[5], &tx[6], &tx[7]);
-                for k in artifacts.keys() {
-                    artifacts_t.remove(k.as_slice())?;
-                }
-                for k in steps.keys() {
-                    steps_t.remove(k.as_slice())?;
-                }
-                for k in &producers_out {
-                    producers_t.remove(k.as_slice())?;
-                }
-                for k in &producers_in {
-                    producers_t.insert(k.as_slice(), &[][..])?;
-                }
-                for k in &consumers_out {
-                    consumers_t.remove(k.as_slice())?;
-                }
-                for (k, v) in &tombstones {
-                    dropped_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                for k in damage.runs.keys() {
-                    runs_t.remove(k.as_slice())?;
-                    run_index_t.remove(k.as_slice())?;
-                }
-                for (k, v) in &pins_rewritten {
-                    pins_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(tx_error)?;
-        self.db.flush()?;
+        self.write(|| {
+            let mut ops = Vec::new();
+            ops.extend(
+                artifacts
+                    .keys()
+                    .map(|k| Op::remove(TreeId::Artifacts, k.clone())),
+            );
+            ops.extend(steps.keys().map(|k| Op::remove(TreeId::Steps, k.clone())));
+            ops.extend(
+                producers_out
+                    .iter()
+                    .map(|k| Op::remove(TreeId::Producers, k.clone())),
+            );
+            ops.extend(
+                producers_in
+                    .iter()
+                    .map(|k| Op::insert(TreeId::Producers, k.clone(), Vec::new())),
+            );
+            ops.extend(
+                consumers_out
+                    .iter()
+                    .map(|k| Op::remove(TreeId::Consumers, k.clone())),
+            );
+            ops.extend(
+                tombstones
+                    .iter()
+                    .map(|(k, v)| Op::insert(TreeId::Dropped, k.clone(), v.clone())),
+            );
+            for k in damage.runs.keys() {
+                ops.push(Op::remove(TreeId::Runs, k.clone()));
+                ops.push(Op::remove(TreeId::RunIndex, k.clone()));
+            }
+            ops.extend(
+                pins_rewritten
+                    .iter()
+                    .map(|(k, v)| Op::insert(TreeId::Pins, k.clone(), v.clone())),
+            );
+            Ok((ops, ()))
+        })?;
 
         out.blobs = damage
             .blobs
@@ -393,6 +394,10 @@ impl Store {
                 reason: reason.clone(),
             })
             .collect();
+        // Last, with sled repaired: a journal that does not replay to it is written anew.
+        if let Some(why) = &damage.journal {
+            out.journal_kept_as = Some(self.rewrite_journal(why)?);
+        }
         out.producer_entries_added = producers_in.len();
         out.pins_rewritten = pins_rewritten.len();
         out.artifact_digests = dropped_digests;

@@ -57,12 +57,12 @@ impl Store {
         }
     }
 
-    /// Refuse, before sled writes anything, a commit of about `bytes` that the filesystem may
-    /// not have room for: twice `bytes` (sled's log, then its segments) plus a reserve (see
-    /// [`MIN_RESERVE`]).
+    /// Refuse, before the journal or sled writes anything, a commit of about `bytes` that the
+    /// filesystem may not have room for: three times `bytes` (the journal, sled's log, then its
+    /// segments) plus a reserve (see [`MIN_RESERVE`]).
     pub(super) fn ensure_room(&self, bytes: u64) -> Result<(), StoreError> {
         let (free, total) = statvfs(&self.root)?;
-        if free < bytes.saturating_mul(2) + reserve(total) {
+        if free < bytes.saturating_mul(3) + reserve(total) {
             return Err(self.no_space(None));
         }
         Ok(())

@@ -45,6 +45,20 @@ impl Lab {
         self.store = Some(Store::open(&self.root(), LockMode::Fail).unwrap());
     }
 
+    /// Close the store, rebuild its metadata from the journal (hashing every blob in the
+    /// verification), and open it again.
+    pub fn rebuild(&mut self) -> Rebuilt {
+        self.store = None;
+        let (store, rebuilt) = Store::rebuild(&self.root(), LockMode::Fail, true).unwrap();
+        self.store = Some(store);
+        rebuilt
+    }
+
+    /// Every record, raw.
+    pub fn records(&self) -> RawRecords {
+        self.store().raw_records().unwrap()
+    }
+
     /// Execute step `name` in run `run`: write `files`, absorb them, write its log, commit.
     /// `salt` makes its key differ from another step's of the same name and inputs.
     pub fn exec(

@@ -18,6 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Op, TreeId};
 use super::meta::{decode_u64, display_key, get_json, to_json};
 use super::{Millis, Store, StoreError};
 
@@ -205,11 +206,8 @@ impl Store {
     pub fn put_gpu_usage(&self, usage: &GpuUsage) -> Result<(), StoreError> {
         let value = to_json(usage);
         self.ensure_room(value.len() as u64)?;
-        self.trees
-            .gpu_usage
-            .insert(usage.run.to_be_bytes(), value)?;
-        self.db.flush()?;
-        Ok(())
+        let op = Op::insert(TreeId::GpuUsage, usage.run.to_be_bytes(), value);
+        self.write(|| Ok((vec![op], ())))
     }
 
     /// The GPU usage sampled during run `id`; `None` when nothing was (no GPU, or none the

@@ -1,15 +1,31 @@
-//! `needle verify [--hash] [--repair]`: check the store's records against its bytes (see
-//! `Store::verify`). Exit 0 when all is well, 1 with one line per problem. `--repair` drops
-//! what is damaged (`Store::repair`) and exits 0 when the store verifies afterwards.
+//! `needle verify [--hash] [--repair | --rebuild]`: check the store's records against its bytes
+//! (see `Store::verify`). Exit 0 when all is well, 1 with one line per problem. `--repair`
+//! drops what is damaged (`Store::repair`) and exits 0 when the store verifies afterwards.
+//! `--rebuild` restores `meta/` from the journal (`Store::rebuild`), says what it restored,
+//! and exits 0 when nothing was lost and the result verifies.
 
-use needle_core::store::{Repaired, VerifyReport};
+use needle_core::store::{Rebuilt, Repaired, Store, VerifyReport};
 
 use crate::cli::{Cli, VerifyArgs};
 use crate::commands::show::human_bytes;
-use crate::commands::{open_existing, print_json};
+use crate::commands::{lock_mode, open_existing, print_json, store_root};
 use crate::error::{CliError, Exit};
 
 pub fn verify(cli: &Cli, args: &VerifyArgs) -> Result<Exit, CliError> {
+    if args.rebuild {
+        let (_store, rebuilt) = Store::rebuild(&store_root(cli)?, lock_mode(cli), args.hash)
+            .map_err(CliError::StoreOpen)?;
+        if args.json {
+            print_json(&rebuilt);
+        } else {
+            print_rebuilt(&rebuilt, args.hash);
+        }
+        return Ok(if rebuilt.frames_lost > 0 {
+            Exit::StepFailed
+        } else {
+            exit(&rebuilt.verify)
+        });
+    }
     let store = open_existing(cli)?;
     if args.repair {
         let repaired = store.repair()?;
@@ -42,7 +58,7 @@ fn exit(report: &VerifyReport) -> Exit {
 
 fn print_report(report: &VerifyReport, hash: bool) {
     println!(
-        "checked {} steps, {} artifacts, {} runs, {} pins, {} blobs{}",
+        "checked {} steps, {} artifacts, {} runs, {} pins, {} blobs{}{}",
         report.steps,
         report.artifacts,
         report.runs,
@@ -52,6 +68,10 @@ fn print_report(report: &VerifyReport, hash: bool) {
             format!(" ({} hashed)", human_bytes(report.bytes_hashed))
         } else {
             " (sizes; --hash re-hashes their bytes)".into()
+        },
+        match report.journal_records {
+            Some(n) => format!(", and the journal ({n} records)"),
+            None => String::new(),
         }
     );
     for p in &report.problems {
@@ -63,6 +83,56 @@ fn print_report(report: &VerifyReport, hash: bool) {
              needs them executes their steps again",
             report.dropped_outputs
         );
+    }
+}
+
+fn print_rebuilt(r: &Rebuilt, hash: bool) {
+    let n = &r.restored;
+    println!(
+        "rebuilt the store's metadata from its journal `{}` ({}, {} frames)",
+        r.journal.display(),
+        human_bytes(r.journal_bytes),
+        r.frames
+    );
+    println!(
+        "restored {} steps, {} artifacts, {} runs, {} pins, {} dropped-artifact notes, GPU \
+         usage of {} runs, {} step states of unfinished runs, {} index entries",
+        n.steps,
+        n.artifacts,
+        n.runs,
+        n.pins,
+        n.dropped,
+        n.gpu_usage,
+        n.run_progress,
+        n.index_entries
+    );
+    if let Some(stop) = &r.stopped {
+        if r.frames_lost == 0 {
+            println!(
+                "ignored the last {} byte(s) of the journal, from offset {} ({}): a write that a \
+                 killed process did not finish, never recorded",
+                stop.bytes, stop.offset, stop.reason
+            );
+        } else {
+            println!(
+                "problem: the journal is damaged at offset {} ({}): {} later change(s) could not \
+                 be restored",
+                stop.offset, stop.reason, r.frames_lost
+            );
+        }
+    }
+    match &r.old_meta {
+        Some(old) => println!(
+            "the old metadata is kept in `{}` (remove it once you no longer need it)",
+            old.display()
+        ),
+        None => println!("there was no old metadata to keep"),
+    }
+    print_report(&r.verify, hash);
+    if r.verify.problems.is_empty() {
+        println!("the store is consistent");
+    } else {
+        println!("(hint: `needle verify --repair` drops what the blobs no longer hold)");
     }
 }
 
@@ -94,6 +164,12 @@ fn print_repaired(r: &Repaired) {
     }
     if d.pins_rewritten > 0 {
         println!("rewrote {} unreadable pin record(s)", d.pins_rewritten);
+    }
+    if let Some(kept) = &d.journal_kept_as {
+        println!(
+            "wrote the journal anew from the metadata; the old one is kept as `{}`",
+            kept.display()
+        );
     }
     if r.after.problems.is_empty() {
         if d.is_empty() {

@@ -314,7 +314,7 @@ fn a_killed_runs_committed_steps_and_resume_dirs_are_its_own() {
 
 /// The deletions of one gc, interrupted after each of them in turn (what a SIGKILL at that
 /// moment leaves): every store verifies, and a second gc finishes the job, reaching the store
-/// an uninterrupted gc leaves.
+/// an uninterrupted gc leaves; and its metadata, rebuilt from the journal, is the same.
 #[test]
 fn gc_interrupted_at_every_deletion_leaves_a_store_that_verifies() {
     let finished = |lab: &Lab| {
@@ -354,6 +354,12 @@ fn gc_interrupted_at_every_deletion_leaves_a_store_that_verifies() {
             "stopped after {limit}: {:#?}",
             report.problems
         );
+        // The journal gives the same records back at every point.
+        let records = lab.records();
+        fs::remove_dir_all(lab.root().join("meta")).unwrap();
+        let rebuilt = lab.rebuild();
+        assert!(rebuilt.verify.problems.is_empty(), "stopped after {limit}");
+        assert_eq!(lab.records(), records, "stopped after {limit}");
         // What the kept run needs is whole at every point.
         assert!(
             lab.store()
