@@ -7,6 +7,7 @@
 #                                           guidance 3, batch 256, demo U-Net; CPU, 2 threads
 #   bench/sample_bench.sh large             the U-Net of channels 64, blocks 2
 #   PRECISION=bf16 bench/sample_bench.sh    both under bfloat16 autocast
+#   IDLE_WAIT=1 THREADS=1 bench/sample_bench.sh   on a shared machine (see wait_idle below)
 #   DEVICE=cuda bench/sample_bench.sh       on a GPU
 #
 # CHANNELS, MULT, BLOCKS shape the model (a one-step `pretrain`: the weights do not change the
@@ -85,14 +86,32 @@ params = { prompts = [$prompts], seeds = $SEEDS, steps = $STEPS, guidance = 3.0,
 resources = { cpus = $THREADS, gpus = $([[ $DEVICE == cuda ]] && echo 1 || echo 0) }
 TOML
 
+# IDLE_WAIT=1: before each timed run, wait (up to 10 minutes) until the CPUs were at least 90 %
+# idle over a second, so that a build started by someone else on a shared machine does not
+# land in the middle of a measurement as often.
+wait_idle() {
+  [[ ${IDLE_WAIT:-0} == 1 ]] || return 0
+  local _i busy total
+  for _i in $(seq 600); do
+    read -r _ u n s i w q sq _ </proc/stat
+    busy=$((u + n + s + q + sq)) total=$((u + n + s + i + w + q + sq))
+    sleep 1
+    read -r _ u n s i w q sq _ </proc/stat
+    busy=$((u + n + s + q + sq - busy)) total=$((u + n + s + i + w + q + sq - total))
+    ((busy * 10 <= total)) && return 0
+  done
+}
+
 rust=()
 py=()
 for r in $(seq 1 "$ROUNDS"); do
+  wait_idle
   "$BIN/needle" run "$WORK/bench.toml" --store "$STORE" --gpus "$GPUS" --set round=$r --force sample >&2
   [[ -d $WORK/model ]] || "$BIN/needle" export --store "$STORE" last:model "$WORK/model" >&2
   # The op's log line: "sample: N images in T s (X images/s), PRECISION".
   rust+=("$("$BIN/needle" logs --store "$STORE" last:sample \
     | "$PY" -c 'import re,sys; print(re.search(r"\(([0-9.]+) images/s\)", sys.stdin.read()).group(1))')")
+  wait_idle
   out=$("$PY" "$ROOT/bench/sample_bench.py" --model "$WORK/model" --prompts "$PROMPTS" --seeds "$SEEDS" \
     --steps "$STEPS" --batch "$BATCH" --threads "$THREADS" --device "$DEVICE" --precision "$PRECISION" \
     "${PY_CUDA[@]}" 2>/dev/null)

@@ -7,6 +7,7 @@
 #   bench/train_bench.sh large              channels 64, blocks 2, batch 256
 #   PRECISION=bf16 bench/train_bench.sh     both under bfloat16 autocast (needle's `precision = "bf16"`)
 #   STEPS=100 ROUNDS=2 bench/train_bench.sh
+#   IDLE_WAIT=1 THREADS=1 bench/train_bench.sh   on a shared machine (see wait_idle below)
 #   DEVICE=cuda bench/train_bench.sh        on a GPU (needle gets --gpus auto; both let cuDNN
 #                                           time its algorithms, as needle does on a GPU)
 #
@@ -73,14 +74,32 @@ params = { steps = $STEPS, batch = $BATCH, channels = $CHANNELS, mult = [$MULT],
 resources = { cpus = $THREADS, gpus = $([[ $DEVICE == cuda ]] && echo 1 || echo 0) }
 TOML
 
+# IDLE_WAIT=1: before each timed run, wait (up to 10 minutes) until the CPUs were at least 90 %
+# idle over a second, so that a build started by someone else on a shared machine does not
+# land in the middle of a measurement as often.
+wait_idle() {
+  [[ ${IDLE_WAIT:-0} == 1 ]] || return 0
+  local _i busy total
+  for _i in $(seq 600); do
+    read -r _ u n s i w q sq _ </proc/stat
+    busy=$((u + n + s + q + sq)) total=$((u + n + s + i + w + q + sq))
+    sleep 1
+    read -r _ u n s i w q sq _ </proc/stat
+    busy=$((u + n + s + q + sq - busy)) total=$((u + n + s + i + w + q + sq - total))
+    ((busy * 10 <= total)) && return 0
+  done
+}
+
 rust=()
 py=()
 for r in $(seq 1 "$ROUNDS"); do
+  wait_idle
   # --force: a STORE kept from an earlier invocation may hold this very step.
   "$BIN/needle" run "$WORK/bench.toml" --store "$STORE" --gpus "$GPUS" --set round=$r --force train >&2
   # The op's log line: "pretrain: S steps at batch B on DEVICE: X images/s, T s in the training loop".
   rust+=("$("$BIN/needle" logs --store "$STORE" last:train \
     | "$PY" -c 'import re,sys; print(re.search(r"([0-9.]+) images/s", sys.stdin.read()).group(1))')")
+  wait_idle
   out=$("$PY" "$ROOT/bench/train_bench.py" --steps "$STEPS" --warmup 0 --batch "$BATCH" --threads "$THREADS" \
     --channels "$CHANNELS" --mult "$MULT" --blocks "$BLOCKS" --device "$DEVICE" --precision "$PRECISION" \
     "${PY_CUDA[@]}" 2>/dev/null)
