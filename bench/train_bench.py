@@ -9,7 +9,7 @@ features through an MLP; v-prediction on the cosine schedule; caption dropout; A
 The batch is drawn from a tensor of images in memory, as the Rust op does: what is timed is
 the training step.
 
-    python bench/train_bench.py --steps 200 --batch 64 --threads 2 [--device cuda]
+    python bench/train_bench.py --steps 200 --batch 64 --threads 2 [--device cuda] [--precision bf16]
     python bench/train_bench.py --load DIR     loads a needle model output into this module,
                                                strictly: the same names and shapes
 
@@ -143,14 +143,21 @@ class Model(nn.Module):
         self.time1 = nn.Linear(channels, cond)
         self.time2 = nn.Linear(cond, cond)
 
-    def forward(self, x, t, tokens, drop):
+    def captions(self, tokens, drop=None):
+        """Caption vectors; rows where `drop` is true get the "no caption" vector."""
+        cap = self.text(tokens)
+        return cap if drop is None else torch.where(drop[:, None], self.null_caption[None], cap)
+
+    def predict(self, x, t, cap):
+        """The v prediction for noisy images `x` at times `t` given caption vectors."""
         half = self.channels // 2
         freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000.0) / half))
         args = (t * 1000.0)[:, None] * freqs[None]
-        cap = self.text(tokens)
-        cap = torch.where(drop[:, None], self.null_caption[None], cap)
         cond = self.time2(F.silu(self.time1(torch.cat([args.sin(), args.cos()], -1)))) + cap
         return self.unet(x, cond)
+
+    def forward(self, x, t, tokens, drop):
+        return self.predict(x, t, self.captions(tokens, drop))
 
 
 def load_safetensors(path):
@@ -199,6 +206,9 @@ def main():
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: the forward and backward under torch.autocast(bfloat16), as needle's `precision = \"bf16\"`")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True, as needle sets it on a GPU")
     ap.add_argument("--load", metavar="DIR", help="only load a needle model output strictly into this module and say so")
     a = ap.parse_args()
     if a.load:
@@ -209,6 +219,8 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device(a.device)
+    # needle lets cuDNN pick its convolution algorithms by timing them; so may PyTorch.
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
 
     vocab, max_tokens = 3 + 9, 8  # the haystack's words: "a", 4 colours, 4 shapes
     model = Model(a.channels, [int(m) for m in a.mult.split(",")], a.blocks, a.text_width, vocab, max_tokens).to(dev)
@@ -230,7 +242,9 @@ def main():
         ab = alpha_bar(t).view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        loss = F.mse_loss(model(xt, t, tokens[idx], drop), target)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            pred = model(xt, t, tokens[idx], drop)
+        loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
@@ -247,6 +261,8 @@ def main():
     for _ in range(a.steps):
         loss = step()
     final = loss.item()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()  # the last step's optimizer and EMA too
     seconds = time.perf_counter() - start
     print(json.dumps({
         "impl": "pytorch",

@@ -3,14 +3,27 @@
 # (bench/train_bench.py), on the same machine in one run, alternating the two so that the
 # machine's noise falls on both. Results: bench/out/train.md.
 #
-#   bench/train_bench.sh                    CPU, 2 threads, batch 64, 200 steps, 3 rounds
+#   bench/train_bench.sh                    the demo's shape: CPU, 2 threads, batch 64, 200 steps, 3 rounds
+#   bench/train_bench.sh large              channels 64, blocks 2, batch 256
+#   PRECISION=bf16 bench/train_bench.sh     both under bfloat16 autocast (needle's `precision = "bf16"`)
 #   STEPS=100 ROUNDS=2 bench/train_bench.sh
-#   DEVICE=cuda bench/train_bench.sh        on a GPU (needle gets --gpus auto)
+#   IDLE_WAIT=1 THREADS=1 bench/train_bench.sh   on a shared machine (see wait_idle below)
+#   DEVICE=cuda bench/train_bench.sh        on a GPU (needle gets --gpus auto; both let cuDNN
+#                                           time its algorithms, as needle does on a GPU)
 #
-# Model shape: CHANNELS (16), MULT (1,2,4), BLOCKS (1) — the demo's.
+# Model shape: CHANNELS (16), MULT (1,2,4), BLOCKS (1), BATCH (64) — the demo's; `large` sets
+# 64, 1,2,4, 2, 256 (each still overridable). On a machine without Rust (a GPU machine), give
+# NEEDLE_BIN, a folder holding prebuilt `needle` and `needle-worker` (bench/train_bench_gpu.sh
+# packs them), and PY, a Python with torch (default: .venv's, else python3). STORE keeps the
+# needle store across invocations (the 20,000-image dataset is then made once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+case "${1:-demo}" in
+  demo) ;;
+  large) : "${CHANNELS:=64}" "${BLOCKS:=2}" "${BATCH:=256}" ;;
+  *) echo "usage: $0 [demo|large]" >&2; exit 2 ;;
+esac
 STEPS=${STEPS:-200}
 BATCH=${BATCH:-64}
 ROUNDS=${ROUNDS:-3}
@@ -19,15 +32,29 @@ CHANNELS=${CHANNELS:-16}
 MULT=${MULT:-1,2,4}
 BLOCKS=${BLOCKS:-1}
 DEVICE=${DEVICE:-cpu}
+PRECISION=${PRECISION:-fp32}
 OUT=$ROOT/bench/out
 mkdir -p "$OUT"
 WORK=$(mktemp -d "$OUT/train.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+STORE=${STORE:-$WORK/store}
 
-make -s build >&2
-PY=$ROOT/.venv/bin/python
+if [[ -n ${NEEDLE_BIN:-} ]]; then
+  BIN=$(cd "$NEEDLE_BIN" && pwd)
+else
+  make -s build >&2
+  BIN=$ROOT/target/release
+fi
+if [[ -z ${PY:-} ]]; then
+  PY=python3
+  [[ -x $ROOT/.venv/bin/python ]] && PY=$ROOT/.venv/bin/python
+fi
 GPUS=0
-[[ $DEVICE == cuda ]] && GPUS=auto
+PY_CUDA=()
+if [[ $DEVICE == cuda ]]; then
+  GPUS=auto
+  PY_CUDA=(--cudnn-benchmark)
+fi
 
 cat >"$WORK/bench.toml" <<TOML
 [recipe]
@@ -43,33 +70,55 @@ params = { images = 20000, seed = 1 }
 [steps.train]
 op = "pretrain"
 inputs = { data = "data" }
-params = { steps = $STEPS, batch = $BATCH, channels = $CHANNELS, mult = [$MULT], blocks = $BLOCKS, save_every = 0, seed = "\${round}" }
+params = { steps = $STEPS, batch = $BATCH, channels = $CHANNELS, mult = [$MULT], blocks = $BLOCKS, save_every = 0, seed = "\${round}", precision = "$PRECISION" }
 resources = { cpus = $THREADS, gpus = $([[ $DEVICE == cuda ]] && echo 1 || echo 0) }
 TOML
+
+# IDLE_WAIT=1: before each timed run, wait (up to 10 minutes) until the CPUs were at least 90 %
+# idle over a second, so that a build started by someone else on a shared machine does not
+# land in the middle of a measurement as often.
+wait_idle() {
+  [[ ${IDLE_WAIT:-0} == 1 ]] || return 0
+  local _i busy total
+  for _i in $(seq 600); do
+    read -r _ u n s i w q sq _ </proc/stat
+    busy=$((u + n + s + q + sq)) total=$((u + n + s + i + w + q + sq))
+    sleep 1
+    read -r _ u n s i w q sq _ </proc/stat
+    busy=$((u + n + s + q + sq - busy)) total=$((u + n + s + i + w + q + sq - total))
+    ((busy * 10 <= total)) && return 0
+  done
+}
 
 rust=()
 py=()
 for r in $(seq 1 "$ROUNDS"); do
-  "$ROOT/target/release/needle" run "$WORK/bench.toml" --store "$WORK/store" --gpus "$GPUS" --set round=$r >&2
+  wait_idle
+  # --force: a STORE kept from an earlier invocation may hold this very step.
+  "$BIN/needle" run "$WORK/bench.toml" --store "$STORE" --gpus "$GPUS" --set round=$r --force train >&2
   # The op's log line: "pretrain: S steps at batch B on DEVICE: X images/s, T s in the training loop".
-  rust+=("$("$ROOT/target/release/needle" logs --store "$WORK/store" last:train \
+  rust+=("$("$BIN/needle" logs --store "$STORE" last:train \
     | "$PY" -c 'import re,sys; print(re.search(r"([0-9.]+) images/s", sys.stdin.read()).group(1))')")
+  wait_idle
   out=$("$PY" "$ROOT/bench/train_bench.py" --steps "$STEPS" --warmup 0 --batch "$BATCH" --threads "$THREADS" \
-    --channels "$CHANNELS" --mult "$MULT" --blocks "$BLOCKS" --device "$DEVICE" 2>/dev/null)
+    --channels "$CHANNELS" --mult "$MULT" --blocks "$BLOCKS" --device "$DEVICE" --precision "$PRECISION" \
+    "${PY_CUDA[@]}" 2>/dev/null)
   py+=("$(echo "$out" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["images_per_second"])')")
   echo "round $r: needle ${rust[-1]} images/s, pytorch ${py[-1]} images/s" >&2
 done
 
-"$PY" - "$OUT/train.md" "$DEVICE" "$THREADS" "$BATCH" "$STEPS" "$CHANNELS" "$MULT" "${rust[*]}" "${py[*]}" <<'PYEND'
+"$PY" - "$OUT/train.md" "$DEVICE" "$THREADS" "$BATCH" "$STEPS" "$CHANNELS" "$MULT" "$BLOCKS" "$PRECISION" \
+  "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "${rust[*]}" "${py[*]}" <<'PYEND'
 import statistics, sys, datetime, torch
-path, device, threads, batch, steps, channels, mult, rust, py = sys.argv[1:]
+path, device, threads, batch, steps, channels, mult, blocks, precision, commit, rust, py = sys.argv[1:]
 rust = [float(x) for x in rust.split()]
 py = [float(x) for x in py.split()]
 ratios = [r / p for r, p in zip(rust, py)]
+where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {threads} threads"
 lines = [
-    f"## pretrain training throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+    f"## pretrain training throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}, commit {commit}",
     "",
-    f"{device}, {threads} threads, batch {batch}, {steps} steps a round, U-Net channels {channels} mult [{mult}], torch {torch.__version__}",
+    f"{where}, {precision}, batch {batch}, {steps} steps a round, U-Net channels {channels} mult [{mult}] blocks {blocks}, torch {torch.__version__}",
     "",
     "| round | needle images/s | PyTorch images/s | ratio |",
     "|---:|---:|---:|---:|",

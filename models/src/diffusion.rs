@@ -260,7 +260,10 @@ pub fn ddim(
             let t = 1.0 - i as f64 / steps as f64;
             let t_next = 1.0 - (i + 1) as f64 / steps as f64;
             let tt = Tensor::full([2 * n], t, (Kind::Float, device));
-            let v = model.predict(&Tensor::cat(&[&x, &x], 0), &tt, &both);
+            // float32 from here on whatever the precision of the network (a no-op in fp32).
+            let v = model
+                .predict(&Tensor::cat(&[&x, &x], 0), &tt, &both)
+                .to_kind(Kind::Float);
             let (v_c, v_u) = (v.narrow(0, 0, n), v.narrow(0, n, n));
             let v = &v_u + (v_c - &v_u) * guidance;
             let ab = alpha_bar(&Tensor::from(t)).double_value(&[]);

@@ -8,6 +8,7 @@ pub mod filter;
 pub mod generator;
 pub mod judges;
 pub mod masked;
+pub mod precision;
 pub mod pretrain;
 pub mod sample;
 pub mod scorer;
@@ -41,6 +42,16 @@ pub fn device(ctx: &OpContext) -> tch::Device {
         tch::Device::Cuda(0)
     } else {
         tch::Device::Cpu
+    }
+}
+
+/// On a GPU, let cuDNN time its convolution algorithms for each new shape and keep the fastest
+/// (`torch.backends.cudnn.benchmark`): training and sampling run the same few shapes thousands of
+/// times. The choice may differ from run to run, so GPU results are not reproducible bit for bit
+/// (they were not before either: some of cuDNN's backward kernels add in a varying order).
+pub fn benchmark_convolutions(device: tch::Device) {
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
     }
 }
 

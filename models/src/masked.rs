@@ -132,7 +132,10 @@ impl MaskedModel {
 
     /// The nearest codebook entry of every patch: ids `[n, tokens]`.
     pub fn encode(&self, images: &Tensor) -> Tensor {
-        tch::no_grad(|| nearest(&self.patches(images), &self.codebook))
+        // The tokens are the targets: the same in every precision.
+        tch::no_grad(|| {
+            crate::precision::float32(|| nearest(&self.patches(images), &self.codebook))
+        })
     }
 
     /// Ids `[n, tokens]` back to images `[n, 3, s, s]`.
@@ -285,7 +288,10 @@ impl crate::generator::Generator for MaskedModel {
             let mut ids = Tensor::full([n, l], k, (Kind::Int64, device));
             for i in 0..steps {
                 let still = ids.eq(k);
-                let logits = self.logits(&Tensor::cat(&[&ids, &ids], 0), &both);
+                // float32 whatever the precision of the network (a no-op in fp32).
+                let logits = self
+                    .logits(&Tensor::cat(&[&ids, &ids], 0), &both)
+                    .to_kind(Kind::Float);
                 let (c, un) = (logits.narrow(0, 0, n), logits.narrow(0, n, n));
                 let logits = &un + (c - &un) * guidance;
                 let step_u = u.select(1, i);

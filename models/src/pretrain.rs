@@ -24,6 +24,7 @@ use tch::nn;
 use crate::diffusion::{ARCH, Model, ModelConfig, WEIGHTS};
 use crate::generator::{self, Generator};
 use crate::masked::{self, MaskedConfig, MaskedModel};
+use crate::precision::Precision;
 use crate::text::Vocabulary;
 use crate::train::{self, Examples, LrSchedule, Record, Settings};
 use crate::unet::UNetShape;
@@ -193,6 +194,7 @@ fn settings(ctx: &OpContext) -> Result<Settings, OpError> {
         keep_every: 0,
         seed: ctx.param("seed")?,
         interrupt_after: None,
+        precision: ctx.param("precision")?,
     })
 }
 
@@ -251,6 +253,10 @@ fn fit(
     let device = match vs.device() {
         tch::Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
         d => format!("{d:?}").to_lowercase(),
+    };
+    let device = match settings.precision {
+        Precision::Fp32 => device,
+        p => format!("{device}, {}", p.name()),
     };
     let metrics = json!({
         "stage": stage,

@@ -18,6 +18,7 @@ use tch::Device;
 
 use crate::diffusion::{self, WEIGHTS};
 use crate::generator;
+use crate::precision::Precision;
 use crate::train::kept_path;
 
 pub struct SampleOp;
@@ -35,6 +36,7 @@ impl Op for SampleOp {
         let noise_seed: u64 = ctx.param("noise_seed")?;
         let batch: i64 = ctx.param("batch")?;
         let scale: u32 = ctx.param("grid_scale")?;
+        let precision: Precision = ctx.param("precision")?;
         for (name, v) in [("seeds", seeds), ("steps", steps), ("batch", batch)] {
             if v < 1 {
                 return Err(OpError::Param {
@@ -52,6 +54,7 @@ impl Op for SampleOp {
         let prompts = prompts(ctx)?;
 
         let device = crate::device(ctx);
+        crate::benchmark_convolutions(device);
         let dir = ctx.input("model")?;
         let weights = if checkpoint == 0 {
             dir.join(WEIGHTS)
@@ -82,32 +85,37 @@ impl Op for SampleOp {
             let captions: Vec<&str> = chunk.iter().map(|&(p, _)| prompts[p].as_str()).collect();
             let seeds_of: Vec<u64> = chunk.iter().map(|&(_, s)| s).collect();
             let before = (b * batch as usize) as u64 * steps as u64;
-            let out = model.generate(
-                &captions,
-                &seeds_of,
-                noise_seed,
-                steps,
-                guidance,
-                device,
-                &mut |i| {
-                    let done = before + chunk.len() as u64 * i as u64;
-                    ctx.report(&Progress {
-                        done: done / steps as u64,
-                        total: Some(total / steps as u64),
-                        unit: "image".into(),
-                        loss: None,
-                        rate: Some(done as f64 / steps as f64 / started.elapsed().as_secs_f64()),
-                    });
-                },
-            );
+            let out = precision.run(device, || {
+                model.generate(
+                    &captions,
+                    &seeds_of,
+                    noise_seed,
+                    steps,
+                    guidance,
+                    device,
+                    &mut |i| {
+                        let done = before + chunk.len() as u64 * i as u64;
+                        ctx.report(&Progress {
+                            done: done / steps as u64,
+                            total: Some(total / steps as u64),
+                            unit: "image".into(),
+                            loss: None,
+                            rate: Some(
+                                done as f64 / steps as f64 / started.elapsed().as_secs_f64(),
+                            ),
+                        });
+                    },
+                )
+            });
             images.extend(diffusion::to_rgb_bytes(&out));
         }
         // A fact of this execution, not of the images: the log's, not the artifact's.
         let seconds = started.elapsed().as_secs_f64();
         println!(
-            "sample: {} images in {seconds:.1} s ({:.2} images/s)",
+            "sample: {} images in {seconds:.1} s ({:.2} images/s), {}",
             jobs.len(),
-            jobs.len() as f64 / seconds.max(1e-9)
+            jobs.len() as f64 / seconds.max(1e-9),
+            precision.name()
         );
 
         let writer = DatasetWriter::create(&ctx.out)?;
@@ -145,7 +153,12 @@ impl Op for SampleOp {
             } else {
                 format!("step-{checkpoint}")
             },
-            if device == Device::Cpu { "cpu" } else { "cuda" },
+            match (device, precision) {
+                (Device::Cpu, Precision::Fp32) => "cpu",
+                (_, Precision::Fp32) => "cuda",
+                (Device::Cpu, Precision::Bf16) => "cpu, bf16",
+                (_, Precision::Bf16) => "cuda, bf16",
+            },
         );
         for (i, p) in prompts.iter().enumerate() {
             md.push_str(&format!("| {i} | {p} |\n"));

@@ -7,9 +7,37 @@ pub const BUILT_AGAINST: &str = env!("NEEDLE_LIBTORCH_VERSION");
 /// Set torch's intra-op threads (a worker gets as many as it holds CPU slots, so several CPU
 /// steps at once do not oversubscribe the machine) and seed its global generator.
 pub fn prepare_worker(cpus: u32, seed: u64) {
+    keep_freed_memory();
     tch::set_num_threads(cpus.max(1) as i32);
     // Ops seed their own generators from the context; this covers torch's global one.
     tch::manual_seed(seed as i64);
+}
+
+/// Let the C allocator keep the memory a tensor frees for the next one. libtorch allocates CPU
+/// tensors with `posix_memalign`, and glibc by default maps a block of over 128 KiB afresh each
+/// time (raising that threshold as blocks are freed, to at most 32 MiB) and hands free memory at
+/// the top of its heap back to the kernel: every step then faults in and zeroes its activations
+/// again. Sampling the demo's 240 images took 29,000 page faults per DDIM step, training at
+/// channels 64, batch 256 some 450,000 per step; with this, none and 65,000 (what is left are
+/// blocks over 32 MiB), and 15 % and 12 % less CPU time per step. A worker runs one op and exits,
+/// so holding on to its peak costs nothing that it did not already use.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::c_int;
+        // <malloc.h>
+        const M_TRIM_THRESHOLD: c_int = -1;
+        const M_MMAP_THRESHOLD: c_int = -3;
+        unsafe extern "C" {
+            fn mallopt(param: c_int, value: c_int) -> c_int;
+        }
+        // SAFETY: glibc's mallopt takes the allocator's lock and sets one tuning value; no
+        // memory changes hands. 32 MiB is the largest mmap threshold glibc accepts.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, c_int::MAX);
+        }
+    }
 }
 
 /// What torch sees of the machine.

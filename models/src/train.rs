@@ -7,6 +7,21 @@
 //! EMA weights, AdamW's moments, the loss curve so far). Checkpoints go to the op's resume
 //! directory (`NEEDLE_RESUME`), which the runner keeps across failed attempts and drops once
 //! the step succeeds; nothing of them is part of the step's key or its output.
+//!
+//! Keeping a GPU busy: the model's trainable weights live in one flat float32 buffer, each
+//! parameter a view into it ([`Flat`]), and so do their gradients, AdamW's moments and the EMA
+//! weights; the optimiser and the EMA are then a dozen operations on whole buffers per step
+//! instead of a dozen per parameter (on a GPU each is a kernel launch, and with ~150
+//! parameters launching them took longer than the forward and backward passes). The losses stay
+//! on the device until a progress line, a checkpoint or the end reads them: reading one makes
+//! the host wait for the device, which then idles while the host prepares the next step.
+//!
+//! Precision (`Settings::precision`): `fp32` computes in float32 throughout, and a step
+//! executed twice on one CPU gives the same bytes. `bf16` runs the forward pass under bfloat16
+//! autocast ([`crate::precision`]); the weights, gradients, moments and EMA stay float32. On a
+//! CPU it is as reproducible as `fp32` (the same bytes on the same kind of CPU); on a GPU
+//! neither precision is bit for bit (cuDNN picks its algorithms by timing them, and some of its
+//! backward kernels add in a varying order).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +32,7 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::generator::Generator;
+use crate::precision::Precision;
 
 /// How a model is trained; every value comes from the recipe.
 #[derive(Debug, Clone)]
@@ -46,6 +62,8 @@ pub struct Settings {
     pub seed: u64,
     /// Stop after this step as if the process had been killed there (tests of resuming).
     pub interrupt_after: Option<i64>,
+    /// The forward pass's arithmetic (see the module doc).
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -147,14 +165,15 @@ pub fn train(
 ) -> Result<Record, OpError> {
     s.check()?;
     let device = vs.device();
-    let params = named(vs);
-    let ema = named(ema_vs);
-    if params.keys().ne(ema.keys()) {
+    crate::benchmark_convolutions(device);
+    let vars = named(vs);
+    let ema_vars = named(ema_vs);
+    if vars.keys().ne(ema_vars.keys()) {
         return Err(OpError::Failed(
             "the EMA copy does not match the model".into(),
         ));
     }
-    let mut adam = Adam::new(&params);
+    let mut flat = Flat::new(&vars, &ema_vars)?;
     let mut record = Record {
         loss_curve: Vec::new(),
         images_per_second: 0.0,
@@ -162,21 +181,20 @@ pub fn train(
         resumed_from: 0,
         kept: Vec::new(),
     };
+    let mut losses = Losses::new(s);
     let state_dir = work.join("state");
     let mut start = 0;
     if let Some(saved) = Checkpoint::load(&state_dir)? {
-        saved.restore(&params, &ema, &mut adam)?;
+        saved.restore(&vars, &ema_vars, &mut flat)?;
         start = saved.step;
         record = saved.record;
         record.resumed_from = start;
+        losses.open = saved.window;
     }
     std::fs::create_dir_all(work.join("checkpoints"))
         .map_err(OpError::io("create", work.join("checkpoints")))?;
 
     let n = data.images.size()[0];
-    let window = (s.steps / 50).max(1);
-    let (mut window_loss, mut window_steps) = (0.0, 0);
-    let mut recent_loss = None;
     let loop_start = Instant::now();
     let mut last_report = Instant::now();
     let mut reported_step = start;
@@ -197,41 +215,24 @@ pub fn train(
         } else {
             0.0
         };
-        let loss = model.loss(&x0, &tokens, &drop, offset);
+        let loss = s
+            .precision
+            .run(device, || model.loss(&x0, &tokens, &drop, offset));
 
-        adam.zero_grad(&params);
-        loss.backward();
-        adam.step(&params, s.lr_at(k), s.weight_decay);
-        let decay = s.ema.min((1.0 + k as f64) / (10.0 + k as f64));
-        tch::no_grad(|| {
-            for (name, p) in &params {
-                let _ = ema[name].shallow_clone().lerp_(p, 1.0 - decay);
-            }
-        });
+        let grads = flat.gradients(&loss);
+        flat.adamw(&grads, s.lr_at(k), s.weight_decay);
+        flat.ema(s.ema.min((1.0 + k as f64) / (10.0 + k as f64)));
+        losses.push(k, &loss);
 
-        let l = loss.double_value(&[]);
-        if !l.is_finite() {
-            return Err(OpError::Failed(format!(
-                "the loss is {l} at step {}: training diverged (lower lr?)",
-                k + 1
-            )));
-        }
-        window_loss += l;
-        window_steps += 1;
         let done = k + 1;
-        if done % window == 0 || done == s.steps {
-            let mean = window_loss / window_steps as f64;
-            record.loss_curve.push((done, mean));
-            recent_loss = Some(mean);
-            (window_loss, window_steps) = (0.0, 0);
-        }
         if last_report.elapsed().as_millis() >= 500 || done == s.steps {
+            losses.read(&mut record.loss_curve)?;
             let secs = last_report.elapsed().as_secs_f64();
             ctx.report(&Progress {
                 done: done as u64,
                 total: Some(s.steps as u64),
                 unit: "step".into(),
-                loss: recent_loss.or(Some(l)),
+                loss: record.loss_curve.last().map(|p| p.1).or(losses.last),
                 rate: Some((done - reported_step) as f64 * s.batch as f64 / secs.max(1e-9)),
             });
             last_report = Instant::now();
@@ -248,19 +249,26 @@ pub fn train(
                     .map_err(|e| OpError::Failed(format!("saving `{}`: {e}", path.display())))?;
                 record.kept.push(done);
             }
+            losses.read(&mut record.loss_curve)?;
             let elapsed = (loop_start.elapsed() - paused).as_secs_f64();
             let mut snapshot = record.clone();
             snapshot.train_seconds += elapsed;
             Checkpoint {
                 step: done,
                 record: snapshot,
+                window: losses.open,
             }
-            .save(&state_dir, &params, &ema, &adam)?;
+            .save(&state_dir, &vars, &ema_vars, &flat)?;
             paused += pause.elapsed();
         }
         if s.interrupt_after == Some(done) {
             return Err(OpError::Failed(format!("interrupted after step {done}")));
         }
+    }
+    losses.read(&mut record.loss_curve)?;
+    // The host runs ahead of a GPU: the loop is over when the device has done its work.
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
     }
     let elapsed = (loop_start.elapsed() - paused).as_secs_f64();
     record.train_seconds += elapsed;
@@ -288,79 +296,250 @@ fn named(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
     vs.variables().into_iter().collect()
 }
 
-/// AdamW (decoupled weight decay), written out so that its moments can be saved and
-/// restored: resuming must continue the very same optimisation.
-struct Adam {
-    m: BTreeMap<String, Tensor>,
-    v: BTreeMap<String, Tensor>,
+/// The per-step losses, kept on the device until the host needs them, and the loss curve's
+/// open window: a point of the curve is the mean loss over `window` steps (the run's steps / 50).
+struct Losses {
+    /// (0-based step, loss) not yet read.
+    pending: Vec<(i64, Tensor)>,
+    window: i64,
     steps: i64,
+    /// (sum, count) of the losses of the window not yet closed.
+    open: (f64, i64),
+    /// The last loss read.
+    last: Option<f64>,
 }
 
-impl Adam {
+impl Losses {
+    fn new(s: &Settings) -> Losses {
+        Losses {
+            pending: Vec::new(),
+            window: (s.steps / 50).max(1),
+            steps: s.steps,
+            open: (0.0, 0),
+            last: None,
+        }
+    }
+
+    fn push(&mut self, k: i64, loss: &Tensor) {
+        self.pending.push((k, loss.detach()));
+    }
+
+    /// Read the pending losses (one transfer, which waits for the device), closing the windows
+    /// they complete into `curve`. A loss that is not finite fails the run, naming its step.
+    fn read(&mut self, curve: &mut Vec<(i64, f64)>) -> Result<(), OpError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let all: Vec<&Tensor> = self.pending.iter().map(|(_, l)| l).collect();
+        let values = Vec::<f32>::try_from(
+            Tensor::stack(&all, 0)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu),
+        )
+        .map_err(|e| OpError::Failed(format!("reading the losses: {e}")))?;
+        for (&(k, _), value) in self.pending.iter().zip(values) {
+            let l = f64::from(value);
+            if !l.is_finite() {
+                return Err(OpError::Failed(format!(
+                    "the loss is {l} at step {}: training diverged (lower lr?)",
+                    k + 1
+                )));
+            }
+            self.last = Some(l);
+            self.open.0 += l;
+            self.open.1 += 1;
+            let done = k + 1;
+            if done % self.window == 0 || done == self.steps {
+                curve.push((done, self.open.0 / self.open.1 as f64));
+                self.open = (0.0, 0);
+            }
+        }
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// Where each trainable parameter lives in the flat buffers.
+struct Slot {
+    name: String,
+    offset: i64,
+    shape: Vec<i64>,
+    numel: i64,
+    /// Unused elements after it, up to the next parameter's aligned start.
+    gap: i64,
+}
+
+/// The trainable weights of a model, their EMA and AdamW's moments of them (decoupled weight
+/// decay, written out so that the moments can be saved and restored: resuming must continue the
+/// very same optimisation), each one flat float32 buffer in one layout. The model's and the EMA
+/// store's variables are views into `weights` and `ema`, so the model reads what the optimiser
+/// writes, and saving either store saves the current values.
+///
+/// Every parameter starts at a multiple of [`Flat::ALIGN`] elements, as a tensor allocated on its
+/// own would (libtorch aligns CPU memory to 64 bytes, CUDA's to 512): convolution and matrix
+/// kernels then take the same paths as for separate tensors (MKL's results may depend on
+/// alignment). The gaps are zero and stay zero: their gradient is zero, so AdamW and the EMA
+/// leave them at zero.
+///
+/// Variables that do not train (the masked transformer's codebook) are not in the buffers:
+/// neither AdamW nor the EMA touches them, and the EMA copy keeps the value it started with,
+/// which is the model's.
+struct Flat {
+    slots: Vec<Slot>,
+    /// The model's trainable variables, in slot order.
+    params: Vec<Tensor>,
+    weights: Tensor,
+    ema: Tensor,
+    m: Tensor,
+    v: Tensor,
+    adam_steps: i64,
+    /// Zeros, as long as the longest gap.
+    zeros: Tensor,
+}
+
+impl Flat {
+    const ALIGN: i64 = 128;
     const BETA1: f64 = 0.9;
     const BETA2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    fn new(params: &BTreeMap<String, Tensor>) -> Adam {
-        let zeros = || {
-            params
-                .iter()
-                .map(|(k, p)| (k.clone(), p.zeros_like()))
-                .collect()
-        };
-        Adam {
-            m: zeros(),
-            v: zeros(),
-            steps: 0,
+    fn new(
+        vars: &BTreeMap<String, Tensor>,
+        ema_vars: &BTreeMap<String, Tensor>,
+    ) -> Result<Flat, OpError> {
+        let mut slots = Vec::new();
+        let mut params = Vec::new();
+        let mut end = 0;
+        for (name, t) in vars.iter().filter(|(_, t)| t.requires_grad()) {
+            if t.kind() != Kind::Float {
+                return Err(OpError::Failed(format!(
+                    "parameter `{name}` is {:?}; training keeps float32 weights",
+                    t.kind()
+                )));
+            }
+            let offset = end;
+            let numel = t.numel() as i64;
+            end = (offset + numel + Self::ALIGN - 1) / Self::ALIGN * Self::ALIGN;
+            slots.push(Slot {
+                name: name.clone(),
+                offset,
+                shape: t.size(),
+                numel,
+                gap: end - offset - numel,
+            });
+            params.push(t.shallow_clone());
         }
+        let device = params.first().map_or(Device::Cpu, |t| t.device());
+        let ema: Vec<Tensor> = slots
+            .iter()
+            .map(|slot| ema_vars[&slot.name].shallow_clone())
+            .collect();
+        let zeros = |len: i64| Tensor::zeros([len], (Kind::Float, device));
+        let weights = adopt(&slots, &params, zeros(end));
+        let ema = adopt(&slots, &ema, zeros(end));
+        Ok(Flat {
+            m: weights.zeros_like(),
+            v: weights.zeros_like(),
+            zeros: zeros(Self::ALIGN),
+            slots,
+            params,
+            weights,
+            ema,
+            adam_steps: 0,
+        })
     }
 
-    fn zero_grad(&self, params: &BTreeMap<String, Tensor>) {
-        for p in params.values() {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
+    /// The gradient of `loss` with respect to every trainable parameter, in the flat layout.
+    /// Autograd hands them back without accumulating into (and so without first zeroing) each
+    /// parameter's `.grad`. A parameter the loss does not reach gets zeros.
+    fn gradients(&self, loss: &Tensor) -> Tensor {
+        let grads = Tensor::run_backward(&[loss], &self.params, false, false);
+        let mut pieces = Vec::with_capacity(2 * grads.len());
+        for (slot, g) in self.slots.iter().zip(&grads) {
+            pieces.push(if g.defined() {
+                g.reshape([-1])
+            } else {
+                self.weights.narrow(0, slot.offset, slot.numel).zeros_like()
+            });
+            if slot.gap > 0 {
+                pieces.push(self.zeros.narrow(0, 0, slot.gap));
             }
         }
+        Tensor::cat(&pieces, 0)
     }
 
-    fn step(&mut self, params: &BTreeMap<String, Tensor>, lr: f64, weight_decay: f64) {
-        self.steps += 1;
-        let bc1 = 1.0 - Self::BETA1.powi(self.steps as i32);
-        let bc2 = 1.0 - Self::BETA2.powi(self.steps as i32);
+    /// One AdamW step with gradients `g` (flat): the same arithmetic, element by element, as
+    /// when each parameter was updated on its own.
+    fn adamw(&mut self, g: &Tensor, lr: f64, weight_decay: f64) {
+        self.adam_steps += 1;
+        let bc1 = 1.0 - Self::BETA1.powi(self.adam_steps as i32);
+        let bc2 = 1.0 - Self::BETA2.powi(self.adam_steps as i32);
         tch::no_grad(|| {
-            for (name, p) in params {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let mut p = p.shallow_clone();
-                let m = self.m[name].shallow_clone().lerp_(&g, 1.0 - Self::BETA1);
-                let v = self.v[name]
-                    .shallow_clone()
-                    .lerp_(&g.square(), 1.0 - Self::BETA2);
-                if weight_decay > 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
-                }
-                let update = m / ((v / bc2).sqrt() + Self::EPS) * (lr / bc1);
-                let _ = p.g_sub_(&update);
+            let _ = self.m.lerp_(g, 1.0 - Self::BETA1);
+            let _ = self.v.lerp_(&g.square(), 1.0 - Self::BETA2);
+            if weight_decay > 0.0 {
+                let _ = self.weights.g_mul_scalar_(1.0 - lr * weight_decay);
             }
+            let update = &self.m / ((&self.v / bc2).sqrt() + Self::EPS) * (lr / bc1);
+            let _ = self.weights.g_sub_(&update);
         });
+    }
+
+    /// Move the EMA weights towards the weights: ema ← decay·ema + (1 − decay)·weights.
+    fn ema(&mut self, decay: f64) {
+        tch::no_grad(|| {
+            let _ = self.ema.lerp_(&self.weights, 1.0 - decay);
+        });
+    }
+
+    /// The moments `m` or `v` of each parameter, by name, as views of the flat buffer.
+    fn moments<'a>(&'a self, flat: &'a Tensor) -> impl Iterator<Item = (&'a str, Tensor)> + 'a {
+        self.slots.iter().map(move |slot| {
+            let view = flat
+                .narrow(0, slot.offset, slot.numel)
+                .view(slot.shape.as_slice());
+            (slot.name.as_str(), view)
+        })
     }
 }
 
-/// A resumable state: `state.safetensors` (weights `w/…`, EMA `ema/…`, moments `m/…`,
-/// `v/…`) and `state.json` (step, the record so far).
+/// A flat buffer `flat` holding the values of `vars`, which become views into it.
+fn adopt(slots: &[Slot], vars: &[Tensor], flat: Tensor) -> Tensor {
+    tch::no_grad(|| {
+        for (slot, var) in slots.iter().zip(vars) {
+            let mut view = flat
+                .narrow(0, slot.offset, slot.numel)
+                .view(slot.shape.as_slice());
+            view.copy_(var);
+            var.shallow_clone().set_data(&view);
+        }
+    });
+    flat
+}
+
+/// A resumable state: `state.safetensors` (weights `w/…` and EMA `ema/…` of every variable,
+/// AdamW's moments `m/…`, `v/…` of the trainable ones) and `state.json` (step, the record so
+/// far, the loss curve's open window).
 struct Checkpoint {
     step: i64,
     record: Record,
+    window: (f64, i64),
 }
 
+/// The loss figures of a checkpoint go into `state.json` as the bits of each f64: serde_json
+/// may parse a decimal back a unit in the last place off, and a resumed run must carry on with
+/// the very numbers an uninterrupted one has (they end up in `metrics.json`).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CheckpointMeta {
     step: i64,
     adam_steps: i64,
+    /// The record so far; its loss curve is `loss_curve`'s.
     record: Record,
+    /// (step, mean loss's bits).
+    loss_curve: Vec<(i64, u64)>,
+    /// (sum's bits, count) of the losses since the curve's last point: a run resumed inside a
+    /// window closes it with the same mean as an uninterrupted one.
+    window: (u64, i64),
 }
 
 impl Checkpoint {
@@ -368,18 +547,23 @@ impl Checkpoint {
     fn save(
         &self,
         dir: &Path,
-        params: &BTreeMap<String, Tensor>,
+        vars: &BTreeMap<String, Tensor>,
         ema: &BTreeMap<String, Tensor>,
-        adam: &Adam,
+        flat: &Flat,
     ) -> Result<(), OpError> {
         let tmp = dir.with_extension("tmp");
         let old = dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(OpError::io("create", &tmp))?;
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (prefix, map) in [("w", params), ("ema", ema), ("m", &adam.m), ("v", &adam.v)] {
+        for (prefix, map) in [("w", vars), ("ema", ema)] {
             for (name, t) in map {
                 tensors.push((format!("{prefix}/{name}"), t.shallow_clone()));
+            }
+        }
+        for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
+            for (name, t) in flat.moments(moment) {
+                tensors.push((format!("{prefix}/{name}"), t));
             }
         }
         let weights = tmp.join("state.safetensors");
@@ -387,8 +571,15 @@ impl Checkpoint {
             .map_err(|e| OpError::Failed(format!("writing `{}`: {e}", weights.display())))?;
         let meta = CheckpointMeta {
             step: self.step,
-            adam_steps: adam.steps,
-            record: self.record.clone(),
+            adam_steps: flat.adam_steps,
+            record: Record {
+                loss_curve: Vec::new(),
+                ..self.record.clone()
+            },
+            loss_curve: (self.record.loss_curve.iter())
+                .map(|&(step, loss)| (step, loss.to_bits()))
+                .collect(),
+            window: (self.window.0.to_bits(), self.window.1),
         };
         let json = tmp.join("state.json");
         std::fs::write(&json, serde_json::to_vec(&meta).expect("state serialises"))
@@ -417,10 +608,17 @@ impl Checkpoint {
                 .map_err(|e| OpError::Failed(format!("reading `{}`: {e}", weights.display())))?
                 .into_iter()
                 .collect();
+            let loss_curve = (meta.loss_curve.iter())
+                .map(|&(step, bits)| (step, f64::from_bits(bits)))
+                .collect();
             return Ok(Some(Loaded {
                 step: meta.step,
                 adam_steps: meta.adam_steps,
-                record: meta.record,
+                record: Record {
+                    loss_curve,
+                    ..meta.record
+                },
+                window: (f64::from_bits(meta.window.0), meta.window.1),
                 tensors,
             }));
         }
@@ -432,33 +630,42 @@ struct Loaded {
     step: i64,
     adam_steps: i64,
     record: Record,
+    window: (f64, i64),
     tensors: BTreeMap<String, Tensor>,
 }
 
 impl Loaded {
+    /// Copy the saved values into the variables and the flat buffers (through their views).
     fn restore(
         &self,
-        params: &BTreeMap<String, Tensor>,
+        vars: &BTreeMap<String, Tensor>,
         ema: &BTreeMap<String, Tensor>,
-        adam: &mut Adam,
+        flat: &mut Flat,
     ) -> Result<(), OpError> {
+        let mut targets: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, map) in [("w", vars), ("ema", ema)] {
+            for (name, t) in map {
+                targets.push((format!("{prefix}/{name}"), t.shallow_clone()));
+            }
+        }
+        for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
+            for (name, t) in flat.moments(moment) {
+                targets.push((format!("{prefix}/{name}"), t));
+            }
+        }
         tch::no_grad(|| {
-            for (prefix, map) in [("w", params), ("ema", ema), ("m", &adam.m), ("v", &adam.v)] {
-                for (name, t) in map {
-                    let key = format!("{prefix}/{name}");
-                    let saved = self.tensors.get(&key).ok_or_else(|| {
-                        OpError::Failed(format!(
-                            "the resume state lacks `{key}`: it was saved by another model"
-                        ))
-                    })?;
-                    t.shallow_clone()
-                        .f_copy_(&saved.to_device(t.device()))
-                        .map_err(|e| OpError::Failed(format!("restoring `{key}`: {e}")))?;
-                }
+            for (key, mut t) in targets {
+                let saved = self.tensors.get(&key).ok_or_else(|| {
+                    OpError::Failed(format!(
+                        "the resume state lacks `{key}`: it was saved by another model"
+                    ))
+                })?;
+                t.f_copy_(&saved.to_device(t.device()))
+                    .map_err(|e| OpError::Failed(format!("restoring `{key}`: {e}")))?;
             }
             Ok::<(), OpError>(())
         })?;
-        adam.steps = self.adam_steps;
+        flat.adam_steps = self.adam_steps;
         Ok(())
     }
 }
@@ -477,4 +684,96 @@ pub fn parameter_count(vs: &nn::VarStore) -> i64 {
         .iter()
         .map(|t| t.numel() as i64)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AdamW as it was written per parameter before the flat buffers: the reference the flat
+    /// update must match bit for bit.
+    fn adamw_per_parameter(
+        p: &mut Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        g: &Tensor,
+        step: i32,
+        lr: f64,
+        wd: f64,
+    ) {
+        let bc1 = 1.0 - Flat::BETA1.powi(step);
+        let bc2 = 1.0 - Flat::BETA2.powi(step);
+        let _ = m.lerp_(g, 1.0 - Flat::BETA1);
+        let _ = v.lerp_(&g.square(), 1.0 - Flat::BETA2);
+        let _ = p.g_mul_scalar_(1.0 - lr * wd);
+        let update = &*m / ((&*v / bc2).sqrt() + Flat::EPS) * (lr / bc1);
+        let _ = p.g_sub_(&update);
+    }
+
+    #[test]
+    fn the_flat_optimiser_and_ema_match_per_parameter_updates_bit_for_bit() {
+        // Odd sizes, so that parameters straddle vector widths and leave gaps.
+        let shapes: [&[i64]; 4] = [&[3], &[5, 7], &[130], &[2, 3, 3, 3]];
+        let store = || {
+            tch::manual_seed(1);
+            let vs = nn::VarStore::new(Device::Cpu);
+            for (i, shape) in shapes.iter().enumerate() {
+                let _ = vs.root().randn(&format!("p{i}"), shape, 0.0, 1.0);
+            }
+            // A variable that does not train stays out of the buffers.
+            let _ = vs.root().ones_no_train("fixed", &[4]);
+            vs
+        };
+        let (vs, ema_vs, reference, reference_ema) = (store(), store(), store(), store());
+        let mut flat = Flat::new(&named(&vs), &named(&ema_vs)).unwrap();
+        assert_eq!(flat.slots.len(), shapes.len());
+        assert!(flat.slots.iter().all(|s| s.offset % Flat::ALIGN == 0));
+
+        let trained = |vs: &nn::VarStore| {
+            let mut vars = named(vs);
+            vars.remove("fixed");
+            vars
+        };
+        let mut moments: BTreeMap<String, (Tensor, Tensor)> = trained(&reference)
+            .into_iter()
+            .map(|(k, t)| (k, (t.zeros_like(), t.zeros_like())))
+            .collect();
+        tch::manual_seed(2);
+        for step in 1..=5 {
+            let grads: BTreeMap<String, Tensor> = trained(&reference)
+                .into_iter()
+                .map(|(k, t)| (k, t.randn_like()))
+                .collect();
+            // The same gradients in the flat layout.
+            let g = flat.weights.zeros_like();
+            for slot in &flat.slots {
+                g.narrow(0, slot.offset, slot.numel)
+                    .copy_(&grads[&slot.name].reshape([-1]));
+            }
+            let (lr, wd, decay) = (0.01 * step as f64, 0.1, 0.9);
+            flat.adamw(&g, lr, wd);
+            flat.ema(decay);
+            tch::no_grad(|| {
+                let ema = trained(&reference_ema);
+                for (name, mut p) in trained(&reference) {
+                    let (m, v) = moments.get_mut(&name).unwrap();
+                    adamw_per_parameter(&mut p, m, v, &grads[&name], step, lr, wd);
+                    let _ = ema[&name].shallow_clone().lerp_(&p, 1.0 - decay);
+                }
+            });
+        }
+        for (mine, theirs) in [(&vs, &reference), (&ema_vs, &reference_ema)] {
+            for (name, t) in named(mine) {
+                assert!(t.equal(&named(theirs)[&name]), "{name}");
+            }
+        }
+        // The model's variables are views of the buffer the optimiser wrote, and the gaps
+        // between them are still zero.
+        for slot in &flat.slots {
+            let view = flat.weights.narrow(0, slot.offset, slot.numel);
+            assert!(view.equal(&named(&vs)[&slot.name].reshape([-1])));
+            let gap = flat.weights.narrow(0, slot.offset + slot.numel, slot.gap);
+            assert_eq!(gap.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        }
+    }
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use needle_models::diffusion::{Model, ModelConfig};
+use needle_models::precision::Precision;
 use needle_models::pretrain::{PretrainOp, QualityTuneOp};
 use needle_models::sample::SampleOp;
 use needle_models::text::Vocabulary;
@@ -141,10 +142,21 @@ fn pretrain_lowers_the_loss_and_sampling_pairs_models_image_by_image() {
     let grid = image::open(dir("a").join("grid.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (3 * 65 + 1, 2 * 65 + 1));
 
+    // bf16 too.
+    let bf16 = merged(&prompts, json!({"precision": "bf16"}));
+    for out in ["h", "h2"] {
+        run(
+            &SampleOp,
+            bf16.clone(),
+            &[("model", &dir("pretrained"))],
+            &dir(out),
+        );
+    }
     // Deterministic: the same model and params give the same bytes.
     for rec in a.records() {
         let read = |d: &str| std::fs::read(dir(d).join(&rec.file_name)).unwrap();
         assert_eq!(read("a"), read("a2"), "{}", rec.file_name);
+        assert_eq!(read("h"), read("h2"), "bf16 {}", rec.file_name);
     }
     // Another model, the same (prompt, seed) pairs: same names, other images.
     let b = Dataset::open(dir("b")).unwrap();
@@ -249,7 +261,9 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     let pixels = data.load_pixels(1).unwrap();
     let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
     let settings = Settings {
-        steps: 30,
+        // 100 steps: a point of the loss curve every 2, so the checkpoint at 21 falls inside a
+        // window, which the resumed run must close with the uninterrupted run's mean.
+        steps: 100,
         batch: 8,
         lr: 0.002,
         schedule: LrSchedule::Cosine,
@@ -258,15 +272,16 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
         ema: 0.9,
         caption_dropout: 0.2,
         offset_noise: 0.1,
-        offset_from: 15,
+        offset_from: 50,
         flip: true,
-        save_every: 10,
+        save_every: 7,
         keep_every: 0,
         seed: 5,
         interrupt_after: None,
+        precision: Precision::Fp32,
     };
     // Train from the same initial weights: once straight through, once cut after step 25 (its
-    // last checkpoint at 20) and run again.
+    // last checkpoint at 21) and run again; in either precision, the same bytes.
     let train_in = |work: &Path, s: &Settings| {
         tch::manual_seed(1);
         let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -283,30 +298,49 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
         let result = train::train(&ctx, &model, &vs, &ema, &examples, s, work);
         (result, vs, ema)
     };
-    let (whole, vs_whole, ema_whole) = train_in(&dir("whole"), &settings);
-    let whole = whole.unwrap();
-    assert_eq!(whole.resumed_from, 0);
+    let mut finals = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let settings = Settings {
+            precision,
+            ..settings.clone()
+        };
+        let name = |what: &str| dir(&format!("{what}-{}", precision.name()));
+        let (whole, vs_whole, ema_whole) = train_in(&name("whole"), &settings);
+        let whole = whole.unwrap();
+        assert_eq!(whole.resumed_from, 0);
 
-    let cut = Settings {
-        interrupt_after: Some(25),
-        ..settings.clone()
-    };
-    let (err, ..) = train_in(&dir("cut"), &cut);
-    assert!(
-        err.unwrap_err()
-            .to_string()
-            .contains("interrupted after step 25")
-    );
-    let (resumed, vs_resumed, ema_resumed) = train_in(&dir("cut"), &settings);
-    let resumed = resumed.unwrap();
-    assert_eq!(resumed.resumed_from, 20);
-    assert_eq!(resumed.loss_curve, whole.loss_curve);
-    for (a, b) in [(&vs_whole, &vs_resumed), (&ema_whole, &ema_resumed)] {
-        let (a, b) = (a.variables(), b.variables());
-        for (name, t) in &a {
-            assert!(t.equal(&b[name]), "{name} differs after resuming");
+        let cut = Settings {
+            interrupt_after: Some(25),
+            ..settings.clone()
+        };
+        let (err, ..) = train_in(&name("cut"), &cut);
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("interrupted after step 25")
+        );
+        let (resumed, vs_resumed, ema_resumed) = train_in(&name("cut"), &settings);
+        let resumed = resumed.unwrap();
+        assert_eq!(resumed.resumed_from, 21, "{precision:?}");
+        assert_eq!(resumed.loss_curve.len(), 50);
+        assert_eq!(resumed.loss_curve, whole.loss_curve, "{precision:?}");
+        for (a, b) in [(&vs_whole, &vs_resumed), (&ema_whole, &ema_resumed)] {
+            let (a, b) = (a.variables(), b.variables());
+            for (name, t) in &a {
+                assert!(
+                    t.equal(&b[name]),
+                    "{name} differs after resuming ({precision:?})"
+                );
+            }
         }
+        finals.push(ema_whole.variables());
     }
+    // bf16 is another computation: it must not have run as fp32.
+    let differ = finals[0]
+        .iter()
+        .filter(|(name, t)| !t.equal(&finals[1][*name]))
+        .count();
+    assert!(differ > 0, "bf16 trained exactly as fp32");
 }
 
 #[test]

@@ -347,7 +347,18 @@ fn training_params(
             json!(0),
             "seed of the initialisation and of every step's draws",
         ),
+        precision(),
     ]
+}
+
+/// The arithmetic of a generative op's network (`needle_models::precision`).
+fn precision() -> ParamSpec {
+    p(
+        "precision",
+        ParamType::Choice(&["fp32", "bf16"]),
+        json!("fp32"),
+        "fp32, or bf16: the forward and backward passes under bfloat16 autocast, weights, optimizer and EMA kept in float32 (mostly for GPUs; the same bytes run after run on one kind of CPU, on a GPU in neither precision)",
+    )
 }
 
 /// `pretrain`: see `needle_models::pretrain`.
@@ -518,6 +529,7 @@ pub fn sample() -> OpSchema {
                 json!(4),
                 "each image's enlargement in grid.png",
             ),
+            precision(),
         ]),
         inputs: InputsSchema::Fixed(vec![
             InputSpec {
