@@ -80,7 +80,7 @@ impl Store {
             .iter()
             .flatten()
             .any(|p| p.files.iter().any(|a| a.pending.is_some()));
-        if any_pending && let Err(e) = fsutil::syncfs(&self.root.join("blobs")) {
+        if any_pending && let Err(e) = self.sync_blobs("absorb.sync-read-only") {
             self.take_back(&placed, &[]);
             return dirs.iter().map(|_| Err(e.duplicate())).collect();
         }
@@ -91,7 +91,7 @@ impl Store {
             }
         }
         // The renames (and blobs copied in) must be durable before any record points at them.
-        if let Err(e) = fsutil::syncfs(&self.root.join("blobs")) {
+        if let Err(e) = self.sync_blobs("absorb.sync-placed") {
             self.take_back(&placed, &[]);
             return dirs.iter().map(|_| Err(e.duplicate())).collect();
         }
@@ -156,7 +156,8 @@ impl Store {
         }
         // No look first: renaming onto an existing view (a non-empty directory) fails, and
         // onto an empty one (the empty artifact) replaces it with its equal.
-        fs::set_permissions(dir, Permissions::from_mode(0o555))
+        self.fault_point("absorb.adopt-view")
+            .and_then(|()| fs::set_permissions(dir, Permissions::from_mode(0o555)))
             .and_then(|()| set_store_time(dir))
             .map_err(StoreError::io("make read-only", dir))?;
         if let Err(e) = fs::rename(dir, &dest) {
@@ -219,7 +220,10 @@ impl Store {
             self.ensure_fanout(&a.blob)?;
             let dest = self.blob_path(&a.blob);
             if dir.adoptable {
-                match fs::hard_link(&src, &dest) {
+                match self
+                    .fault_point("absorb.link")
+                    .and_then(|()| fs::hard_link(&src, &dest))
+                {
                     Ok(()) => {
                         placed.push(a.blob);
                         self.mark_verified(a.blob);
@@ -231,7 +235,9 @@ impl Store {
                     Err(_) => dir.adoptable = false,
                 }
             }
-            fs::rename(&src, &dest).map_err(StoreError::io("move into the store", &src))?;
+            self.fault_point("absorb.rename")
+                .and_then(|()| fs::rename(&src, &dest))
+                .map_err(StoreError::io("move into the store", &src))?;
             placed.push(a.blob);
             self.mark_verified(a.blob);
         }
@@ -241,8 +247,16 @@ impl Store {
     pub(super) fn absorb_file_copy_inner(&self, path: &Path) -> Result<BlobDigest, StoreError> {
         let a = self.copy_in(path, &mut Vec::new(), &Placed::default())?;
         // The rename, and the fan-out dir it may have needed, durable before any record.
-        fsutil::syncfs(&self.root.join("blobs"))?;
+        self.sync_blobs("absorb.sync-placed")?;
         Ok(a.blob)
+    }
+
+    /// `syncfs` of the store's filesystem, through the fault point `point`.
+    fn sync_blobs(&self, point: &'static str) -> Result<(), StoreError> {
+        let blobs = self.root.join("blobs");
+        self.fault_point(point)
+            .map_err(StoreError::io("sync the filesystem of", &blobs))?;
+        fsutil::syncfs(&blobs)
     }
 
     /// Make sure the fan-out dir of `blob` exists before a blob is renamed into it. Not
@@ -255,7 +269,10 @@ impl Store {
         }
         let _guard = self.fanout_lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self.fanout.is_known(b) {
-            fsutil::ensure_dir(&self.root.join("blobs").join(format!("{b:02x}")))?;
+            let dir = self.root.join("blobs").join(format!("{b:02x}"));
+            self.fault_point("absorb.fan-out-dir")
+                .map_err(StoreError::io("create directory", &dir))?;
+            fsutil::ensure_dir(&dir)?;
             self.fanout.set_known(b);
         }
         Ok(())
@@ -328,7 +345,8 @@ impl Store {
             });
         }
         // Read-only, and the store's time: a later write to the blob shows (see `guard.rs`).
-        file.set_permissions(Permissions::from_mode(0o444))
+        self.fault_point("absorb.make-read-only")
+            .and_then(|()| file.set_permissions(Permissions::from_mode(0o444)))
             .and_then(|()| file.set_modified(store_time()))
             .map_err(StoreError::io("make read-only", path))?;
         Ok(hashed)
@@ -437,7 +455,8 @@ impl Store {
                 Err(e) => return Err(StoreError::io("read", src)(e)),
             };
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
+            self.fault_point("absorb.copy")
+                .and_then(|()| out.write_all(&buf[..n]))
                 .map_err(StoreError::io("write", &tmp))?;
             size += n as u64;
         }
@@ -457,7 +476,9 @@ impl Store {
             });
         }
         self.ensure_fanout(&blob)?;
-        fs::rename(&tmp, &dest).map_err(StoreError::io("move into the store", &tmp))?;
+        self.fault_point("absorb.rename")
+            .and_then(|()| fs::rename(&tmp, &dest))
+            .map_err(StoreError::io("move into the store", &tmp))?;
         guard.0 = None;
         placed.push(blob);
         self.mark_verified(blob);

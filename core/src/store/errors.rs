@@ -258,7 +258,7 @@ impl StoreError {
             } => StoreError::Io {
                 action,
                 path: path.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
+                source: copy_io(source),
             },
             StoreError::NoSpace {
                 mount,
@@ -267,9 +267,7 @@ impl StoreError {
             } => StoreError::NoSpace {
                 mount: mount.clone(),
                 free: *free,
-                source: source
-                    .as_ref()
-                    .map(|e| std::io::Error::new(e.kind(), e.to_string())),
+                source: source.as_ref().map(copy_io),
             },
             other => StoreError::corrupt(other.to_string()),
         }
@@ -297,5 +295,13 @@ impl StoreError {
             what: what.into(),
             source: None,
         }
+    }
+}
+
+/// The same error again, with its `errno` where it has one.
+fn copy_io(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }

@@ -96,6 +96,8 @@ impl Store {
         if ops.is_empty() {
             return Ok(out);
         }
+        self.fault_point("journal.append")
+            .map_err(StoreError::io("append to", journal.path()))?;
         let pos = journal.append(&ops)?;
         #[cfg(test)]
         if STOP_AFTER_JOURNAL.with(std::cell::Cell::get) {
@@ -103,10 +105,19 @@ impl Store {
             journal.poison();
             return Err(StoreError::corrupt("stopped after the journal (a test)"));
         }
-        let applied = apply_tx(&self.trees, &ops, Some(pos)).and_then(|()| {
-            self.db.flush()?;
-            Ok(())
-        });
+        let sled_fault = |point| {
+            self.fault_point(point).map_err(StoreError::io(
+                "write the metadata in",
+                self.root.join("meta"),
+            ))
+        };
+        let applied = sled_fault("sled.transaction")
+            .and_then(|()| apply_tx(&self.trees, &ops, Some(pos)))
+            .and_then(|()| sled_fault("sled.flush"))
+            .and_then(|()| {
+                self.db.flush()?;
+                Ok(())
+            });
         if let Err(e) = applied {
             journal.poison();
             return Err(e);

@@ -79,6 +79,7 @@
 
 mod blobs;
 mod errors;
+mod faults;
 mod fsutil;
 mod gather;
 mod gc;
@@ -106,6 +107,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use errors::{StoreError, human_bytes};
+pub use faults::{FaultAction, FaultPlan, FaultTrigger};
 pub use gather::{GATHER_INDEX, GATHER_PREFIX, gather_entry};
 pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};
 pub use guard::{
@@ -167,6 +169,8 @@ pub struct Store {
     /// Where every change to the metadata goes first (`journal.rs`); held across the change's
     /// sled transaction, so the journal's order is sled's. `None` for a read-only store.
     journal: Mutex<Option<journal::Journal>>,
+    /// Faults a test injects into the writes (`faults.rs`); `None` but in tests.
+    faults: Option<Box<faults::FaultPlan>>,
     // Declared last, so it is dropped last: the lock is released only once sled is closed.
     #[allow(dead_code)] // held for its `flock`
     lock: lock::StoreLock,
@@ -367,6 +371,7 @@ impl Store {
             verified_blobs: Mutex::new(Default::default()),
             snapshot: None,
             journal: Mutex::new(journal),
+            faults: faults::FaultPlan::from_env()?.map(Box::new),
             lock,
         })
     }
@@ -453,6 +458,7 @@ impl Store {
             verified_blobs: Mutex::new(Default::default()),
             snapshot: Some(snapshot),
             journal: Mutex::new(None),
+            faults: None,
             lock: lock::StoreLock::none(),
         })
     }
@@ -875,6 +881,8 @@ fn open_sled(path: &Path, root: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
+#[cfg(test)]
+mod fault_injection_tests;
 #[cfg(test)]
 mod fault_tests;
 #[cfg(test)]
