@@ -386,6 +386,14 @@ pub fn job_script(launch: &Launch, slot: &Path, gpus: u32) -> Vec<u8> {
     s.extend_from_slice(b"printf '%s\\n%s\\n' \"$(hostname)\" \"${CUDA_VISIBLE_DEVICES-}\" > ");
     quote_into(&mut s, slot.join(PLACEMENT).as_os_str());
     s.push(b'\n');
+    // Slurm starts a job again after preempting it or losing its node, where the cluster
+    // requeues: the command must not find what its first start left half-written.
+    s.extend_from_slice(b"if [ \"${SLURM_RESTART_COUNT:-0}\" -gt 0 ]; then\n  echo \"needle: Slurm started this job again (restart $SLURM_RESTART_COUNT: preempted, requeued or its node failed); what its output directory held is removed\"\n  chmod -R u+w ");
+    let out = slot.join("out");
+    quote_into(&mut s, out.as_os_str());
+    s.extend_from_slice(b" 2>/dev/null\n  find ");
+    quote_into(&mut s, out.as_os_str());
+    s.extend_from_slice(b" -mindepth 1 -delete || exit 1\nfi\n");
     for (k, v) in &launch.env {
         // With GPUs, Slurm sets CUDA_VISIBLE_DEVICES to the ones it allocated.
         if k == "CUDA_VISIBLE_DEVICES" && gpus > 0 {
@@ -438,6 +446,8 @@ pub fn sbatch_args(
         "--parsable".to_string(),
         format!("--job-name=needle:{}", spec.step_name),
         format!("--output={}", log.display()),
+        // A job Slurm starts again keeps what its first start logged.
+        "--open-mode=append".to_string(),
         format!("--comment={comment}"),
         format!("--cpus-per-task={}", resources.cpus.max(1)),
     ];
