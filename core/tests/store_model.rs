@@ -1,7 +1,7 @@
 //! Model-based test of the store, in the style of sled's `tests/tree/mod.rs`: random sequences
-//! of operations, reopens, crashes, gc, pins and rebuilds from the journal included, each
-//! checked against an in-memory model, and by `verify` (which also checks that the journal
-//! replays to exactly the metadata).
+//! of operations, reopens, crashes, gc, pins, repairs of damaged blobs and rebuilds from the
+//! journal included, each checked against an in-memory model, and by `verify` (which also
+//! checks that the journal replays to exactly the metadata).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -50,6 +50,8 @@ enum Op {
     Crash,
     /// Rebuild the metadata from the journal, after doing this to `meta/`.
     Rebuild(MetaDamage),
+    /// Overwrite a blob of a recorded artifact, then `verify --repair`.
+    Repair(u8),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +96,7 @@ fn op() -> impl Strategy<Value = Op> {
             Just(MetaDamage::Garbage)
         ]
         .prop_map(Op::Rebuild),
+        1 => any::<u8>().prop_map(Op::Repair),
     ]
 }
 
@@ -111,6 +114,8 @@ struct Model {
     runs: BTreeMap<u64, RunRecord>,
     last_run_id: u64,
     pins: BTreeMap<ArtifactDigest, PinRecord>,
+    /// Artifacts a repair dropped (runs and pins may still name them).
+    dropped: BTreeSet<ArtifactDigest>,
 }
 
 /// The tree a step op writes: path → bytes (`None`: an empty dir).
@@ -212,6 +217,7 @@ impl Model {
 
     fn apply_commit(&mut self, c: &StepCommit, tree: Tree) {
         let r = &c.record;
+        self.dropped.remove(&r.output);
         if !self.manifests.contains_key(&r.output) {
             self.artifacts.push(r.output);
             self.manifests.insert(r.output, (c.manifest.clone(), tree));
@@ -223,6 +229,60 @@ impl Model {
             }
         }
         self.steps.insert(r.key, r.clone());
+    }
+}
+
+/// Overwrite the first blob of the `i`-th artifact holding one; `None` when none does.
+fn damage_a_blob(store: &Store, model: &Model, i: u8) -> Option<BlobDigest> {
+    let blobs: Vec<BlobDigest> = model
+        .artifacts
+        .iter()
+        .filter_map(|a| {
+            model.manifests[a]
+                .0
+                .entries
+                .iter()
+                .find_map(|e| match e.kind {
+                    EntryKind::File { blob, .. } => Some(blob),
+                    EntryKind::Dir => None,
+                })
+        })
+        .collect();
+    let blob = *blobs.get(i as usize % blobs.len().max(1))?;
+    let path = store.blob_path(&blob);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, b"damaged behind the store's back").unwrap();
+    Some(blob)
+}
+
+impl Model {
+    /// What a repair drops with a damaged blob: every manifest listing it, every step whose
+    /// output is one of them, and their index entries; steps that read them stay.
+    fn drop_blob(&mut self, blob: BlobDigest) {
+        let gone: BTreeSet<ArtifactDigest> = self
+            .manifests
+            .iter()
+            .filter(|(_, (m, _))| {
+                m.entries
+                    .iter()
+                    .any(|e| matches!(e.kind, EntryKind::File { blob: b, .. } if b == blob))
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        let steps: BTreeSet<StepKey> = self
+            .steps
+            .iter()
+            .filter(|(_, r)| gone.contains(&r.output))
+            .map(|(k, _)| *k)
+            .collect();
+        self.manifests.retain(|a, _| !gone.contains(a));
+        self.artifacts.retain(|a| !gone.contains(a));
+        self.steps.retain(|k, _| !steps.contains(k));
+        self.producers
+            .retain(|(a, k)| !gone.contains(a) && !steps.contains(k));
+        self.consumers.retain(|(_, k)| !steps.contains(k));
+        self.dropped.extend(gone);
     }
 }
 
@@ -339,14 +399,17 @@ fn after_gc(store: &Store, model: &mut Model, keep_last: Option<usize>) {
         for s in &run.steps {
             if let Some(out) = s.status.output() {
                 assert!(
-                    store.manifest(&out).unwrap().is_some(),
+                    model.dropped.contains(&out) || store.manifest(&out).unwrap().is_some(),
                     "a kept run's output"
                 );
             }
         }
     }
     for a in model.pins.keys() {
-        assert!(store.manifest(a).unwrap().is_some(), "a pinned artifact");
+        assert!(
+            model.dropped.contains(a) || store.manifest(a).unwrap().is_some(),
+            "a pinned artifact"
+        );
     }
     model.steps.retain(|k, _| store.step(k).unwrap().is_some());
     model
@@ -533,6 +596,18 @@ fn run_ops(ops: Vec<Op>) {
                 assert!(report.verify.problems.is_empty(), "{:#?}", report.verify);
                 assert_eq!(report.stopped, None);
             }
+            Op::Repair(i) => {
+                let Some(blob) = damage_a_blob(&store, &model, i) else {
+                    continue;
+                };
+                let repaired = store.repair().unwrap();
+                assert!(
+                    !repaired.before.problems.is_empty(),
+                    "the damage was not seen"
+                );
+                model.drop_blob(blob);
+                assert!(repaired.after.problems.is_empty(), "{:#?}", repaired.after);
+            }
         }
         check(&store, &model);
     }
@@ -582,6 +657,13 @@ fn store_matches_model_fixed() {
         },
         Op::Pin(1),
         Op::Pin(1),
+        Op::Repair(1),
+        Op::PutRun {
+            replace: None,
+            statuses: vec![2, 2],
+        },
+        Op::Repair(0),
+        Op::Commit(vec![s(0, &[(0, b"a"), (1, b"b")], vec![])]),
         Op::Rebuild(MetaDamage::Deleted),
         Op::Crash,
         Op::Commit(vec![s(4, &[(2, b"e")], vec![vec![2]])]),
