@@ -3,13 +3,28 @@
 //! pass, unless `NEEDLE_TEST_SLURM=require` (set by `make test`) makes its absence a failure.
 //!
 //! Tests run in parallel on one cluster: assertions hold whatever else the cluster runs (at
-//! most four GPU jobs at once, distinct devices, this test's own jobs cancelled).
+//! most four GPU jobs at once, distinct devices, this test's own jobs cancelled), except the
+//! one that takes the node down, which runs alone.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
+
+/// Held by each test while it uses the cluster: shared by most, alone by one that takes the
+/// only node down (every job on it would fail).
+static CLUSTER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The cluster shared with the other tests; `None` where there is no Slurm (and need not be).
+fn shared_cluster() -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    slurm_available().then(|| CLUSTER.read().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The cluster with no other test's jobs on it.
+fn cluster_alone() -> Option<std::sync::RwLockWriteGuard<'static, ()>> {
+    slurm_available().then(|| CLUSTER.write().unwrap_or_else(|e| e.into_inner()))
+}
 
 /// Whether Slurm answers here; panics if it must and does not.
 fn slurm_available() -> bool {
@@ -69,9 +84,9 @@ cmd = ["sh", "-c", "wc -l < \"$NEEDLE_IN_DATA/data\" > \"$NEEDLE_OUT/n\""]
 
 #[test]
 fn a_sweep_runs_as_jobs_on_distinct_gpus_and_matches_a_local_run() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write("recipe.toml", SWEEP);
     let run = p.json(&with_slurm(&["run", "recipe.toml"]), 0);
@@ -171,9 +186,9 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; sleep 120
 
 #[test]
 fn ctrl_c_cancels_the_submitted_jobs() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write("recipe.toml", LONG);
     let child = p
@@ -202,9 +217,9 @@ fn ctrl_c_cancels_the_submitted_jobs() {
 
 #[test]
 fn a_job_lost_outside_needle_is_a_failed_attempt_that_retries() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -260,9 +275,9 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \
 /// log keeps both starts. `scontrol requeue` does what they do.
 #[test]
 fn a_job_slurm_starts_again_finds_its_output_directory_empty() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -329,11 +344,117 @@ cmd = ["sh", "-c", "echo \"$SLURM_JOB_ID $${SLURM_RESTART_COUNT:-0} $(ls \"$NEED
     );
 }
 
+/// The node taken down while this is alive, and back up once it is dropped (also when the
+/// test fails: the other tests need the node).
+struct NodeDown(String);
+
+impl NodeDown {
+    fn now() -> NodeDown {
+        let out = Command::new("sinfo")
+            .args(["-h", "-o", "%N"])
+            .output()
+            .unwrap();
+        let node = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let down = Command::new("scontrol")
+            .args([
+                "update",
+                &format!("nodename={node}"),
+                "state=down",
+                "reason=needle-test",
+            ])
+            .status()
+            .unwrap();
+        assert!(down.success(), "scontrol could not take {node} down");
+        NodeDown(node)
+    }
+}
+
+impl Drop for NodeDown {
+    fn drop(&mut self) {
+        // Refused when the node came back by itself already (ReturnToService=2).
+        let _ = Command::new("scontrol")
+            .args(["update", &format!("nodename={}", self.0), "state=resume"])
+            .status();
+        wait_for("the node back up", Duration::from_secs(60), || {
+            Command::new("sinfo")
+                .args(["-h", "-o", "%T"])
+                .output()
+                .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("down"))
+        });
+    }
+}
+
+/// A job whose node fails (on a cluster that does not requeue) is a lost attempt, and the
+/// step's retry runs once the node is back.
+#[test]
+fn a_job_whose_node_fails_is_a_lost_attempt_that_retries() {
+    let Some(_alone) = cluster_alone() else {
+        return;
+    };
+    let p = Project::new();
+    p.write(
+        "needle.toml",
+        "[executor]\nkind = \"slurm\"\npoll = \"200ms\"\nsbatch_args = [\"--no-requeue\"]\n",
+    );
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-node-fail"
+
+[steps.flaky]
+op = "exec"
+retries = 1
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \"$NEEDLE_RECIPE_DIR/again\" ]; then echo ok > \"$NEEDLE_OUT/v\"; else touch \"$NEEDLE_RECIPE_DIR/again\"; sleep 120; fi"]
+"#,
+    );
+    let child = p
+        .background(&["run", "recipe.toml", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first job", Duration::from_secs(60), || {
+        p.lines("jobs").len() == 1
+    });
+    let first = p.lines("jobs")[0].clone();
+    {
+        let _down = NodeDown::now();
+        wait_for(
+            "the job to fail with its node",
+            Duration::from_secs(60),
+            || {
+                job_states(std::slice::from_ref(&first))
+                    .get(&first)
+                    .map(String::as_str)
+                    == Some("NODE_FAIL")
+            },
+        );
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 0);
+    let status = p.json(&["status", "last"], 0);
+    let attempts = steps_named(&status, "flaky")[0]["attempts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(attempts.len(), 2, "{status}");
+    assert_eq!(attempts[0]["result"]["result"], "lost", "{status}");
+    assert!(
+        attempts[0]["result"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Slurm job {first}: its node failed (NODE_FAIL)")),
+        "{status}"
+    );
+    assert_eq!(attempts[1]["result"]["result"], "success");
+}
+
 #[test]
 fn a_timeout_cancels_the_job_and_a_refused_job_fails_with_slurms_reason() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -381,9 +502,9 @@ cmd = ["sh", "-c", "echo ok > \"$NEEDLE_OUT/v\""]
 
 #[test]
 fn jobs_a_killed_runner_left_are_cancelled_by_the_next_run() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -433,9 +554,9 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \
 
 #[test]
 fn max_jobs_throttles_what_is_in_flight() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -473,9 +594,9 @@ cmd = ["sh", "-c", "echo \"+ $(date +%s%N)\" >> \"$NEEDLE_RECIPE_DIR/events\"; s
 
 #[test]
 fn the_executor_comes_from_a_config_file_and_bad_ones_are_refused() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -507,9 +628,9 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID > \"$NEEDLE_RECIPE_DIR/job\"; echo 1 > \"
 
 #[test]
 fn built_in_ops_run_as_jobs_and_give_the_local_digests() {
-    if !slurm_available() {
+    let Some(_cluster) = shared_cluster() else {
         return;
-    }
+    };
     const OPS: &str = r#"
 [recipe]
 name = "slurm-ops"
