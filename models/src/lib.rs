@@ -2,12 +2,17 @@
 //! (`pretrain`, `quality-tune`, `sample`) and the evaluation panel. Everything here runs inside `needle-worker`, the one binary that links
 //! libtorch; the orchestrator knows these ops only by their schemas (`needle_ops::schemas`).
 
+// Only where libtorch or glibc offer no safe call: `precision` (autocast) and
+// `torch::keep_freed_memory` (mallopt), each block with its SAFETY argument.
+#![deny(unsafe_code)]
+
 pub mod diffusion;
 pub mod evaluate;
 pub mod filter;
 pub mod generator;
 pub mod judges;
 pub mod masked;
+#[allow(unsafe_code)]
 pub mod precision;
 pub mod pretrain;
 pub mod sample;

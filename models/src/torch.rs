@@ -21,6 +21,7 @@ pub fn prepare_worker(cpus: u32, seed: u64) {
 /// channels 64, batch 256 some 450,000 per step; with this, none and 65,000 (what is left are
 /// blocks over 32 MiB), and 15 % and 12 % less CPU time per step. A worker runs one op and exits,
 /// so holding on to its peak costs nothing that it did not already use.
+#[allow(unsafe_code)]
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -4,6 +4,8 @@
 //! holds `needle-worker`, the one binary that loads libtorch; their schemas are here so that
 //! `needle` itself never links it. `exec` is described here but run by the runner directly.
 
+#![forbid(unsafe_code)]
+
 pub mod context;
 pub mod dataset;
 pub mod detect;

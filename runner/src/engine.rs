@@ -1062,8 +1062,9 @@ impl Drop for AbortOnDrop {
 
 /// User + system CPU seconds of this process (`RUSAGE_SELF`) or its reaped children.
 fn cpu_seconds(who: i32) -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass; nothing else is touched.
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass; nothing else is touched.
     if unsafe { libc::getrusage(who, &mut u) } != 0 {
         return 0.0;
     }

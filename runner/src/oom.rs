@@ -88,8 +88,9 @@ fn oom_kill_record(record: &[u8], since_us: u64) -> Option<u32> {
 }
 
 fn monotonic_us() -> u64 {
-    // SAFETY: clock_gettime writes the timespec we pass.
+    // SAFETY: an all-zero timespec is a valid value of the plain C struct.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }

@@ -283,6 +283,7 @@ fn a_stopped_runner_is_named_instead_of_hanging_its_readers() {
     let t0 = Instant::now();
     let out = p.needle(&["status", "last"]);
     let took = t0.elapsed();
+    // SAFETY: a signal to the child we spawned.
     unsafe { libc::kill(run.id() as i32, libc::SIGCONT) };
     assert_code(&out, 3);
     let err = stderr(&out);

@@ -39,8 +39,9 @@ impl Tmpfs {
     /// Bytes an unprivileged user may still write there.
     fn free(&self) -> u64 {
         let c = std::ffi::CString::new(self.dir.to_str().unwrap()).unwrap();
-        // SAFETY: statvfs fills the zeroed struct we pass.
+        // SAFETY: an all-zero statvfs is a valid value of the plain C struct.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs fills the struct we pass and reads the NUL-terminated path.
         assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
         st.f_bavail as u64 * st.f_frsize as u64
     }

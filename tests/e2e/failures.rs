@@ -189,8 +189,8 @@ cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; sleep 60"]
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_code(&out, 130);
-    // SAFETY: signal 0 only checks whether the process exists.
     assert!(
+        // SAFETY: signal 0 only checks whether the process exists.
         unsafe { libc::kill(step_pid, 0) } != 0,
         "the step's process is gone"
     );

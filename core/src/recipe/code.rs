@@ -328,8 +328,7 @@ mod tests {
         symlink("../../secret", d.join("lib/escape")).unwrap();
         symlink(".", d.join("loop/self")).unwrap();
         symlink("nowhere", d.join("dangling")).unwrap();
-        let fifo = std::ffi::CString::new(d.join("fifo").to_str().unwrap()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        crate::testutil::mkfifo(&d.join("fifo"));
 
         let err = |entry: &str| code_files(&d, entry).unwrap_err();
         assert!(matches!(err("escape"), CodeError::Outside { path, .. } if path == "escape"));

@@ -17,15 +17,9 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 /// Make everything written to the filesystem holding `dir` durable: file bytes, modes and
 /// directory entries alike, in one call rather than one fsync per file.
 pub(crate) fn syncfs(dir: &Path) -> Result<(), StoreError> {
-    use std::os::fd::AsRawFd;
     let d = File::open(dir).map_err(StoreError::io("open", dir))?;
-    // SAFETY: syncfs(2) on a file descriptor we own; it touches no memory of ours.
-    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-        return Err(StoreError::io("sync the filesystem of", dir)(
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    rustix::fs::syncfs(&d)
+        .map_err(|e| StoreError::io("sync the filesystem of", dir)(io::Error::from(e)))
 }
 
 /// Create `path` as a directory unless it is one already; true if it was created.

@@ -42,25 +42,19 @@ pub fn has_store_time(meta: &fs::Metadata) -> bool {
 /// Give `path` the store's modification time. Needs only ownership, not write permission. One `utimensat` by path: opening the file to set its time costs two calls more,
 /// once for every output a run stores.
 pub fn set_store_time(path: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
-    let times = [
+    use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, UTIME_OMIT};
+    let times = Timestamps {
         // The access time is left as it is.
-        libc::timespec {
+        last_access: Timespec {
             tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
+            tv_nsec: UTIME_OMIT,
         },
-        libc::timespec {
-            tv_sec: STORE_TIME_SECS as libc::time_t,
+        last_modification: Timespec {
+            tv_sec: STORE_TIME_SECS as i64,
             tv_nsec: 0,
         },
-    ];
-    // SAFETY: a NUL-terminated path and two timespecs, all alive for the call.
-    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    };
+    Ok(rustix::fs::utimensat(CWD, path, &times, AtFlags::empty())?)
 }
 
 /// Something a step did to one of its input views.

@@ -80,30 +80,18 @@ impl Store {
 fn statvfs(path: &Path) -> Result<(u64, u64), StoreError> {
     let st = statvfs_raw(path)?;
     // The field types differ between targets (c_ulong, fsblkcnt_t): widen them all.
-    let [frsize, bavail, blocks] = [st.f_frsize, st.f_bavail, st.f_blocks].map(u64::from);
+    let [frsize, bavail, blocks] = [st.f_frsize, st.f_bavail, st.f_blocks];
     Ok((bavail.saturating_mul(frsize), blocks.saturating_mul(frsize)))
 }
 
 /// Whether the filesystem holding `path` is mounted read-only (false when it cannot be told).
 pub(super) fn read_only_fs(path: &Path) -> bool {
-    statvfs_raw(path).is_ok_and(|st| st.f_flag & libc::ST_RDONLY != 0)
+    statvfs_raw(path).is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
 
-fn statvfs_raw(path: &Path) -> Result<libc::statvfs, StoreError> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        StoreError::io("inspect the filesystem of", path)(std::io::Error::from(
-            std::io::ErrorKind::InvalidInput,
-        ))
-    })?;
-    // SAFETY: statvfs(3) fills the zeroed struct we pass and reads the NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(StoreError::io("inspect the filesystem of", path)(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(st)
+fn statvfs_raw(path: &Path) -> Result<rustix::fs::StatVfs, StoreError> {
+    rustix::fs::statvfs(path)
+        .map_err(|e| StoreError::io("inspect the filesystem of", path)(std::io::Error::from(e)))
 }
 
 /// The highest directory above `path` on the same device as `path`: its mount point.

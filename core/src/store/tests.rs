@@ -198,9 +198,7 @@ fn absorb_refuses_special_files_and_leaves_the_dir() {
             symlink("sub", d.join("x")).unwrap()
         }),
         ("fifo", |d| {
-            let p =
-                std::ffi::CString::new(d.join("x").into_os_string().into_encoded_bytes()).unwrap();
-            assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, 0);
+            crate::testutil::mkfifo(&d.join("x"));
         }),
     ];
     for (want, make) in cases {

@@ -159,8 +159,8 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
     if pidfd >= 0 {
         // SAFETY: the descriptor was just returned to us and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-        // SAFETY: an OwnedFd's descriptor stays open, and the same, until it is dropped.
         if let Ok(fd) =
+            // SAFETY: an OwnedFd's descriptor stays open, and the same, until it is dropped.
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         {
             child.exit = ExitWatch::Pidfd(fd);

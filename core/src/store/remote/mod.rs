@@ -157,23 +157,12 @@ fn send_frame(stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
     bytes.push(b'\n');
     let mut rest = &bytes[..];
     while !rest.is_empty() {
-        // SAFETY: `rest` is a live buffer of `rest.len()` bytes; the fd is the stream's own.
-        let n = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                rest.as_ptr().cast(),
-                rest.len(),
-                libc::MSG_NOSIGNAL,
-            )
+        let n = match rustix::net::send(stream, rest, rustix::net::SendFlags::NOSIGNAL) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        rest = &rest[n as usize..];
+        rest = &rest[n..];
     }
     Ok(())
 }

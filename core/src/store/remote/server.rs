@@ -30,7 +30,7 @@ use crate::store::{RunSummary, Store, StoreError};
 pub const MAX_CLIENTS: usize = 8;
 
 /// The nice value of the server's threads: the run loop and the commits come first.
-const NICE: libc::c_int = 10;
+const NICE: i32 = 10;
 
 /// Serves until dropped. Dropping it stops accepting, ends the open connections, waits for
 /// their threads (so the store is no longer shared once it returns) and removes the socket.
@@ -150,11 +150,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn lower_priority() {
-    // SAFETY: two syscalls about this very thread; they touch no memory of ours.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, NICE);
-    }
+    // On Linux a thread id names that one thread to setpriority(2). Best effort.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE);
 }
 
 /// Answer one connection's requests until it ends, idles, or breaks the protocol.
