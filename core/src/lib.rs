@@ -8,6 +8,7 @@
 
 pub mod canonical;
 pub mod digest;
+pub mod error_chain;
 pub mod lineage;
 pub mod ops;
 pub mod plan;

@@ -155,7 +155,7 @@ fn step_commit(
 /// Why `job`'s output was not committed; a full disk in the words a user acts on.
 fn commit_error(store: &Store, job: &CommitJob, e: &StoreError) -> String {
     if !e.is_no_space() {
-        return error_chain(e);
+        return needle_core::error_chain::joined(e, ": ");
     }
     let step = if job.bindings.is_empty() {
         job.name.clone()
@@ -195,15 +195,4 @@ fn tree_size(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }

@@ -93,13 +93,8 @@ impl CliError {
                 }
             }
             other => {
-                let mut msg = format!("error: {other}");
-                let mut source = std::error::Error::source(other);
-                while let Some(s) = source {
-                    msg.push_str(&format!("\n  caused by: {s}"));
-                    source = s.source();
-                }
-                eprintln!("{msg}");
+                let chain = needle_core::error_chain::joined(other, "\n  caused by: ");
+                eprintln!("error: {chain}");
             }
         }
     }

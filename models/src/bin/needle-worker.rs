@@ -42,13 +42,8 @@ fn run(name: &str) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!("\n  caused by: {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            let chain = needle_core::error_chain::joined(&e, "\n  caused by: ");
+            eprintln!("error: {chain}");
             ExitCode::FAILURE
         }
     }

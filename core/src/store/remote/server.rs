@@ -236,18 +236,9 @@ fn live_copy(live: &LiveRun, run: u64) -> Option<Arc<LiveSnapshot>> {
 fn reply<T: Serialize>(stream: &UnixStream, result: Result<T, StoreError>) -> io::Result<()> {
     match result {
         Ok(value) => send_frame(stream, &Answer::Ok(value)),
-        Err(e) => send_frame(stream, &Answer::<T>::Error(message_chain(&e))),
+        Err(e) => send_frame(
+            stream,
+            &Answer::<T>::Error(crate::error_chain::joined(&e, ": ")),
+        ),
     }
-}
-
-/// An error and its causes on one line: the reader has only the text.
-fn message_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
