@@ -18,7 +18,8 @@
 //!                               ├── commit       the commit thread: absorbs outputs, records
 //!                               └── progress     what the terminal shows
 //!            staging                             a step's slot, its launch, its end (shared
-//!                                                by executor and slurm; guard checks inputs)
+//!                                                by executor and slurm; input_guard: did it
+//!                                                write into its inputs?)
 //!            attempt, process                    leaves: the attempt's types and events;
 //!                                                signalling groups, finding programs
 //!            gpus, mps, gpu_usage                the run's GPUs, its MPS daemon, their sampling
@@ -40,7 +41,7 @@ mod error;
 mod executor;
 mod gpu_usage;
 mod gpus;
-mod guard;
+mod input_guard;
 mod mps;
 mod oom;
 mod process;

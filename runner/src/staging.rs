@@ -14,7 +14,7 @@ use needle_core::value::{Value, render_plain};
 use crate::attempt::{AttemptEnd, AttemptSpec, Held, InputArtifacts};
 
 /// The end of an attempt that has run, whichever executor ran it: what it did to its inputs
-/// outranks how it exited (see `guard.rs`), and its log is kept. `gpus` and `job` are left for
+/// outranks how it exited (see `input_guard.rs`), and its log is kept. `gpus` and `job` are left for
 /// an executor that learns them from the attempt. A change to an input whose time is before
 /// `checked_from` (ms) was there before the attempt began.
 pub async fn ended(
@@ -26,10 +26,10 @@ pub async fn ended(
     staging: Option<PathBuf>,
 ) -> AttemptEnd {
     let result = match staging {
-        Some(_) => crate::guard::after_attempt(store, spec, checked_from, result).await,
+        Some(_) => crate::input_guard::after_attempt(store, spec, checked_from, result).await,
         None => result,
     };
-    crate::guard::done_reading_inputs(spec);
+    crate::input_guard::done_reading_inputs(spec);
     let log = staging
         .as_deref()
         .and_then(|slot| keep_log(store, slot, &spec.log_rel));
@@ -172,8 +172,8 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
         launch.set(format!("NEEDLE_IN_{}", env_name(name)), dir);
         inputs_json.insert(name.clone(), entry);
     }
-    // Known before the step can change any of them: see `guard.rs`.
-    crate::guard::reading_inputs(spec, &gathers);
+    // Known before the step can change any of them: see `input_guard.rs`.
+    crate::input_guard::reading_inputs(spec, &gathers);
     let inputs_json = serde_json::Value::Object(inputs_json).to_string();
     launch.set(
         "NEEDLE_INPUTS",
