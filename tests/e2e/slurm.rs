@@ -450,6 +450,87 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \
     assert_eq!(attempts[1]["result"]["result"], "success");
 }
 
+/// A job the controller has forgotten by the time needle looks (MinJobAge passed) is
+/// answered by accounting: `sacct`, here reading the test cluster's job completion log. The
+/// cluster keeps jobs an hour, so a `squeue` in front of the real one forgets each job as soon
+/// as accounting knows how it ended, and says which it hid.
+#[test]
+fn a_job_the_controller_forgot_is_answered_by_sacct() {
+    let Some(_cluster) = shared_cluster() else {
+        return;
+    };
+    let p = Project::new();
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v squeue"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let bin = p.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let shim = bin.join("squeue");
+    p.write(
+        "bin/squeue",
+        &format!(
+            r#"#!/bin/sh
+out=$('{real}' "$@") || exit $?
+printf '%s\n' "$out" | while IFS= read -r line; do
+  [ -n "$line" ] || continue
+  id=${{line%%|*}}
+  if [ -n "$(sacct -c -n -P -j "$id" -o State 2>/dev/null)" ]; then
+    echo "$id" >> '{forgotten}'
+    continue
+  fi
+  printf '%s\n' "$line"
+done
+"#,
+            real = real.trim(),
+            forgotten = p.path("forgotten").display()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-forgotten"
+
+[steps.good]
+op = "exec"
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; echo ok > \"$NEEDLE_OUT/v\""]
+
+[steps.bad]
+op = "exec"
+cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; exit 3"]
+"#,
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = p
+        .cmd(&with_slurm(&["run", "recipe.toml", "--json"]))
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert_code(&out, 1);
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut jobs = p.lines("jobs");
+    jobs.sort();
+    let mut forgotten = p.lines("forgotten");
+    forgotten.sort();
+    forgotten.dedup();
+    assert_eq!(forgotten, jobs, "squeue hid every job once it had ended");
+    assert_eq!(run["executed"], 1, "{run}");
+    assert_eq!(run["failed"], 1, "{run}");
+    let status = stdout(&p.needle(&["status", "last"]));
+    assert!(status.contains("exited with code 3"), "{status}");
+}
+
 #[test]
 fn a_timeout_cancels_the_job_and_a_refused_job_fails_with_slurms_reason() {
     let Some(_cluster) = shared_cluster() else {
