@@ -56,7 +56,7 @@ t "$NEEDLE" run recipe.toml -j 2 >/dev/null
 cd "$W/b"
 plan_none=$(t "$NEEDLE" plan recipe.toml --no-remote)
 plan_remote=$(t "$NEEDLE" plan recipe.toml)
-grep -q " $((N + 1)) remote · 0 to run" "$W/last.log" || { cat "$W/last.log"; exit 1; }
+grep -q " 0 cached · $((N + 2)) remote · 0 to run" "$W/last.log" || { cat "$W/last.log"; exit 1; }
 plan_local_a=$(cd "$W/a" && t "$NEEDLE" plan recipe.toml --no-remote)
 
 # 2. throughput: 8 blobs of MB MiB, pushed and pulled, against curl
@@ -90,9 +90,9 @@ rate() { python3 -c "print(f'{$bytes / $1:.0f}')"; }
   echo
   echo "| what | seconds |"
   echo "|---|---|"
-  echo "| plan, $((N + 1)) steps, no remote, empty store | $plan_none |"
-  echo "| plan, $((N + 1)) steps, all on the remote, empty store | $plan_remote |"
-  echo "| plan, $((N + 1)) steps, all in the local store | $plan_local_a |"
+  echo "| plan, $((N + 2)) steps, no remote, empty store | $plan_none |"
+  echo "| plan, $((N + 2)) steps, all on the remote, empty store | $plan_remote |"
+  echo "| plan, $((N + 2)) steps, all in the local store | $plan_local_a |"
   echo
   echo "| $bytes MiB in 8 blobs | seconds | MiB/s |"
   echo "|---|---|---|"

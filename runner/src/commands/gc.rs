@@ -101,16 +101,6 @@ fn count(n: usize, what: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn counts_read_as_english() {
-        assert_eq!(super::count(1, "run"), "1 run");
-        assert_eq!(super::count(0, "blob"), "0 blobs");
-        assert_eq!(super::count(2, "index entry"), "2 index entries");
-    }
-}
-
 /// `gc --remote`: delete broken records, damaged blobs and old orphans of the shared cache.
 /// Never touches the local store.
 fn gc_remote(args: &GcArgs) -> Result<Exit, CliError> {
@@ -140,4 +130,14 @@ fn gc_remote(args: &GcArgs) -> Result<Exit, CliError> {
         println!("  {name}");
     }
     Ok(Exit::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_read_as_english() {
+        assert_eq!(super::count(1, "run"), "1 run");
+        assert_eq!(super::count(0, "blob"), "0 blobs");
+        assert_eq!(super::count(2, "index entry"), "2 index entries");
+    }
 }

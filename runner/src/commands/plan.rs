@@ -103,6 +103,17 @@ pub fn predict(
     Ok(out)
 }
 
+/// The distinct steps a run would fetch from the remote: key and output, in plan order.
+pub fn remote_steps(predicted: &[Predicted]) -> Vec<(StepKey, ArtifactDigest)> {
+    let mut seen = std::collections::HashSet::new();
+    (predicted.iter())
+        .filter_map(|p| match p {
+            Predicted::Remote { key, output } => seen.insert(*key).then_some((*key, *output)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     let source = read_recipe(&args.recipe.recipe)?;
     let registry = Registry::new();

@@ -2,15 +2,13 @@
 //! verified against its digests before it is committed: one step (a key prefix as the cache
 //! lists it), or every step of a recipe's plan that the cache holds (what a `run` would fetch).
 
-use std::collections::HashSet;
-
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::plan;
 use needle_core::store::StoreRead;
 use needle_ops::Registry;
 
 use crate::cli::{Cli, PullArgs};
-use crate::commands::plan::{Predicted, predict};
+use crate::commands::plan::{predict, remote_steps};
 use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
 use crate::error::{CliError, Exit};
 use crate::remote::{self, Remote, RemoteIndex, Transfer};
@@ -27,13 +25,7 @@ pub fn pull(cli: &Cli, args: &PullArgs) -> Result<Exit, CliError> {
         let store = open_store(cli)?;
         code.keep_in(&store)?;
         let predicted = predict(&plan, Some(&store as &dyn StoreRead), Some(&index))?;
-        let mut seen = HashSet::new();
-        let wanted: Vec<(StepKey, ArtifactDigest)> = (predicted.iter())
-            .filter_map(|p| match p {
-                Predicted::Remote { key, output } => seen.insert(*key).then_some((*key, *output)),
-                _ => None,
-            })
-            .collect();
+        let wanted = remote_steps(&predicted);
         (store, wanted)
     } else {
         let found = find_in(&index, &args.reference)?;
@@ -51,9 +43,7 @@ pub fn pull(cli: &Cli, args: &PullArgs) -> Result<Exit, CliError> {
         print_json(&serde_json::json!({
             "remote": remote.url(),
             "pulled": pulled.steps,
-            "failed": pulled.failed.iter().map(|(k, e)| serde_json::json!({
-                "key": k, "error": remote::error_chain(e),
-            })).collect::<Vec<_>>(),
+            "failed": remote::failures_json(&pulled.failed),
             "objects": transfer.objects(),
             "bytes": transfer.bytes(),
         }));

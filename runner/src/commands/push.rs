@@ -30,9 +30,7 @@ pub fn push(cli: &Cli, args: &PushArgs) -> Result<Exit, CliError> {
             "steps": keys.len(),
             "written": pushed.written,
             "present": pushed.present,
-            "failed": pushed.failed.iter().map(|(k, e)| serde_json::json!({
-                "key": k, "error": remote::error_chain(e),
-            })).collect::<Vec<_>>(),
+            "failed": remote::failures_json(&pushed.failed),
             "objects": transfer.objects(),
             "bytes": transfer.bytes(),
         }));

@@ -1,9 +1,9 @@
 //! `needle run RECIPE`: execute what the store does not hold yet.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use needle_core::digest::{ArtifactDigest, StepKey};
+use needle_core::digest::StepKey;
 use needle_core::plan::{self, Plan};
 use needle_core::recipe::{Recipe, RecipeDiagnostic, RecipeErrors, RecipeSource, SetArg};
 use needle_core::store::remote::{LiveRun, Server};
@@ -12,7 +12,7 @@ use needle_ops::Registry;
 
 use crate::attempt::RunOutcome;
 use crate::cli::{Cli, ExecArgs, RunArgs};
-use crate::commands::plan::{Predicted, predict};
+use crate::commands::plan::{Predicted, predict, remote_steps};
 use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
 use crate::engine::{Engine, EngineOptions, run_steps};
 use crate::error::{CliError, Exit};
@@ -317,13 +317,7 @@ fn share(store: &Arc<Store>, plan: &Plan, remote: Remote) -> Option<Uploader> {
             return None;
         }
     };
-    let mut seen = HashSet::new();
-    let wanted: Vec<(StepKey, ArtifactDigest)> = (predicted.iter())
-        .filter_map(|p| match p {
-            Predicted::Remote { key, output } => seen.insert(*key).then_some((*key, *output)),
-            _ => None,
-        })
-        .collect();
+    let wanted = remote_steps(&predicted);
     if !wanted.is_empty() {
         let transfer = Transfer::new("pulled", false);
         let pulled = remote::block_on(remote::pull_steps(&remote, store, &wanted, &transfer));

@@ -280,21 +280,7 @@ impl Remote {
     /// What the remote holds: every step key and the output it is recorded with, from one
     /// listing. Names that are not a key and a digest are not needle's and are ignored.
     pub async fn index(&self) -> Result<RemoteIndex, RemoteError> {
-        let mut chosen: HashMap<StepKey, (ArtifactDigest, i64)> = HashMap::new();
-        for l in self.list(Kind::Step).await? {
-            let Some((key, output)) = parse_step_name(&l.name) else {
-                continue;
-            };
-            let first = chosen
-                .get(&key)
-                .is_none_or(|&(o, t)| (l.modified, output.hex()) < (t, o.hex()));
-            if first {
-                chosen.insert(key, (output, l.modified));
-            }
-        }
-        Ok(RemoteIndex {
-            steps: chosen.into_iter().map(|(k, (o, _))| (k, o)).collect(),
-        })
+        Ok(RemoteIndex::of(&self.list(Kind::Step).await?))
     }
 }
 
@@ -334,6 +320,27 @@ pub struct RemoteIndex {
 }
 
 impl RemoteIndex {
+    /// The index of a listing of `steps/`: for a key listed with several outputs (two
+    /// machines ran a nondeterministic step), the record written first, and of two written in
+    /// the same second the smaller output digest, so that every reader chooses alike.
+    fn of(listed: &[Listed]) -> RemoteIndex {
+        let mut chosen: HashMap<StepKey, (ArtifactDigest, i64)> = HashMap::new();
+        for l in listed {
+            let Some((key, output)) = parse_step_name(&l.name) else {
+                continue;
+            };
+            let first = chosen
+                .get(&key)
+                .is_none_or(|&(o, t)| (l.modified, output.hex()) < (t, o.hex()));
+            if first {
+                chosen.insert(key, (output, l.modified));
+            }
+        }
+        RemoteIndex {
+            steps: chosen.into_iter().map(|(k, (o, _))| (k, o)).collect(),
+        }
+    }
+
     pub fn output(&self, key: &StepKey) -> Option<ArtifactDigest> {
         self.steps.get(key).copied()
     }
@@ -363,6 +370,13 @@ pub fn index_or_warn(remote: &Remote) -> Option<RemoteIndex> {
 /// `warning: …` with the error's causes, on stderr.
 pub fn warn_unreachable(e: &RemoteError) {
     eprintln!("warning: {}; going on without the remote", error_chain(e));
+}
+
+/// Steps a transfer could not move, for `--json`: each key and why.
+pub fn failures_json(failed: &[(StepKey, RemoteError)]) -> serde_json::Value {
+    (failed.iter())
+        .map(|(key, e)| serde_json::json!({ "key": key, "error": error_chain(e) }))
+        .collect()
 }
 
 /// An error and its causes on one line.
@@ -406,5 +420,30 @@ mod tests {
             Some((key, out))
         );
         assert_eq!(parse_step_name("notakey/x"), None);
+    }
+
+    #[test]
+    fn the_first_record_written_of_a_key_wins_alike_for_every_reader() {
+        let key = StepKey::of_parts(&[b"k"]);
+        let (a, b) = (
+            ArtifactDigest::of_parts(&[b"a"]),
+            ArtifactDigest::of_parts(&[b"b"]),
+        );
+        let (small, large) = if a.hex() < b.hex() { (a, b) } else { (b, a) };
+        let listed = |o: ArtifactDigest, modified| Listed {
+            name: format!("{}/{}", key.hex(), o.hex()),
+            size: 1,
+            modified,
+        };
+        let junk = Listed {
+            name: "README".into(),
+            size: 1,
+            modified: 0,
+        };
+        let earlier_large = [listed(small, 2000), junk, listed(large, 1000)];
+        assert_eq!(RemoteIndex::of(&earlier_large).output(&key), Some(large));
+        let same_second = [listed(large, 1000), listed(small, 1000)];
+        assert_eq!(RemoteIndex::of(&same_second).output(&key), Some(small));
+        assert_eq!(RemoteIndex::of(&same_second).steps.len(), 1);
     }
 }
