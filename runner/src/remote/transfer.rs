@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ pub struct Transfer {
     bytes: AtomicU64,
     started: Instant,
     last_line: Mutex<Instant>,
-    quiet: bool,
+    quiet: AtomicBool,
 }
 
 impl Transfer {
@@ -65,14 +65,19 @@ impl Transfer {
             bytes: AtomicU64::new(0),
             started: now,
             last_line: Mutex::new(now),
-            quiet,
+            quiet: AtomicBool::new(quiet),
         }
+    }
+
+    /// Print progress lines from now on (a run that waits for its uploads).
+    fn speak(&self) {
+        self.quiet.store(false, Ordering::Relaxed);
     }
 
     fn add(&self, bytes: u64) {
         self.objects.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        if self.quiet {
+        if self.quiet.load(Ordering::Relaxed) {
             return;
         }
         let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
@@ -590,6 +595,9 @@ pub struct Uploader {
     tx: Option<tokio::sync::mpsc::UnboundedSender<StepKey>>,
     thread: std::thread::JoinHandle<Pushed>,
     transfer: Arc<Transfer>,
+    /// Steps queued, and steps whose upload ended (either way).
+    queued: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
 }
 
 impl Uploader {
@@ -597,6 +605,8 @@ impl Uploader {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StepKey>();
         let transfer = Arc::new(Transfer::new("pushed", true));
         let t = transfer.clone();
+        let ended = Arc::new(AtomicUsize::new(0));
+        let ended_here = ended.clone();
         let thread = std::thread::Builder::new()
             .name("needle-upload".into())
             .spawn(move || {
@@ -612,6 +622,7 @@ impl Uploader {
                         .buffer_unordered(STEPS_AT_ONCE);
                     while let Some((key, result)) = uploads.next().await {
                         pushed.add(key, result);
+                        ended_here.fetch_add(1, Ordering::Relaxed);
                     }
                     pushed
                 })
@@ -621,26 +632,39 @@ impl Uploader {
             tx: Some(tx),
             thread,
             transfer,
+            queued: Arc::new(AtomicUsize::new(0)),
+            ended,
         }
     }
 
     /// A function handing a committed step to the uploader.
     pub fn sender(&self) -> impl Fn(StepKey) + Send + 'static {
         let tx = self.tx.clone().expect("the uploader is running");
+        let queued = self.queued.clone();
         move |key| {
-            let _ = tx.send(key);
+            if tx.send(key).is_ok() {
+                queued.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
     /// Queue `key`.
     pub fn send(&self, key: StepKey) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(key);
+        if let Some(tx) = &self.tx
+            && tx.send(key).is_ok()
+        {
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Wait for every queued upload; what they did.
+    /// Wait for every queued upload, saying so when some are left; what they did.
     pub fn finish(mut self) -> (Pushed, Arc<Transfer>) {
+        let left = (self.queued.load(Ordering::Relaxed))
+            .saturating_sub(self.ended.load(Ordering::Relaxed));
+        if left > 0 {
+            eprintln!("  remote: finishing the upload of {left} step(s)…");
+            self.transfer.speak();
+        }
         self.tx = None;
         let pushed = self.thread.join().unwrap_or_default();
         (pushed, self.transfer)
