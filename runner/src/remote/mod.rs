@@ -65,14 +65,10 @@ pub enum RemoteError {
         source: object_store::Error,
     },
     /// An object that is not what its name says: never committed.
-    #[error("remote `{url}`: `{object}` is damaged: {problem}")]
-    Damaged {
-        url: String,
-        object: String,
-        problem: String,
-    },
-    #[error("remote `{url}`: `{object}` is missing")]
-    Missing { url: String, object: String },
+    #[error("`{object}` is damaged: {problem}")]
+    Damaged { object: String, problem: String },
+    #[error("`{object}` is missing")]
+    Missing { object: String },
     #[error(transparent)]
     Local(#[from] needle_core::store::StoreError),
     #[error("{context}")]

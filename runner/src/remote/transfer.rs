@@ -335,7 +335,6 @@ fn parse<T: serde::de::DeserializeOwned>(
 
 fn damaged(remote: &Remote, path: &ObjectPath, problem: String) -> RemoteError {
     RemoteError::Damaged {
-        url: remote.url.clone(),
         object: remote.show(path),
         problem,
     }
@@ -344,7 +343,6 @@ fn damaged(remote: &Remote, path: &ObjectPath, problem: String) -> RemoteError {
 fn not_found_or(remote: &Remote, path: &ObjectPath, e: object_store::Error) -> RemoteError {
     match e {
         object_store::Error::NotFound { .. } => RemoteError::Missing {
-            url: remote.url.clone(),
             object: remote.show(path),
         },
         e => remote.request_error(format!("download `{}`", remote.show(path)))(e),
