@@ -250,6 +250,8 @@ fn a_pushed_sweep_runs_nothing_on_a_second_machine_and_a_new_arm_alone_runs() {
     assert_eq!(pushed["written"], 5, "{pushed}");
     assert_eq!(json(&a, &["push", "last"], 0)["present"], 5);
 
+    let doctor = stdout(&needle(&b, &["doctor"]));
+    assert!(doctor.contains("answers, 5 step record(s)"), "{doctor}");
     let plan = json(&b, &["plan", "recipe.toml"], 0);
     assert_eq!(plan["summary"]["remote"], 5, "{plan}");
     assert_eq!(plan["summary"]["to_run"], 0, "{plan}");
