@@ -438,3 +438,43 @@ fn parse_gpu_mem(s: &str) -> Result<f64, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// clap's own checks of the definitions (ids, conflicts, requirements), which it runs in
+    /// debug builds only: the release test builds run them here.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn remote_flags_parse_where_they_belong() {
+        let cli = Cli::try_parse_from(["needle", "verify", "--remote", "--hash"]).unwrap();
+        let Command::Verify(v) = cli.command else {
+            panic!("verify")
+        };
+        assert_eq!((v.remote, v.hash), (Some(None), true));
+        let cli = Cli::try_parse_from(["needle", "gc", "--remote", "s3://b/p", "-n"]).unwrap();
+        let Command::Gc(g) = cli.command else {
+            panic!("gc")
+        };
+        assert_eq!(g.remote, Some(Some("s3://b/p".to_string())));
+        assert!(Cli::try_parse_from(["needle", "gc", "--grace", "1s"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "needle",
+                "run",
+                "r.toml",
+                "--remote",
+                "s3://b",
+                "--no-remote"
+            ])
+            .is_err()
+        );
+    }
+}
