@@ -268,6 +268,12 @@ fn a_pushed_sweep_runs_nothing_on_a_second_machine_and_a_new_arm_alone_runs() {
         "600"
     );
     assert_code(&needle(&b, &["verify", "--hash"]), 0);
+    let logs = needle(&b, &["logs", "last:gen"]);
+    assert!(
+        stderr(&logs).contains("logs stayed on the machine that ran it"),
+        "{}",
+        stderr(&logs)
+    );
 
     // A new arm on the second machine: only its steps (and the gather) execute, and the run
     // uploads them, so the first machine now finds them on the remote.

@@ -206,6 +206,7 @@ async fn fetch_step(
     for e in &mut record.executions {
         e.log.clear();
     }
+    record.fetched_from = Some(remote.url.clone());
     Ok(StepCommit { record, manifest })
 }
 
