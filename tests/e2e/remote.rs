@@ -185,6 +185,10 @@ fn machine(s3: &S3, prefix: &str) -> Project {
         ),
     );
     p.write("recipe.toml", SWEEP);
+    p.write(
+        "sub.sh",
+        "echo same > \"$NEEDLE_OUT/sub/a\"; echo same > \"$NEEDLE_OUT/sub/b\"\n",
+    );
     p
 }
 
@@ -220,7 +224,8 @@ n = [1, 2, 3]
 
 [steps.gen]
 op = "exec"
-cmd = ["sh", "-c", "echo gen >> \"$NEEDLE_RECIPE_DIR/ran\"; seq 1 2000 > \"$NEEDLE_OUT/data\"; mkdir \"$NEEDLE_OUT/sub\"; echo same > \"$NEEDLE_OUT/sub/a\"; echo same > \"$NEEDLE_OUT/sub/b\""]
+cmd = ["sh", "-c", "echo gen >> \"$NEEDLE_RECIPE_DIR/ran\"; seq 1 2000 > \"$NEEDLE_OUT/data\"; mkdir \"$NEEDLE_OUT/sub\"; sh sub.sh"]
+code = ["sub.sh"]
 
 [steps.pick]
 op = "exec"
@@ -300,6 +305,9 @@ fn a_pushed_sweep_runs_nothing_on_a_second_machine_and_a_new_arm_alone_runs() {
         .to_string();
     let pulled = json(&c, &["pull", &key[..12]], 0);
     assert_eq!(pulled["pulled"].as_array().unwrap().len(), 1, "{pulled}");
+    // With its code file, which a machine that never planned the recipe has nowhere else.
+    std::fs::remove_file(c.path("sub.sh")).unwrap();
+    assert_code(&needle(&c, &["verify", "--hash"]), 0);
     assert_code(&needle(&c, &["verify", "--remote", "--hash"]), 0);
 }
 

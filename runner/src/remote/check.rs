@@ -114,7 +114,7 @@ pub async fn check(
     }
 
     let (m, sizes, damaged) = (&manifests, &blob_sizes, &damaged_blobs);
-    let records: Vec<(Listed, Result<(), String>)> = futures::stream::iter(steps)
+    let records: Vec<(Listed, Result<Vec<BlobDigest>, String>)> = futures::stream::iter(steps)
         .map(|l| async move {
             let r = check_record(remote, &l, m, sizes, damaged).await;
             (l, r)
@@ -127,7 +127,8 @@ pub async fn check(
     for (l, result) in records {
         let path = remote.under(Kind::Step, &l.name);
         match result {
-            Ok(()) => {
+            Ok(code) => {
+                needed_blobs.extend(code.iter().map(BlobDigest::hex));
                 let (_, output) = parse_step_name(&l.name).expect("checked");
                 if let Some(Ok(m)) = manifests.get(&output) {
                     needed_blobs.extend(blobs_of(m).into_iter().map(|(b, _)| b.hex()));
@@ -202,14 +203,15 @@ async fn read_manifest(remote: &Remote, artifact: &ArtifactDigest) -> Result<Man
     Ok(manifest)
 }
 
-/// One record: readable, its spec hashing to its key, its output and every blob whole.
+/// One record: readable, its spec hashing to its key, its output and every blob whole; the
+/// blobs of its code files (needed too, but not checked: a pull executes nothing of them).
 async fn check_record(
     remote: &Remote,
     l: &Listed,
     manifests: &HashMap<ArtifactDigest, Result<Manifest, String>>,
     blob_sizes: &HashMap<&str, u64>,
     damaged: &HashMap<BlobDigest, String>,
-) -> Result<(), String> {
+) -> Result<Vec<BlobDigest>, String> {
     let (key, output) = parse_step_name(&l.name).ok_or("not a step key and output digest")?;
     let bytes = read(remote, &remote.step_path(&key, &output)).await?;
     let record: StepRecord =
@@ -248,7 +250,7 @@ async fn check_record(
             return Err(format!("blob {} of its output is damaged", b.short()));
         }
     }
-    Ok(())
+    Ok(record.spec.code.values().copied().collect())
 }
 
 async fn read(remote: &Remote, path: &ObjectPath) -> Result<bytes::Bytes, String> {

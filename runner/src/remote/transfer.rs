@@ -191,9 +191,13 @@ async fn fetch_step(
         ));
     }
     let manifest = fetch_manifest(remote, &output, transfer).await?;
-    let missing: Vec<(BlobDigest, u64)> = blobs_of(&manifest)
-        .into_iter()
-        .filter(|(b, _)| !store.blob_path(b).exists())
+    // The step's code files too: `verify` expects every recorded step's code in the store.
+    let code = record.spec.code.values().map(|b| (*b, None));
+    let mut seen = HashSet::new();
+    let missing: Vec<(BlobDigest, Option<u64>)> = (blobs_of(&manifest).into_iter())
+        .map(|(b, size)| (b, Some(size)))
+        .chain(code)
+        .filter(|(b, _)| seen.insert(*b) && !store.blob_path(b).exists())
         .collect();
     if !missing.is_empty() {
         let dir = store.new_staging()?;
@@ -236,7 +240,7 @@ async fn fetch_blobs(
     remote: &Remote,
     store: &Store,
     dir: &Path,
-    blobs: &[(BlobDigest, u64)],
+    blobs: &[(BlobDigest, Option<u64>)],
     transfer: &Transfer,
 ) -> Result<(), RemoteError> {
     futures::stream::iter(blobs.iter())
@@ -268,12 +272,12 @@ async fn fetch_blobs(
     Ok(())
 }
 
-/// Stream one object into the file `to`, checking its size.
+/// Stream one object into the file `to`, checking its size where it is known.
 async fn download(
     remote: &Remote,
     from: ObjectPath,
     to: std::path::PathBuf,
-    size: u64,
+    size: Option<u64>,
     transfer: &Transfer,
 ) -> Result<(), RemoteError> {
     let (from, to) = (&from, to.as_path());
@@ -297,7 +301,9 @@ async fn download(
         written += chunk.len() as u64;
         file.write_all(&chunk).map_err(io_err)?;
     }
-    if written != size {
+    if let Some(size) = size
+        && written != size
+    {
         return Err(damaged(
             remote,
             from,
@@ -422,7 +428,16 @@ async fn push_step(
             key.short()
         ))
     })?;
-    futures::stream::iter(blobs_of(&manifest))
+    // The step's code files go too (a pull keeps them, as `verify` expects); one missing
+    // here is `verify`'s to report, not a reason to hold the step back.
+    let code = (record.spec.code.values())
+        .filter_map(|b| Some((*b, std::fs::metadata(store.blob_path(b)).ok()?.len())));
+    let mut seen = HashSet::new();
+    let blobs: Vec<(BlobDigest, u64)> = (blobs_of(&manifest).into_iter())
+        .chain(code)
+        .filter(|(b, _)| seen.insert(*b))
+        .collect();
+    futures::stream::iter(blobs)
         .map(|(blob, size)| upload_blob(remote, store, blob, size, transfer))
         .buffer_unordered(BLOBS_AT_ONCE)
         .try_collect::<Vec<()>>()
