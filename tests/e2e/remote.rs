@@ -146,11 +146,27 @@ fn shared() -> Option<&'static S3> {
     SHARED
         .get_or_init(|| {
             let weed = weed_or_skip()?;
+            remove_dead_servers_dirs();
             let dir = std::env::temp_dir().join(format!("needle-s3-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             Some(S3::start(&weed, dir))
         })
         .as_ref()
+}
+
+/// The shared server's directory outlives its test binary (nothing runs at exit): remove
+/// those of binaries that are gone.
+fn remove_dead_servers_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix("needle-s3-"));
+        if pid.is_some_and(|p| !PathBuf::from("/proc").join(p).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// One HTTP/1.1 request, anonymous (the test server checks no signatures): status and body.
