@@ -23,11 +23,11 @@ demo: build
 ## Build and run every test (unit, property, snapshot and end-to-end).
 test:
 	@scripts/setup.sh --test
-	NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require $(CARGO) test --workspace --locked
+	NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require NEEDLE_TEST_S3=require $(CARGO) test --workspace --locked
 	@# The end-to-end tests again, with steps started by the fast spawn where it exists.
 	@if [[ $$(uname -s) == Linux && $$(uname -m) =~ ^(x86_64|aarch64)$$ ]]; then \
 	  echo "NEEDLE_SPAWN=clone: the end-to-end tests again"; \
-	  NEEDLE_SPAWN=clone NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require $(CARGO) test --locked -p needle-runner --test e2e; \
+	  NEEDLE_SPAWN=clone NEEDLE_TEST_SLURM=require NEEDLE_TEST_PRIVILEGED=require NEEDLE_TEST_S3=require $(CARGO) test --locked -p needle-runner --test e2e; \
 	fi
 
 ## Benchmarks (not tests): see BENCHMARKS.md.

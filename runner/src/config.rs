@@ -9,6 +9,12 @@
 //! max_jobs = 100            # jobs submitted and not yet ended, at most
 //! poll = "2s"               # how often the runner asks Slurm about its jobs
 //! sbatch_args = ["--qos=normal"]
+//!
+//! [remote]                  # the shared cache (`runner/src/remote/`)
+//! url = "s3://bucket/prefix"
+//! endpoint = "http://127.0.0.1:8333"   # an S3-compatible server; absent: AWS
+//! region = "us-east-1"
+//! upload = true             # runs upload what they make (the default)
 //! ```
 //! Read from `--config PATH`, else `$NEEDLE_CONFIG`, else `needle.toml` in the current
 //! directory if there is one. Command-line flags win over the file.
@@ -27,6 +33,8 @@ use crate::slurm::SlurmConfig;
 pub struct ConfigFile {
     #[serde(default)]
     pub executor: ExecutorTable,
+    #[serde(default)]
+    pub remote: crate::remote::RemoteTable,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -141,6 +141,8 @@ pub struct Engine {
     progress_dirty: Vec<usize>,
     progress_urgent: bool,
     progress_recorded: Instant,
+    /// Told the key of each step this run commits (the shared cache uploads it).
+    on_committed: Option<Box<dyn Fn(StepKey) + Send>>,
 }
 
 impl Engine {
@@ -225,7 +227,14 @@ impl Engine {
             progress_dirty: Vec::new(),
             progress_urgent: false,
             progress_recorded: Instant::now(),
+            on_committed: None,
         }
+    }
+
+    /// Call `f` with the key of each step this run commits, once it is committed.
+    pub fn on_committed(mut self, f: impl Fn(StepKey) + Send + 'static) -> Engine {
+        self.on_committed = Some(Box::new(f));
+        self
     }
 
     /// Make sure the executor can run anything, before the run is recorded: for Slurm, that
@@ -319,6 +328,11 @@ impl Engine {
                     self.committing -= 1;
                     match result {
                         Ok(output) => {
+                            if let (Some(f), Some(key)) =
+                                (&self.on_committed, self.record.steps[node].key)
+                            {
+                                f(key);
+                            }
                             self.record.steps[node].status = StepStatus::Succeeded { output };
                             self.progress.finished(&self.record.steps[node], None);
                             self.settle_followers(node, Ok(output));

@@ -45,6 +45,10 @@ pub enum CliError {
     #[error(transparent)]
     Op(#[from] OpError),
 
+    /// The shared cache could not do what was asked.
+    #[error(transparent)]
+    Remote(Box<crate::remote::RemoteError>),
+
     #[error("{context}")]
     Io {
         context: String,
@@ -77,7 +81,9 @@ impl CliError {
             | CliError::Store(StoreError::RunnerProtocol { .. })
             | CliError::Store(StoreError::Corrupt { .. })
             | CliError::StoreOpen(_) => Exit::StoreUnavailable,
-            CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) => Exit::StepFailed,
+            CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) | CliError::Remote(_) => {
+                Exit::StepFailed
+            }
         }
     }
 

@@ -48,6 +48,7 @@ mod process;
 mod progress;
 mod reaper;
 mod refs;
+mod remote;
 mod report;
 mod scheduler;
 mod slurm;
@@ -109,6 +110,8 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
         Command::Ops(args) => commands::ops::ops(args),
         Command::Completions(args) => commands::completions::completions(args),
         Command::Doctor(args) => commands::doctor::doctor(cli, args),
+        Command::Push(args) => commands::push::push(cli, args),
+        Command::Pull(args) => commands::pull::pull(cli, args),
     }
 }
 

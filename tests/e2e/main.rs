@@ -22,6 +22,7 @@ mod inspect;
 mod lineage;
 mod models;
 mod rebuild;
+mod remote;
 mod repair;
 mod report;
 mod resources;

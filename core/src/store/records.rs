@@ -177,6 +177,11 @@ pub struct StepRecord {
     pub output: ArtifactDigest,
     /// Every successful execution, oldest first.
     pub executions: Vec<Execution>,
+    /// The shared cache this record was fetched from (`needle pull`, or a run): its
+    /// executions ran on another machine, their run numbers are that machine's, and their
+    /// logs stayed there. Not part of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_from: Option<String>,
 }
 
 impl StepRecord {
@@ -197,6 +202,7 @@ impl StepRecord {
             spec,
             output,
             executions: Vec::new(),
+            fetched_from: None,
         }
     }
 }

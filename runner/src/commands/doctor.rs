@@ -9,10 +9,11 @@ use needle_core::store::remote::Reader;
 use needle_core::store::{LockMode, StoreCounts, StoreError, StoreRead};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{Cli, JsonArg};
+use crate::cli::{Cli, JsonArg, RemoteArgs};
 use crate::commands::print_json;
 use crate::commands::show::human_bytes;
 use crate::error::{CliError, Exit};
+use crate::remote::Remote;
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -22,6 +23,16 @@ struct Report {
     gpus: Gpus,
     cpus: usize,
     store: StoreReport,
+    /// The shared cache, when one is configured.
+    remote: Option<RemoteReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct RemoteReport {
+    url: Option<String>,
+    /// How many step records it lists; `None` when it could not be listed (see `error`).
+    steps: Option<usize>,
+    error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +104,7 @@ pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         },
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         store: store_report(&cli.store),
+        remote: remote_report(),
     };
     if args.json {
         print_json(&report);
@@ -100,6 +112,26 @@ pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         print_text(&report);
     }
     Ok(Exit::Success)
+}
+
+/// The configured remote and whether it answers: one listing of its step records.
+fn remote_report() -> Option<RemoteReport> {
+    let remote = match Remote::from_args(&RemoteArgs::default(), None) {
+        Ok(remote) => remote?,
+        Err(e) => {
+            return Some(RemoteReport {
+                url: None,
+                steps: None,
+                error: Some(e.to_string()),
+            });
+        }
+    };
+    let listed = crate::remote::block_on(remote.index());
+    Some(RemoteReport {
+        url: Some(remote.url().to_string()),
+        steps: listed.as_ref().ok().map(|index| index.steps.len()),
+        error: listed.err().map(|e| crate::remote::error_chain(&e)),
+    })
 }
 
 /// libtorch is loaded only by `needle-worker`, so ask it, as a step would find it.
@@ -255,6 +287,16 @@ fn print_text(r: &Report) {
     }
     println!("cpus        {} (torch threads: {})", r.cpus, t.threads);
     print_store(&r.store);
+    if let Some(remote) = &r.remote {
+        let url = remote.url.as_deref().unwrap_or("(not usable)");
+        match (remote.steps, &remote.error) {
+            (Some(n), _) => println!("remote      {url}: answers, {n} step record(s)"),
+            (None, error) => println!(
+                "remote      {url}: unreachable: {}",
+                error.as_deref().unwrap_or("unknown error")
+            ),
+        }
+    }
 }
 
 fn print_store(s: &StoreReport) {

@@ -12,6 +12,9 @@ use crate::commands::{open_existing, print_json};
 use crate::error::{CliError, Exit};
 
 pub fn gc(cli: &Cli, args: &GcArgs) -> Result<Exit, CliError> {
+    if args.remote.is_some() {
+        return gc_remote(args);
+    }
     // The store's exclusive lock, as `run` takes it: gc cannot start while a run uses the
     // store, and no run starts while gc works. (Were read-only commands to share the store
     // one day, gc must keep taking it exclusively.)
@@ -96,6 +99,37 @@ fn count(n: usize, what: &str) -> String {
     } else {
         format!("{n} {what}s")
     }
+}
+
+/// `gc --remote`: delete broken records, damaged blobs and old orphans of the shared cache.
+/// Never touches the local store.
+fn gc_remote(args: &GcArgs) -> Result<Exit, CliError> {
+    let remote = crate::remote::Remote::required(args.remote.clone().flatten().as_deref())?;
+    let done = crate::remote::block_on(async {
+        let report = crate::remote::check(&remote, args.hash, args.grace).await?;
+        crate::remote::gc(&remote, &report, args.dry_run).await
+    })?;
+    if args.json {
+        print_json(&done);
+        return Ok(Exit::Success);
+    }
+    let verb = if args.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    println!(
+        "remote {}: {verb} {} broken record(s) and {} unneeded object(s) older than {} ({})",
+        done.url,
+        done.broken,
+        done.orphans,
+        humantime::format_duration(args.grace),
+        human_bytes(done.orphan_bytes)
+    );
+    for name in &done.deleted {
+        println!("  {name}");
+    }
+    Ok(Exit::Success)
 }
 
 #[cfg(test)]

@@ -16,11 +16,17 @@ pub fn logs(cli: &Cli, args: &LogsArgs) -> Result<Exit, CliError> {
     let store = open_reader(cli)?;
     let target = resolve(&store, &args.reference)?;
     let logs: Vec<(u32, String)> = match &target {
-        Target::RunStep { run, index } => run.steps[*index]
-            .attempts
-            .iter()
-            .map(|a| (a.n, a.log.clone()))
-            .collect(),
+        // A step the run found cached has no attempts in it: its logs are those of the
+        // executions that made it (or, fetched from a remote, stayed where they ran).
+        Target::RunStep { run, index } => {
+            let step = &run.steps[*index];
+            match step.key {
+                Some(k) if step.attempts.is_empty() && step.status.is_done() => {
+                    logs_of_key(&store, &k)?
+                }
+                _ => step.attempts.iter().map(|a| (a.n, a.log.clone())).collect(),
+            }
+        }
         Target::Step(k) => logs_of_key(&store, k)?,
         Target::Artifact(_) => {
             return Err(CliError::usage(
@@ -91,6 +97,12 @@ fn logs_of_key(store: &dyn StoreRead, key: &StepKey) -> Result<Vec<(u32, String)
     let rec = store
         .step(key)?
         .ok_or_else(|| CliError::usage(format!("step `{}` is not in the store", key.short())))?;
+    if let Some(url) = &rec.fetched_from {
+        return Err(CliError::usage(format!(
+            "step `{}` was fetched from `{url}`: its logs stayed on the machine that ran it",
+            key.short()
+        )));
+    }
     Ok(rec
         .executions
         .iter()

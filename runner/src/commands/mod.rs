@@ -11,6 +11,8 @@ pub mod logs;
 pub mod ops;
 pub mod pin;
 pub mod plan;
+pub mod pull;
+pub mod push;
 pub mod report;
 pub mod rerun;
 pub mod results;

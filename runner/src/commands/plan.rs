@@ -12,6 +12,7 @@ use crate::commands::run::{check_resources, fmt_gb};
 use crate::commands::{PlannedCode, load_recipe, open_reader_if_exists, print_json, read_recipe};
 use crate::error::{CliError, Exit};
 use crate::gpus::Gpu;
+use crate::remote::{Remote, RemoteIndex};
 use crate::scheduler::{GpuNeed, SHARE_UNITS};
 use needle_core::recipe::GpuRequest;
 
@@ -20,6 +21,12 @@ use needle_core::recipe::GpuRequest;
 pub enum Predicted {
     /// Its key is in the store.
     Cached {
+        key: StepKey,
+        output: ArtifactDigest,
+    },
+    /// Its key is not in the store, and the remote (the shared cache) has it: a run fetches
+    /// it instead of executing it.
+    Remote {
         key: StepKey,
         output: ArtifactDigest,
     },
@@ -33,7 +40,9 @@ pub enum Predicted {
 impl Predicted {
     pub fn key(&self) -> Option<StepKey> {
         match self {
-            Predicted::Cached { key, .. } | Predicted::Run { key } => Some(*key),
+            Predicted::Cached { key, .. }
+            | Predicted::Remote { key, .. }
+            | Predicted::Run { key } => Some(*key),
             Predicted::RunAfterInputs => None,
         }
     }
@@ -41,10 +50,27 @@ impl Predicted {
     pub fn is_cached(&self) -> bool {
         matches!(self, Predicted::Cached { .. })
     }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Predicted::Remote { .. })
+    }
+
+    /// The output it will have without executing: stored here or on the remote.
+    pub fn output(&self) -> Option<ArtifactDigest> {
+        match self {
+            Predicted::Cached { output, .. } | Predicted::Remote { output, .. } => Some(*output),
+            _ => None,
+        }
+    }
 }
 
-/// Walk the plan in order, following cached outputs as far as they reach.
-pub fn predict(plan: &Plan, store: Option<&dyn StoreRead>) -> Result<Vec<Predicted>, CliError> {
+/// Walk the plan in order, following cached outputs (the store's, then the remote's) as far
+/// as they reach.
+pub fn predict(
+    plan: &Plan,
+    store: Option<&dyn StoreRead>,
+    remote: Option<&RemoteIndex>,
+) -> Result<Vec<Predicted>, CliError> {
     let mut outputs: Vec<Option<ArtifactDigest>> = vec![None; plan.nodes.len()];
     let mut out = Vec::with_capacity(plan.nodes.len());
     for (i, node) in plan.nodes.iter().enumerate() {
@@ -65,10 +91,27 @@ pub fn predict(plan: &Plan, store: Option<&dyn StoreRead>) -> Result<Vec<Predict
                     output: r.output,
                 });
             }
-            None => out.push(Predicted::Run { key }),
+            None => match remote.and_then(|r| r.output(&key)) {
+                Some(output) => {
+                    outputs[i] = Some(output);
+                    out.push(Predicted::Remote { key, output });
+                }
+                None => out.push(Predicted::Run { key }),
+            },
         }
     }
     Ok(out)
+}
+
+/// The distinct steps a run would fetch from the remote: key and output, in plan order.
+pub fn remote_steps(predicted: &[Predicted]) -> Vec<(StepKey, ArtifactDigest)> {
+    let mut seen = std::collections::HashSet::new();
+    (predicted.iter())
+        .filter_map(|p| match p {
+            Predicted::Remote { key, output } => seen.insert(*key).then_some((*key, *output)),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
@@ -82,7 +125,10 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     // only: while a run holds it, through the runner, which sees what it has committed.
     let reader = open_reader_if_exists(cli)?;
     let store = reader.as_ref().map(|r| r as &dyn StoreRead);
-    let predicted = predict(&plan, store)?;
+    let remote = Remote::from_args(&args.remote, None)?;
+    let index = remote.as_ref().and_then(crate::remote::index_or_warn);
+    let predicted = predict(&plan, store, index.as_ref())?;
+    let remote_shown = remote.is_some();
     let reasons = if args.why {
         Some(reasons(&plan, &predicted, store)?)
     } else {
@@ -90,6 +136,9 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
     };
     if args.json {
         let mut v = plan_json(&plan, &predicted);
+        if let Some(remote) = &remote {
+            v["remote"] = serde_json::json!({ "url": remote.url(), "reachable": index.is_some() });
+        }
         v["gpus"] = packing_json(&plan, &gpus);
         if let Some(reasons) = &reasons {
             for (step, r) in v["steps"]
@@ -103,7 +152,7 @@ pub fn plan(cli: &Cli, args: &PlanArgs) -> Result<Exit, CliError> {
         }
         print_json(&v);
     } else {
-        print_plan(&plan, &predicted, args.steps);
+        print_plan(&plan, &predicted, args.steps, remote_shown);
         print_packing(&plan, &gpus);
         if !args.steps {
             println!();
@@ -123,24 +172,18 @@ fn reasons(
     predicted: &[Predicted],
     store: Option<&dyn StoreRead>,
 ) -> Result<Vec<Vec<String>>, CliError> {
-    let outputs: Vec<Option<ArtifactDigest>> = predicted
-        .iter()
-        .map(|p| match p {
-            Predicted::Cached { output, .. } => Some(*output),
-            _ => None,
-        })
-        .collect();
+    let outputs: Vec<Option<ArtifactDigest>> = predicted.iter().map(Predicted::output).collect();
     let mut out = Vec::with_capacity(plan.nodes.len());
     let mut named: BTreeMap<&str, Vec<needle_core::store::StepRecord>> = BTreeMap::new();
     for (node, p) in plan.nodes.iter().zip(predicted) {
         let lines = match p {
-            Predicted::Cached { .. } => Vec::new(),
+            Predicted::Cached { .. } | Predicted::Remote { .. } => Vec::new(),
             Predicted::RunAfterInputs => {
                 let upstream: Vec<String> = node
                     .inputs
                     .values()
                     .flat_map(|i| i.nodes())
-                    .filter(|&u| !predicted[u].is_cached())
+                    .filter(|&u| predicted[u].output().is_none())
                     .map(|u| format!("`{}`", plan.nodes[u].display_name()))
                     .collect();
                 vec![format!(
@@ -179,7 +222,7 @@ fn print_reasons(plan: &Plan, predicted: &[Predicted], reasons: &[Vec<String>]) 
     println!();
     println!("  why each step runs:");
     for ((node, p), lines) in plan.nodes.iter().zip(predicted).zip(reasons) {
-        if p.is_cached() {
+        if p.output().is_some() {
             continue;
         }
         println!("  {}", node.display_name());
@@ -195,9 +238,11 @@ fn plan_json(plan: &Plan, predicted: &[Predicted]) -> serde_json::Value {
         .iter()
         .zip(predicted)
         .map(|(node, p)| {
-            let output = match p {
-                Predicted::Cached { output, .. } => Some(*output),
-                _ => None,
+            let output = p.output();
+            let status = match p {
+                Predicted::Cached { .. } => "cached",
+                Predicted::Remote { .. } => "remote",
+                _ => "pending",
             };
             serde_json::json!({
                 "name": node.name,
@@ -206,13 +251,14 @@ fn plan_json(plan: &Plan, predicted: &[Predicted]) -> serde_json::Value {
                 "key": p.key(),
                 "arm": node.bindings,
                 "arms": plan.arm_ids(node),
-                "status": if p.is_cached() { "cached" } else { "pending" },
+                "status": status,
                 "output": output,
                 "inputs": node.inputs.iter().map(|(k, v)| (k.clone(), v.nodes().iter().map(|&i| plan.nodes[i].id).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
             })
         })
         .collect();
     let cached = predicted.iter().filter(|p| p.is_cached()).count();
+    let remote = predicted.iter().filter(|p| p.is_remote()).count();
     serde_json::json!({
         "recipe": plan.recipe.name,
         "arms": plan.arms,
@@ -222,24 +268,32 @@ fn plan_json(plan: &Plan, predicted: &[Predicted]) -> serde_json::Value {
             "instances": plan.instances,
             "unique": plan.nodes.len(),
             "cached": cached,
-            "to_run": plan.nodes.len() - cached,
+            "remote": remote,
+            "to_run": plan.nodes.len() - cached - remote,
         },
     })
 }
 
-fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
+/// `remote_shown`: a remote is configured, so its column is shown (even when it holds none).
+fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool, remote_shown: bool) {
     let cached = predicted.iter().filter(|p| p.is_cached()).count();
+    let remote = predicted.iter().filter(|p| p.is_remote()).count();
+    let remote_part = if remote_shown {
+        format!(" · {remote} remote")
+    } else {
+        String::new()
+    };
     println!(
         "plan for `{}` ({})",
         plan.recipe.name,
         plan.recipe.source.path.display()
     );
     println!(
-        "  {} arm(s) · {} step instances · {} unique steps · {cached} cached · {} to run",
+        "  {} arm(s) · {} step instances · {} unique steps · {cached} cached{remote_part} · {} to run",
         plan.arms.len(),
         plan.instances,
         plan.nodes.len(),
-        plan.nodes.len() - cached
+        plan.nodes.len() - cached - remote
     );
     println!();
     if every_step {
@@ -247,6 +301,7 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
         for (node, p) in plan.nodes.iter().zip(predicted) {
             let (status, key) = match p {
                 Predicted::Cached { key, .. } => ("cached", key.short()),
+                Predicted::Remote { key, .. } => ("remote", key.short()),
                 Predicted::Run { key } => ("run", key.short()),
                 Predicted::RunAfterInputs => ("run", "(after inputs)".to_string()),
             };
@@ -275,8 +330,13 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
         .max()
         .unwrap_or(2)
         .max(2);
+    let remote_head = if remote_shown {
+        format!(" {:>7}", "remote")
+    } else {
+        String::new()
+    };
     println!(
-        "  {:<name_w$} {:<op_w$} {:>6} {:>7} {:>7}  shared",
+        "  {:<name_w$} {:<op_w$} {:>6} {:>7}{remote_head} {:>7}  shared",
         "step", "op", "unique", "cached", "to run"
     );
     for (s, def) in plan.recipe.steps.iter().enumerate() {
@@ -284,14 +344,20 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool) {
             .filter(|&i| plan.nodes[i].step == s)
             .collect();
         let c = nodes.iter().filter(|&&i| predicted[i].is_cached()).count();
+        let r = nodes.iter().filter(|&&i| predicted[i].is_remote()).count();
         let shared = sharing(plan, &nodes);
+        let remote_cell = if remote_shown {
+            format!(" {r:>7}")
+        } else {
+            String::new()
+        };
         println!(
-            "  {:<name_w$} {:<op_w$} {:>6} {:>7} {:>7}  {shared}",
+            "  {:<name_w$} {:<op_w$} {:>6} {:>7}{remote_cell} {:>7}  {shared}",
             def.name,
             def.op,
             nodes.len(),
             c,
-            nodes.len() - c
+            nodes.len() - c - r
         );
     }
 }

@@ -27,5 +27,14 @@ pub fn rerun(cli: &Cli, args: &RerunArgs) -> Result<Exit, CliError> {
     let mut code = PlannedCode::default();
     let plan = plan::build(recipe, expansion, &mut code)?;
     code.keep_in(&store)?;
-    execute(store, plan, &sets, opts, Some(record.id), args.exec.json)
+    let remote = crate::remote::Remote::from_args(&args.exec.remote, args.exec.config.as_deref())?;
+    execute(
+        store,
+        plan,
+        &sets,
+        opts,
+        Some(record.id),
+        args.exec.json,
+        remote,
+    )
 }

@@ -3,14 +3,16 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use needle_core::digest::StepKey;
 use needle_core::plan::{self, Plan};
 use needle_core::recipe::{Recipe, RecipeDiagnostic, RecipeErrors, RecipeSource, SetArg};
 use needle_core::store::remote::{LiveRun, Server};
-use needle_core::store::{RunRecord, RunState, Store, now_millis};
+use needle_core::store::{RunRecord, RunState, Store, StoreRead, now_millis};
 use needle_ops::Registry;
 
 use crate::attempt::RunOutcome;
 use crate::cli::{Cli, ExecArgs, RunArgs};
+use crate::commands::plan::{Predicted, predict, remote_steps};
 use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
 use crate::engine::{Engine, EngineOptions, run_steps};
 use crate::error::{CliError, Exit};
@@ -18,6 +20,7 @@ use crate::gpu_usage::Sampler;
 use crate::gpus::Gpu;
 use crate::mps::Mps;
 use crate::progress;
+use crate::remote::{self, Remote, Transfer, Uploader};
 use crate::scheduler::gb_to_mb;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
@@ -25,12 +28,21 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
     let registry = Registry::new();
     let (recipe, expansion) = load_recipe(source, &args.recipe.sets, &registry)?;
     let opts = engine_options(&args.exec, &recipe)?;
+    let remote = Remote::from_args(&args.exec.remote, args.exec.config.as_deref())?;
     // Planned before the store opens: every error of a recipe leaves the store untouched.
     let mut code = PlannedCode::default();
     let plan = plan::build(recipe, expansion, &mut code)?;
     let store = open_store(cli)?;
     code.keep_in(&store)?;
-    execute(store, plan, &args.recipe.sets, opts, None, args.exec.json)
+    execute(
+        store,
+        plan,
+        &args.recipe.sets,
+        opts,
+        None,
+        args.exec.json,
+        remote,
+    )
 }
 
 /// Resources and forced steps for a run, checked against the recipe before anything runs.
@@ -211,7 +223,10 @@ pub fn execute(
     opts: EngineOptions,
     rerun_of: Option<u64>,
     json: bool,
+    remote: Option<Remote>,
 ) -> Result<Exit, CliError> {
+    let store = Arc::new(store);
+    let uploader = remote.and_then(|r| share(&store, &plan, r));
     let record = RunRecord {
         id: store.next_run_id()?,
         recipe_name: plan.recipe.name.clone(),
@@ -230,7 +245,6 @@ pub fn execute(
         steps: run_steps(&plan),
     };
     let total = plan.nodes.len();
-    let store = Arc::new(store);
     let live = Arc::new(LiveRun::new(record.id));
     let server = serve_reads(&store, &live);
     // The GPUs of a local run are sampled beside it, on a thread of its own (`gpu_usage`).
@@ -248,6 +262,9 @@ pub fn execute(
         progress::for_stderr(total),
     )
     .with_live(live.clone());
+    if let Some(uploader) = &uploader {
+        engine = engine.on_committed(uploader.sender());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -271,6 +288,9 @@ pub fn execute(
     // from now on. The server's threads are done with the store once it is dropped.
     live.end();
     drop(server);
+    if let Some(uploader) = uploader {
+        report_uploads(uploader);
+    }
     drop(store);
     let (outcome, record) = ended?;
     if json {
@@ -283,6 +303,73 @@ pub fn execute(
         RunState::Interrupted => Exit::Interrupted,
         RunState::Failed | RunState::Running => Exit::StepFailed,
     })
+}
+
+/// Before a run: fetch what the remote holds of the plan, so the run finds it cached; then
+/// start uploading what the run commits, and what this store holds that the remote lacks.
+/// A remote that does not answer is warned about, and the run goes on without it.
+fn share(store: &Arc<Store>, plan: &Plan, remote: Remote) -> Option<Uploader> {
+    let index = remote::index_or_warn(&remote)?;
+    let predicted = match predict(plan, Some(&**store as &dyn StoreRead), Some(&index)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("warning: could not plan against the remote: {e}");
+            return None;
+        }
+    };
+    let wanted = remote_steps(&predicted);
+    if !wanted.is_empty() {
+        let transfer = Transfer::new("pulled", false);
+        let pulled = remote::block_on(remote::pull_steps(&remote, store, &wanted, &transfer));
+        eprintln!(
+            "remote {}: fetched {} step(s) ({})",
+            remote.url(),
+            pulled.steps.len(),
+            transfer.summary()
+        );
+        for (key, e) in &pulled.failed {
+            eprintln!(
+                "warning: step {} not fetched: {}; it executes here instead",
+                key.short(),
+                remote::error_chain(e)
+            );
+        }
+    }
+    if !remote.upload {
+        return None;
+    }
+    let local: Vec<StepKey> = (predicted.iter())
+        .filter_map(|p| match p {
+            Predicted::Cached { key, .. } if index.output(key).is_none() => Some(*key),
+            _ => None,
+        })
+        .collect();
+    let uploader = Uploader::start(remote, store.clone(), index);
+    for key in local {
+        uploader.send(key);
+    }
+    Some(uploader)
+}
+
+/// Wait for a run's uploads; say what they did, and warn of what they could not.
+fn report_uploads(uploader: Uploader) {
+    let (pushed, transfer) = uploader.finish();
+    if pushed.written > 0 || !pushed.failed.is_empty() {
+        eprintln!(
+            "remote: uploaded {} step(s) ({})",
+            pushed.written,
+            transfer.summary()
+        );
+    }
+    if let Some((key, e)) = pushed.failed.first() {
+        eprintln!(
+            "warning: {} step(s) not uploaded (first: step {}: {}); `needle push` uploads \
+             them later",
+            pushed.failed.len(),
+            key.short(),
+            remote::error_chain(e)
+        );
+    }
 }
 
 /// Answer the read-only commands (`show`, `status`, `plan`…) on the store's socket while the

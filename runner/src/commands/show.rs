@@ -150,6 +150,11 @@ fn show_step(
         }
     }
     println!("executions");
+    if let Some(url) = &rec.fetched_from {
+        println!(
+            "  (fetched from {url}: run numbers are the other machine's; its logs stayed there)"
+        );
+    }
     for e in &rec.executions {
         let gpus = match gpu_label(&e.gpus, e.gpu_share, e.gpu_mem_gb) {
             label if label.is_empty() => label,

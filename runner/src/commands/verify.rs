@@ -12,6 +12,9 @@ use crate::commands::{lock_mode, open_existing, print_json, store_root};
 use crate::error::{CliError, Exit};
 
 pub fn verify(cli: &Cli, args: &VerifyArgs) -> Result<Exit, CliError> {
+    if args.remote.is_some() {
+        return verify_remote(args);
+    }
     if args.rebuild {
         let (_store, rebuilt) = Store::rebuild(&store_root(cli)?, lock_mode(cli), args.hash)
             .map_err(CliError::StoreOpen)?;
@@ -183,4 +186,47 @@ fn print_repaired(r: &Repaired) {
             println!("problem: {p}");
         }
     }
+}
+
+/// `verify --remote`: every record, manifest and blob of the shared cache against its name.
+fn verify_remote(args: &VerifyArgs) -> Result<Exit, CliError> {
+    let remote = crate::remote::Remote::required(args.remote.clone().flatten().as_deref())?;
+    let report = crate::remote::block_on(crate::remote::check(
+        &remote,
+        args.hash,
+        std::time::Duration::MAX,
+    ))?;
+    if args.json {
+        print_json(&report);
+    } else {
+        println!(
+            "remote {}: {} step record(s) · {} artifact(s) · {} blob(s), {}{}",
+            report.url,
+            report.steps,
+            report.artifacts,
+            report.blobs,
+            human_bytes(report.bytes),
+            if report.hashed {
+                ", every blob hashed"
+            } else {
+                ""
+            }
+        );
+        for p in &report.problems {
+            println!("  damaged: {p}");
+        }
+        if report.problems.is_empty() {
+            println!("the remote is consistent");
+        } else {
+            println!(
+                "  a pull refuses these; `needle gc --remote` deletes them, and a push of the steps \
+                 uploads them again"
+            );
+        }
+    }
+    Ok(if report.problems.is_empty() {
+        Exit::Success
+    } else {
+        Exit::StepFailed
+    })
 }
