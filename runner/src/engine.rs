@@ -1,7 +1,12 @@
 //! The run loop: resolves keys, skips what the store holds, starts ready steps as resources
-//! free up, commits outputs, and records the run.
+//! free up, commits outputs, and records the runs.
 //!
-//! A node's life:
+//! One engine executes every run of its store: the runner's own, and the runs that other
+//! `needle run`s hand it while it goes (`join`). Their steps share one pool of GPUs, CPU slots
+//! and memory, one ready queue per run ranked by priority then arrival, and one map of the keys
+//! in flight, so that a step two runs have in common executes once.
+//!
+//! A node's life (nodes of every run are numbered together; each run owns a range):
 //! ```text
 //! Waiting ──inputs done──▶ (key known) ──in store──▶ Cached
 //!                              │
@@ -9,14 +14,19 @@
 //!                              ▼
 //!                            Ready ──resources──▶ Running ──exit 0──▶ Committing ──▶ Succeeded
 //!                                                    │  ▲
-//!                                                    │  └──retry after backoff (AttemptFailedWillRetry)
+//!                                                    │  └──Retrying (after backoff)
 //!                                                    └──no attempts left──▶ Failed ──▶ dependents Skipped
-//! Ctrl-C: running steps are stopped (SIGTERM, then SIGKILL) and recorded Interrupted;
-//! steps that never started stay Pending.
+//! Ctrl-C (of a run): its running steps are stopped (SIGTERM, then SIGKILL) and recorded
+//! Interrupted, its steps that never started stay Pending; a step that a follower of another
+//! run waits for is handed to that follower instead, and goes on.
 //! ```
-//! The outside world (child exits, commits, timers, signals) enters one `select!` loop as
-//! [`Event`]s; nothing else mutates the engine's state.
+//! A run ends when none of its nodes is Ready, Running, Committing, Retrying or a Follower:
+//! its record is stored then, and its end reported, while the other runs go on.
+//!
+//! The outside world (child exits, commits, timers, signals, runs joining or cancelled) enters
+//! one `select!` loop as [`Event`]s; nothing else mutates the engine's state.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::ops::OpKind;
-use needle_core::plan::{NodeInput, Plan};
+use needle_core::plan::{NodeInput, Plan, PlanNode};
 use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
     Attempt, AttemptResult, Execution, Health, InputCheck, RunRecord, RunState, RunStep,
@@ -36,7 +46,7 @@ use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, Held, InputArtifact
 use crate::commit::{CommitJob, MAX_BATCH, MAX_BATCH_WAIT, commit_loop};
 use crate::gpus::Gpu;
 use crate::progress::{Progress, RunningStep};
-use crate::scheduler::{GpuGrant, Grant, Pool, ReadyQueue, Shape};
+use crate::scheduler::{GpuGrant, Grant, Pool, ReadyQueue, SHARE_UNITS, Shape};
 use crate::slurm::{Slurm, SlurmConfig};
 use crate::{executor, process, staging};
 
@@ -59,6 +69,7 @@ impl std::fmt::Debug for Executor {
     }
 }
 
+/// What the runner executes with: the pool every run shares, and its own run's options.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Run through Slurm, configured so; `None`: locally.
@@ -67,11 +78,50 @@ pub struct EngineOptions {
     pub gpus: Vec<Gpu>,
     pub cpus: u32,
     pub mem_mb: u64,
-    /// Step names whose instances execute even when cached.
-    pub force: BTreeSet<String>,
     /// The run's MPS daemon (`--mps`), whose clients its GPU steps are; it quits when the
     /// last holder drops it.
     pub mps: Option<Arc<crate::mps::Mps>>,
+    /// The options of the runner's own run.
+    pub run: RunOptions,
+}
+
+/// What one run asks of the engine, beside its plan.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Step names whose instances execute even when cached.
+    pub force: BTreeSet<String>,
+    /// Higher goes first when runs compete for the pool; equal: the earlier run first.
+    pub priority: i32,
+    /// The most GPUs (whole ones and shares, added up) its steps hold at once.
+    pub max_gpus: Option<f64>,
+}
+
+/// Told how a run ended, once, with its final record (stored by then).
+pub type OnEnd = Box<dyn FnOnce(&RunOutcome, &RunRecord) + Send>;
+
+impl std::fmt::Debug for Joining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joining")
+            .field("recipe", &self.plan.recipe.name)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A run another `needle run` hands the runner (see `join`): planned, not yet recorded.
+pub struct Joining {
+    pub plan: Plan,
+    /// Its code files, kept in the store when the run is accepted.
+    pub code: crate::commands::PlannedCode,
+    pub sets: Vec<needle_core::recipe::SetArg>,
+    pub rerun_of: Option<u64>,
+    pub opts: RunOptions,
+    /// Names the client's connection, for its cancel.
+    pub client: u64,
+    pub progress: Box<dyn Progress>,
+    /// Told the run's id once it is recorded, or why it was refused.
+    pub accepted: std::sync::mpsc::Sender<Result<u64, String>>,
+    pub on_end: OnEnd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +131,20 @@ enum Phase {
     Running,
     Committing,
     Follower,
+    /// Failed, and waiting for its backoff before the next attempt.
+    Retrying,
     /// Terminal: see the run record's status.
     Finished,
+}
+
+impl Phase {
+    /// Whether a run with a node in this phase has work left.
+    fn busy(self) -> bool {
+        matches!(
+            self,
+            Phase::Ready | Phase::Running | Phase::Committing | Phase::Follower | Phase::Retrying
+        )
+    }
 }
 
 struct Running {
@@ -93,32 +155,78 @@ struct Running {
     slot: PathBuf,
 }
 
+/// One run the engine executes.
+struct RunSlot {
+    plan: Plan,
+    record: RunRecord,
+    /// The engine's number of its node 0.
+    first: usize,
+    opts: RunOptions,
+    progress: Box<dyn Progress>,
+    ready: ReadyQueue,
+    /// Its nodes in a busy phase (see [`Phase::busy`]).
+    busy: usize,
+    /// Ctrl-Cs (or cancels from its client) so far.
+    interrupts: u32,
+    /// GPU share units its running steps hold, for `max_gpus`.
+    gpu_units: u64,
+    t0: Instant,
+    /// `None` once the run has ended.
+    on_end: Option<OnEnd>,
+    /// The client that joined it, to find it when that client cancels.
+    client: Option<u64>,
+    /// Steps (its own numbers) whose state changed since its progress was last recorded.
+    progress_dirty: Vec<usize>,
+}
+
+impl RunSlot {
+    fn live(&self) -> bool {
+        self.on_end.is_some()
+    }
+
+    /// The GPU share units it may still take under `max_gpus`.
+    fn gpu_room(&self) -> u64 {
+        match self.opts.max_gpus {
+            None => u64::MAX,
+            Some(max) => ((max * SHARE_UNITS as f64).round() as u64).saturating_sub(self.gpu_units),
+        }
+    }
+
+    /// Its rank among runs competing for the pool: higher priority, then the earlier run.
+    fn rank(&self) -> (Reverse<i32>, u64) {
+        (Reverse(self.opts.priority), self.record.id)
+    }
+}
+
 pub struct Engine {
     store: Arc<Store>,
     executor: Executor,
-    plan: Plan,
     opts: EngineOptions,
-    record: RunRecord,
+    runs: Vec<RunSlot>,
+    /// Per node, all runs' nodes numbered together: its run (an index into `runs`).
+    run_of: Vec<usize>,
     phase: Vec<Phase>,
     outputs: Vec<Option<ArtifactDigest>>,
     specs: Vec<Option<StepSpec>>,
     missing: Vec<usize>,
     dependents: Vec<Vec<usize>>,
     priority: Vec<u64>,
-    ready: ReadyQueue,
     pool: Pool,
     running: HashMap<usize, Running>,
-    /// Key → the node executing it; later nodes with the same key wait for it.
+    /// A running attempt handed from a node of a cancelled run to a follower in another:
+    /// the events of the attempt, which name the first, are the second's.
+    handed: HashMap<usize, usize>,
+    /// Key → the node executing it; later nodes with the same key, of any run, wait for it.
     inflight: HashMap<StepKey, usize>,
     followers: HashMap<usize, Vec<usize>>,
     forced_done: HashSet<usize>,
-    /// Inputs found whole in this run (each artifact and blob is hashed once per run).
+    /// Inputs found whole in this runner (each artifact and blob is hashed once).
     input_check: InputCheck,
-    /// Inputs found damaged in this run: found again, the step reading them fails.
+    /// Inputs found damaged by this runner: found again, the step reading them fails.
     damaged: HashSet<ArtifactDigest>,
     committing: usize,
-    retries_pending: usize,
-    interrupts: u32,
+    /// Ctrl-Cs and SIGTERMs the runner got.
+    signals: u32,
     events_tx: UnboundedSender<Event>,
     events_rx: UnboundedReceiver<Event>,
     commit_tx: Option<std::sync::mpsc::Sender<Vec<CommitJob>>>,
@@ -126,45 +234,31 @@ pub struct Engine {
     to_commit: Vec<CommitJob>,
     to_commit_since: Instant,
     committer: Option<std::thread::JoinHandle<()>>,
-    progress: Box<dyn Progress>,
-    t0: Instant,
     /// Clean staging slots, reused by later attempts.
     free_slots: Vec<PathBuf>,
     /// `cmd[0]` → where it is on PATH, looked up once per name.
     programs: HashMap<String, Option<PathBuf>>,
     /// `needle-worker`, beside this binary: built-in ops run as `needle-worker OP`.
     worker: PathBuf,
-    /// Where readers of the store see this run as far as it has got (`needle status`).
+    /// Where readers of the store see the runner's own run as far as it has got.
     live: Option<Arc<LiveRun>>,
-    /// Steps whose state changed since the run's progress was last recorded (a committed
-    /// step's is recorded with its commit): see `Store::put_run_progress`.
-    progress_dirty: Vec<usize>,
+    /// The own run's outcome, once it ended.
+    own: Option<RunOutcome>,
     progress_urgent: bool,
     progress_recorded: Instant,
 }
 
 impl Engine {
+    /// An engine for the runner's own run (`plan`, recorded as `record`), which others may
+    /// join while it goes.
     pub fn new(
         store: Arc<Store>,
         plan: Plan,
         record: RunRecord,
         opts: EngineOptions,
         progress: Box<dyn Progress>,
+        on_end: OnEnd,
     ) -> Engine {
-        let n = plan.nodes.len();
-        let dependents = plan.dependents();
-        let priority = plan.remaining_path();
-        let missing = plan
-            .nodes
-            .iter()
-            .map(|node| {
-                node.inputs
-                    .values()
-                    .flat_map(NodeInput::nodes)
-                    .collect::<HashSet<_>>()
-                    .len()
-            })
-            .collect();
         let (events_tx, events_rx) = unbounded_channel();
         let (commit_tx, commit_rx) = std::sync::mpsc::channel();
         let committer = {
@@ -187,45 +281,109 @@ impl Engine {
             // One token per job in flight: Slurm places jobs, needle only throttles them.
             Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
         };
-        Engine {
+        let own_opts = opts.run.clone();
+        let mut engine = Engine {
             store,
             executor,
-            plan,
             opts,
-            record,
-            phase: vec![Phase::Waiting; n],
-            outputs: vec![None; n],
-            specs: vec![None; n],
-            missing,
-            dependents,
-            priority,
-            ready: ReadyQueue::default(),
+            runs: Vec::new(),
+            run_of: Vec::new(),
+            phase: Vec::new(),
+            outputs: Vec::new(),
+            specs: Vec::new(),
+            missing: Vec::new(),
+            dependents: Vec::new(),
+            priority: Vec::new(),
             pool,
             running: HashMap::new(),
+            handed: HashMap::new(),
             inflight: HashMap::new(),
             followers: HashMap::new(),
             forced_done: HashSet::new(),
             input_check: InputCheck::default(),
             damaged: HashSet::new(),
             committing: 0,
-            retries_pending: 0,
-            interrupts: 0,
+            signals: 0,
             events_tx,
             events_rx,
             commit_tx: Some(commit_tx),
             to_commit: Vec::new(),
             to_commit_since: Instant::now(),
             committer: Some(committer),
-            progress,
-            t0: Instant::now(),
             free_slots: Vec::new(),
             programs: HashMap::new(),
             worker: worker_path(),
             live: None,
-            progress_dirty: Vec::new(),
+            own: None,
             progress_urgent: false,
             progress_recorded: Instant::now(),
+        };
+        engine.add_run(plan, record, own_opts, progress, on_end, None);
+        engine
+    }
+
+    /// A sender of events to this engine's loop, for the threads that hand it runs.
+    pub fn events(&self) -> UnboundedSender<Event> {
+        self.events_tx.clone()
+    }
+
+    /// Add a run's nodes after those of the runs before it. It starts when the loop next
+    /// resolves its roots (see [`Engine::start_run`]).
+    fn add_run(
+        &mut self,
+        plan: Plan,
+        record: RunRecord,
+        opts: RunOptions,
+        progress: Box<dyn Progress>,
+        on_end: OnEnd,
+        client: Option<u64>,
+    ) -> usize {
+        let r = self.runs.len();
+        let first = self.phase.len();
+        let n = plan.nodes.len();
+        self.run_of.extend(std::iter::repeat_n(r, n));
+        self.phase.extend(std::iter::repeat_n(Phase::Waiting, n));
+        self.outputs.extend(std::iter::repeat_n(None, n));
+        self.specs.extend(std::iter::repeat_n(None, n));
+        self.missing.extend(plan.nodes.iter().map(|node| {
+            (node.inputs.values())
+                .flat_map(NodeInput::nodes)
+                .collect::<HashSet<_>>()
+                .len()
+        }));
+        self.dependents.extend(
+            (plan.dependents().into_iter())
+                .map(|ds| ds.into_iter().map(|d| d + first).collect::<Vec<_>>()),
+        );
+        self.priority.extend(plan.remaining_path());
+        self.runs.push(RunSlot {
+            plan,
+            record,
+            first,
+            opts,
+            progress,
+            ready: ReadyQueue::default(),
+            busy: 0,
+            interrupts: 0,
+            gpu_units: 0,
+            t0: Instant::now(),
+            on_end: Some(on_end),
+            client,
+            progress_dirty: Vec::new(),
+        });
+        r
+    }
+
+    /// Resolve run `r`'s roots: its cached steps finish, the others become ready.
+    fn start_run(&mut self, r: usize) -> Result<(), StoreError> {
+        let first = self.runs[r].first;
+        let roots: Vec<usize> = (first..first + self.runs[r].plan.nodes.len())
+            .filter(|&i| self.missing[i] == 0)
+            .collect();
+        for i in roots {
+            self.resolve(i)?;
         }
+        Ok(())
     }
 
     /// Make sure the executor can run anything, before the run is recorded: for Slurm, that
@@ -236,7 +394,7 @@ impl Engine {
             Executor::Slurm(slurm) => {
                 let stale = slurm.start().await?;
                 if !stale.is_empty() {
-                    self.progress.note(&format!(
+                    self.runs[0].progress.note(&format!(
                         "cancelled {} Slurm job(s) an earlier runner of this store left: {}",
                         stale.len(),
                         stale.join(" ")
@@ -247,16 +405,17 @@ impl Engine {
         }
     }
 
-    /// Offer copies of the run's progress to `live` as the run goes (when a reader asks).
+    /// Offer copies of the own run's progress to `live` as it goes (when a reader asks).
     pub fn with_live(mut self, live: Arc<LiveRun>) -> Engine {
         self.live = Some(live);
         self
     }
 
-    /// Run to the end (or to Ctrl-C). The run record is written before the first step starts
-    /// and again at the end.
-    pub async fn execute(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
-        self.store.put_run(&self.record)?;
+    /// Run until every run has ended: the own run, and those that joined meanwhile. Each
+    /// run's record is written before its first step starts and again at its end. Returns the
+    /// own run's outcome.
+    pub async fn execute(mut self) -> Result<RunOutcome, StoreError> {
+        self.store.put_run(&self.runs[0].record)?;
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .expect("installing the SIGINT handler");
@@ -271,30 +430,30 @@ impl Engine {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
-        let roots: Vec<usize> = (0..self.plan.nodes.len())
-            .filter(|&i| self.missing[i] == 0)
-            .collect();
-        for i in roots {
-            self.resolve(i)?;
-        }
+        self.start_run(0)?;
         self.update_progress();
 
         loop {
             self.start_ready();
-            if self.running.is_empty() && self.committing == 0 && self.retries_pending == 0 {
+            self.end_idle_runs()?;
+            if self.runs.iter().all(|r| !r.live()) {
                 break;
             }
             // Nothing left to start: what comes next waits on commits, so commit now rather
             // than when the batch fills.
-            if !self.to_commit.is_empty() && (self.ready.is_empty() || self.interrupts > 0) {
+            let nothing_to_start = self
+                .runs
+                .iter()
+                .all(|r| r.ready.is_empty() || r.interrupts > 0);
+            if !self.to_commit.is_empty() && nothing_to_start {
                 self.flush_commits();
             }
             let commit_due = self.to_commit_since + MAX_BATCH_WAIT;
             let waiting = !self.to_commit.is_empty();
             tokio::select! {
                 Some(ev) = self.events_rx.recv() => self.handle(ev)?,
-                _ = interrupt.recv() => self.interrupt(),
-                _ = terminate.recv() => self.interrupt(),
+                _ = interrupt.recv() => self.on_signal(false),
+                _ = terminate.recv() => self.on_signal(true),
                 _ = tick.tick() => self.update_progress(),
                 _ = tokio::time::sleep_until(commit_due.into()), if waiting => self.flush_commits(),
             }
@@ -305,44 +464,62 @@ impl Engine {
     fn handle(&mut self, ev: Event) -> Result<(), StoreError> {
         match ev {
             Event::Started { node, handle } => {
-                if self.running.contains_key(&node) && self.interrupts > 0 {
+                let node = self.handed.get(&node).copied().unwrap_or(node);
+                if self.running.contains_key(&node) && self.runs[self.run_of[node]].interrupts > 0 {
                     self.stop(std::slice::from_ref(&handle), false);
                 }
                 if let Some(r) = self.running.get_mut(&node) {
                     r.handle = Some(handle);
                 }
             }
-            Event::Ended(end) => self.on_attempt_end(end)?,
+            Event::Ended(mut end) => {
+                if let Some(to) = self.handed.remove(&end.node) {
+                    end.node = to;
+                }
+                self.on_attempt_end(end)?
+            }
             Event::Committed(results, slots) => {
                 self.free_slots.extend(slots);
                 for (node, result) in results {
                     self.committing -= 1;
                     match result {
                         Ok(output) => {
-                            self.record.steps[node].status = StepStatus::Succeeded { output };
-                            self.progress.finished(&self.record.steps[node], None);
+                            self.step_mut(node).status = StepStatus::Succeeded { output };
+                            self.finished_note(node);
                             self.settle_followers(node, Ok(output));
                             self.on_done(node, output)?;
                         }
                         Err(error) => {
-                            if let Some(last) = self.record.steps[node].attempts.last_mut() {
+                            if let Some(last) = self.step_mut(node).attempts.last_mut() {
                                 last.result = AttemptResult::OutputError {
                                     error: error.clone(),
                                 };
                             }
                             let reason = format!("output not committed: {error}");
-                            self.progress.failed(&self.record.steps[node], &reason, &[]);
+                            self.failed_note(node, &reason, &[]);
                             self.fail(node, reason);
                         }
                     }
                 }
             }
             Event::RetryDue { node } => {
-                self.retries_pending -= 1;
-                if self.interrupts > 0 {
-                    self.finish_node(node, StepStatus::Interrupted);
-                } else {
+                if self.runs[self.run_of[node]].interrupts == 0 {
                     self.push_ready(node);
+                } else if let Some(to) = self.hand_over(node) {
+                    self.finish_node(node, StepStatus::Interrupted);
+                    self.push_ready(to);
+                } else {
+                    self.finish_node(node, StepStatus::Interrupted);
+                }
+            }
+            Event::Join(joining) => self.join(*joining)?,
+            Event::Cancel { client } => {
+                if let Some(r) = self
+                    .runs
+                    .iter()
+                    .position(|s| s.live() && s.client == Some(client))
+                {
+                    self.interrupt_run(r);
                 }
             }
         }
@@ -351,6 +528,96 @@ impl Engine {
             self.record_progress();
         }
         Ok(())
+    }
+
+    /// A run another `needle run` hands over: record it, and start it beside the others.
+    fn join(&mut self, joining: Joining) -> Result<(), StoreError> {
+        let Joining {
+            plan,
+            code,
+            sets,
+            rerun_of,
+            opts,
+            client,
+            progress,
+            accepted,
+            on_end,
+        } = joining;
+        // The client is refused if its code cannot be kept; the runner goes on.
+        if let Err(e) = code.keep_in(&self.store) {
+            let _ = accepted.send(Err(e.to_string()));
+            return Ok(());
+        }
+        let recorded = (self.store.next_run_id())
+            .map(|id| new_record(id, &plan, &sets, rerun_of))
+            .and_then(|record| self.store.put_run(&record).map(|()| record));
+        let record = match recorded {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = accepted.send(Err(format!("the runner could not record the run: {e}")));
+                return Ok(());
+            }
+        };
+        let id = record.id;
+        // A client that went away meanwhile has sent its cancel after this run: it comes next.
+        let _ = accepted.send(Ok(id));
+        let r = self.add_run(plan, record, opts, progress, on_end, Some(client));
+        self.publish_joined();
+        if self.runs[0].live() {
+            let own = self.runs[0].record.id;
+            let text = format!(
+                "run {id} ({}) joined this runner: its steps share the pool with run {own}",
+                self.runs[r].record.recipe_name
+            );
+            self.runs[0].progress.note(&text);
+        }
+        self.start_run(r)
+    }
+
+    fn node(&self, i: usize) -> &PlanNode {
+        let s = &self.runs[self.run_of[i]];
+        &s.plan.nodes[i - s.first]
+    }
+
+    fn step(&self, i: usize) -> &RunStep {
+        let s = &self.runs[self.run_of[i]];
+        &s.record.steps[i - s.first]
+    }
+
+    fn step_mut(&mut self, i: usize) -> &mut RunStep {
+        let s = &mut self.runs[self.run_of[i]];
+        &mut s.record.steps[i - s.first]
+    }
+
+    fn set_phase(&mut self, i: usize, phase: Phase) {
+        let run = &mut self.runs[self.run_of[i]];
+        match (self.phase[i].busy(), phase.busy()) {
+            (false, true) => run.busy += 1,
+            (true, false) => run.busy -= 1,
+            _ => {}
+        }
+        self.phase[i] = phase;
+    }
+
+    /// Step `i`'s state changed: record it with its run's progress.
+    fn dirty(&mut self, i: usize) {
+        let s = &mut self.runs[self.run_of[i]];
+        s.progress_dirty.push(i - s.first);
+    }
+
+    /// Tell step `i`'s run that it reached a terminal state other than failure.
+    fn finished_note(&mut self, i: usize) {
+        let s = &mut self.runs[self.run_of[i]];
+        s.progress.finished(&s.record.steps[i - s.first], None);
+    }
+
+    fn failed_note(&mut self, i: usize, reason: &str, log: &[String]) {
+        let s = &mut self.runs[self.run_of[i]];
+        s.progress.failed(&s.record.steps[i - s.first], reason, log);
+    }
+
+    fn note(&mut self, i: usize, text: &str) {
+        self.runs[self.run_of[i]].progress.note(text);
     }
 
     /// Inputs done: compute the key, then cached, follower or ready.
@@ -362,26 +629,32 @@ impl Engine {
             if self.missing[i] > 0 || self.phase[i] != Phase::Waiting {
                 continue;
             }
-            let spec = self.plan.nodes[i]
-                .spec(|u| self.outputs[u])
+            let base = self.runs[self.run_of[i]].first;
+            let spec = self
+                .node(i)
+                .spec(|u| self.outputs[base + u])
                 .expect("resolve runs once every input has an output");
             let key = spec.key();
-            self.record.steps[i].key = Some(key);
+            self.step_mut(i).key = Some(key);
             self.specs[i] = Some(spec);
-            let forced = self.opts.force.contains(&self.plan.nodes[i].name);
+            let forced = (self.runs[self.run_of[i]].opts.force).contains(&self.node(i).name);
 
             if let Some(&leader) = self.inflight.get(&key) {
-                self.phase[i] = Phase::Follower;
+                // An interrupted run starts nothing new, and waits for nothing: pending.
+                if self.runs[self.run_of[i]].interrupts > 0 {
+                    continue;
+                }
+                self.set_phase(i, Phase::Follower);
                 self.followers.entry(leader).or_default().push(i);
                 continue;
             }
             let may_reuse = !forced || self.forced_done.contains(&i);
             if may_reuse && let Some(rec) = self.store.step(&key)? {
-                self.record.steps[i].status = StepStatus::Cached { output: rec.output };
-                self.progress_dirty.push(i);
-                self.phase[i] = Phase::Finished;
+                self.step_mut(i).status = StepStatus::Cached { output: rec.output };
+                self.dirty(i);
+                self.set_phase(i, Phase::Finished);
                 self.outputs[i] = Some(rec.output);
-                self.progress.finished(&self.record.steps[i], None);
+                self.finished_note(i);
                 work.extend(self.release_dependents(i));
                 continue;
             }
@@ -397,7 +670,7 @@ impl Engine {
     /// Before step `i` executes: hash the blobs of its inputs against their digests (each
     /// artifact once per run). A damaged input is dropped from the store with what it makes
     /// untrue (`Store::drop_damaged`: the manifests using a damaged blob, the step records
-    /// that produced them), and the steps of this run that output a dropped artifact execute
+    /// that produced them), and the steps of its run that output a dropped artifact execute
     /// again; `i` waits for them as for any input, then is resolved anew. False then, or when
     /// `i` failed: an input found damaged a second time in this run (after its producer ran
     /// again), or one that no step of this run produced.
@@ -424,13 +697,14 @@ impl Engine {
                 .or_else(|| damage.artifacts.values().next().cloned())
                 .unwrap_or_default();
             let dropped = self.store.drop_damaged(&damage)?;
-            let producers: Vec<usize> = (0..self.plan.nodes.len())
+            let run = &self.runs[self.run_of[i]];
+            let producers: Vec<usize> = (run.first..run.first + run.plan.nodes.len())
                 .filter(|&u| {
                     self.phase[u] == Phase::Finished
                         && self.outputs[u].is_some_and(|o| dropped.artifact_digests.contains(&o))
                 })
                 .collect();
-            let step = self.plan.nodes[i].display_name();
+            let step = self.node(i).display_name();
             let dropped_text = format!(
                 "dropped {} artifact(s) and {} step record(s) using it",
                 dropped.artifacts.len(),
@@ -446,19 +720,20 @@ impl Engine {
                         ", again after its producer executed anew"
                     }
                 );
-                self.progress.failed(&self.record.steps[i], &reason, &[]);
+                self.failed_note(i, &reason, &[]);
                 self.fail(i, reason);
                 return Ok(false);
             }
             let names: Vec<String> = producers
                 .iter()
-                .map(|&u| format!("`{}`", self.plan.nodes[u].display_name()))
+                .map(|&u| format!("`{}`", self.node(u).display_name()))
                 .collect();
-            self.progress.note(&format!(
+            let text = format!(
                 "        input `{name}` of `{step}` is damaged: {what}; {dropped_text}; \
                  executing {} again",
                 names.join(", ")
-            ));
+            );
+            self.note(i, &text);
             for u in producers {
                 self.reexecute(u, work);
             }
@@ -473,11 +748,12 @@ impl Engine {
     /// so it did not read the dropped bytes.
     fn reexecute(&mut self, u: usize, work: &mut Vec<usize>) {
         self.outputs[u] = None;
-        self.phase[u] = Phase::Waiting;
-        self.record.steps[u].status = StepStatus::Pending;
-        self.progress_dirty.push(u);
+        self.set_phase(u, Phase::Waiting);
+        self.step_mut(u).status = StepStatus::Pending;
+        self.dirty(u);
         self.progress_urgent = true;
-        self.progress.reopened(&self.record.steps[u]);
+        let s = &mut self.runs[self.run_of[u]];
+        s.progress.reopened(&s.record.steps[u - s.first]);
         for &d in &self.dependents[u] {
             if self.phase[d] == Phase::Waiting {
                 self.missing[d] += 1;
@@ -486,24 +762,38 @@ impl Engine {
         work.push(u);
     }
 
-    /// Hand the waiting finished steps to the commit thread as one batch.
+    /// Hand the waiting finished steps to the commit thread, one batch per run (a batch
+    /// records the progress of one run).
     fn flush_commits(&mut self) {
-        if self.to_commit.is_empty() {
-            return;
+        let mut batches: BTreeMap<u64, Vec<CommitJob>> = BTreeMap::new();
+        for job in std::mem::take(&mut self.to_commit) {
+            batches.entry(job.execution.run).or_default().push(job);
         }
-        let batch = std::mem::take(&mut self.to_commit);
-        self.commit_tx
-            .as_ref()
-            .expect("the committer lives until the end")
-            .send(batch)
-            .expect("the commit thread is alive");
+        for batch in batches.into_values() {
+            self.commit_tx
+                .as_ref()
+                .expect("the committer lives until the end")
+                .send(batch)
+                .expect("the commit thread is alive");
+        }
     }
 
+    /// Queue `i` to start. In a run that was interrupted it stays pending instead.
     fn push_ready(&mut self, i: usize) {
-        self.phase[i] = Phase::Ready;
+        let r = self.run_of[i];
+        if self.runs[r].interrupts > 0 {
+            self.set_phase(i, Phase::Waiting);
+            if let Some(key) = self.step(i).key
+                && self.inflight.get(&key) == Some(&i)
+            {
+                self.inflight.remove(&key);
+            }
+            return;
+        }
+        self.set_phase(i, Phase::Ready);
         let shape = match self.executor {
             Executor::Local => Shape::of(
-                &self.plan.nodes[i].resources,
+                &self.node(i).resources,
                 self.opts.cpus,
                 !self.opts.gpus.is_empty(),
             ),
@@ -513,7 +803,7 @@ impl Engine {
                 mem_mb: 0,
             },
         };
-        self.ready.push(i, self.priority[i], shape);
+        self.runs[r].ready.push(i, self.priority[i], shape);
     }
 
     /// Dependents whose last missing input was `i`.
@@ -529,7 +819,7 @@ impl Engine {
     }
 
     fn on_done(&mut self, i: usize, output: ArtifactDigest) -> Result<(), StoreError> {
-        self.phase[i] = Phase::Finished;
+        self.set_phase(i, Phase::Finished);
         self.outputs[i] = Some(output);
         for d in self.release_dependents(i) {
             self.resolve(d)?;
@@ -538,45 +828,80 @@ impl Engine {
     }
 
     fn settle_followers(&mut self, leader: usize, result: Result<ArtifactDigest, &str>) {
-        let key = self.record.steps[leader]
-            .key
-            .expect("a running node has a key");
+        let key = self.step(leader).key.expect("a running node has a key");
         self.inflight.remove(&key);
         let Some(followers) = self.followers.remove(&leader) else {
             return;
         };
-        let leader_name = self.plan.nodes[leader].display_name();
+        let leader_name = self.node(leader).display_name();
+        let leader_run = self.runs[self.run_of[leader]].record.id;
         for f in followers {
+            // A step of another run says which run executed it.
+            let who = if self.run_of[f] == self.run_of[leader] {
+                format!("`{leader_name}`")
+            } else {
+                format!("`{leader_name}` of run {leader_run}")
+            };
             match result {
                 Ok(output) => {
-                    self.record.steps[f].status = StepStatus::Cached { output };
-                    self.progress_dirty.push(f);
-                    self.progress.finished(&self.record.steps[f], None);
+                    self.step_mut(f).status = StepStatus::Cached { output };
+                    self.dirty(f);
+                    if self.run_of[f] != self.run_of[leader] {
+                        self.note(
+                            f,
+                            &format!("shared  {} with {who}", self.node(f).display_name()),
+                        );
+                    }
+                    self.finished_note(f);
                     // Errors surface when the follower's own dependents resolve.
                     let _ = self.on_done(f, output);
                 }
-                Err(reason) => {
-                    self.fail(f, format!("same step as `{leader_name}`, which {reason}"))
-                }
+                Err(reason) => self.fail(f, format!("same step as {who}, which {reason}")),
             }
         }
     }
 
+    /// Start ready steps while they fit: the best-ranked run first, then the next (a run whose
+    /// next step does not fit does not keep another's smaller steps waiting).
     fn start_ready(&mut self) {
-        if self.interrupts > 0 {
-            return;
-        }
-        while let Some((i, shape)) = self.ready.pop_fitting(&self.pool) {
+        loop {
+            let mut order: Vec<usize> = (0..self.runs.len())
+                .filter(|&r| {
+                    let s = &self.runs[r];
+                    s.live() && s.interrupts == 0 && !s.ready.is_empty()
+                })
+                .collect();
+            order.sort_by_key(|&r| self.runs[r].rank());
+            let Some((r, i, shape)) = order.into_iter().find_map(|r| {
+                let room = self.runs[r].gpu_room();
+                (self.runs[r].ready)
+                    .pop_fitting(&self.pool, room)
+                    .map(|(i, shape)| (r, i, shape))
+            }) else {
+                return;
+            };
             let grant = self.pool.take(shape).expect("pop_fitting checked the fit");
+            self.runs[r].gpu_units += grant.gpu.units();
             self.launch(i, grant);
         }
     }
 
+    /// Return what run `r`'s step held to the pool.
+    fn give_back(&mut self, r: usize, grant: &Grant) {
+        self.pool.give_back(grant);
+        self.runs[r].gpu_units -= grant.gpu.units();
+    }
+
     fn launch(&mut self, i: usize, grant: Grant) {
-        let node = &self.plan.nodes[i];
-        let key = self.record.steps[i].key.expect("a ready node has a key");
+        let r = self.run_of[i];
+        let (run_id, recipe_dir) = (
+            self.runs[r].record.id,
+            self.runs[r].plan.recipe.source.dir.clone(),
+        );
+        let key = self.step(i).key.expect("a ready node has a key");
+        let attempt = self.step(i).attempts.len() as u32 + 1;
+        let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
         let spec = self.specs[i].as_ref().expect("a ready node has a spec");
-        let attempt = self.record.steps[i].attempts.len() as u32 + 1;
         let inputs = spec
             .inputs
             .iter()
@@ -615,7 +940,7 @@ impl Engine {
             None => match staging::new_slot(&self.store) {
                 Ok(slot) => slot,
                 Err(e) => {
-                    self.pool.give_back(&grant);
+                    self.give_back(r, &grant);
                     self.fail(i, format!("could not prepare a staging directory: {e}"));
                     return;
                 }
@@ -623,8 +948,10 @@ impl Engine {
         };
         // The resources a Slurm job asks for are the step's own; the grant is a job token,
         // and Slurm names the GPUs.
+        let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
+        let resources = node.resources;
         let held = match self.executor {
-            Executor::Local => self.held(&grant, &node.resources),
+            Executor::Local => self.held(&grant, &resources),
             Executor::Slurm(_) => Held {
                 cpus: node.resources.cpus.max(1),
                 ..Held::default()
@@ -633,7 +960,7 @@ impl Engine {
         let attempt_spec = AttemptSpec {
             node: i,
             key,
-            run: self.record.id,
+            run: run_id,
             attempt,
             step_name: node.name.clone(),
             cmd,
@@ -645,11 +972,11 @@ impl Engine {
             held,
             builtin: node.kind == OpKind::Builtin,
             timeout: node.timeout,
-            log_rel: Store::log_rel_path(&key, self.record.id, attempt),
-            recipe_dir: self.plan.recipe.source.dir.clone(),
+            log_rel: Store::log_rel_path(&key, run_id, attempt),
+            recipe_dir,
         };
-        self.phase[i] = Phase::Running;
-        self.record.steps[i].attempts.push(Attempt {
+        self.set_phase(i, Phase::Running);
+        self.step_mut(i).attempts.push(Attempt {
             n: attempt,
             started: now_millis(),
             ended: 0,
@@ -661,7 +988,7 @@ impl Engine {
                 .flatten(),
             // What it asked for; the environment also says what a share of a known GPU is.
             gpu_mem_gb: (!attempt_spec.held.gpus.is_empty())
-                .then(|| node.resources.gpus.mem_gb())
+                .then(|| resources.gpus.mem_gb())
                 .flatten(),
             log: attempt_spec.log_rel.clone(),
             job: None,
@@ -675,7 +1002,8 @@ impl Engine {
                 slot,
             },
         );
-        self.progress.started(&self.record.steps[i], attempt);
+        let s = &mut self.runs[r];
+        s.progress.started(&s.record.steps[i - s.first], attempt);
         match &self.executor {
             Executor::Local => {
                 tokio::spawn(executor::run_attempt(
@@ -689,7 +1017,7 @@ impl Engine {
                     slurm.clone(),
                     self.store.clone(),
                     attempt_spec,
-                    node.resources,
+                    resources,
                     self.events_tx.clone(),
                 ));
             }
@@ -737,8 +1065,9 @@ impl Engine {
     fn on_attempt_end(&mut self, end: AttemptEnd) -> Result<(), StoreError> {
         let i = end.node;
         let running = self.running.remove(&i).expect("an attempt ends once");
-        self.pool.give_back(&running.grant);
-        let interrupted = self.interrupts > 0;
+        let r = self.run_of[i];
+        self.give_back(r, &running.grant);
+        let interrupted = self.runs[r].interrupts > 0;
         let result =
             if interrupted && end.result != AttemptResult::Success && !end.result.wrote_outside() {
                 AttemptResult::Interrupted
@@ -746,7 +1075,8 @@ impl Engine {
                 end.result
             };
         let attempt = {
-            let a = self.record.steps[i]
+            let a = self
+                .step_mut(i)
                 .attempts
                 .last_mut()
                 .expect("launch recorded the attempt");
@@ -763,19 +1093,22 @@ impl Engine {
 
         if result == AttemptResult::Success {
             let staging = end.staging.expect("a successful attempt has a staging dir");
-            self.phase[i] = Phase::Committing;
+            self.set_phase(i, Phase::Committing);
             self.committing += 1;
             self.forced_done.insert(i);
-            let node = &self.plan.nodes[i];
+            let key = self.step(i).key.expect("running node has a key");
+            let progress = self.step_progress(i);
+            let run = &self.runs[r];
+            let node = &run.plan.nodes[i - run.first];
             let job = CommitJob {
                 node: i,
-                key: self.record.steps[i].key.expect("running node has a key"),
+                key,
                 spec: self.specs[i].clone().expect("running node has a spec"),
                 record_id: node.id,
                 name: node.name.clone(),
                 bindings: node.bindings.clone(),
                 execution: Execution {
-                    run: self.record.id,
+                    run: run.record.id,
                     attempt: attempt.n,
                     started: attempt.started,
                     ended: attempt.ended,
@@ -791,9 +1124,9 @@ impl Engine {
                     job: attempt.job.clone(),
                 },
                 staging,
-                forced: self.opts.force.contains(&node.name),
+                forced: run.opts.force.contains(&node.name),
                 // Its status once committed is set by the commit (see `commit_batch`).
-                progress: self.step_progress(i),
+                progress,
             };
             if self.to_commit.is_empty() {
                 self.to_commit_since = Instant::now();
@@ -818,18 +1151,21 @@ impl Engine {
             tail(&self.store.path(&attempt.log), 12)
         };
         if interrupted {
+            // A run that has not been interrupted may have come to wait for it meanwhile.
             self.finish_node(i, StepStatus::Interrupted);
-            let key = self.record.steps[i].key.expect("key");
-            self.inflight.remove(&key);
+            match self.hand_over(i) {
+                Some(to) => self.push_ready(to),
+                None => self.forget_key(i),
+            }
             return Ok(());
         }
-        let retries = self.plan.nodes[i].retries;
+        let retries = self.node(i).retries;
         if attempt.n <= retries.count && !result.wrote_outside() {
             let delay = retries.delay_before(attempt.n + 1);
-            self.progress
-                .retrying(&self.record.steps[i], &result, delay, &log_tail);
-            self.phase[i] = Phase::Waiting;
-            self.retries_pending += 1;
+            let s = &mut self.runs[r];
+            s.progress
+                .retrying(&s.record.steps[i - s.first], &result, delay, &log_tail);
+            self.set_phase(i, Phase::Retrying);
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -845,8 +1181,7 @@ impl Engine {
                     needle_core::store::human_bytes(full.free)
                 ));
             }
-            self.progress
-                .failed(&self.record.steps[i], &reason, &log_tail);
+            self.failed_note(i, &reason, &log_tail);
             self.fail(i, reason);
         }
         Ok(())
@@ -854,13 +1189,13 @@ impl Engine {
 
     /// Mark `i` failed and every node downstream of it skipped.
     fn fail(&mut self, i: usize, reason: String) {
-        if let Some(key) = self.record.steps[i].key
+        if let Some(key) = self.step(i).key
             && self.inflight.get(&key) == Some(&i)
         {
             self.settle_followers(i, Err("failed"));
         }
         self.finish_node(i, StepStatus::Failed { reason });
-        let upstream = self.plan.nodes[i].display_name();
+        let upstream = self.node(i).display_name();
         let mut stack = self.dependents[i].clone();
         let mut skipped = 0;
         while let Some(d) = stack.pop() {
@@ -876,36 +1211,141 @@ impl Engine {
             }
         }
         if skipped > 0 {
-            self.progress.note(&format!(
-                "        skipped {skipped} step(s) downstream of `{upstream}`"
-            ));
+            self.note(
+                i,
+                &format!("        skipped {skipped} step(s) downstream of `{upstream}`"),
+            );
         }
     }
 
     fn finish_node(&mut self, i: usize, status: StepStatus) {
-        self.phase[i] = Phase::Finished;
+        self.set_phase(i, Phase::Finished);
         self.progress_urgent |= !matches!(status, StepStatus::Cached { .. });
-        self.record.steps[i].status = status;
-        self.progress_dirty.push(i);
-        if !matches!(self.record.steps[i].status, StepStatus::Failed { .. }) {
-            self.progress.finished(&self.record.steps[i], None);
+        let failed = matches!(status, StepStatus::Failed { .. });
+        self.step_mut(i).status = status;
+        self.dirty(i);
+        if !failed {
+            self.finished_note(i);
         }
     }
 
-    fn interrupt(&mut self) {
-        self.interrupts += 1;
-        self.progress
-            .interrupted(self.interrupts, self.running.len());
-        for node in self.ready.drain() {
-            self.phase[node] = Phase::Waiting;
+    /// A Ctrl-C or a SIGTERM to the runner. The first Ctrl-C interrupts the runner's own run,
+    /// as a client's interrupts its run; with the own run over, or at a second signal, or a
+    /// SIGTERM, every run is interrupted (the runner is going away).
+    fn on_signal(&mut self, terminate: bool) {
+        self.signals += 1;
+        let own_only = !terminate && self.signals == 1 && self.runs[0].live();
+        if own_only {
+            self.interrupt_run(0);
+            let others = self.runs.iter().filter(|s| s.live()).count() - 1;
+            if others > 0 {
+                self.runs[0].progress.note(&format!(
+                    "this runner goes on for the {others} run(s) that joined it; Ctrl-C again \
+                     interrupts them too"
+                ));
+            }
+            return;
         }
-        let handles: Vec<Handle> = self
-            .running
-            .values()
-            .filter_map(|r| r.handle.clone())
+        for r in 0..self.runs.len() {
+            if self.runs[r].live() {
+                self.interrupt_run(r);
+            }
+        }
+    }
+
+    /// Interrupt run `r` (its client's Ctrl-C, or the client went away): its steps that no
+    /// other live run waits for are stopped (SIGTERM; SIGKILL the second time), those that
+    /// one does go on as that run's; its steps not started stay pending.
+    fn interrupt_run(&mut self, r: usize) {
+        self.runs[r].interrupts += 1;
+        let kill = self.runs[r].interrupts > 1;
+        let mine: Vec<usize> = (self.running.keys().copied())
+            .filter(|&i| self.run_of[i] == r)
             .collect();
-        // The first Ctrl-C asks politely, the second does not.
-        self.stop(&handles, self.interrupts > 1);
+        if self.runs[r].interrupts == 1 {
+            let count = self.runs[r].interrupts;
+            self.runs[r].progress.interrupted(count, mine.len());
+            for i in self.runs[r].ready.drain() {
+                self.set_phase(i, Phase::Waiting);
+                match self.hand_over(i) {
+                    Some(to) => self.push_ready(to),
+                    None => self.forget_key(i),
+                }
+            }
+            let first = self.runs[r].first;
+            for i in first..first + self.runs[r].plan.nodes.len() {
+                if self.phase[i] == Phase::Follower {
+                    self.unfollow(i);
+                    self.finish_node(i, StepStatus::Interrupted);
+                }
+            }
+        } else {
+            let count = self.runs[r].interrupts;
+            self.runs[r].progress.interrupted(count, mine.len());
+        }
+        let mut handles = Vec::new();
+        for i in mine {
+            match self.hand_over(i) {
+                Some(to) => self.move_running(i, to),
+                None => handles.extend(self.running[&i].handle.clone()),
+            }
+        }
+        self.stop(&handles, kill);
+    }
+
+    /// `i`'s key is no longer in flight (it was never started).
+    fn forget_key(&mut self, i: usize) {
+        if let Some(key) = self.step(i).key
+            && self.inflight.get(&key) == Some(&i)
+        {
+            self.inflight.remove(&key);
+        }
+    }
+
+    /// Follower `f` stops waiting for its leader.
+    fn unfollow(&mut self, f: usize) {
+        for list in self.followers.values_mut() {
+            list.retain(|&x| x != f);
+        }
+    }
+
+    /// `i`, of an interrupted run, leads followers: the first of them in a live run that is
+    /// not interrupted becomes the leader (returned), the others follow it; followers of
+    /// interrupted runs are interrupted. `None`: no live run waits for `i`.
+    fn hand_over(&mut self, i: usize) -> Option<usize> {
+        let followers = self.followers.remove(&i)?;
+        let (going, stopped): (Vec<usize>, Vec<usize>) = followers.into_iter().partition(|&f| {
+            let s = &self.runs[self.run_of[f]];
+            s.live() && s.interrupts == 0
+        });
+        for f in stopped {
+            self.finish_node(f, StepStatus::Interrupted);
+        }
+        let (&to, rest) = going.split_first()?;
+        let key = self.step(i).key.expect("a leader has a key");
+        self.inflight.insert(key, to);
+        if !rest.is_empty() {
+            self.followers.insert(to, rest.to_vec());
+        }
+        Some(to)
+    }
+
+    /// Running `i` goes on as `to` (same key, another run): its attempt is `to`'s from now.
+    fn move_running(&mut self, i: usize, to: usize) {
+        let running = self.running.remove(&i).expect("`i` runs");
+        let (from_run, to_run) = (self.run_of[i], self.run_of[to]);
+        let units = running.grant.gpu.units();
+        self.runs[from_run].gpu_units -= units;
+        self.runs[to_run].gpu_units += units;
+        let attempt = self.step(i).attempts.last().cloned();
+        self.step_mut(to).attempts.extend(attempt);
+        self.running.insert(to, running);
+        self.handed.insert(i, to);
+        self.set_phase(to, Phase::Running);
+        let n = self.step(to).attempts.len() as u32;
+        let s = &mut self.runs[to_run];
+        s.progress.started(&s.record.steps[to - s.first], n);
+        self.finish_node(i, StepStatus::Interrupted);
     }
 
     /// Stop started attempts: SIGTERM (or SIGKILL) to local process groups, scancel to jobs.
@@ -935,24 +1375,34 @@ impl Engine {
     /// starts (`urgent`).
     fn record_progress(&mut self) {
         let due = self.progress_urgent || self.progress_recorded.elapsed() >= PROGRESS_EVERY;
-        if self.progress_dirty.is_empty() || !due {
+        if !due {
             return;
         }
         self.progress_recorded = Instant::now();
         self.progress_urgent = false;
-        let mut nodes = std::mem::take(&mut self.progress_dirty);
-        nodes.sort_unstable();
-        nodes.dedup();
-        let progress: Vec<StepProgress> = nodes.iter().map(|&i| self.step_progress(i)).collect();
-        if let Err(e) = self.store.put_run_progress(self.record.id, &progress) {
-            tracing::warn!("could not record the run's progress: {e}");
+        for r in 0..self.runs.len() {
+            let s = &mut self.runs[r];
+            if s.progress_dirty.is_empty() || !s.live() {
+                continue;
+            }
+            let mut nodes = std::mem::take(&mut s.progress_dirty);
+            nodes.sort_unstable();
+            nodes.dedup();
+            let first = s.first;
+            let progress: Vec<StepProgress> = (nodes.iter())
+                .map(|&n| self.step_progress(first + n))
+                .collect();
+            let id = self.runs[r].record.id;
+            if let Err(e) = self.store.put_run_progress(id, &progress) {
+                tracing::warn!("could not record the progress of run {id}: {e}");
+            }
         }
     }
 
     fn step_progress(&self, i: usize) -> StepProgress {
-        let step = &self.record.steps[i];
+        let step = self.step(i);
         StepProgress {
-            node: i as u32,
+            node: (i - self.runs[self.run_of[i]].first) as u32,
             key: step.key,
             status: step.status.clone(),
             attempts: step.attempts.clone(),
@@ -961,30 +1411,39 @@ impl Engine {
 
     fn update_progress(&mut self) {
         self.record_progress();
-        let running: Vec<RunningStep> = self
-            .running
-            .iter()
-            .map(|(&i, r)| RunningStep {
-                name: self.plan.nodes[i].display_name(),
+        let mut running: Vec<Vec<RunningStep>> = (0..self.runs.len()).map(|_| Vec::new()).collect();
+        for (&i, r) in &self.running {
+            running[self.run_of[i]].push(RunningStep {
+                name: self.node(i).display_name(),
                 elapsed: r.started.elapsed(),
                 progress: staging::last_progress(&r.slot),
-            })
-            .collect();
-        self.progress.update(&self.counts(), &running);
-        if let Some(live) = &self.live {
+            });
+        }
+        for (r, running) in running.into_iter().enumerate() {
+            if self.runs[r].live() {
+                let counts = self.counts(r);
+                self.runs[r].progress.update(&counts, &running);
+            }
+        }
+        if let Some(live) = &self.live
+            && self.runs[0].live()
+        {
+            let own = &self.runs[0];
             live.offer(|| LiveSnapshot {
-                record: self.record.clone(),
+                record: own.record.clone(),
                 // A running attempt's log is in its slot until it ends (see executor.rs).
                 logs: (self.running.iter())
-                    .map(|(&i, r)| (i, r.slot.join("log")))
+                    .filter(|&(&i, _)| self.run_of[i] == 0)
+                    .map(|(&i, r)| (i - own.first, r.slot.join("log")))
                     .collect(),
             });
         }
     }
 
-    fn counts(&self) -> RunOutcome {
+    fn counts(&self, r: usize) -> RunOutcome {
+        let s = &self.runs[r];
         let mut o = RunOutcome {
-            run: self.record.id,
+            run: s.record.id,
             state: RunState::Running,
             executed: 0,
             cached: 0,
@@ -992,10 +1451,10 @@ impl Engine {
             skipped: 0,
             interrupted: 0,
             pending: 0,
-            duration_ms: self.t0.elapsed().as_millis() as u64,
+            duration_ms: s.t0.elapsed().as_millis() as u64,
         };
-        for s in &self.record.steps {
-            match s.status {
+        for step in &s.record.steps {
+            match step.status {
                 StepStatus::Succeeded { .. } => o.executed += 1,
                 StepStatus::Cached { .. } => o.cached += 1,
                 StepStatus::Failed { .. } => o.failed += 1,
@@ -1007,7 +1466,68 @@ impl Engine {
         o
     }
 
-    fn finish(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
+    /// End every live run with no work left: store its final record, report its end.
+    fn end_idle_runs(&mut self) -> Result<(), StoreError> {
+        for r in 0..self.runs.len() {
+            if !self.runs[r].live() || self.runs[r].busy > 0 {
+                continue;
+            }
+            // Its last steps may wait in a commit batch: they are Committing, so busy.
+            let mut outcome = self.counts(r);
+            let s = &mut self.runs[r];
+            outcome.state = if s.interrupts > 0 {
+                RunState::Interrupted
+            } else if outcome.failed > 0 || outcome.skipped > 0 || outcome.pending > 0 {
+                RunState::Failed
+            } else {
+                RunState::Succeeded
+            };
+            s.record.state = outcome.state;
+            s.record.ended = Some(now_millis());
+            s.progress_dirty.clear();
+            let stored = self.store.put_run(&self.runs[r].record);
+            let s = &mut self.runs[r];
+            s.progress.done(&outcome);
+            let on_end = s.on_end.take().expect("a live run has its end to report");
+            on_end(&outcome, &s.record);
+            if r == 0 {
+                if let Some(live) = &self.live {
+                    live.end();
+                }
+                self.own = Some(outcome);
+                stored?;
+                let others: Vec<String> = (self.runs.iter())
+                    .filter(|s| s.live())
+                    .map(|s| s.record.id.to_string())
+                    .collect();
+                if !others.is_empty() {
+                    eprintln!(
+                        "this runner goes on until run(s) {} that joined it end (Ctrl-C \
+                         interrupts them)",
+                        others.join(", ")
+                    );
+                }
+            } else {
+                self.publish_joined();
+                if let Err(e) = stored {
+                    tracing::warn!("could not store the record of run {}: {e}", outcome.run);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tell readers which joined runs are going (`needle runs` shows them running).
+    fn publish_joined(&self) {
+        if let Some(live) = &self.live {
+            let going = (self.runs.iter().skip(1))
+                .filter(|s| s.live())
+                .map(|s| s.record.id);
+            live.set_joined(going.collect());
+        }
+    }
+
+    fn finish(mut self) -> Result<RunOutcome, StoreError> {
         debug_assert!(
             self.to_commit.is_empty(),
             "the loop ends with every commit done"
@@ -1016,16 +1536,6 @@ impl Engine {
         if let Some(handle) = self.committer.take() {
             let _ = handle.join();
         }
-        let mut outcome = self.counts();
-        outcome.state = if self.interrupts > 0 {
-            RunState::Interrupted
-        } else if outcome.failed > 0 || outcome.skipped > 0 || outcome.pending > 0 {
-            RunState::Failed
-        } else {
-            RunState::Succeeded
-        };
-        self.record.state = outcome.state;
-        self.record.ended = Some(now_millis());
         tracing::debug!(
             runner_cpu_s = cpu_seconds(libc::RUSAGE_SELF),
             input_artifacts = self.input_check.artifacts,
@@ -1035,9 +1545,33 @@ impl Engine {
             steps_cpu_s = cpu_seconds(libc::RUSAGE_CHILDREN),
             "cpu time"
         );
-        self.store.put_run(&self.record)?;
-        self.progress.done(&outcome);
-        Ok((outcome, self.record))
+        Ok(self.own.take().expect("the own run ended"))
+    }
+}
+
+/// A new run's record, before any step ran.
+pub fn new_record(
+    id: u64,
+    plan: &Plan,
+    sets: &[needle_core::recipe::SetArg],
+    rerun_of: Option<u64>,
+) -> RunRecord {
+    RunRecord {
+        id,
+        recipe_name: plan.recipe.name.clone(),
+        recipe_path: plan.recipe.source.path.display().to_string(),
+        recipe_dir: plan.recipe.source.dir.clone(),
+        recipe_text: plan.recipe.source.text.clone(),
+        sets: sets
+            .iter()
+            .map(|s| (s.var.clone(), s.value.clone()))
+            .collect(),
+        rerun_of,
+        started: now_millis(),
+        ended: None,
+        state: RunState::Running,
+        arms: plan.arms.clone(),
+        steps: run_steps(plan),
     }
 }
 

@@ -45,6 +45,10 @@ pub enum CliError {
     #[error(transparent)]
     Op(#[from] OpError),
 
+    /// The runner this run joined went away before the run ended (exit 3).
+    #[error("{0}")]
+    RunnerLost(String),
+
     #[error("{context}")]
     Io {
         context: String,
@@ -76,7 +80,8 @@ impl CliError {
             | CliError::Store(StoreError::Runner { .. })
             | CliError::Store(StoreError::RunnerProtocol { .. })
             | CliError::Store(StoreError::Corrupt { .. })
-            | CliError::StoreOpen(_) => Exit::StoreUnavailable,
+            | CliError::StoreOpen(_)
+            | CliError::RunnerLost(_) => Exit::StoreUnavailable,
             CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) => Exit::StepFailed,
         }
     }

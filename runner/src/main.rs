@@ -41,6 +41,7 @@ mod executor;
 mod gpu_usage;
 mod gpus;
 mod guard;
+mod join;
 mod mps;
 mod oom;
 mod process;
