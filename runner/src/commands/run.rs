@@ -70,7 +70,7 @@ pub fn run_or_join(
     match open_or_join(&store_root(cli)?, cli.wait, &request)? {
         Executes::Here(store) => {
             code.keep_in(&store)?;
-            execute(store, plan, sets, opts, rerun_of, json)
+            execute(*store, plan, sets, opts, rerun_of, json)
         }
         Executes::Joined(joined) => {
             let (outcome, record) = joined.follow(plan.nodes.len())?;

@@ -26,7 +26,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Who executes the run: this process, holding the store, or the runner that holds it.
 pub enum Executes {
-    Here(Store),
+    Here(Box<Store>),
     Joined(Joined),
 }
 
@@ -43,7 +43,7 @@ pub fn open_or_join(root: &Path, wait: bool, request: &JoinRequest) -> Result<Ex
     let deadline = Instant::now() + GRACE;
     loop {
         let locked = match Store::open(root, LockMode::Fail) {
-            Ok(store) => return Ok(Executes::Here(store)),
+            Ok(store) => return Ok(Executes::Here(Box::new(store))),
             Err(e @ StoreError::Locked { .. }) => e,
             Err(e) => return Err(CliError::StoreOpen(e)),
         };
@@ -52,7 +52,7 @@ pub fn open_or_join(root: &Path, wait: bool, request: &JoinRequest) -> Result<Ex
             Attempted::Refused(message) if wait => {
                 eprintln!("note: {message}\nwaiting for the store (--wait)");
                 let store = Store::open(root, LockMode::Wait).map_err(CliError::StoreOpen)?;
-                return Ok(Executes::Here(store));
+                return Ok(Executes::Here(Box::new(store)));
             }
             Attempted::Refused(message) => return Err(CliError::usage(message)),
             Attempted::NoRunner if !wait && Instant::now() >= deadline => {
