@@ -138,6 +138,9 @@ fn two_runs_share_one_pool_and_their_common_step_executes_once() {
     let second = spawn(&p, &[&["run", "b.toml"][..], &pool].concat());
     // Its roots are resolved when it joins: its `common` waits for the first run's.
     wait_file(&p, "b-joined");
+    let runs = p.json(&["runs"], 0);
+    assert_eq!(runs[0]["state"], "running", "side by side: {runs}");
+    assert_eq!(runs[1]["state"], "running", "side by side: {runs}");
     p.write("go", "");
 
     let a = finished(first, 0);

@@ -294,3 +294,28 @@ impl Progress for Relay {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(executor: &str, gpus: &[&str], cpus: u32, mps: bool) -> PoolSpec {
+        PoolSpec {
+            executor: executor.into(),
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            cpus,
+            mps,
+        }
+    }
+
+    #[test]
+    fn only_the_same_local_pool_is_shared() {
+        let runner = pool("local", &["0", "1"], 8, false);
+        assert_eq!(runner.refuses(&runner.clone()), None);
+        let why = |theirs: PoolSpec| runner.refuses(&theirs).unwrap();
+        assert!(why(pool("slurm", &[], 8, false)).contains("executor is slurm"));
+        assert!(why(pool("local", &["0"], 8, false)).contains("hint: --gpus 0,1"));
+        assert!(why(pool("local", &["0", "1"], 2, false)).contains("hint: --jobs 8"));
+        assert!(why(pool("local", &["0", "1"], 8, true)).contains("leave out --mps"));
+    }
+}
