@@ -111,8 +111,8 @@ impl std::fmt::Debug for Joining {
 /// A run another `needle run` hands the runner (see `join`): planned, not yet recorded.
 pub struct Joining {
     pub plan: Plan,
-    /// Its code files, kept in the store when the run is accepted.
-    pub code: crate::commands::PlannedCode,
+    /// Keeps its code files in the store, when the run is accepted; why not, if it cannot.
+    pub keep_code: Box<dyn FnOnce(&Store) -> Result<(), String> + Send>,
     pub sets: Vec<needle_core::recipe::SetArg>,
     pub rerun_of: Option<u64>,
     pub opts: RunOptions,
@@ -534,7 +534,7 @@ impl Engine {
     fn join(&mut self, joining: Joining) -> Result<(), StoreError> {
         let Joining {
             plan,
-            code,
+            keep_code,
             sets,
             rerun_of,
             opts,
@@ -544,8 +544,8 @@ impl Engine {
             on_end,
         } = joining;
         // The client is refused if its code cannot be kept; the runner goes on.
-        if let Err(e) = code.keep_in(&self.store) {
-            let _ = accepted.send(Err(e.to_string()));
+        if let Err(e) = keep_code(&self.store) {
+            let _ = accepted.send(Err(e));
             return Ok(());
         }
         let recorded = (self.store.next_run_id())

@@ -70,9 +70,15 @@ fn status_of(step: &Value) -> &str {
 /// Replay `trace`: at no moment do the steps hold together more than `gpus` GPUs (a share
 /// of each at most 1) or `cpus` CPU slots. Returns how many steps ran at most at once.
 fn check_trace(p: &Project, gpus: &[&str], cpus: f64) -> usize {
+    trace_peaks(p, gpus, cpus, "").0
+}
+
+/// [`check_trace`], and the most GPU (shares added up) the steps of run `run` held at once.
+fn trace_peaks(p: &Project, gpus: &[&str], cpus: f64, run: &str) -> (usize, f64) {
     let mut held: HashMap<String, f64> = HashMap::new();
     let mut cpu = 0.0;
     let (mut running, mut most) = (0usize, 0usize);
+    let (mut of_run, mut most_of_run) = (0.0, 0.0f64);
     for line in p.lines("trace") {
         let f: Vec<&str> = line.split(' ').collect();
         let sign = if f[0] == "+" { 1.0 } else { -1.0 };
@@ -81,6 +87,11 @@ fn check_trace(p: &Project, gpus: &[&str], cpus: f64) -> usize {
             assert!(gpus.contains(&gpu), "a GPU outside the pool: {line}");
             *held.entry(gpu.to_string()).or_default() += sign * share;
             assert!(held[gpu] <= 1.0 + 1e-9, "GPU {gpu} held past whole: {line}");
+        }
+        if f[1] == run {
+            let units = f[3].split(',').filter(|g| *g != "none").count() as f64;
+            of_run += sign * share * units;
+            most_of_run = most_of_run.max(of_run);
         }
         cpu += sign * f[5].parse::<f64>().unwrap();
         assert!(
@@ -94,7 +105,7 @@ fn check_trace(p: &Project, gpus: &[&str], cpus: f64) -> usize {
             running -= 1;
         }
     }
-    most
+    (most, most_of_run)
 }
 
 #[test]
@@ -345,4 +356,44 @@ fn a_joined_run_of_higher_priority_starts_its_steps_first() {
         .map(|l| l.split(' ').nth(2).unwrap().to_string())
         .collect();
     assert_eq!(started, ["gate", "b1", "b2", "a1", "a2", "a3"]);
+}
+
+#[test]
+fn max_gpus_caps_what_one_run_holds_and_leaves_the_rest_to_the_other() {
+    let p = project();
+    let gpu_steps = |prefix: &str, gpus: &str| -> Vec<String> {
+        (1..=3)
+            .map(|i| {
+                let name = format!("{prefix}{i}");
+                let extra =
+                    format!("params = {{ n = \"{name}\" }}\nresources = {{ gpus = {gpus} }}");
+                step(&name, "\"work\"", &extra)
+            })
+            .collect()
+    };
+    let mut xs = vec![step("gate", "\"hold\", \"go\"", "")];
+    xs.extend(gpu_steps("a", "1"));
+    p.write("x.toml", &recipe("x", &xs));
+    p.write("y.toml", &recipe("y", &gpu_steps("b", "0.5")));
+    let pool = ["--gpus", "0,1,2", "--jobs", "6", "--json"];
+    let runner = spawn(
+        &p,
+        &[&["run", "x.toml", "--max-gpus", "1"][..], &pool].concat(),
+    );
+    wait_file(&p, "gate.started");
+    let client = spawn(
+        &p,
+        &[&["run", "y.toml", "--max-gpus", "1.5"][..], &pool].concat(),
+    );
+    p.write("go", "");
+    finished(client, 0);
+    finished(runner, 0);
+    let (_, first) = trace_peaks(&p, &["0", "1", "2"], 6.0, "1");
+    let (_, second) = trace_peaks(&p, &["0", "1", "2"], 6.0, "2");
+    assert!(first <= 1.0 + 1e-9, "run 1 held {first} GPUs at once");
+    assert!(second <= 1.5 + 1e-9, "run 2 held {second} GPUs at once");
+    // A step that could never start under the cap is refused before anything runs.
+    let out = p.needle(&["run", "x.toml", "--gpus", "0,1,2", "--max-gpus", "0.5"]);
+    assert_code(&out, 2);
+    assert!(stderr(&out).contains("step `a"), "{}", stderr(&out));
 }

@@ -90,6 +90,7 @@ fn pool_spec(opts: &EngineOptions) -> PoolSpec {
         }
         .into(),
         gpus: opts.gpus.iter().map(|g| g.id.clone()).collect(),
+        gpu_mem_mb: opts.gpus.iter().map(|g| g.mem_mb).collect(),
         cpus: opts.cpus,
         mps: opts.mps.is_some(),
     }

@@ -52,8 +52,9 @@ const MAX_REQUEST: usize = 2 * needle_core::recipe::MAX_RECIPE_BYTES + 64 * 1024
 pub struct PoolSpec {
     /// `local` or `slurm`.
     pub executor: String,
-    /// The GPU ids its steps are given.
+    /// The GPU ids its steps are given, and the memory of each (MB, where known).
     pub gpus: Vec<String>,
+    pub gpu_mem_mb: Vec<Option<u64>>,
     pub cpus: u32,
     pub mps: bool,
 }
@@ -78,6 +79,18 @@ impl PoolSpec {
                 } else {
                     self.gpus.join(",")
                 }
+            ));
+        }
+        if self.gpu_mem_mb != theirs.gpu_mem_mb {
+            let gb = |mem: &[Option<u64>]| match mem.first().copied().flatten() {
+                Some(mb) => format!("{} GB", mb as f64 / 1024.0),
+                None => "unknown".to_string(),
+            };
+            return Some(format!(
+                "this run gives its GPUs {} of memory, and the runner {} (hint: the runner's \
+                 --gpu-mem)",
+                gb(&theirs.gpu_mem_mb),
+                gb(&self.gpu_mem_mb)
             ));
         }
         if self.cpus != theirs.cpus {
@@ -303,6 +316,7 @@ mod tests {
         PoolSpec {
             executor: executor.into(),
             gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            gpu_mem_mb: vec![None; gpus.len()],
             cpus,
             mps,
         }
@@ -316,6 +330,9 @@ mod tests {
         assert!(why(pool("slurm", &[], 8, false)).contains("executor is slurm"));
         assert!(why(pool("local", &["0"], 8, false)).contains("hint: --gpus 0,1"));
         assert!(why(pool("local", &["0", "1"], 2, false)).contains("hint: --jobs 8"));
+        let mut more_memory = runner.clone();
+        more_memory.gpu_mem_mb = vec![Some(40 * 1024); 2];
+        assert!(why(more_memory).contains("40 GB of memory, and the runner unknown"));
         assert!(why(pool("local", &["0", "1"], 8, true)).contains("leave out --mps"));
     }
 }

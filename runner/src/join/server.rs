@@ -144,7 +144,7 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
     let joining = match prepare(&request, pool) {
         Ok((plan, code, sets)) => Joining {
             plan,
-            code,
+            keep_code: Box::new(move |store| code.keep_in(store).map_err(|e| e.to_string())),
             sets,
             rerun_of: request.rerun_of,
             opts: RunOptions {
