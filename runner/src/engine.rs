@@ -99,6 +99,9 @@ pub struct RunOptions {
 /// Told how a run ended, once, with its final record (stored by then).
 pub type OnEnd = Box<dyn FnOnce(&RunOutcome, &RunRecord) + Send>;
 
+/// Keeps a joining run's code files in the store; why not, if it cannot.
+pub type KeepCode = Box<dyn FnOnce(&Store) -> Result<(), String> + Send>;
+
 impl std::fmt::Debug for Joining {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Joining")
@@ -111,8 +114,8 @@ impl std::fmt::Debug for Joining {
 /// A run another `needle run` hands the runner (see `join`): planned, not yet recorded.
 pub struct Joining {
     pub plan: Plan,
-    /// Keeps its code files in the store, when the run is accepted; why not, if it cannot.
-    pub keep_code: Box<dyn FnOnce(&Store) -> Result<(), String> + Send>,
+    /// Run when the run is accepted.
+    pub keep_code: KeepCode,
     pub sets: Vec<needle_core::recipe::SetArg>,
     pub rerun_of: Option<u64>,
     pub opts: RunOptions,
