@@ -55,6 +55,10 @@ pub struct RunOutcome {
     pub interrupted: usize,
     pub pending: usize,
     pub duration_ms: u64,
+    /// Run id → how many of this run's steps another run executed for it (the same key, in
+    /// flight there when this run reached it). Counted among `cached`.
+    #[serde(default)]
+    pub shared: std::collections::BTreeMap<u64, usize>,
 }
 
 /// Everything one attempt needs. Built by the engine, consumed by [`run_attempt`].

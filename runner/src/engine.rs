@@ -180,6 +180,8 @@ struct RunSlot {
     client: Option<u64>,
     /// Steps (its own numbers) whose state changed since its progress was last recorded.
     progress_dirty: Vec<usize>,
+    /// Run id → its steps another run executed for it.
+    shared: BTreeMap<u64, usize>,
 }
 
 impl RunSlot {
@@ -373,6 +375,7 @@ impl Engine {
             on_end: Some(on_end),
             client,
             progress_dirty: Vec::new(),
+            shared: BTreeMap::new(),
         });
         r
     }
@@ -850,6 +853,8 @@ impl Engine {
                     self.step_mut(f).status = StepStatus::Cached { output };
                     self.dirty(f);
                     if self.run_of[f] != self.run_of[leader] {
+                        let run = &mut self.runs[self.run_of[f]];
+                        *run.shared.entry(leader_run).or_default() += 1;
                         self.note(
                             f,
                             &format!("shared  {} with {who}", self.node(f).display_name()),
@@ -1455,6 +1460,7 @@ impl Engine {
             interrupted: 0,
             pending: 0,
             duration_ms: s.t0.elapsed().as_millis() as u64,
+            shared: s.shared.clone(),
         };
         for step in &s.record.steps {
             match step.status {

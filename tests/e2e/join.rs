@@ -166,6 +166,7 @@ fn two_runs_share_one_pool_and_their_common_step_executes_once() {
     assert_eq!(a["executed"], 5, "{a}");
     assert_eq!(b["executed"], 4, "{b}");
     assert_eq!(b["run"], 2, "{b}");
+    assert_eq!(b["shared"], serde_json::json!({ "1": 1 }), "{b}");
     assert!(
         check_trace(&p, &["0", "1"], 3.0) >= 2,
         "steps of both ran side by side"
@@ -193,14 +194,21 @@ fn two_recipes(p: &Project, y: &str) {
     );
 }
 
+/// The runner on `x.toml`, once its `common` started, and the client on `y.toml`, once the
+/// file `joined` exists (a step of `y` made it).
+fn runner_and_client(p: &Project, joined: &str) -> (Child, Child) {
+    let runner = spawn(p, &["run", "x.toml", "--json", "--jobs", "3"]);
+    wait_file(p, "common.started");
+    let client = spawn(p, &["run", "y.toml", "--json", "--jobs", "3"]);
+    wait_file(p, joined);
+    (runner, client)
+}
+
 #[test]
 fn ctrl_c_in_the_runner_hands_the_step_a_joined_run_needs_to_it() {
     let p = project();
     two_recipes(&p, "\"work\"");
-    let runner = spawn(&p, &["run", "x.toml", "--json", "--jobs", "3"]);
-    wait_file(&p, "common.started");
-    let client = spawn(&p, &["run", "y.toml", "--json", "--jobs", "3"]);
-    wait_file(&p, "y-joined");
+    let (runner, client) = runner_and_client(&p, "y-joined");
     // SAFETY: SIGINT to the child we spawned.
     unsafe { libc::kill(runner.id() as i32, libc::SIGINT) };
     // The runner's own run ends at once: its only step went on as the joined run's.
@@ -224,10 +232,7 @@ fn ctrl_c_in_the_runner_hands_the_step_a_joined_run_needs_to_it() {
 fn ctrl_c_in_a_client_cancels_its_run_and_leaves_the_other_finishing() {
     let p = project();
     two_recipes(&p, "\"hold\", \"never\"");
-    let runner = spawn(&p, &["run", "x.toml", "--json", "--jobs", "3"]);
-    wait_file(&p, "common.started");
-    let client = spawn(&p, &["run", "y.toml", "--json", "--jobs", "3"]);
-    wait_file(&p, "y.started");
+    let (runner, client) = runner_and_client(&p, "y.started");
     let y_pid: i32 = std::fs::read_to_string(p.path("y.pid"))
         .unwrap()
         .trim()
@@ -252,10 +257,7 @@ fn killed_clients_and_runners_leave_a_store_that_verifies_and_finishes_alike() {
     let p = project();
     two_recipes(&p, "\"hold\", \"go-y\"");
     // A killed client: its run is recorded interrupted, the runner's finishes.
-    let runner = spawn(&p, &["run", "x.toml", "--json", "--jobs", "3"]);
-    wait_file(&p, "common.started");
-    let mut client = spawn(&p, &["run", "y.toml", "--json", "--jobs", "3"]);
-    wait_file(&p, "y.started");
+    let (runner, mut client) = runner_and_client(&p, "y.started");
     client.kill().unwrap();
     client.wait().unwrap();
     wait_for(

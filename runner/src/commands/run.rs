@@ -427,6 +427,7 @@ fn summary_json(o: &RunOutcome, record: &RunRecord) -> serde_json::Value {
         "interrupted": o.interrupted,
         "pending": o.pending,
         "duration_ms": o.duration_ms,
+        "shared": o.shared,
         "steps": steps,
     })
 }
@@ -459,6 +460,9 @@ fn print_summary(o: &RunOutcome, record: &RunRecord) {
             }
         }
         println!("  {} of {total} steps", parts.join(" · "));
+    }
+    for (run, n) in &o.shared {
+        println!("  {n} of the cached executed once for this run and run {run} (same keys)");
     }
     if o.failed > 0 || o.interrupted > 0 || o.pending > 0 {
         println!(
