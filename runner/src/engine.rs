@@ -1266,13 +1266,12 @@ impl Engine {
     /// one does go on as that run's; its steps not started stay pending.
     fn interrupt_run(&mut self, r: usize) {
         self.runs[r].interrupts += 1;
-        let kill = self.runs[r].interrupts > 1;
+        let count = self.runs[r].interrupts;
         let mine: Vec<usize> = (self.running.keys().copied())
             .filter(|&i| self.run_of[i] == r)
             .collect();
-        if self.runs[r].interrupts == 1 {
-            let count = self.runs[r].interrupts;
-            self.runs[r].progress.interrupted(count, mine.len());
+        self.runs[r].progress.interrupted(count, mine.len());
+        if count == 1 {
             for i in self.runs[r].ready.drain() {
                 self.set_phase(i, Phase::Waiting);
                 match self.hand_over(i) {
@@ -1287,9 +1286,6 @@ impl Engine {
                     self.finish_node(i, StepStatus::Interrupted);
                 }
             }
-        } else {
-            let count = self.runs[r].interrupts;
-            self.runs[r].progress.interrupted(count, mine.len());
         }
         let mut handles = Vec::new();
         for i in mine {
@@ -1298,7 +1294,7 @@ impl Engine {
                 None => handles.extend(self.running[&i].handle.clone()),
             }
         }
-        self.stop(&handles, kill);
+        self.stop(&handles, count > 1);
     }
 
     /// `i`'s key is no longer in flight (it was never started).
@@ -1509,7 +1505,8 @@ impl Engine {
                     .filter(|s| s.live())
                     .map(|s| s.record.id.to_string())
                     .collect();
-                if !others.is_empty() {
+                // After a Ctrl-C, `on_signal` said so already.
+                if !others.is_empty() && self.signals == 0 {
                     eprintln!(
                         "this runner goes on until run(s) {} that joined it end (Ctrl-C \
                          interrupts them)",
