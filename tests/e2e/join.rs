@@ -399,3 +399,40 @@ fn max_gpus_caps_what_one_run_holds_and_leaves_the_rest_to_the_other() {
     assert_code(&out, 2);
     assert!(stderr(&out).contains("step `a"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_rerun_joins_the_runner_as_a_run_does() {
+    let p = project();
+    let flaky = r#"[recipe]
+name = "flaky"
+
+[steps.flaky]
+op = "exec"
+cmd = ["sh", "-c", "test -e \"$NEEDLE_RECIPE_DIR/fixed\" && echo ok > \"$NEEDLE_OUT/v\""]
+"#;
+    p.write("flaky.toml", flaky);
+    assert_code(&p.needle(&["run", "flaky.toml"]), 1);
+    p.write(
+        "x.toml",
+        &recipe("x", &[step("common", "\"hold\", \"go\"", "")]),
+    );
+    let runner = spawn(&p, &["run", "x.toml", "--json"]);
+    wait_file(&p, "common.started");
+    p.write("fixed", "");
+    // The failed run's record is read through the runner, and its rerun executes there.
+    let out = p.needle(&["rerun", "1", "--json"]);
+    assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains("joined the runner"),
+        "{}",
+        stderr(&out)
+    );
+    let rerun: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (rerun["run"].as_u64(), rerun["executed"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(p.json(&["status", "3"], 0)["rerun_of"], 1);
+    p.write("go", "");
+    finished(runner, 0);
+}
