@@ -8,6 +8,8 @@
 //!            run / rerun ──┬── engine            the run loop: one select! over events;
 //!                          │    │               owns every run's steps' state (phase,
 //!                          │    │               outputs, records), the ready queues, the pool
+//!                          │    ├── runs         the runs it executes: joining, Ctrl-C of one,
+//!                          │    │               a step handed over, a run's end
 //!                          │    ├── scheduler    which ready step starts next (pure: shapes,
 //!                          │    │               GPU shares, CPU slots, memory)
 //!                          │    ├── executor     one local attempt as a child process
