@@ -1,7 +1,8 @@
 //! What an attempt is, between the engine and the executors: what it needs
 //! ([`AttemptSpec`]), what it holds ([`Held`]), how it ended ([`AttemptEnd`]), and the
 //! [`Event`]s that report it to the engine. A leaf: it depends on no other module of the runner
-//! but `mps` (the directories of a run's MPS server).
+//! but `mps` (the directories of a run's MPS server) and, for the event that hands the engine
+//! a joining run, `engine`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +26,12 @@ pub enum Event {
     RetryDue {
         node: usize,
     },
+    /// Another `needle run` hands the runner its run (see `join`).
+    Join(Box<crate::engine::Joining>),
+    /// The client `client` cancelled its run (Ctrl-C), or went away.
+    Cancel {
+        client: u64,
+    },
 }
 
 /// What the runner holds of a started attempt, to stop it.
@@ -37,7 +44,7 @@ pub enum Handle {
 }
 
 /// How a run ended, for the summary and the exit code.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunOutcome {
     pub run: u64,
     pub state: RunState,
@@ -48,6 +55,10 @@ pub struct RunOutcome {
     pub interrupted: usize,
     pub pending: usize,
     pub duration_ms: u64,
+    /// Run id → how many of this run's steps another run executed for it (the same key, in
+    /// flight there when this run reached it). Counted among `cached`.
+    #[serde(default)]
+    pub shared: std::collections::BTreeMap<u64, usize>,
 }
 
 /// Everything one attempt needs. Built by the engine, consumed by [`run_attempt`].

@@ -156,6 +156,16 @@ pub struct ExecArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// When runs share a runner (a run started while another holds the store joins it):
+    /// higher starts its steps first; equal, the earlier run (default 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+
+    /// The most GPUs this run's steps hold at once, whole GPUs and shares added up (`1.5`),
+    /// so that the rest stays free for other runs sharing the runner.
+    #[arg(long, value_name = "N", value_parser = parse_max_gpus)]
+    pub max_gpus: Option<f64>,
+
     /// Where steps run: child processes here, or Slurm batch jobs (default: the config
     /// file's `[executor] kind`, else local).
     #[arg(long, value_enum)]
@@ -430,6 +440,15 @@ pub struct CompletionsArgs {
 }
 
 /// `--gpu-mem`: a positive number of GB.
+fn parse_max_gpus(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a number of GPUs above 0 (`2`, or `0.5` for half of one)"
+        )),
+    }
+}
+
 fn parse_gpu_mem(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),

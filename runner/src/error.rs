@@ -48,6 +48,9 @@ pub enum CliError {
     /// The shared cache could not do what was asked.
     #[error(transparent)]
     Remote(Box<crate::remote::RemoteError>),
+    /// The runner this run joined went away before the run ended (exit 3).
+    #[error("{0}")]
+    RunnerLost(String),
 
     #[error("{context}")]
     Io {
@@ -80,7 +83,8 @@ impl CliError {
             | CliError::Store(StoreError::Runner { .. })
             | CliError::Store(StoreError::RunnerProtocol { .. })
             | CliError::Store(StoreError::Corrupt { .. })
-            | CliError::StoreOpen(_) => Exit::StoreUnavailable,
+            | CliError::StoreOpen(_)
+            | CliError::RunnerLost(_) => Exit::StoreUnavailable,
             CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) | CliError::Remote(_) => {
                 Exit::StepFailed
             }

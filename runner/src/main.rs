@@ -5,18 +5,22 @@
 //! ```text
 //! main ── cli (clap) ── commands/<verb>.rs      one file per command; each opens the store
 //!                          │                    (or reads through a live runner's socket)
-//!            run / rerun ──┴── engine            the run loop: one select! over events;
-//!                               │               owns every step's state (phase, outputs,
-//!                               │               the run record), the ready queue, the pool
-//!                               ├── scheduler    which ready step starts next (pure: shapes,
-//!                               │               GPU shares, CPU slots, memory)
-//!                               ├── executor     one local attempt as a child process
-//!                               │    ├── spawn   starts it (safe `command`, or `clone`)
-//!                               │    ├── reaper  kills steps when the runner dies
-//!                               │    └── oom     why a SIGKILL came
-//!                               ├── slurm        one attempt as a batch job, and the poller
-//!                               ├── commit       the commit thread: absorbs outputs, records
-//!                               └── progress     what the terminal shows
+//!            run / rerun ──┬── engine            the run loop: one select! over events;
+//!                          │    │               owns every run's steps' state (phase,
+//!                          │    │               outputs, records), the ready queues, the pool
+//!                          │    ├── runs         the runs it executes: joining, Ctrl-C of one,
+//!                          │    │               a step handed over, a run's end
+//!                          │    ├── scheduler    which ready step starts next (pure: shapes,
+//!                          │    │               GPU shares, CPU slots, memory)
+//!                          │    ├── executor     one local attempt as a child process
+//!                          │    │    ├── spawn   starts it (safe `command`, or `clone`)
+//!                          │    │    ├── reaper  kills steps when the runner dies
+//!                          │    │    └── oom     why a SIGKILL came
+//!                          │    ├── slurm        one attempt as a batch job, and the poller
+//!                          │    ├── commit       the commit thread: absorbs outputs, records
+//!                          │    └── progress     what the terminal shows
+//!                          └── join              a run started while a runner holds the store:
+//!                                               its client, and the runner's join.sock server
 //!            staging                             a step's slot, its launch, its end (shared
 //!                                                by executor and slurm; input_guard: did it
 //!                                                write into its inputs?)
@@ -42,6 +46,7 @@ mod executor;
 mod gpu_usage;
 mod gpus;
 mod input_guard;
+mod join;
 mod mps;
 mod oom;
 mod process;

@@ -22,7 +22,7 @@ macro_rules! say {
 }
 
 /// A running step as the display shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunningStep {
     pub name: String,
     pub elapsed: Duration,

@@ -106,6 +106,15 @@ pub enum GpuGrant {
 }
 
 impl GpuGrant {
+    /// How much GPU it holds, in share units: whole GPUs count all theirs.
+    pub fn units(&self) -> u64 {
+        match self {
+            GpuGrant::None => 0,
+            GpuGrant::Whole(gpus) => gpus.len() as u64 * SHARE_UNITS as u64,
+            GpuGrant::Part { units, .. } => *units as u64,
+        }
+    }
+
     /// Indices of the GPUs it runs on.
     pub fn gpus(&self) -> Vec<usize> {
         match self {
@@ -272,8 +281,9 @@ impl ReadyQueue {
         self.by_shape.is_empty()
     }
 
-    /// Remove and return the best ready step that fits `pool`, with its shape.
-    pub fn pop_fitting(&mut self, pool: &Pool) -> Option<(usize, Shape)> {
+    /// Remove and return the best ready step that fits `pool` and needs at most `gpu_room`
+    /// GPU share units (a run's `--max-gpus`), with its shape.
+    pub fn pop_fitting(&mut self, pool: &Pool, gpu_room: u64) -> Option<(usize, Shape)> {
         // Rank: remaining path, then GPUs, then the earlier node.
         type Rank = (u64, u64, Reverse<usize>);
         let mut best: Option<(Shape, Rank)> = None;
@@ -281,7 +291,7 @@ impl ReadyQueue {
             let Some(&(priority, node)) = heap.peek() else {
                 continue;
             };
-            if !pool.fits(*shape) {
+            if !pool.fits(*shape) || shape.gpus.weight() > gpu_room {
                 continue;
             }
             let rank = (priority, shape.gpus.weight(), node);
@@ -357,7 +367,7 @@ mod tests {
         q.push(1, 5, shape(0));
         q.push(2, 3, shape(0));
         let order: Vec<usize> =
-            std::iter::from_fn(|| q.pop_fitting(&pool).map(|(n, _)| n)).collect();
+            std::iter::from_fn(|| q.pop_fitting(&pool, u64::MAX).map(|(n, _)| n)).collect();
         assert_eq!(order, vec![1, 2, 0]);
     }
 
@@ -369,10 +379,10 @@ mod tests {
         q.push(1, 1, shape(4));
         q.push(2, 1, shape(1));
         q.push(4, 1, part(0.5, 0.0));
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 1);
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 2);
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 3);
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 4);
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 1);
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 2);
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 3);
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 4);
     }
 
     #[test]
@@ -383,10 +393,27 @@ mod tests {
         let mut q = ReadyQueue::default();
         q.push(0, 9, shape(2));
         q.push(1, 1, shape(1));
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 1);
-        assert!(q.pop_fitting(&pool).is_none());
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 1);
+        assert!(q.pop_fitting(&pool, u64::MAX).is_none());
         pool.give_back(&held);
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 0);
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 0);
+    }
+
+    #[test]
+    fn a_runs_gpu_room_leaves_out_what_needs_more() {
+        let pool = pool(4, None);
+        let mut q = ReadyQueue::default();
+        q.push(0, 9, shape(2));
+        q.push(1, 5, part(0.5, 0.0));
+        q.push(2, 1, shape(0));
+        // Room for one GPU: the two-GPU step waits, the half and the CPU step go.
+        let room = SHARE_UNITS as u64;
+        assert_eq!(q.pop_fitting(&pool, room).unwrap().0, 1);
+        assert_eq!(q.pop_fitting(&pool, room / 4).unwrap().0, 2);
+        assert!(q.pop_fitting(&pool, room).is_none());
+        assert_eq!(q.pop_fitting(&pool, 2 * room).unwrap().0, 0);
+        let held = Pool::new(&[None; 2], 4, 0).take(shape(2)).unwrap();
+        assert_eq!(held.gpu.units(), 2 * room);
     }
 
     #[test]
@@ -451,7 +478,7 @@ mod tests {
         q.push(0, 9, shape(1));
         q.push(1, 1, part(0.25, 0.0));
         // The whole-GPU step cannot start; the share backfills.
-        assert_eq!(q.pop_fitting(&pool).unwrap().0, 1);
+        assert_eq!(q.pop_fitting(&pool, u64::MAX).unwrap().0, 1);
         pool.give_back(&small);
         assert!(pool.take(shape(1)).is_some());
     }

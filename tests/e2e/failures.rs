@@ -200,7 +200,7 @@ cmd = ["sh", "-c", "echo $$ > \"$NEEDLE_RECIPE_DIR/pid\"; sleep 60"]
 }
 
 #[test]
-fn a_second_runner_gets_a_clear_message() {
+fn a_second_run_that_cannot_join_gets_a_clear_message() {
     let p = Project::new();
     p.write(
         "recipe.toml",
@@ -212,23 +212,30 @@ op = "exec"
 cmd = ["sh", "-c", "touch \"$NEEDLE_RECIPE_DIR/started\"; sleep 2; echo > \"$NEEDLE_OUT/v\""]
 "#,
     );
-    let first = p.background(&["run", "recipe.toml"]).spawn().unwrap();
+    let first = p
+        .background(&["run", "recipe.toml", "--jobs", "2"])
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     while !p.path("started").exists() {
         assert!(t0.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let second = p.needle(&["run", "recipe.toml"]);
-    assert_code(&second, 3);
+    // Another pool than the runner's: it cannot join it (join.rs has the runs that do).
+    let second = p.needle(&["run", "recipe.toml", "--jobs", "1"]);
+    assert_code(&second, 2);
     let err = stderr(&second);
-    assert!(err.contains("in use by pid"), "{err}");
+    assert!(
+        err.contains("cannot join the runner of this store"),
+        "{err}"
+    );
     assert!(
         err.contains(&first.id().to_string()),
         "names the holder: {err}"
     );
 
     // --wait waits for the first runner instead, then finds everything cached.
-    let waited = p.json(&["run", "recipe.toml", "--wait"], 0);
+    let waited = p.json(&["run", "recipe.toml", "--jobs", "1", "--wait"], 0);
     assert_eq!(waited["cached"], 1);
     let mut first = first;
     assert!(first.wait().unwrap().success());

@@ -19,6 +19,7 @@ mod gc;
 mod gpu_sharing;
 mod gpu_usage;
 mod inspect;
+mod join;
 mod lineage;
 mod models;
 mod rebuild;

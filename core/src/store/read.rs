@@ -52,6 +52,12 @@ pub trait StoreRead {
     /// running lost its runner.
     fn live_run(&self) -> Option<u64>;
 
+    /// Whether run `id` is being executed right now by the process holding the store: its
+    /// own run ([`StoreRead::live_run`]), or one that joined it.
+    fn is_live(&self, id: u64) -> bool {
+        self.live_run() == Some(id)
+    }
+
     /// Where the running attempt of step `step` (its index in the run record) of the live run
     /// `run` writes its output now; it moves under `logs/` when the attempt ends.
     fn live_log(&self, run: u64, step: usize) -> Result<Option<PathBuf>, StoreError>;

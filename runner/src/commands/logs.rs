@@ -81,7 +81,7 @@ fn running_log(
     let Target::RunStep { run, index } = target else {
         return Ok(None);
     };
-    let under_way = store.live_run() == Some(run.id)
+    let under_way = store.is_live(run.id)
         && run.steps[*index]
             .attempts
             .last()

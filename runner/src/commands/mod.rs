@@ -82,14 +82,14 @@ pub fn lock_mode(cli: &Cli) -> LockMode {
 }
 
 /// The store's path made absolute: steps run in their own directories and get paths inside it.
-fn store_root(cli: &Cli) -> Result<PathBuf, CliError> {
+pub fn store_root(cli: &Cli) -> Result<PathBuf, CliError> {
     std::path::absolute(&cli.store).map_err(|source| CliError::Io {
         context: format!("could not resolve the store path `{}`", cli.store.display()),
         source,
     })
 }
 
-/// Open the store, creating it (for `run`).
+/// Open the store to write, creating it if missing (`pull`).
 pub fn open_store(cli: &Cli) -> Result<Store, CliError> {
     Store::open(&store_root(cli)?, lock_mode(cli)).map_err(CliError::StoreOpen)
 }

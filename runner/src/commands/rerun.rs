@@ -6,13 +6,13 @@ use needle_core::recipe::SetArg;
 use needle_ops::Registry;
 
 use crate::cli::{Cli, RerunArgs};
-use crate::commands::run::{engine_options, execute, recorded_source};
-use crate::commands::{PlannedCode, find_run, load_recipe, open_existing};
+use crate::commands::run::{RunRequest, engine_options, recorded_source, run_or_join};
+use crate::commands::{PlannedCode, find_run, load_recipe, open_reader};
 use crate::error::{CliError, Exit};
 
 pub fn rerun(cli: &Cli, args: &RerunArgs) -> Result<Exit, CliError> {
-    let store = open_existing(cli)?;
-    let record = find_run(&store, &args.run)?;
+    // Read through the runner when one holds the store: the rerun then joins it.
+    let record = find_run(&open_reader(cli)?, &args.run)?;
     let sets: Vec<SetArg> = record
         .sets
         .iter()
@@ -26,15 +26,12 @@ pub fn rerun(cli: &Cli, args: &RerunArgs) -> Result<Exit, CliError> {
     let opts = engine_options(&args.exec, &recipe)?;
     let mut code = PlannedCode::default();
     let plan = plan::build(recipe, expansion, &mut code)?;
-    code.keep_in(&store)?;
     let remote = crate::remote::Remote::from_args(&args.exec.remote, args.exec.config.as_deref())?;
-    execute(
-        store,
-        plan,
-        &sets,
-        opts,
-        Some(record.id),
-        args.exec.json,
+    let request = RunRequest {
+        sets: &sets,
+        rerun_of: Some(record.id),
+        json: args.exec.json,
         remote,
-    )
+    };
+    run_or_join(cli, plan, code, opts, request)
 }

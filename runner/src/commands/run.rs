@@ -7,17 +7,20 @@ use needle_core::digest::StepKey;
 use needle_core::plan::{self, Plan};
 use needle_core::recipe::{Recipe, RecipeDiagnostic, RecipeErrors, RecipeSource, SetArg};
 use needle_core::store::remote::{LiveRun, Server};
-use needle_core::store::{RunRecord, RunState, Store, StoreRead, now_millis};
+use needle_core::store::{RunRecord, RunState, Store, StoreRead};
 use needle_ops::Registry;
 
 use crate::attempt::RunOutcome;
 use crate::cli::{Cli, ExecArgs, RunArgs};
 use crate::commands::plan::{Predicted, predict, remote_steps};
-use crate::commands::{PlannedCode, load_recipe, open_store, print_json, read_recipe};
-use crate::engine::{Engine, EngineOptions, run_steps};
+use crate::commands::{PlannedCode, load_recipe, print_json, read_recipe, store_root};
+use crate::engine::{Engine, EngineOptions, RunOptions, new_record};
 use crate::error::{CliError, Exit};
 use crate::gpu_usage::Sampler;
 use crate::gpus::Gpu;
+use crate::join::client::{Executes, open_or_join};
+use crate::join::server::JoinServer;
+use crate::join::{JoinRequest, PROTOCOL, PoolSpec};
 use crate::mps::Mps;
 use crate::progress;
 use crate::remote::{self, Remote, Transfer, Uploader};
@@ -32,17 +35,81 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
     // Planned before the store opens: every error of a recipe leaves the store untouched.
     let mut code = PlannedCode::default();
     let plan = plan::build(recipe, expansion, &mut code)?;
-    let store = open_store(cli)?;
-    code.keep_in(&store)?;
-    execute(
-        store,
-        plan,
-        &args.recipe.sets,
-        opts,
-        None,
-        args.exec.json,
+    let request = RunRequest {
+        sets: &args.recipe.sets,
+        rerun_of: None,
+        json: args.exec.json,
         remote,
-    )
+    };
+    run_or_join(cli, plan, code, opts, request)
+}
+
+/// What a run is asked for beside its plan and pool.
+pub struct RunRequest<'a> {
+    pub sets: &'a [SetArg],
+    /// The run this one reruns.
+    pub rerun_of: Option<u64>,
+    pub json: bool,
+    /// The shared cache of a run that executes here (a run that joins uses the runner's).
+    pub remote: Option<Remote>,
+}
+
+/// Execute `plan` here, holding the store; or, when a runner holds it, hand the run to that
+/// runner and follow it there (see `join`).
+pub fn run_or_join(
+    cli: &Cli,
+    plan: Plan,
+    code: PlannedCode,
+    opts: EngineOptions,
+    run: RunRequest<'_>,
+) -> Result<Exit, CliError> {
+    let RunRequest {
+        sets,
+        rerun_of,
+        json,
+        remote,
+    } = run;
+    let request = JoinRequest {
+        protocol: PROTOCOL,
+        recipe_path: plan.recipe.source.path.clone(),
+        recipe_dir: plan.recipe.source.dir.clone(),
+        recipe_text: plan.recipe.source.text.clone(),
+        sets: (sets.iter())
+            .map(|s| (s.var.clone(), s.value.clone()))
+            .collect(),
+        rerun_of,
+        pool: pool_spec(&opts),
+        force: opts.run.force.iter().cloned().collect(),
+        priority: opts.run.priority,
+        max_gpus: opts.run.max_gpus,
+    };
+    match open_or_join(&store_root(cli)?, cli.wait, &request)? {
+        Executes::Here(store) => {
+            code.keep_in(&store)?;
+            execute(*store, plan, sets, opts, rerun_of, json, remote)
+        }
+        Executes::Joined(joined) => {
+            let (outcome, record) = joined.follow(plan.nodes.len())?;
+            report_end(&outcome, &record, json);
+            Ok(exit_code(&outcome))
+        }
+    }
+}
+
+/// What a run's pool is made of, for a runner deciding whether a run may share it.
+fn pool_spec(opts: &EngineOptions) -> PoolSpec {
+    PoolSpec {
+        executor: if opts.slurm.is_some() {
+            "slurm"
+        } else {
+            "local"
+        }
+        .into(),
+        gpus: opts.gpus.iter().map(|g| g.id.clone()).collect(),
+        gpu_mem_mb: opts.gpus.iter().map(|g| g.mem_mb).collect(),
+        cpus: opts.cpus,
+        mps: opts.mps.is_some(),
+    }
 }
 
 /// Resources and forced steps for a run, checked against the recipe before anything runs.
@@ -104,14 +171,38 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
         }
         (true, None, false) => Some(Arc::new(Mps::start().map_err(CliError::usage)?)),
     };
+    if let Some(max) = exec.max_gpus
+        && !gpus.is_empty()
+        && let Some(step) = (recipe.steps.iter()).find(|s| gpu_amount(&s.resources.gpus) > max)
+    {
+        return Err(CliError::usage(format!(
+            "--max-gpus {max}: step `{}` asks for more ({}), so it could never start",
+            step.name,
+            gpu_amount(&step.resources.gpus)
+        )));
+    }
     Ok(EngineOptions {
         slurm,
         gpus,
         cpus,
         mem_mb,
-        force: exec.force.iter().cloned().collect(),
         mps,
+        run: RunOptions {
+            force: exec.force.iter().cloned().collect(),
+            priority: exec.priority,
+            max_gpus: exec.max_gpus,
+        },
     })
+}
+
+/// How many GPUs a step holds, shares counted as parts of one (as `--max-gpus` counts).
+fn gpu_amount(r: &needle_core::recipe::GpuRequest) -> f64 {
+    use needle_core::recipe::GpuRequest;
+    match *r {
+        GpuRequest::None => 0.0,
+        GpuRequest::Whole { count, .. } => count as f64,
+        GpuRequest::Part { share, .. } => share.unwrap_or(0.0),
+    }
 }
 
 /// A step asking for more GPUs, GPU memory or memory than the run has can never start: say
@@ -215,7 +306,8 @@ fn total_memory_mb() -> u64 {
         .map_or(u64::MAX / 2, |kb| kb / 1024)
 }
 
-/// Record and execute a plan; print the summary; map the outcome to an exit code.
+/// Record and execute a plan, and the runs that join it meanwhile; print the summary when the
+/// plan's own run ends; map its outcome to an exit code.
 pub fn execute(
     store: Store,
     plan: Plan,
@@ -227,26 +319,11 @@ pub fn execute(
 ) -> Result<Exit, CliError> {
     let store = Arc::new(store);
     let uploader = remote.and_then(|r| share(&store, &plan, r));
-    let record = RunRecord {
-        id: store.next_run_id()?,
-        recipe_name: plan.recipe.name.clone(),
-        recipe_path: plan.recipe.source.path.display().to_string(),
-        recipe_dir: plan.recipe.source.dir.clone(),
-        recipe_text: plan.recipe.source.text.clone(),
-        sets: sets
-            .iter()
-            .map(|s| (s.var.clone(), s.value.clone()))
-            .collect(),
-        rerun_of,
-        started: now_millis(),
-        ended: None,
-        state: RunState::Running,
-        arms: plan.arms.clone(),
-        steps: run_steps(&plan),
-    };
+    let record = new_record(store.next_run_id()?, &plan, sets, rerun_of);
     let total = plan.nodes.len();
     let live = Arc::new(LiveRun::new(record.id));
     let server = serve_reads(&store, &live);
+    let pool = pool_spec(&opts);
     // The GPUs of a local run are sampled beside it, on a thread of its own (`gpu_usage`).
     let local_gpus: Vec<String> = if opts.slurm.is_some() {
         Vec::new()
@@ -260,11 +337,13 @@ pub fn execute(
         record,
         opts,
         progress::for_stderr(total),
+        Box::new(move |outcome, record| report_end(outcome, record, json)),
     )
     .with_live(live.clone());
     if let Some(uploader) = &uploader {
         engine = engine.on_committed(uploader.sender());
     }
+    let joins = serve_joins(store.root(), pool, &engine);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -281,6 +360,10 @@ pub fn execute(
         Ok(()) => runtime.block_on(engine.execute()).map_err(CliError::from),
         Err(e) => Err(e),
     };
+    // Runs that come from now on wait for the store to be free, and run themselves.
+    if let Some(joins) = &joins {
+        joins.ending();
+    }
     if let Some(sampler) = sampler {
         sampler.stop();
     }
@@ -292,17 +375,37 @@ pub fn execute(
         report_uploads(uploader);
     }
     drop(store);
-    let (outcome, record) = ended?;
-    if json {
-        print_json(&summary_json(&outcome, &record));
-    } else {
-        print_summary(&outcome, &record);
-    }
-    Ok(match outcome.state {
+    drop(joins);
+    Ok(exit_code(&ended?))
+}
+
+fn exit_code(outcome: &RunOutcome) -> Exit {
+    match outcome.state {
         RunState::Succeeded => Exit::Success,
         RunState::Interrupted => Exit::Interrupted,
         RunState::Failed | RunState::Running => Exit::StepFailed,
-    })
+    }
+}
+
+/// A run's summary, as text or (`--json`) JSON on stdout.
+fn report_end(outcome: &RunOutcome, record: &RunRecord, json: bool) {
+    if json {
+        print_json(&summary_json(outcome, record));
+    } else {
+        print_summary(outcome, record);
+    }
+}
+
+/// Take runs that other `needle run`s hand this runner. Without it they wait for this run, or
+/// fail naming it: no reason to fail the run.
+fn serve_joins(root: &std::path::Path, pool: PoolSpec, engine: &Engine) -> Option<JoinServer> {
+    match JoinServer::start(root, pool, engine.events()) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!("other runs cannot join this one: {e}");
+            None
+        }
+    }
 }
 
 /// Before a run: fetch what the remote holds of the plan, so the run finds it cached; then
@@ -415,6 +518,7 @@ fn summary_json(o: &RunOutcome, record: &RunRecord) -> serde_json::Value {
         "interrupted": o.interrupted,
         "pending": o.pending,
         "duration_ms": o.duration_ms,
+        "shared": o.shared,
         "steps": steps,
     })
 }
@@ -447,6 +551,9 @@ fn print_summary(o: &RunOutcome, record: &RunRecord) {
             }
         }
         println!("  {} of {total} steps", parts.join(" · "));
+    }
+    for (run, n) in &o.shared {
+        println!("  {n} of the cached executed once for this run and run {run} (same keys)");
     }
     if o.failed > 0 || o.interrupted > 0 || o.pending > 0 {
         println!(

@@ -23,7 +23,6 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
     // No store is "unavailable" (exit 3), as for every other command that reads one.
     let store = open_reader(cli)?;
     let runs = store.runs()?;
-    let live = store.live_run();
     if args.json {
         let list: Vec<serde_json::Value> = runs
             .iter()
@@ -32,7 +31,7 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
                     "run": r.id,
                     "recipe": r.recipe_name,
                     "path": r.recipe_path,
-                    "state": state_label(r.state, live == Some(r.id)),
+                    "state": state_label(r.state, store.is_live(r.id)),
                     "started": fmt_time(r.started),
                     "duration_ms": r.ended.map(|e| e.saturating_sub(r.started)),
                     "arms": r.arms,
@@ -72,7 +71,7 @@ pub fn runs(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         println!(
             "{:>4}  {:<11} {:<20} {:<20} {:>8} {:>5} {:>6} {:>8} {:>6} {:>7}",
             r.id,
-            state_label(r.state, live == Some(r.id)),
+            state_label(r.state, store.is_live(r.id)),
             r.recipe_name,
             fmt_time(r.started),
             took,

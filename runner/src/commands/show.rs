@@ -20,7 +20,7 @@ pub fn show(cli: &Cli, args: &ShowArgs) -> Result<Exit, CliError> {
         Target::Step(k) => show_step(&store, &k, None, args.json),
         Target::RunStep { run, index } => {
             let step = &run.steps[index];
-            let live = store.live_run() == Some(run.id);
+            let live = store.is_live(run.id);
             match step.key {
                 Some(k) if store.step(&k)?.is_some() => {
                     show_step(&store, &k, Some((step, live)), args.json)

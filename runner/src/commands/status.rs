@@ -14,7 +14,7 @@ use crate::progress::step_label;
 pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
     let store = open_reader(cli)?;
     let run = find_run(&store, &args.run)?;
-    let live = store.live_run() == Some(run.id);
+    let live = store.is_live(run.id);
     let usage = store.gpu_usage(run.id)?;
     let gpus = usage
         .as_ref()

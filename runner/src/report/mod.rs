@@ -68,7 +68,7 @@ pub fn build(store: &dyn StoreRead, run: &RunRecord) -> Result<String, CliError>
     let mut body = String::new();
     header(run, &mut body);
     let usage = store.gpu_usage(run.id)?;
-    let live = store.live_run() == Some(run.id);
+    let live = store.is_live(run.id);
     timeline(run, usage.as_ref(), live, &mut body);
     results(store, run, &mut body)?;
     summaries(store, run, &mut body)?;

@@ -186,6 +186,15 @@ impl StoreRead for Reader {
         }
     }
 
+    fn is_live(&self, run: u64) -> bool {
+        match &*self.backend.borrow() {
+            Backend::Local(_) => false,
+            Backend::Remote(client) => {
+                client.hello.live_run == Some(run) || client.hello.joined.contains(&run)
+            }
+        }
+    }
+
     fn live_log(&self, run: u64, step: usize) -> Result<Option<PathBuf>, StoreError> {
         self.read(|_| Ok(None), Request::LiveLog { run, step })
     }
@@ -252,6 +261,7 @@ impl Client {
                 protocol: PROTOCOL,
                 pid: 0,
                 live_run: None,
+                joined: Vec::new(),
             },
         };
         // Read as a plain value first: another protocol's greeting may have another shape.

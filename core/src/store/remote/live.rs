@@ -43,6 +43,9 @@ struct State {
     version: u64,
     /// The run's final record is stored: readers read it there.
     ended: bool,
+    /// Runs that joined the runner (see `needle run`) and are going: their records are
+    /// stored as they go.
+    joined: Vec<u64>,
 }
 
 impl LiveRun {
@@ -78,6 +81,15 @@ impl LiveRun {
         state.ended = true;
         state.latest = None;
         self.copied.notify_all();
+    }
+
+    /// The runs that joined the runner and are going now.
+    pub fn set_joined(&self, runs: Vec<u64>) {
+        self.lock().joined = runs;
+    }
+
+    pub fn joined(&self) -> Vec<u64> {
+        self.lock().joined.clone()
     }
 
     pub fn is_going(&self) -> bool {

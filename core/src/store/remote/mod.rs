@@ -69,8 +69,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Run `f` on a path that names the store's socket and fits in a socket address, however long
 /// the store's own path is: a longer one is reached through an open descriptor of the store's
 /// directory, `/proc/self/fd/N/runner.sock`, which the kernel resolves like any path.
-fn at_socket<T>(root: &Path, f: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
-    let path = socket_path(root);
+fn at_socket<T>(root: &Path, name: &str, f: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
+    let path = root.join(name);
     if path.as_os_str().len() <= MAX_SOCKET_PATH {
         return f(&path);
     }
@@ -79,18 +79,28 @@ fn at_socket<T>(root: &Path, f: impl FnOnce(&Path) -> io::Result<T>) -> io::Resu
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(root)?;
-    let short = PathBuf::from(format!("/proc/self/fd/{}/{SOCKET}", dir.as_raw_fd()));
+    let short = PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()));
     f(&short)
 }
 
 /// Listen on the store's socket.
 pub(crate) fn bind_socket(root: &Path) -> io::Result<std::os::unix::net::UnixListener> {
-    at_socket(root, |p| std::os::unix::net::UnixListener::bind(p))
+    bind_socket_named(root, SOCKET)
 }
 
 /// Connect to the store's socket.
 pub(crate) fn connect_socket(root: &Path) -> io::Result<UnixStream> {
-    at_socket(root, |p| UnixStream::connect(p))
+    connect_socket_named(root, SOCKET)
+}
+
+/// Listen on `<root>/<name>`, a socket of the runner's own (`join.sock`).
+pub fn bind_socket_named(root: &Path, name: &str) -> io::Result<std::os::unix::net::UnixListener> {
+    at_socket(root, name, |p| std::os::unix::net::UnixListener::bind(p))
+}
+
+/// Connect to `<root>/<name>`.
+pub fn connect_socket_named(root: &Path, name: &str) -> io::Result<UnixStream> {
+    at_socket(root, name, |p| UnixStream::connect(p))
 }
 
 /// What a reader may ask; each maps to the [`crate::store::StoreRead`] method of its name.
@@ -120,6 +130,9 @@ pub struct Hello {
     pub pid: u32,
     /// The run it is executing, until that run's final record is stored.
     pub live_run: Option<u64>,
+    /// The runs that joined it and are going (a runner of an older needle has none).
+    #[serde(default)]
+    pub joined: Vec<u64>,
 }
 
 /// Every answer: the value the store method returned, or its error's message.
@@ -132,7 +145,7 @@ pub enum Answer<T> {
 
 /// Read one line (without its `\n`); `None` at a clean end of stream. A line longer than
 /// `max` is an error: the peer is not speaking the protocol.
-fn read_frame(reader: &mut impl BufRead, max: usize) -> io::Result<Option<Vec<u8>>> {
+pub fn read_frame(reader: &mut impl BufRead, max: usize) -> io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     let n = reader.take(max as u64 + 1).read_until(b'\n', &mut line)?;
     if n == 0 {
@@ -152,7 +165,7 @@ fn read_frame(reader: &mut impl BufRead, max: usize) -> io::Result<Option<Vec<u8
 /// Write `value` as one line. `send(MSG_NOSIGNAL)`, not `write`: needle restores the default
 /// SIGPIPE (it dies quietly under `| head`), and a peer that went away must cost this
 /// connection only, never the process.
-fn send_frame(stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
+pub fn send_frame(stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
     let mut rest = &bytes[..];

@@ -195,6 +195,7 @@ fn answer(stream: &UnixStream, store: &Store, live: &LiveRun, request: Request) 
                 protocol: PROTOCOL,
                 pid: std::process::id(),
                 live_run: live.is_going().then(|| live.id()),
+                joined: live.joined(),
             }),
         ),
         Request::Step { key } => reply(stream, store.step(&key)),
@@ -225,6 +226,14 @@ fn runs(store: &Store, live: &LiveRun) -> Result<Vec<RunSummary>, StoreError> {
         && let Some(copy) = live.current()
     {
         *summary = RunSummary::of(&copy.record);
+    }
+    // A run that joined the runner: its record with the progress recorded so far.
+    for id in live.joined() {
+        if let Some(summary) = runs.iter_mut().find(|r| r.id == id)
+            && let Some(record) = store.run(id)?
+        {
+            *summary = RunSummary::of(&record);
+        }
     }
     Ok(runs)
 }

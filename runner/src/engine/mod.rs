@@ -1,7 +1,12 @@
 //! The run loop: resolves keys, skips what the store holds, starts ready steps as resources
-//! free up, commits outputs, and records the run.
+//! free up, commits outputs, and records the runs.
 //!
-//! A node's life:
+//! One engine executes every run of its store: the runner's own, and the runs that other
+//! `needle run`s hand it while it goes (`join`). Their steps share one pool of GPUs, CPU slots
+//! and memory, one ready queue per run ranked by priority then arrival, and one map of the keys
+//! in flight, so that a step two runs have in common executes once.
+//!
+//! A node's life (nodes of every run are numbered together; each run owns a range):
 //! ```text
 //! Waiting ──inputs done──▶ (key known) ──in store──▶ Cached
 //!                              │
@@ -9,26 +14,30 @@
 //!                              ▼
 //!                            Ready ──resources──▶ Running ──exit 0──▶ Committing ──▶ Succeeded
 //!                                                    │  ▲
-//!                                                    │  └──retry after backoff (AttemptFailedWillRetry)
+//!                                                    │  └──Retrying (after backoff)
 //!                                                    └──no attempts left──▶ Failed ──▶ dependents Skipped
-//! Ctrl-C: running steps are stopped (SIGTERM, then SIGKILL) and recorded Interrupted;
-//! steps that never started stay Pending.
+//! Ctrl-C (of a run): its running steps are stopped (SIGTERM, then SIGKILL) and recorded
+//! Interrupted, its steps that never started stay Pending; a step that a follower of another
+//! run waits for is handed to that follower instead, and goes on.
 //! ```
-//! The outside world (child exits, commits, timers, signals) enters one `select!` loop as
-//! [`Event`]s; nothing else mutates the engine's state.
+//! A run ends when none of its nodes is Ready, Running, Committing, Retrying or a Follower:
+//! its record is stored then, and its end reported, while the other runs go on.
+//!
+//! The outside world (child exits, commits, timers, signals, runs joining or cancelled) enters
+//! one `select!` loop as [`Event`]s; nothing else mutates the engine's state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::ops::OpKind;
-use needle_core::plan::{NodeInput, Plan};
+use needle_core::plan::{Plan, PlanNode};
 use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
-    Attempt, AttemptResult, Execution, Health, InputCheck, RunRecord, RunState, RunStep,
-    StepProgress, StepSpec, StepStatus, Store, StoreError, now_millis,
+    Attempt, AttemptResult, Execution, Health, InputCheck, RunRecord, RunStep, StepProgress,
+    StepSpec, StepStatus, Store, StoreError, now_millis,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -36,9 +45,14 @@ use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, Held, InputArtifact
 use crate::commit::{CommitJob, MAX_BATCH, MAX_BATCH_WAIT, commit_loop};
 use crate::gpus::Gpu;
 use crate::progress::{Progress, RunningStep};
-use crate::scheduler::{GpuGrant, Grant, Pool, ReadyQueue, Shape};
+use crate::scheduler::{GpuGrant, Grant, Pool, Shape};
 use crate::slurm::{Slurm, SlurmConfig};
 use crate::{executor, process, staging};
+
+mod runs;
+
+use runs::RunSlot;
+pub use runs::{Joining, OnEnd, RunOptions, new_record};
 
 /// Where attempts run.
 #[derive(Clone, Default)]
@@ -59,6 +73,7 @@ impl std::fmt::Debug for Executor {
     }
 }
 
+/// What the runner executes with: the pool every run shares, and its own run's options.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Run through Slurm, configured so; `None`: locally.
@@ -67,11 +82,11 @@ pub struct EngineOptions {
     pub gpus: Vec<Gpu>,
     pub cpus: u32,
     pub mem_mb: u64,
-    /// Step names whose instances execute even when cached.
-    pub force: BTreeSet<String>,
     /// The run's MPS daemon (`--mps`), whose clients its GPU steps are; it quits when the
     /// last holder drops it.
     pub mps: Option<Arc<crate::mps::Mps>>,
+    /// The options of the runner's own run.
+    pub run: RunOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +96,20 @@ enum Phase {
     Running,
     Committing,
     Follower,
+    /// Failed, and waiting for its backoff before the next attempt.
+    Retrying,
     /// Terminal: see the run record's status.
     Finished,
+}
+
+impl Phase {
+    /// Whether a run with a node in this phase has work left.
+    fn busy(self) -> bool {
+        matches!(
+            self,
+            Phase::Ready | Phase::Running | Phase::Committing | Phase::Follower | Phase::Retrying
+        )
+    }
 }
 
 struct Running {
@@ -96,29 +123,32 @@ struct Running {
 pub struct Engine {
     store: Arc<Store>,
     executor: Executor,
-    plan: Plan,
     opts: EngineOptions,
-    record: RunRecord,
+    runs: Vec<RunSlot>,
+    /// Per node, all runs' nodes numbered together: its run (an index into `runs`).
+    run_of: Vec<usize>,
     phase: Vec<Phase>,
     outputs: Vec<Option<ArtifactDigest>>,
     specs: Vec<Option<StepSpec>>,
     missing: Vec<usize>,
     dependents: Vec<Vec<usize>>,
     priority: Vec<u64>,
-    ready: ReadyQueue,
     pool: Pool,
     running: HashMap<usize, Running>,
-    /// Key → the node executing it; later nodes with the same key wait for it.
+    /// A running attempt handed from a node of a cancelled run to a follower in another:
+    /// the events of the attempt, which name the first, are the second's.
+    handed: HashMap<usize, usize>,
+    /// Key → the node executing it; later nodes with the same key, of any run, wait for it.
     inflight: HashMap<StepKey, usize>,
     followers: HashMap<usize, Vec<usize>>,
     forced_done: HashSet<usize>,
-    /// Inputs found whole in this run (each artifact and blob is hashed once per run).
+    /// Inputs found whole in this runner (each artifact and blob is hashed once).
     input_check: InputCheck,
-    /// Inputs found damaged in this run: found again, the step reading them fails.
+    /// Inputs found damaged by this runner: found again, the step reading them fails.
     damaged: HashSet<ArtifactDigest>,
     committing: usize,
-    retries_pending: usize,
-    interrupts: u32,
+    /// Ctrl-Cs and SIGTERMs the runner got.
+    signals: u32,
     events_tx: UnboundedSender<Event>,
     events_rx: UnboundedReceiver<Event>,
     commit_tx: Option<std::sync::mpsc::Sender<Vec<CommitJob>>>,
@@ -126,19 +156,16 @@ pub struct Engine {
     to_commit: Vec<CommitJob>,
     to_commit_since: Instant,
     committer: Option<std::thread::JoinHandle<()>>,
-    progress: Box<dyn Progress>,
-    t0: Instant,
     /// Clean staging slots, reused by later attempts.
     free_slots: Vec<PathBuf>,
     /// `cmd[0]` → where it is on PATH, looked up once per name.
     programs: HashMap<String, Option<PathBuf>>,
     /// `needle-worker`, beside this binary: built-in ops run as `needle-worker OP`.
     worker: PathBuf,
-    /// Where readers of the store see this run as far as it has got (`needle status`).
+    /// Where readers of the store see the runner's own run as far as it has got.
     live: Option<Arc<LiveRun>>,
-    /// Steps whose state changed since the run's progress was last recorded (a committed
-    /// step's is recorded with its commit): see `Store::put_run_progress`.
-    progress_dirty: Vec<usize>,
+    /// The own run's outcome, once it ended.
+    own: Option<RunOutcome>,
     progress_urgent: bool,
     progress_recorded: Instant,
     /// Told the key of each step this run commits (the shared cache uploads it).
@@ -146,27 +173,16 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// An engine for the runner's own run (`plan`, recorded as `record`), which others may
+    /// join while it goes.
     pub fn new(
         store: Arc<Store>,
         plan: Plan,
         record: RunRecord,
         opts: EngineOptions,
         progress: Box<dyn Progress>,
+        on_end: OnEnd,
     ) -> Engine {
-        let n = plan.nodes.len();
-        let dependents = plan.dependents();
-        let priority = plan.remaining_path();
-        let missing = plan
-            .nodes
-            .iter()
-            .map(|node| {
-                node.inputs
-                    .values()
-                    .flat_map(NodeInput::nodes)
-                    .collect::<HashSet<_>>()
-                    .len()
-            })
-            .collect();
         let (events_tx, events_rx) = unbounded_channel();
         let (commit_tx, commit_rx) = std::sync::mpsc::channel();
         let committer = {
@@ -189,49 +205,55 @@ impl Engine {
             // One token per job in flight: Slurm places jobs, needle only throttles them.
             Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
         };
-        Engine {
+        let own_opts = opts.run.clone();
+        let mut engine = Engine {
             store,
             executor,
-            plan,
             opts,
-            record,
-            phase: vec![Phase::Waiting; n],
-            outputs: vec![None; n],
-            specs: vec![None; n],
-            missing,
-            dependents,
-            priority,
-            ready: ReadyQueue::default(),
+            runs: Vec::new(),
+            run_of: Vec::new(),
+            phase: Vec::new(),
+            outputs: Vec::new(),
+            specs: Vec::new(),
+            missing: Vec::new(),
+            dependents: Vec::new(),
+            priority: Vec::new(),
             pool,
             running: HashMap::new(),
+            handed: HashMap::new(),
             inflight: HashMap::new(),
             followers: HashMap::new(),
             forced_done: HashSet::new(),
             input_check: InputCheck::default(),
             damaged: HashSet::new(),
             committing: 0,
-            retries_pending: 0,
-            interrupts: 0,
+            signals: 0,
             events_tx,
             events_rx,
             commit_tx: Some(commit_tx),
             to_commit: Vec::new(),
             to_commit_since: Instant::now(),
             committer: Some(committer),
-            progress,
-            t0: Instant::now(),
             free_slots: Vec::new(),
             programs: HashMap::new(),
             worker: worker_path(),
             live: None,
-            progress_dirty: Vec::new(),
+            own: None,
             progress_urgent: false,
             progress_recorded: Instant::now(),
             on_committed: None,
-        }
+        };
+        engine.add_run(plan, record, own_opts, progress, on_end, None);
+        engine
     }
 
-    /// Call `f` with the key of each step this run commits, once it is committed.
+    /// A sender of events to this engine's loop, for the threads that hand it runs.
+    pub fn events(&self) -> UnboundedSender<Event> {
+        self.events_tx.clone()
+    }
+
+    /// Call `f` with the key of each step a run of this engine commits (its own run's and
+    /// those that joined it), once it is committed.
     pub fn on_committed(mut self, f: impl Fn(StepKey) + Send + 'static) -> Engine {
         self.on_committed = Some(Box::new(f));
         self
@@ -245,7 +267,7 @@ impl Engine {
             Executor::Slurm(slurm) => {
                 let stale = slurm.start().await?;
                 if !stale.is_empty() {
-                    self.progress.note(&format!(
+                    self.runs[0].progress.note(&format!(
                         "cancelled {} Slurm job(s) an earlier runner of this store left: {}",
                         stale.len(),
                         stale.join(" ")
@@ -256,16 +278,17 @@ impl Engine {
         }
     }
 
-    /// Offer copies of the run's progress to `live` as the run goes (when a reader asks).
+    /// Offer copies of the own run's progress to `live` as it goes (when a reader asks).
     pub fn with_live(mut self, live: Arc<LiveRun>) -> Engine {
         self.live = Some(live);
         self
     }
 
-    /// Run to the end (or to Ctrl-C). The run record is written before the first step starts
-    /// and again at the end.
-    pub async fn execute(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
-        self.store.put_run(&self.record)?;
+    /// Run until every run has ended: the own run, and those that joined meanwhile. Each
+    /// run's record is written before its first step starts and again at its end. Returns the
+    /// own run's outcome.
+    pub async fn execute(mut self) -> Result<RunOutcome, StoreError> {
+        self.store.put_run(&self.runs[0].record)?;
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .expect("installing the SIGINT handler");
@@ -280,30 +303,30 @@ impl Engine {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
-        let roots: Vec<usize> = (0..self.plan.nodes.len())
-            .filter(|&i| self.missing[i] == 0)
-            .collect();
-        for i in roots {
-            self.resolve(i)?;
-        }
+        self.start_run(0)?;
         self.update_progress();
 
         loop {
             self.start_ready();
-            if self.running.is_empty() && self.committing == 0 && self.retries_pending == 0 {
+            self.end_idle_runs()?;
+            if self.runs.iter().all(|r| !r.live()) {
                 break;
             }
             // Nothing left to start: what comes next waits on commits, so commit now rather
             // than when the batch fills.
-            if !self.to_commit.is_empty() && (self.ready.is_empty() || self.interrupts > 0) {
+            let nothing_to_start = self
+                .runs
+                .iter()
+                .all(|r| r.ready.is_empty() || r.interrupts > 0);
+            if !self.to_commit.is_empty() && nothing_to_start {
                 self.flush_commits();
             }
             let commit_due = self.to_commit_since + MAX_BATCH_WAIT;
             let waiting = !self.to_commit.is_empty();
             tokio::select! {
                 Some(ev) = self.events_rx.recv() => self.handle(ev)?,
-                _ = interrupt.recv() => self.interrupt(),
-                _ = terminate.recv() => self.interrupt(),
+                _ = interrupt.recv() => self.on_signal(false),
+                _ = terminate.recv() => self.on_signal(true),
                 _ = tick.tick() => self.update_progress(),
                 _ = tokio::time::sleep_until(commit_due.into()), if waiting => self.flush_commits(),
             }
@@ -314,49 +337,66 @@ impl Engine {
     fn handle(&mut self, ev: Event) -> Result<(), StoreError> {
         match ev {
             Event::Started { node, handle } => {
-                if self.running.contains_key(&node) && self.interrupts > 0 {
+                let node = self.handed.get(&node).copied().unwrap_or(node);
+                if self.running.contains_key(&node) && self.runs[self.run_of[node]].interrupts > 0 {
                     self.stop(std::slice::from_ref(&handle), false);
                 }
                 if let Some(r) = self.running.get_mut(&node) {
                     r.handle = Some(handle);
                 }
             }
-            Event::Ended(end) => self.on_attempt_end(end)?,
+            Event::Ended(mut end) => {
+                if let Some(to) = self.handed.remove(&end.node) {
+                    end.node = to;
+                }
+                self.on_attempt_end(end)?
+            }
             Event::Committed(results, slots) => {
                 self.free_slots.extend(slots);
                 for (node, result) in results {
                     self.committing -= 1;
                     match result {
                         Ok(output) => {
-                            if let (Some(f), Some(key)) =
-                                (&self.on_committed, self.record.steps[node].key)
+                            if let (Some(f), Some(key)) = (&self.on_committed, self.step(node).key)
                             {
                                 f(key);
                             }
-                            self.record.steps[node].status = StepStatus::Succeeded { output };
-                            self.progress.finished(&self.record.steps[node], None);
+                            self.step_mut(node).status = StepStatus::Succeeded { output };
+                            self.finished_note(node);
                             self.settle_followers(node, Ok(output));
                             self.on_done(node, output)?;
                         }
                         Err(error) => {
-                            if let Some(last) = self.record.steps[node].attempts.last_mut() {
+                            if let Some(last) = self.step_mut(node).attempts.last_mut() {
                                 last.result = AttemptResult::OutputError {
                                     error: error.clone(),
                                 };
                             }
                             let reason = format!("output not committed: {error}");
-                            self.progress.failed(&self.record.steps[node], &reason, &[]);
+                            self.failed_note(node, &reason, &[]);
                             self.fail(node, reason);
                         }
                     }
                 }
             }
             Event::RetryDue { node } => {
-                self.retries_pending -= 1;
-                if self.interrupts > 0 {
-                    self.finish_node(node, StepStatus::Interrupted);
-                } else {
+                if self.runs[self.run_of[node]].interrupts == 0 {
                     self.push_ready(node);
+                } else if let Some(to) = self.hand_over(node) {
+                    self.finish_node(node, StepStatus::Interrupted);
+                    self.push_ready(to);
+                } else {
+                    self.finish_node(node, StepStatus::Interrupted);
+                }
+            }
+            Event::Join(joining) => self.join(*joining)?,
+            Event::Cancel { client } => {
+                if let Some(r) = self
+                    .runs
+                    .iter()
+                    .position(|s| s.live() && s.client == Some(client))
+                {
+                    self.interrupt_run(r);
                 }
             }
         }
@@ -365,6 +405,52 @@ impl Engine {
             self.record_progress();
         }
         Ok(())
+    }
+
+    fn node(&self, i: usize) -> &PlanNode {
+        let s = &self.runs[self.run_of[i]];
+        &s.plan.nodes[i - s.first]
+    }
+
+    fn step(&self, i: usize) -> &RunStep {
+        let s = &self.runs[self.run_of[i]];
+        &s.record.steps[i - s.first]
+    }
+
+    fn step_mut(&mut self, i: usize) -> &mut RunStep {
+        let s = &mut self.runs[self.run_of[i]];
+        &mut s.record.steps[i - s.first]
+    }
+
+    fn set_phase(&mut self, i: usize, phase: Phase) {
+        let run = &mut self.runs[self.run_of[i]];
+        match (self.phase[i].busy(), phase.busy()) {
+            (false, true) => run.busy += 1,
+            (true, false) => run.busy -= 1,
+            _ => {}
+        }
+        self.phase[i] = phase;
+    }
+
+    /// Step `i`'s state changed: record it with its run's progress.
+    fn dirty(&mut self, i: usize) {
+        let s = &mut self.runs[self.run_of[i]];
+        s.progress_dirty.push(i - s.first);
+    }
+
+    /// Tell step `i`'s run that it reached a terminal state other than failure.
+    fn finished_note(&mut self, i: usize) {
+        let s = &mut self.runs[self.run_of[i]];
+        s.progress.finished(&s.record.steps[i - s.first], None);
+    }
+
+    fn failed_note(&mut self, i: usize, reason: &str, log: &[String]) {
+        let s = &mut self.runs[self.run_of[i]];
+        s.progress.failed(&s.record.steps[i - s.first], reason, log);
+    }
+
+    fn note(&mut self, i: usize, text: &str) {
+        self.runs[self.run_of[i]].progress.note(text);
     }
 
     /// Inputs done: compute the key, then cached, follower or ready.
@@ -376,26 +462,32 @@ impl Engine {
             if self.missing[i] > 0 || self.phase[i] != Phase::Waiting {
                 continue;
             }
-            let spec = self.plan.nodes[i]
-                .spec(|u| self.outputs[u])
+            let base = self.runs[self.run_of[i]].first;
+            let spec = self
+                .node(i)
+                .spec(|u| self.outputs[base + u])
                 .expect("resolve runs once every input has an output");
             let key = spec.key();
-            self.record.steps[i].key = Some(key);
+            self.step_mut(i).key = Some(key);
             self.specs[i] = Some(spec);
-            let forced = self.opts.force.contains(&self.plan.nodes[i].name);
+            let forced = (self.runs[self.run_of[i]].opts.force).contains(&self.node(i).name);
 
             if let Some(&leader) = self.inflight.get(&key) {
-                self.phase[i] = Phase::Follower;
+                // An interrupted run starts nothing new, and waits for nothing: pending.
+                if self.runs[self.run_of[i]].interrupts > 0 {
+                    continue;
+                }
+                self.set_phase(i, Phase::Follower);
                 self.followers.entry(leader).or_default().push(i);
                 continue;
             }
             let may_reuse = !forced || self.forced_done.contains(&i);
             if may_reuse && let Some(rec) = self.store.step(&key)? {
-                self.record.steps[i].status = StepStatus::Cached { output: rec.output };
-                self.progress_dirty.push(i);
-                self.phase[i] = Phase::Finished;
+                self.step_mut(i).status = StepStatus::Cached { output: rec.output };
+                self.dirty(i);
+                self.set_phase(i, Phase::Finished);
                 self.outputs[i] = Some(rec.output);
-                self.progress.finished(&self.record.steps[i], None);
+                self.finished_note(i);
                 work.extend(self.release_dependents(i));
                 continue;
             }
@@ -411,7 +503,7 @@ impl Engine {
     /// Before step `i` executes: hash the blobs of its inputs against their digests (each
     /// artifact once per run). A damaged input is dropped from the store with what it makes
     /// untrue (`Store::drop_damaged`: the manifests using a damaged blob, the step records
-    /// that produced them), and the steps of this run that output a dropped artifact execute
+    /// that produced them), and the steps of its run that output a dropped artifact execute
     /// again; `i` waits for them as for any input, then is resolved anew. False then, or when
     /// `i` failed: an input found damaged a second time in this run (after its producer ran
     /// again), or one that no step of this run produced.
@@ -438,13 +530,14 @@ impl Engine {
                 .or_else(|| damage.artifacts.values().next().cloned())
                 .unwrap_or_default();
             let dropped = self.store.drop_damaged(&damage)?;
-            let producers: Vec<usize> = (0..self.plan.nodes.len())
+            let run = &self.runs[self.run_of[i]];
+            let producers: Vec<usize> = (run.first..run.first + run.plan.nodes.len())
                 .filter(|&u| {
                     self.phase[u] == Phase::Finished
                         && self.outputs[u].is_some_and(|o| dropped.artifact_digests.contains(&o))
                 })
                 .collect();
-            let step = self.plan.nodes[i].display_name();
+            let step = self.node(i).display_name();
             let dropped_text = format!(
                 "dropped {} artifact(s) and {} step record(s) using it",
                 dropped.artifacts.len(),
@@ -460,19 +553,20 @@ impl Engine {
                         ", again after its producer executed anew"
                     }
                 );
-                self.progress.failed(&self.record.steps[i], &reason, &[]);
+                self.failed_note(i, &reason, &[]);
                 self.fail(i, reason);
                 return Ok(false);
             }
             let names: Vec<String> = producers
                 .iter()
-                .map(|&u| format!("`{}`", self.plan.nodes[u].display_name()))
+                .map(|&u| format!("`{}`", self.node(u).display_name()))
                 .collect();
-            self.progress.note(&format!(
+            let text = format!(
                 "        input `{name}` of `{step}` is damaged: {what}; {dropped_text}; \
                  executing {} again",
                 names.join(", ")
-            ));
+            );
+            self.note(i, &text);
             for u in producers {
                 self.reexecute(u, work);
             }
@@ -487,11 +581,12 @@ impl Engine {
     /// so it did not read the dropped bytes.
     fn reexecute(&mut self, u: usize, work: &mut Vec<usize>) {
         self.outputs[u] = None;
-        self.phase[u] = Phase::Waiting;
-        self.record.steps[u].status = StepStatus::Pending;
-        self.progress_dirty.push(u);
+        self.set_phase(u, Phase::Waiting);
+        self.step_mut(u).status = StepStatus::Pending;
+        self.dirty(u);
         self.progress_urgent = true;
-        self.progress.reopened(&self.record.steps[u]);
+        let s = &mut self.runs[self.run_of[u]];
+        s.progress.reopened(&s.record.steps[u - s.first]);
         for &d in &self.dependents[u] {
             if self.phase[d] == Phase::Waiting {
                 self.missing[d] += 1;
@@ -500,24 +595,38 @@ impl Engine {
         work.push(u);
     }
 
-    /// Hand the waiting finished steps to the commit thread as one batch.
+    /// Hand the waiting finished steps to the commit thread, one batch per run (a batch
+    /// records the progress of one run).
     fn flush_commits(&mut self) {
-        if self.to_commit.is_empty() {
-            return;
+        let mut batches: BTreeMap<u64, Vec<CommitJob>> = BTreeMap::new();
+        for job in std::mem::take(&mut self.to_commit) {
+            batches.entry(job.execution.run).or_default().push(job);
         }
-        let batch = std::mem::take(&mut self.to_commit);
-        self.commit_tx
-            .as_ref()
-            .expect("the committer lives until the end")
-            .send(batch)
-            .expect("the commit thread is alive");
+        for batch in batches.into_values() {
+            self.commit_tx
+                .as_ref()
+                .expect("the committer lives until the end")
+                .send(batch)
+                .expect("the commit thread is alive");
+        }
     }
 
+    /// Queue `i` to start. In a run that was interrupted it stays pending instead.
     fn push_ready(&mut self, i: usize) {
-        self.phase[i] = Phase::Ready;
+        let r = self.run_of[i];
+        if self.runs[r].interrupts > 0 {
+            self.set_phase(i, Phase::Waiting);
+            if let Some(key) = self.step(i).key
+                && self.inflight.get(&key) == Some(&i)
+            {
+                self.inflight.remove(&key);
+            }
+            return;
+        }
+        self.set_phase(i, Phase::Ready);
         let shape = match self.executor {
             Executor::Local => Shape::of(
-                &self.plan.nodes[i].resources,
+                &self.node(i).resources,
                 self.opts.cpus,
                 !self.opts.gpus.is_empty(),
             ),
@@ -527,7 +636,7 @@ impl Engine {
                 mem_mb: 0,
             },
         };
-        self.ready.push(i, self.priority[i], shape);
+        self.runs[r].ready.push(i, self.priority[i], shape);
     }
 
     /// Dependents whose last missing input was `i`.
@@ -543,7 +652,7 @@ impl Engine {
     }
 
     fn on_done(&mut self, i: usize, output: ArtifactDigest) -> Result<(), StoreError> {
-        self.phase[i] = Phase::Finished;
+        self.set_phase(i, Phase::Finished);
         self.outputs[i] = Some(output);
         for d in self.release_dependents(i) {
             self.resolve(d)?;
@@ -552,45 +661,82 @@ impl Engine {
     }
 
     fn settle_followers(&mut self, leader: usize, result: Result<ArtifactDigest, &str>) {
-        let key = self.record.steps[leader]
-            .key
-            .expect("a running node has a key");
+        let key = self.step(leader).key.expect("a running node has a key");
         self.inflight.remove(&key);
         let Some(followers) = self.followers.remove(&leader) else {
             return;
         };
-        let leader_name = self.plan.nodes[leader].display_name();
+        let leader_name = self.node(leader).display_name();
+        let leader_run = self.runs[self.run_of[leader]].record.id;
         for f in followers {
+            // A step of another run says which run executed it.
+            let who = if self.run_of[f] == self.run_of[leader] {
+                format!("`{leader_name}`")
+            } else {
+                format!("`{leader_name}` of run {leader_run}")
+            };
             match result {
                 Ok(output) => {
-                    self.record.steps[f].status = StepStatus::Cached { output };
-                    self.progress_dirty.push(f);
-                    self.progress.finished(&self.record.steps[f], None);
+                    self.step_mut(f).status = StepStatus::Cached { output };
+                    self.dirty(f);
+                    if self.run_of[f] != self.run_of[leader] {
+                        let run = &mut self.runs[self.run_of[f]];
+                        *run.shared.entry(leader_run).or_default() += 1;
+                        self.note(
+                            f,
+                            &format!("shared  {} with {who}", self.node(f).display_name()),
+                        );
+                    }
+                    self.finished_note(f);
                     // Errors surface when the follower's own dependents resolve.
                     let _ = self.on_done(f, output);
                 }
-                Err(reason) => {
-                    self.fail(f, format!("same step as `{leader_name}`, which {reason}"))
-                }
+                Err(reason) => self.fail(f, format!("same step as {who}, which {reason}")),
             }
         }
     }
 
+    /// Start ready steps while they fit: the best-ranked run first, then the next (a run whose
+    /// next step does not fit does not keep another's smaller steps waiting).
     fn start_ready(&mut self) {
-        if self.interrupts > 0 {
-            return;
-        }
-        while let Some((i, shape)) = self.ready.pop_fitting(&self.pool) {
+        loop {
+            let mut order: Vec<usize> = (0..self.runs.len())
+                .filter(|&r| {
+                    let s = &self.runs[r];
+                    s.live() && s.interrupts == 0 && !s.ready.is_empty()
+                })
+                .collect();
+            order.sort_by_key(|&r| self.runs[r].rank());
+            let Some((r, i, shape)) = order.into_iter().find_map(|r| {
+                let room = self.runs[r].gpu_room();
+                (self.runs[r].ready)
+                    .pop_fitting(&self.pool, room)
+                    .map(|(i, shape)| (r, i, shape))
+            }) else {
+                return;
+            };
             let grant = self.pool.take(shape).expect("pop_fitting checked the fit");
+            self.runs[r].gpu_units += grant.gpu.units();
             self.launch(i, grant);
         }
     }
 
+    /// Return what run `r`'s step held to the pool.
+    fn give_back(&mut self, r: usize, grant: &Grant) {
+        self.pool.give_back(grant);
+        self.runs[r].gpu_units -= grant.gpu.units();
+    }
+
     fn launch(&mut self, i: usize, grant: Grant) {
-        let node = &self.plan.nodes[i];
-        let key = self.record.steps[i].key.expect("a ready node has a key");
+        let r = self.run_of[i];
+        let (run_id, recipe_dir) = (
+            self.runs[r].record.id,
+            self.runs[r].plan.recipe.source.dir.clone(),
+        );
+        let key = self.step(i).key.expect("a ready node has a key");
+        let attempt = self.step(i).attempts.len() as u32 + 1;
+        let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
         let spec = self.specs[i].as_ref().expect("a ready node has a spec");
-        let attempt = self.record.steps[i].attempts.len() as u32 + 1;
         let inputs = spec
             .inputs
             .iter()
@@ -629,7 +775,7 @@ impl Engine {
             None => match staging::new_slot(&self.store) {
                 Ok(slot) => slot,
                 Err(e) => {
-                    self.pool.give_back(&grant);
+                    self.give_back(r, &grant);
                     self.fail(i, format!("could not prepare a staging directory: {e}"));
                     return;
                 }
@@ -637,8 +783,10 @@ impl Engine {
         };
         // The resources a Slurm job asks for are the step's own; the grant is a job token,
         // and Slurm names the GPUs.
+        let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
+        let resources = node.resources;
         let held = match self.executor {
-            Executor::Local => self.held(&grant, &node.resources),
+            Executor::Local => self.held(&grant, &resources),
             Executor::Slurm(_) => Held {
                 cpus: node.resources.cpus.max(1),
                 ..Held::default()
@@ -647,7 +795,7 @@ impl Engine {
         let attempt_spec = AttemptSpec {
             node: i,
             key,
-            run: self.record.id,
+            run: run_id,
             attempt,
             step_name: node.name.clone(),
             cmd,
@@ -659,11 +807,11 @@ impl Engine {
             held,
             builtin: node.kind == OpKind::Builtin,
             timeout: node.timeout,
-            log_rel: Store::log_rel_path(&key, self.record.id, attempt),
-            recipe_dir: self.plan.recipe.source.dir.clone(),
+            log_rel: Store::log_rel_path(&key, run_id, attempt),
+            recipe_dir,
         };
-        self.phase[i] = Phase::Running;
-        self.record.steps[i].attempts.push(Attempt {
+        self.set_phase(i, Phase::Running);
+        self.step_mut(i).attempts.push(Attempt {
             n: attempt,
             started: now_millis(),
             ended: 0,
@@ -675,7 +823,7 @@ impl Engine {
                 .flatten(),
             // What it asked for; the environment also says what a share of a known GPU is.
             gpu_mem_gb: (!attempt_spec.held.gpus.is_empty())
-                .then(|| node.resources.gpus.mem_gb())
+                .then(|| resources.gpus.mem_gb())
                 .flatten(),
             log: attempt_spec.log_rel.clone(),
             job: None,
@@ -689,7 +837,8 @@ impl Engine {
                 slot,
             },
         );
-        self.progress.started(&self.record.steps[i], attempt);
+        let s = &mut self.runs[r];
+        s.progress.started(&s.record.steps[i - s.first], attempt);
         match &self.executor {
             Executor::Local => {
                 tokio::spawn(executor::run_attempt(
@@ -703,7 +852,7 @@ impl Engine {
                     slurm.clone(),
                     self.store.clone(),
                     attempt_spec,
-                    node.resources,
+                    resources,
                     self.events_tx.clone(),
                 ));
             }
@@ -751,8 +900,9 @@ impl Engine {
     fn on_attempt_end(&mut self, end: AttemptEnd) -> Result<(), StoreError> {
         let i = end.node;
         let running = self.running.remove(&i).expect("an attempt ends once");
-        self.pool.give_back(&running.grant);
-        let interrupted = self.interrupts > 0;
+        let r = self.run_of[i];
+        self.give_back(r, &running.grant);
+        let interrupted = self.runs[r].interrupts > 0;
         let result =
             if interrupted && end.result != AttemptResult::Success && !end.result.wrote_outside() {
                 AttemptResult::Interrupted
@@ -760,7 +910,8 @@ impl Engine {
                 end.result
             };
         let attempt = {
-            let a = self.record.steps[i]
+            let a = self
+                .step_mut(i)
                 .attempts
                 .last_mut()
                 .expect("launch recorded the attempt");
@@ -777,19 +928,22 @@ impl Engine {
 
         if result == AttemptResult::Success {
             let staging = end.staging.expect("a successful attempt has a staging dir");
-            self.phase[i] = Phase::Committing;
+            self.set_phase(i, Phase::Committing);
             self.committing += 1;
             self.forced_done.insert(i);
-            let node = &self.plan.nodes[i];
+            let key = self.step(i).key.expect("running node has a key");
+            let progress = self.step_progress(i);
+            let run = &self.runs[r];
+            let node = &run.plan.nodes[i - run.first];
             let job = CommitJob {
                 node: i,
-                key: self.record.steps[i].key.expect("running node has a key"),
+                key,
                 spec: self.specs[i].clone().expect("running node has a spec"),
                 record_id: node.id,
                 name: node.name.clone(),
                 bindings: node.bindings.clone(),
                 execution: Execution {
-                    run: self.record.id,
+                    run: run.record.id,
                     attempt: attempt.n,
                     started: attempt.started,
                     ended: attempt.ended,
@@ -805,9 +959,9 @@ impl Engine {
                     job: attempt.job.clone(),
                 },
                 staging,
-                forced: self.opts.force.contains(&node.name),
+                forced: run.opts.force.contains(&node.name),
                 // Its status once committed is set by the commit (see `commit_batch`).
-                progress: self.step_progress(i),
+                progress,
             };
             if self.to_commit.is_empty() {
                 self.to_commit_since = Instant::now();
@@ -832,18 +986,21 @@ impl Engine {
             tail(&self.store.path(&attempt.log), 12)
         };
         if interrupted {
+            // A run that has not been interrupted may have come to wait for it meanwhile.
             self.finish_node(i, StepStatus::Interrupted);
-            let key = self.record.steps[i].key.expect("key");
-            self.inflight.remove(&key);
+            match self.hand_over(i) {
+                Some(to) => self.push_ready(to),
+                None => self.forget_key(i),
+            }
             return Ok(());
         }
-        let retries = self.plan.nodes[i].retries;
+        let retries = self.node(i).retries;
         if attempt.n <= retries.count && !result.wrote_outside() {
             let delay = retries.delay_before(attempt.n + 1);
-            self.progress
-                .retrying(&self.record.steps[i], &result, delay, &log_tail);
-            self.phase[i] = Phase::Waiting;
-            self.retries_pending += 1;
+            let s = &mut self.runs[r];
+            s.progress
+                .retrying(&s.record.steps[i - s.first], &result, delay, &log_tail);
+            self.set_phase(i, Phase::Retrying);
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -859,8 +1016,7 @@ impl Engine {
                     needle_core::store::human_bytes(full.free)
                 ));
             }
-            self.progress
-                .failed(&self.record.steps[i], &reason, &log_tail);
+            self.failed_note(i, &reason, &log_tail);
             self.fail(i, reason);
         }
         Ok(())
@@ -868,13 +1024,13 @@ impl Engine {
 
     /// Mark `i` failed and every node downstream of it skipped.
     fn fail(&mut self, i: usize, reason: String) {
-        if let Some(key) = self.record.steps[i].key
+        if let Some(key) = self.step(i).key
             && self.inflight.get(&key) == Some(&i)
         {
             self.settle_followers(i, Err("failed"));
         }
         self.finish_node(i, StepStatus::Failed { reason });
-        let upstream = self.plan.nodes[i].display_name();
+        let upstream = self.node(i).display_name();
         let mut stack = self.dependents[i].clone();
         let mut skipped = 0;
         while let Some(d) = stack.pop() {
@@ -890,36 +1046,22 @@ impl Engine {
             }
         }
         if skipped > 0 {
-            self.progress.note(&format!(
-                "        skipped {skipped} step(s) downstream of `{upstream}`"
-            ));
+            self.note(
+                i,
+                &format!("        skipped {skipped} step(s) downstream of `{upstream}`"),
+            );
         }
     }
 
     fn finish_node(&mut self, i: usize, status: StepStatus) {
-        self.phase[i] = Phase::Finished;
+        self.set_phase(i, Phase::Finished);
         self.progress_urgent |= !matches!(status, StepStatus::Cached { .. });
-        self.record.steps[i].status = status;
-        self.progress_dirty.push(i);
-        if !matches!(self.record.steps[i].status, StepStatus::Failed { .. }) {
-            self.progress.finished(&self.record.steps[i], None);
+        let failed = matches!(status, StepStatus::Failed { .. });
+        self.step_mut(i).status = status;
+        self.dirty(i);
+        if !failed {
+            self.finished_note(i);
         }
-    }
-
-    fn interrupt(&mut self) {
-        self.interrupts += 1;
-        self.progress
-            .interrupted(self.interrupts, self.running.len());
-        for node in self.ready.drain() {
-            self.phase[node] = Phase::Waiting;
-        }
-        let handles: Vec<Handle> = self
-            .running
-            .values()
-            .filter_map(|r| r.handle.clone())
-            .collect();
-        // The first Ctrl-C asks politely, the second does not.
-        self.stop(&handles, self.interrupts > 1);
     }
 
     /// Stop started attempts: SIGTERM (or SIGKILL) to local process groups, scancel to jobs.
@@ -949,24 +1091,34 @@ impl Engine {
     /// starts (`urgent`).
     fn record_progress(&mut self) {
         let due = self.progress_urgent || self.progress_recorded.elapsed() >= PROGRESS_EVERY;
-        if self.progress_dirty.is_empty() || !due {
+        if !due {
             return;
         }
         self.progress_recorded = Instant::now();
         self.progress_urgent = false;
-        let mut nodes = std::mem::take(&mut self.progress_dirty);
-        nodes.sort_unstable();
-        nodes.dedup();
-        let progress: Vec<StepProgress> = nodes.iter().map(|&i| self.step_progress(i)).collect();
-        if let Err(e) = self.store.put_run_progress(self.record.id, &progress) {
-            tracing::warn!("could not record the run's progress: {e}");
+        for r in 0..self.runs.len() {
+            let s = &mut self.runs[r];
+            if s.progress_dirty.is_empty() || !s.live() {
+                continue;
+            }
+            let mut nodes = std::mem::take(&mut s.progress_dirty);
+            nodes.sort_unstable();
+            nodes.dedup();
+            let first = s.first;
+            let progress: Vec<StepProgress> = (nodes.iter())
+                .map(|&n| self.step_progress(first + n))
+                .collect();
+            let id = self.runs[r].record.id;
+            if let Err(e) = self.store.put_run_progress(id, &progress) {
+                tracing::warn!("could not record the progress of run {id}: {e}");
+            }
         }
     }
 
     fn step_progress(&self, i: usize) -> StepProgress {
-        let step = &self.record.steps[i];
+        let step = self.step(i);
         StepProgress {
-            node: i as u32,
+            node: (i - self.runs[self.run_of[i]].first) as u32,
             key: step.key,
             status: step.status.clone(),
             attempts: step.attempts.clone(),
@@ -975,53 +1127,36 @@ impl Engine {
 
     fn update_progress(&mut self) {
         self.record_progress();
-        let running: Vec<RunningStep> = self
-            .running
-            .iter()
-            .map(|(&i, r)| RunningStep {
-                name: self.plan.nodes[i].display_name(),
+        let mut running: Vec<Vec<RunningStep>> = (0..self.runs.len()).map(|_| Vec::new()).collect();
+        for (&i, r) in &self.running {
+            running[self.run_of[i]].push(RunningStep {
+                name: self.node(i).display_name(),
                 elapsed: r.started.elapsed(),
                 progress: staging::last_progress(&r.slot),
-            })
-            .collect();
-        self.progress.update(&self.counts(), &running);
-        if let Some(live) = &self.live {
+            });
+        }
+        for (r, running) in running.into_iter().enumerate() {
+            if self.runs[r].live() {
+                let counts = self.counts(r);
+                self.runs[r].progress.update(&counts, &running);
+            }
+        }
+        if let Some(live) = &self.live
+            && self.runs[0].live()
+        {
+            let own = &self.runs[0];
             live.offer(|| LiveSnapshot {
-                record: self.record.clone(),
+                record: own.record.clone(),
                 // A running attempt's log is in its slot until it ends (see executor.rs).
                 logs: (self.running.iter())
-                    .map(|(&i, r)| (i, r.slot.join("log")))
+                    .filter(|&(&i, _)| self.run_of[i] == 0)
+                    .map(|(&i, r)| (i - own.first, r.slot.join("log")))
                     .collect(),
             });
         }
     }
 
-    fn counts(&self) -> RunOutcome {
-        let mut o = RunOutcome {
-            run: self.record.id,
-            state: RunState::Running,
-            executed: 0,
-            cached: 0,
-            failed: 0,
-            skipped: 0,
-            interrupted: 0,
-            pending: 0,
-            duration_ms: self.t0.elapsed().as_millis() as u64,
-        };
-        for s in &self.record.steps {
-            match s.status {
-                StepStatus::Succeeded { .. } => o.executed += 1,
-                StepStatus::Cached { .. } => o.cached += 1,
-                StepStatus::Failed { .. } => o.failed += 1,
-                StepStatus::Skipped { .. } => o.skipped += 1,
-                StepStatus::Interrupted => o.interrupted += 1,
-                StepStatus::Pending => o.pending += 1,
-            }
-        }
-        o
-    }
-
-    fn finish(mut self) -> Result<(RunOutcome, RunRecord), StoreError> {
+    fn finish(mut self) -> Result<RunOutcome, StoreError> {
         debug_assert!(
             self.to_commit.is_empty(),
             "the loop ends with every commit done"
@@ -1030,16 +1165,6 @@ impl Engine {
         if let Some(handle) = self.committer.take() {
             let _ = handle.join();
         }
-        let mut outcome = self.counts();
-        outcome.state = if self.interrupts > 0 {
-            RunState::Interrupted
-        } else if outcome.failed > 0 || outcome.skipped > 0 || outcome.pending > 0 {
-            RunState::Failed
-        } else {
-            RunState::Succeeded
-        };
-        self.record.state = outcome.state;
-        self.record.ended = Some(now_millis());
         tracing::debug!(
             runner_cpu_s = cpu_seconds(libc::RUSAGE_SELF),
             input_artifacts = self.input_check.artifacts,
@@ -1049,9 +1174,7 @@ impl Engine {
             steps_cpu_s = cpu_seconds(libc::RUSAGE_CHILDREN),
             "cpu time"
         );
-        self.store.put_run(&self.record)?;
-        self.progress.done(&outcome);
-        Ok((outcome, self.record))
+        Ok(self.own.take().expect("the own run ended"))
     }
 }
 
