@@ -165,7 +165,7 @@ if [[ $PART != ablation ]]; then
   OUT=$OUT/train NEEDLE_BIN=$(dirname "$NEEDLE") PY=$PY DEVICE=$DEVICE TRAIN_STEPS=$TRAIN_STEPS \
     SAMPLE_STEPS=$SAMPLE_STEPS ROUNDS=${ROUNDS:-2} "$ROOT/bench/train_bench_gpu.sh" \
     >"$OUT/train.log" 2>&1 || say "(train_bench_gpu failed: train.log)"
-  grep -h -E '^\|' "$ROOT"/bench/out/{train,sample}.md 2>/dev/null | tee -a "$SUMMARY" || true
+  grep -h -E '^(\||#)' "$ROOT"/bench/out/{train,sample}.md 2>/dev/null | tee -a "$SUMMARY" || true
 fi
 say ""
 say "logs: $OUT"

@@ -37,6 +37,7 @@ fi
 collect() {
   [[ -n $SMI ]] && kill "$SMI" 2>/dev/null || true
   if [[ -n ${OUT:-} ]]; then
+    mkdir -p "$OUT"
     cp "$RESULTS"/{train.md,sample.md,gpu-util.csv,phases.txt,doctor.txt} "$OUT"/ 2>/dev/null || true
   fi
 }
