@@ -12,7 +12,8 @@
 //! Wilson 95 % interval of the win share, a bootstrap 95 % interval over prompts, and a two-sided
 //! sign-test p-value (wins against losses). Where `unseen` lists prompts no training caption
 //! holds (combinations held out of every haystack), both axes are reported again on those
-//! prompts and on the seen rest, under `by_prompts`. Plus memorisation (share of samples whose nearest
+//! prompts and on the seen rest, under `by_prompts`. `per_prompt` keeps each prompt's win /
+//! tie / lose counts, so that runs over several seeds can be pooled (`scripts/seed_spread.py`). Plus memorisation (share of samples whose nearest
 //! tuning image is closer than a threshold) and diversity within a prompt, for both models.
 //! Output: `metrics.json`, `grid.png` (per prompt: baseline | candidate), `summary.md`.
 
@@ -235,6 +236,10 @@ impl Op for EvaluateOp {
                 "baseline": mean_of(&ba),
             },
             "by_prompts": by_prompts,
+            "per_prompt": {
+                "appeal": per_prompt(&appeal, &prompts),
+                "faithfulness": per_prompt(&faithful, &prompts),
+            },
             "memorisation": memorisation,
             "diversity": diversity,
         });
@@ -286,6 +291,21 @@ fn pair_up(candidate: &Dataset, baseline: &Dataset) -> Result<Vec<(usize, usize)
         });
     }
     Ok(pairs)
+}
+
+/// `prompt → [win, tie, lose]` counts: what a gather over seeds needs to resample seeds and
+/// prompts together.
+fn per_prompt(outcomes: &[Outcome], prompts: &[&str]) -> BTreeMap<String, [usize; 3]> {
+    let mut per: BTreeMap<String, [usize; 3]> = BTreeMap::new();
+    for (o, p) in outcomes.iter().zip(prompts) {
+        let slot = match o {
+            Outcome::Win => 0,
+            Outcome::Tie => 1,
+            Outcome::Lose => 2,
+        };
+        per.entry(p.to_string()).or_default()[slot] += 1;
+    }
+    per
 }
 
 /// Every `unseen` prompt must be among the samples' prompts (a typo would otherwise report an

@@ -116,6 +116,10 @@ fn the_panel_prefers_photogenic_samples_with_confidence() {
             .unwrap();
     assert_eq!(m["pairs"], 168);
     assert_eq!(m["prompts"], 28);
+    let per_prompt = m["per_prompt"]["appeal"].as_object().unwrap();
+    assert_eq!(per_prompt.len(), 28);
+    let wins: u64 = per_prompt.values().map(|t| t[0].as_u64().unwrap()).sum();
+    assert!(((wins as f64 / 168.0) - m["appeal"]["win"].as_f64().unwrap()).abs() < 1e-9);
     let appeal = &m["appeal"];
     let win = appeal["win"].as_f64().unwrap();
     let sum = win + appeal["tie"].as_f64().unwrap() + appeal["lose"].as_f64().unwrap();
