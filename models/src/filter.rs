@@ -48,8 +48,10 @@ pub struct Stage {
     pub stage: String,
     pub r#in: usize,
     pub out: usize,
-    /// Mean hidden quality of what passed (report only).
+    /// Mean hidden quality (the rubric) of what passed (report only).
     pub mean_quality: f64,
+    /// Mean hidden preference (what the appeal judges learn) of what passed (report only).
+    pub mean_preference: f64,
 }
 
 impl Op for FilterOp {
@@ -63,7 +65,8 @@ impl Op for FilterOp {
         let pixels = pool.load_pixels(ctx.cpus as usize)?;
         let size = pixels.height;
         let quality = pool.ratings("quality").ok();
-        let mut funnel = Funnel::new(pool.len(), quality.as_deref());
+        let preference = pool.ratings("preference").ok();
+        let mut funnel = Funnel::new(pool.len(), quality.as_deref(), preference.as_deref());
 
         if ctx.param::<bool>("unsafe")? {
             funnel.keep("unsafe", |i| !detect::unsafe_marker(pixels.image(i), size));
@@ -160,29 +163,25 @@ impl Op for FilterOp {
 struct Funnel<'a> {
     kept: Vec<usize>,
     quality: Option<&'a [f64]>,
+    preference: Option<&'a [f64]>,
     stages: Vec<Stage>,
 }
 
 impl<'a> Funnel<'a> {
-    fn new(n: usize, quality: Option<&'a [f64]>) -> Funnel<'a> {
+    fn new(n: usize, quality: Option<&'a [f64]>, preference: Option<&'a [f64]>) -> Funnel<'a> {
         let kept: Vec<usize> = (0..n).collect();
         let mut f = Funnel {
             kept,
             quality,
+            preference,
             stages: Vec::new(),
         };
-        let mean = f.mean_quality();
-        f.stages.push(Stage {
-            stage: "pool".into(),
-            r#in: n,
-            out: n,
-            mean_quality: mean,
-        });
+        f.record("pool", n);
         f
     }
 
-    fn mean_quality(&self) -> f64 {
-        match self.quality {
+    fn mean_of(&self, column: Option<&[f64]>) -> f64 {
+        match column {
             Some(q) if !self.kept.is_empty() => {
                 self.kept.iter().map(|&i| q[i]).sum::<f64>() / self.kept.len() as f64
             }
@@ -191,12 +190,14 @@ impl<'a> Funnel<'a> {
     }
 
     fn record(&mut self, stage: &str, before: usize) {
-        let mean = self.mean_quality();
+        let (mean_quality, mean_preference) =
+            (self.mean_of(self.quality), self.mean_of(self.preference));
         self.stages.push(Stage {
             stage: stage.to_string(),
             r#in: before,
             out: self.kept.len(),
-            mean_quality: mean,
+            mean_quality,
+            mean_preference,
         });
     }
 
@@ -303,12 +304,12 @@ fn write_report(
     .map_err(OpError::io("write", &path))?;
     let mut md = format!(
         "Kept {kept} of {pool} images ({recaptioned} recaptioned by the specialists).\n\n\
-         | stage | in | out | mean hidden quality |\n|---|---:|---:|---:|\n"
+         | stage | in | out | mean hidden quality (rubric) | mean hidden preference |\n|---|---:|---:|---:|---:|\n"
     );
     for s in stages {
         md.push_str(&format!(
-            "| {} | {} | {} | {:.3} |\n",
-            s.stage, s.r#in, s.out, s.mean_quality
+            "| {} | {} | {} | {:.3} | {:.3} |\n",
+            s.stage, s.r#in, s.out, s.mean_quality, s.mean_preference
         ));
     }
     let path = ctx.out.join(SUMMARY);

@@ -117,6 +117,10 @@ fn scorers_learn_and_the_funnel_raises_quality() {
     let last = stages.last().unwrap()["mean_quality"].as_f64().unwrap();
     // The rubric score has a standard deviation of 0.11 over the pool.
     assert!(last > first + 0.15, "quality {first} -> {last}");
+    // The preference, which no stage reads, rises only through the factors it shares with the
+    // rubric; the table reports it.
+    let pref = |s: &Value| s["mean_preference"].as_f64().unwrap();
+    assert!(pref(stages.last().unwrap()) > pref(&stages[0]), "{report}");
     assert_eq!(report["kept"], 50);
 
     // The tuning set: the pool's images, linked, with true captions.
