@@ -540,41 +540,32 @@ fn summary(m: &serde_json::Value) -> String {
          |---|---:|---:|---:|---:|---:|---:|\n",
         m["pairs"], m["prompts"], m["judges"]["appeal"], m["judges"]["faithfulness"]
     );
-    for (name, key) in [
-        ("visual appeal", "appeal"),
-        ("text faithfulness", "faithfulness"),
-    ] {
-        let a = &m[key];
-        md.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {:.2e} |\n",
+    let row = |label: String, a: &serde_json::Value| {
+        format!(
+            "| {label} | {} | {} | {} | {} | {} | {:.2e} |\n",
             pct(&a["win"]),
             pct(&a["tie"]),
             pct(&a["lose"]),
             interval(&a["wilson95"]),
             interval(&a["bootstrap95"]),
             a["sign_test_p"].as_f64().unwrap_or(f64::NAN)
-        ));
+        )
+    };
+    let axes = [
+        ("visual appeal", "appeal"),
+        ("text faithfulness", "faithfulness"),
+    ];
+    for (name, key) in axes {
+        md.push_str(&row(name.to_string(), &m[key]));
     }
     for set in ["seen", "unseen"] {
         let part = &m["by_prompts"][set];
         if part.is_null() {
             continue;
         }
-        for (name, key) in [
-            ("visual appeal", "appeal"),
-            ("text faithfulness", "faithfulness"),
-        ] {
-            let a = &part[key];
-            md.push_str(&format!(
-                "| {name}, {set} prompts ({} pairs) | {} | {} | {} | {} | {} | {:.2e} |\n",
-                part["pairs"],
-                pct(&a["win"]),
-                pct(&a["tie"]),
-                pct(&a["lose"]),
-                interval(&a["wilson95"]),
-                interval(&a["bootstrap95"]),
-                a["sign_test_p"].as_f64().unwrap_or(f64::NAN)
-            ));
+        for (name, key) in axes {
+            let label = format!("{name}, {set} prompts ({} pairs)", part["pairs"]);
+            md.push_str(&row(label, &part[key]));
         }
     }
     md.push_str(&format!(

@@ -78,26 +78,10 @@ pub const SUBJECT_SIZES: [&str; 2] = ["small", "large"];
 /// The concepts no training caption holds where `hold_out = true`: (shape, colour, size)
 /// indices. Each shape and each colour once, each size twice, so every word stays common.
 pub const HELD_OUT: [Concept; 4] = [
-    Concept {
-        shape: 3,
-        colour: 0,
-        size: 0,
-    }, // a small red star
-    Concept {
-        shape: 2,
-        colour: 1,
-        size: 1,
-    }, // a large green triangle
-    Concept {
-        shape: 1,
-        colour: 2,
-        size: 0,
-    }, // a small blue square
-    Concept {
-        shape: 0,
-        colour: 3,
-        size: 1,
-    }, // a large yellow circle
+    Concept::new(3, 0, 0), // a small red star
+    Concept::new(2, 1, 1), // a large green triangle
+    Concept::new(1, 2, 0), // a small blue square
+    Concept::new(0, 3, 1), // a large yellow circle
 ];
 
 /// Sizes an image may have, in pixels a side.
@@ -125,6 +109,14 @@ pub struct Concept {
 }
 
 impl Concept {
+    pub const fn new(shape: usize, colour: usize, size: usize) -> Concept {
+        Concept {
+            shape,
+            colour,
+            size,
+        }
+    }
+
     /// All 32 concepts, sizes outermost, then colours, then shapes.
     pub fn all() -> Vec<Concept> {
         let mut out = Vec::new();
