@@ -10,7 +10,10 @@
 //!
 //! For each axis: win / tie / lose shares (ties stay in the denominator, as in the paper), a
 //! Wilson 95 % interval of the win share, a bootstrap 95 % interval over prompts, and a two-sided
-//! sign-test p-value (wins against losses). Plus memorisation (share of samples whose nearest
+//! sign-test p-value (wins against losses). Where `unseen` lists prompts no training caption
+//! holds (combinations held out of every haystack), both axes are reported again on those
+//! prompts and on the seen rest, under `by_prompts`. `per_prompt` keeps each prompt's win /
+//! tie / lose counts, so that runs over several seeds can be pooled (`scripts/seed_spread.py`). Plus memorisation (share of samples whose nearest
 //! tuning image is closer than a threshold) and diversity within a prompt, for both models.
 //! Output: `metrics.json`, `grid.png` (per prompt: baseline | candidate), `summary.md`.
 
@@ -101,6 +104,7 @@ impl Op for EvaluateOp {
         let resamples: usize = ctx.param("bootstrap")?;
         let threshold: f64 = ctx.param("memorised_below")?;
         let seed: u64 = ctx.param("seed")?;
+        let unseen: Vec<String> = ctx.param("unseen")?;
         let device = crate::device(ctx);
         let threads = ctx.cpus as usize;
 
@@ -111,6 +115,11 @@ impl Op for EvaluateOp {
         let base = baseline.select(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
         let (cand_px, base_px) = (cand.load_pixels(threads)?, base.load_pixels(threads)?);
         let prompts: Vec<&str> = cand.records().iter().map(|r| r.text.as_str()).collect();
+        let tuning = match ctx.optional_input("tuning")? {
+            Some(dir) => Some(Dataset::open(dir)?),
+            None => None,
+        };
+        check_unseen(&unseen, &prompts, tuning.as_ref())?;
 
         let panel = Panel::load(ctx.input("judges")?, device)?;
         // Appeal: per judge, a vote per pair.
@@ -160,9 +169,40 @@ impl Op for EvaluateOp {
             m.iter().flatten().filter(|b| **b).count() as f64 / n as f64
         };
 
-        let memorisation = match ctx.optional_input("tuning")? {
-            Some(dir) => {
-                let tuning = Dataset::open(dir)?.load_pixels(threads)?;
+        let by_prompts = if unseen.is_empty() {
+            serde_json::Value::Null
+        } else {
+            let is_unseen: Vec<bool> = prompts
+                .iter()
+                .map(|p| unseen.iter().any(|u| u == p))
+                .collect();
+            let part = |want: bool, salt: u64| {
+                let pick: Vec<usize> = (0..prompts.len())
+                    .filter(|&i| is_unseen[i] == want)
+                    .collect();
+                let sub = |o: &[Outcome]| pick.iter().map(|&i| o[i]).collect::<Vec<_>>();
+                let ps: Vec<&str> = pick.iter().map(|&i| prompts[i]).collect();
+                let share = |m: &[Vec<bool>]| {
+                    let n = (m.len() * pick.len()).max(1);
+                    m.iter()
+                        .map(|v| pick.iter().filter(|&&i| v[i]).count())
+                        .sum::<usize>() as f64
+                        / n as f64
+                };
+                json!({
+                    "pairs": pick.len(),
+                    "prompts": ps.iter().collect::<std::collections::BTreeSet<_>>().len(),
+                    "appeal": axis(&sub(&appeal), &ps, resamples, seed ^ salt),
+                    "faithfulness": axis(&sub(&faithful), &ps, resamples, seed ^ salt ^ 1),
+                    "faithful_share": {"candidate": share(&cm), "baseline": share(&bm)},
+                })
+            };
+            json!({"seen": part(false, 0x5EE), "unseen": part(true, 0x0115EE)})
+        };
+
+        let memorisation = match &tuning {
+            Some(tuning) => {
+                let tuning = tuning.load_pixels(threads)?;
                 let (c_share, c_mean) = nearest(&cand_px, &tuning, threshold, device);
                 let (b_share, b_mean) = nearest(&base_px, &tuning, threshold, device);
                 json!({
@@ -194,6 +234,11 @@ impl Op for EvaluateOp {
             "mean_appeal_score": {
                 "candidate": mean_of(&ca),
                 "baseline": mean_of(&ba),
+            },
+            "by_prompts": by_prompts,
+            "per_prompt": {
+                "appeal": per_prompt(&appeal, &prompts),
+                "faithfulness": per_prompt(&faithful, &prompts),
             },
             "memorisation": memorisation,
             "diversity": diversity,
@@ -246,6 +291,49 @@ fn pair_up(candidate: &Dataset, baseline: &Dataset) -> Result<Vec<(usize, usize)
         });
     }
     Ok(pairs)
+}
+
+/// `prompt → [win, tie, lose]` counts: what a gather over seeds needs to resample seeds and
+/// prompts together.
+fn per_prompt(outcomes: &[Outcome], prompts: &[&str]) -> BTreeMap<String, [usize; 3]> {
+    let mut per: BTreeMap<String, [usize; 3]> = BTreeMap::new();
+    for (o, p) in outcomes.iter().zip(prompts) {
+        let slot = match o {
+            Outcome::Win => 0,
+            Outcome::Tie => 1,
+            Outcome::Lose => 2,
+        };
+        per.entry(p.to_string()).or_default()[slot] += 1;
+    }
+    per
+}
+
+/// Every `unseen` prompt must be among the samples' prompts (a typo would otherwise report an
+/// empty set), and no caption of the tuning set may name one (it would not be unseen).
+fn check_unseen(
+    unseen: &[String],
+    prompts: &[&str],
+    tuning: Option<&Dataset>,
+) -> Result<(), OpError> {
+    let bad = |why: String| OpError::Param {
+        name: "unseen".into(),
+        why,
+    };
+    for u in unseen {
+        if !prompts.contains(&u.as_str()) {
+            return Err(bad(format!("`{u}` is not a prompt of the samples")));
+        }
+        if let Some(t) = tuning
+            && t.records()
+                .iter()
+                .any(|r| r.text.trim().eq_ignore_ascii_case(u.trim()))
+        {
+            return Err(bad(format!(
+                "`{u}` is a caption of the tuning set, so it is not unseen"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn axis(outcomes: &[Outcome], prompts: &[&str], resamples: usize, seed: u64) -> AxisReport {
@@ -452,20 +540,33 @@ fn summary(m: &serde_json::Value) -> String {
          |---|---:|---:|---:|---:|---:|---:|\n",
         m["pairs"], m["prompts"], m["judges"]["appeal"], m["judges"]["faithfulness"]
     );
-    for (name, key) in [
-        ("visual appeal", "appeal"),
-        ("text faithfulness", "faithfulness"),
-    ] {
-        let a = &m[key];
-        md.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {:.2e} |\n",
+    let row = |label: String, a: &serde_json::Value| {
+        format!(
+            "| {label} | {} | {} | {} | {} | {} | {:.2e} |\n",
             pct(&a["win"]),
             pct(&a["tie"]),
             pct(&a["lose"]),
             interval(&a["wilson95"]),
             interval(&a["bootstrap95"]),
             a["sign_test_p"].as_f64().unwrap_or(f64::NAN)
-        ));
+        )
+    };
+    let axes = [
+        ("visual appeal", "appeal"),
+        ("text faithfulness", "faithfulness"),
+    ];
+    for (name, key) in axes {
+        md.push_str(&row(name.to_string(), &m[key]));
+    }
+    for set in ["seen", "unseen"] {
+        let part = &m["by_prompts"][set];
+        if part.is_null() {
+            continue;
+        }
+        for (name, key) in axes {
+            let label = format!("{name}, {set} prompts ({} pairs)", part["pairs"]);
+            md.push_str(&row(label, &part[key]));
+        }
     }
     md.push_str(&format!(
         "\nImages showing their prompt: candidate {}, baseline {}. Diversity within a prompt \

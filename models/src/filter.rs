@@ -13,10 +13,18 @@
 //! | `balance` | domain balancing | a cap per concept named by the caption |
 //! | `generalists` | trained generalist annotators (recall) | hidden quality + large rater noise: keep many |
 //! | `specialists` | photography specialists (precision) | hidden quality + small rater noise: keep few, and write true captions |
+//! | `random` | — (a control) | a seeded random sample of what is left |
 //!
-//! Only the two human stages read the hidden ratings (as human raters would look at the
-//! image); the automatic stages see pixels, captions and scorer outputs only. The funnel table
-//! reads `rating_quality` to report what each stage achieved, never to decide.
+//! The hidden quality the raters read is `rating_quality`, the haystack's photography rubric
+//! (composition, lighting, colour, background, clutter); the judges that grade the tuned model
+//! learn another signal (`needle_models::judges`). Only the two human stages read hidden ratings
+//! (as human raters would look at the image); the automatic stages see pixels, captions and
+//! scorer outputs only. The funnel table reads `rating_quality` to report what each stage
+//! achieved, never to decide.
+//!
+//! Controls: `pick = "worst"` makes the human stages keep the worst they rate; `random = n`
+//! keeps a random `n` of what the other stages left: with every stage off, a random set of
+//! the pool; on a curated set, a random subset of it (the paper's size ablation).
 
 use std::collections::BTreeMap;
 
@@ -40,8 +48,10 @@ pub struct Stage {
     pub stage: String,
     pub r#in: usize,
     pub out: usize,
-    /// Mean hidden quality of what passed (report only).
+    /// Mean hidden quality (the rubric) of what passed (report only).
     pub mean_quality: f64,
+    /// Mean hidden preference (what the appeal judges learn) of what passed (report only).
+    pub mean_preference: f64,
 }
 
 impl Op for FilterOp {
@@ -55,7 +65,8 @@ impl Op for FilterOp {
         let pixels = pool.load_pixels(ctx.cpus as usize)?;
         let size = pixels.height;
         let quality = pool.ratings("quality").ok();
-        let mut funnel = Funnel::new(pool.len(), quality.as_deref());
+        let preference = pool.ratings("preference").ok();
+        let mut funnel = Funnel::new(pool.len(), quality.as_deref(), preference.as_deref());
 
         if ctx.param::<bool>("unsafe")? {
             funnel.keep("unsafe", |i| !detect::unsafe_marker(pixels.image(i), size));
@@ -99,6 +110,10 @@ impl Op for FilterOp {
         let seed: u64 = ctx.param("seed")?;
         let generalists: usize = ctx.param("generalists")?;
         let specialists: usize = ctx.param("specialists")?;
+        let sign = match ctx.param::<String>("pick")?.as_str() {
+            "worst" => -1.0,
+            _ => 1.0,
+        };
         if generalists > 0 || specialists > 0 {
             let q = quality.as_ref().ok_or_else(|| OpError::Input {
                 name: "data".into(),
@@ -107,13 +122,19 @@ impl Op for FilterOp {
             if generalists > 0 {
                 let noise: f64 = ctx.param("generalist_noise")?;
                 let rated = rate(q, noise, seed ^ 0x6E6E);
-                funnel.keep_count("generalists", generalists, |i| rated[i]);
+                funnel.keep_count("generalists", generalists, |i| sign * rated[i]);
             }
             if specialists > 0 {
                 let noise: f64 = ctx.param("specialist_noise")?;
                 let rated = rate(q, noise, seed ^ 0x5353);
-                funnel.keep_count("specialists", specialists, |i| rated[i]);
+                funnel.keep_count("specialists", specialists, |i| sign * rated[i]);
             }
+        }
+        let random: usize = ctx.param("random")?;
+        if random > 0 {
+            // An independent draw per image, then the `random` highest: a seeded random sample.
+            let draw = rate(&vec![0.0; pool.len()], 1.0, seed ^ 0x5241_4E44);
+            funnel.keep_count("random", random, |i| draw[i]);
         }
 
         // The tuning set: the pool's images, linked (no new bytes), with true captions where
@@ -142,29 +163,25 @@ impl Op for FilterOp {
 struct Funnel<'a> {
     kept: Vec<usize>,
     quality: Option<&'a [f64]>,
+    preference: Option<&'a [f64]>,
     stages: Vec<Stage>,
 }
 
 impl<'a> Funnel<'a> {
-    fn new(n: usize, quality: Option<&'a [f64]>) -> Funnel<'a> {
+    fn new(n: usize, quality: Option<&'a [f64]>, preference: Option<&'a [f64]>) -> Funnel<'a> {
         let kept: Vec<usize> = (0..n).collect();
         let mut f = Funnel {
             kept,
             quality,
+            preference,
             stages: Vec::new(),
         };
-        let mean = f.mean_quality();
-        f.stages.push(Stage {
-            stage: "pool".into(),
-            r#in: n,
-            out: n,
-            mean_quality: mean,
-        });
+        f.record("pool", n);
         f
     }
 
-    fn mean_quality(&self) -> f64 {
-        match self.quality {
+    fn mean_of(&self, column: Option<&[f64]>) -> f64 {
+        match column {
             Some(q) if !self.kept.is_empty() => {
                 self.kept.iter().map(|&i| q[i]).sum::<f64>() / self.kept.len() as f64
             }
@@ -173,12 +190,14 @@ impl<'a> Funnel<'a> {
     }
 
     fn record(&mut self, stage: &str, before: usize) {
-        let mean = self.mean_quality();
+        let (mean_quality, mean_preference) =
+            (self.mean_of(self.quality), self.mean_of(self.preference));
         self.stages.push(Stage {
             stage: stage.to_string(),
             r#in: before,
             out: self.kept.len(),
-            mean_quality: mean,
+            mean_quality,
+            mean_preference,
         });
     }
 
@@ -232,7 +251,7 @@ impl<'a> Funnel<'a> {
 
 /// A rater's view of each image: its hidden quality plus Gaussian error (Box-Muller over a
 /// SplitMix64 stream, so the same seed gives the same ratings everywhere).
-fn rate(quality: &[f64], noise: f64, seed: u64) -> Vec<f64> {
+pub fn rate(quality: &[f64], noise: f64, seed: u64) -> Vec<f64> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     let mut uniform = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -251,14 +270,15 @@ fn rate(quality: &[f64], noise: f64, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-/// "a red circle" from the hidden true concept, where the pool records it.
+/// "a small red circle" from the hidden true concept, where the pool records it.
 fn true_captions(pool: &Dataset) -> Vec<Option<String>> {
     pool.records()
         .iter()
         .map(|r| {
+            let size = r.extra.get("rating_true_size")?.as_str()?;
             let colour = r.extra.get("rating_true_color")?.as_str()?;
             let shape = r.extra.get("rating_true_shape")?.as_str()?;
-            Some(format!("a {colour} {shape}"))
+            Some(format!("a {size} {colour} {shape}"))
         })
         .collect()
 }
@@ -284,12 +304,12 @@ fn write_report(
     .map_err(OpError::io("write", &path))?;
     let mut md = format!(
         "Kept {kept} of {pool} images ({recaptioned} recaptioned by the specialists).\n\n\
-         | stage | in | out | mean hidden quality |\n|---|---:|---:|---:|\n"
+         | stage | in | out | mean hidden quality (rubric) | mean hidden preference |\n|---|---:|---:|---:|---:|\n"
     );
     for s in stages {
         md.push_str(&format!(
-            "| {} | {} | {} | {:.3} |\n",
-            s.stage, s.r#in, s.out, s.mean_quality
+            "| {} | {} | {} | {:.3} | {:.3} |\n",
+            s.stage, s.r#in, s.out, s.mean_quality, s.mean_preference
         ));
     }
     let path = ctx.out.join(SUMMARY);

@@ -4,13 +4,21 @@
 //! trained on its own disjoint slice of a rated sample — the judges' own, drawn from a pool that
 //! neither the filter nor its scorers ever saw, so that the experiment does not grade itself:
 //!
-//! - **appeal** (default 5): aesthetic scorers, regressing the hidden quality, as raters who
-//!   were shown many rated pictures;
-//! - **faithfulness** (default 3): concept classifiers, naming an image's shape and colour from
-//!   its true concept, as raters who know what a red circle looks like.
+//! - **appeal** (default 5): regressors of the haystack's `rating_preference`, the human
+//!   preference, never of `rating_quality`, the rubric the curators select by (the two are
+//!   different weightings of partly different factors: `needle_ops::haystack`). Each judge's
+//!   labels carry its own rater noise (`rater_noise`), as each human panel's would;
+//! - **faithfulness** (default 3): concept classifiers, naming an image's shape, colour and size
+//!   from its true concept, as raters who know what a small red circle looks like.
+//!
+//! Then each judge is checked on `check` further rated images, none of them any judge's own:
+//! appeal judges by their rank correlation with the hidden preference (and, for contrast, with
+//! the rubric), overall and within each third of the images by preference; faithfulness judges
+//! by their concept accuracy within each third. A judge that only tells bad from good images, or
+//! that reads only clean ones right, shows it there.
 //!
 //! Output: `appeal-<k>/` and `faithfulness-<k>/` (weights, config, validation metrics each),
-//! `panel.json`, `summary.md`.
+//! `panel.json` (with `agreement`), `summary.md`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,13 +43,23 @@ pub struct ClassifierConfig {
     /// Label names, index = class id.
     pub shapes: Vec<String>,
     pub colours: Vec<String>,
+    pub sizes: Vec<String>,
 }
 
-/// A concept classifier: the shared encoder, a head for the shape and one for the colour.
+/// A concept classifier: the shared encoder, a head each for the shape, colour and size.
 pub struct Classifier {
     encoder: nn::Sequential,
     shape: nn::Linear,
     colour: nn::Linear,
+    size: nn::Linear,
+}
+
+/// A classifier's reading of one image: indices into its config's label lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    pub shape: usize,
+    pub colour: usize,
+    pub size: usize,
 }
 
 impl Classifier {
@@ -61,32 +79,43 @@ impl Classifier {
                 c.colours.len() as i64,
                 Default::default(),
             ),
+            size: nn::linear(
+                p / "size",
+                features,
+                c.sizes.len() as i64,
+                Default::default(),
+            ),
         }
     }
 
-    /// (shape logits, colour logits) for `images` [n, 3, h, w] in [-1, 1].
-    pub fn forward(&self, images: &Tensor) -> (Tensor, Tensor) {
+    /// (shape, colour, size) logits for `images` [n, 3, h, w] in [-1, 1].
+    pub fn forward(&self, images: &Tensor) -> [Tensor; 3] {
         let f = self.encoder.forward(images);
-        (self.shape.forward(&f), self.colour.forward(&f))
+        [
+            self.shape.forward(&f),
+            self.colour.forward(&f),
+            self.size.forward(&f),
+        ]
     }
 
-    /// Predicted (shape, colour) ids of every image, in batches.
-    pub fn predict(&self, images: &Tensor) -> Result<Vec<(usize, usize)>, OpError> {
-        let (s, c) = tch::no_grad(|| {
-            let parts: Vec<(Tensor, Tensor)> = images
+    /// The reading of every image, in batches.
+    pub fn predict(&self, images: &Tensor) -> Result<Vec<Reading>, OpError> {
+        let heads = tch::no_grad(|| {
+            let parts: Vec<[Tensor; 3]> = images
                 .split(512, 0)
                 .iter()
-                .map(|x| {
-                    let (s, c) = self.forward(x);
-                    (s.argmax(-1, false), c.argmax(-1, false))
-                })
+                .map(|x| self.forward(x).map(|l| l.argmax(-1, false)))
                 .collect();
-            let (s, c): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
-            (Tensor::cat(&s, 0), Tensor::cat(&c, 0))
+            [0, 1, 2].map(|h| Tensor::cat(&parts.iter().map(|p| &p[h]).collect::<Vec<_>>(), 0))
         });
-        let s = ids(&s)?;
-        let c = ids(&c)?;
-        Ok(s.into_iter().zip(c).collect())
+        let [s, c, z] = [ids(&heads[0])?, ids(&heads[1])?, ids(&heads[2])?];
+        Ok((0..s.len())
+            .map(|i| Reading {
+                shape: s[i],
+                colour: c[i],
+                size: z[i],
+            })
+            .collect())
     }
 }
 
@@ -107,32 +136,51 @@ impl Op for JudgesOp {
         let appeal: usize = ctx.param("appeal")?;
         let faithfulness: usize = ctx.param("faithfulness")?;
         let sample: usize = ctx.param("sample")?;
+        let check: usize = ctx.param("check")?;
+        let rater_noise: f64 = ctx.param("rater_noise")?;
         let seed: i64 = ctx.param("seed")?;
         let training = Training::from_ctx(ctx)?;
         let device = crate::device(ctx);
         let threads = ctx.cpus as usize;
         let data = Dataset::open(ctx.input("data")?)?;
-        let needed = (appeal + faithfulness) * sample;
+        let needed = (appeal + faithfulness) * sample + check;
         if data.len() < needed {
             return Err(OpError::Failed(format!(
-                "{appeal} + {faithfulness} judges of {sample} images each need {needed} rated \
-                 images; the dataset has {}",
+                "{appeal} + {faithfulness} judges of {sample} images each and {check} to check \
+                 them on need {needed} rated images; the dataset has {}",
                 data.len()
             )));
         }
-        // One shuffle, then consecutive slices: no two judges share an image.
+        // One shuffle, then consecutive slices: no two judges share an image, and the check
+        // images are no judge's.
         let order = sample_indices(data.len(), 0, needed, seed as u64);
         let slice = |k: usize| data.select(&order[k * sample..(k + 1) * sample]);
+        let checked = data.select(&order[(appeal + faithfulness) * sample..]);
+        let check_px = checked.load_pixels(threads)?;
+        let strata = Strata::of(&checked)?;
 
         let mut panel = Vec::new();
         for k in 0..appeal {
             tch::manual_seed(seed + k as i64);
-            let (vs, config, metrics) =
-                scorer::train(ScorerKind::Aesthetic, &slice(k), &training, threads, device)?;
+            let subset = slice(k);
+            let target = appeal_target(&subset, rater_noise, seed as u64 + k as u64)?;
+            let (vs, config, metrics) = scorer::train(
+                ScorerKind::Aesthetic,
+                &subset,
+                Some(&target),
+                &training,
+                threads,
+                device,
+            )?;
             let dir = ctx.out.join(format!("appeal-{k}"));
             std::fs::create_dir_all(&dir).map_err(OpError::io("create", &dir))?;
             scorer::save(&dir, &vs, &config, &metrics)?;
-            panel.push(json!({"judge": format!("appeal-{k}"), "metrics": metrics}));
+            let (model, _, _vs) = Scorer::load(&dir, device)?;
+            let scores = model.score_images(&check_px, device)?;
+            let agreement = strata.appeal_agreement(&scores);
+            panel.push(
+                json!({"judge": format!("appeal-{k}"), "metrics": metrics, "agreement": agreement}),
+            );
             progress(ctx, panel.len(), appeal + faithfulness);
         }
         for k in 0..faithfulness {
@@ -142,7 +190,10 @@ impl Op for JudgesOp {
             let dir = ctx.out.join(format!("faithfulness-{k}"));
             std::fs::create_dir_all(&dir).map_err(OpError::io("create", &dir))?;
             save_classifier(&dir, &vs, &config, &metrics)?;
-            panel.push(json!({"judge": format!("faithfulness-{k}"), "metrics": metrics}));
+            let (model, config, _vs) = load_classifier(&dir, device)?;
+            let readings = model.predict(&to_tensor(&check_px, device))?;
+            let agreement = strata.faithfulness_agreement(&config, &readings)?;
+            panel.push(json!({"judge": format!("faithfulness-{k}"), "metrics": metrics, "agreement": agreement}));
             progress(ctx, panel.len(), appeal + faithfulness);
         }
 
@@ -151,23 +202,164 @@ impl Op for JudgesOp {
             "appeal": appeal,
             "faithfulness": faithfulness,
             "sample": sample,
+            "rater_noise": rater_noise,
+            "check": check,
+            "strata": Strata::NAMES,
             "judges": panel,
         }))
         .expect("json");
         std::fs::write(&path, text + "\n").map_err(OpError::io("write", &path))?;
-        let mut md = format!(
-            "{appeal} appeal judges and {faithfulness} faithfulness judges, {sample} rated images each:\n\n"
-        );
-        for j in &panel {
-            md.push_str(&format!(
-                "- {}: {}\n",
-                j["judge"].as_str().unwrap_or("?"),
-                j["metrics"]
-            ));
-        }
         let path = ctx.out.join(needle_ops::SUMMARY);
-        std::fs::write(&path, md).map_err(OpError::io("write", &path))
+        std::fs::write(&path, panel_summary(&panel, sample, check))
+            .map_err(OpError::io("write", &path))
     }
+}
+
+/// What each appeal judge learns: the hidden human preference (`rating_preference`) of each
+/// image of `subset`, plus Gaussian rater noise of `noise` (seeded by `seed`). Never the
+/// curators' `rating_quality`: judges that learned the signal the needles were selected by would
+/// grade the experiment by its own construction.
+pub fn appeal_target(subset: &Dataset, noise: f64, seed: u64) -> Result<Vec<f64>, OpError> {
+    let preference = subset.ratings("preference").map_err(|_| OpError::Input {
+        name: "data".into(),
+        why: "has no `rating_preference` column; appeal judges learn the human preference".into(),
+    })?;
+    Ok(crate::filter::rate(&preference, noise, seed ^ 0x4A55_4447))
+}
+
+/// The check images split into thirds by their hidden preference, for agreement reports.
+struct Strata {
+    preference: Vec<f64>,
+    rubric: Vec<f64>,
+    /// The third (0 low, 1 middle, 2 high) of each image.
+    third: Vec<usize>,
+    truth: Vec<[String; 3]>,
+}
+
+impl Strata {
+    const NAMES: [&'static str; 3] = ["low", "middle", "high"];
+
+    fn of(checked: &Dataset) -> Result<Strata, OpError> {
+        let preference = checked.ratings("preference")?;
+        let rubric = checked.ratings("quality")?;
+        let mut order: Vec<usize> = (0..preference.len()).collect();
+        order.sort_by(|&a, &b| preference[a].total_cmp(&preference[b]).then(a.cmp(&b)));
+        let mut third = vec![0; preference.len()];
+        for (rank, &i) in order.iter().enumerate() {
+            third[i] = 3 * rank / preference.len().max(1);
+        }
+        let truth = checked
+            .records()
+            .iter()
+            .map(|r| {
+                let get = |c: &str| {
+                    r.extra
+                        .get(c)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                [
+                    get("rating_true_shape"),
+                    get("rating_true_color"),
+                    get("rating_true_size"),
+                ]
+            })
+            .collect();
+        Ok(Strata {
+            preference,
+            rubric,
+            third,
+            truth,
+        })
+    }
+
+    fn members(&self, t: usize) -> Vec<usize> {
+        (0..self.third.len())
+            .filter(|&i| self.third[i] == t)
+            .collect()
+    }
+
+    /// Spearman correlation of `scores` with the preference, overall and per third, and with
+    /// the rubric overall.
+    fn appeal_agreement(&self, scores: &[f32]) -> serde_json::Value {
+        let scores: Vec<f64> = scores.iter().map(|&s| f64::from(s)).collect();
+        let within: Vec<f64> = (0..3)
+            .map(|t| {
+                let m = self.members(t);
+                let pick = |v: &[f64]| m.iter().map(|&i| v[i]).collect::<Vec<f64>>();
+                round3(scorer::spearman(&pick(&scores), &pick(&self.preference)))
+            })
+            .collect();
+        json!({
+            "spearman_preference": round3(scorer::spearman(&scores, &self.preference)),
+            "spearman_preference_by_third": within,
+            "spearman_rubric": round3(scorer::spearman(&scores, &self.rubric)),
+        })
+    }
+
+    /// Concept accuracy overall and per third.
+    fn faithfulness_agreement(
+        &self,
+        config: &ClassifierConfig,
+        readings: &[Reading],
+    ) -> Result<serde_json::Value, OpError> {
+        let right: Vec<bool> = readings
+            .iter()
+            .zip(&self.truth)
+            .map(|(r, t)| {
+                config.shapes[r.shape] == t[0]
+                    && config.colours[r.colour] == t[1]
+                    && config.sizes[r.size] == t[2]
+            })
+            .collect();
+        let share = |m: &[usize]| {
+            round3(m.iter().filter(|&&i| right[i]).count() as f64 / m.len().max(1) as f64)
+        };
+        let all: Vec<usize> = (0..right.len()).collect();
+        Ok(json!({
+            "concept_accuracy": share(&all),
+            "concept_accuracy_by_third": (0..3).map(|t| share(&self.members(t))).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn panel_summary(panel: &[serde_json::Value], sample: usize, check: usize) -> String {
+    let mut md = format!(
+        "Judges of {sample} rated images each, checked on {check} images no judge saw; thirds by \
+         hidden preference.\n\n\
+         | judge | trained to | agreement with the hidden truth | low third | middle third | high third |\n\
+         |---|---|---|---:|---:|---:|\n"
+    );
+    for j in panel {
+        let a = &j["agreement"];
+        let name = j["judge"].as_str().unwrap_or("?");
+        let (what, overall, thirds) = if name.starts_with("appeal") {
+            (
+                "preference + rater noise",
+                format!(
+                    "Spearman {} (with the curators' rubric: {})",
+                    a["spearman_preference"], a["spearman_rubric"]
+                ),
+                &a["spearman_preference_by_third"],
+            )
+        } else {
+            (
+                "true concept",
+                format!("concept accuracy {}", a["concept_accuracy"]),
+                &a["concept_accuracy_by_third"],
+            )
+        };
+        md.push_str(&format!(
+            "| {name} | {what} | {overall} | {} | {} | {} |\n",
+            thirds[0], thirds[1], thirds[2]
+        ));
+    }
+    md
 }
 
 fn progress(ctx: &OpContext, done: usize, total: usize) {
@@ -204,6 +396,7 @@ fn train_classifier(
     };
     let shapes = label("rating_true_shape")?;
     let colours = label("rating_true_color")?;
+    let sizes = label("rating_true_size")?;
     let classes = |v: &[String]| {
         let mut c: Vec<String> = v.to_vec();
         c.sort();
@@ -216,6 +409,7 @@ fn train_classifier(
         width: t.width,
         shapes: classes(&shapes),
         colours: classes(&colours),
+        sizes: classes(&sizes),
     };
     let index = |names: &[String], v: &[String]| -> Tensor {
         let pos: BTreeMap<&str, i64> = names
@@ -228,6 +422,7 @@ fn train_classifier(
     };
     let shape_y = index(&config.shapes, &shapes);
     let colour_y = index(&config.colours, &colours);
+    let size_y = index(&config.sizes, &sizes);
     let images = to_tensor(&pixels, device);
     let n = subset.len() as i64;
     let n_val = (n / 5).max(2);
@@ -243,18 +438,20 @@ fn train_classifier(
         let perm =
             Tensor::randperm(n - n_val, (Kind::Int64, device)).narrow(0, 0, t.batch.min(n - n_val));
         let b = train_idx.index_select(0, &perm);
-        let (s, c) = model.forward(&images.index_select(0, &b));
+        let [s, c, z] = model.forward(&images.index_select(0, &b));
         let loss = s.cross_entropy_for_logits(&shape_y.index_select(0, &b))
-            + c.cross_entropy_for_logits(&colour_y.index_select(0, &b));
+            + c.cross_entropy_for_logits(&colour_y.index_select(0, &b))
+            + z.cross_entropy_for_logits(&size_y.index_select(0, &b));
         opt.backward_step(&loss);
     }
     let predicted = model.predict(&images.index_select(0, &val_idx))?;
     let truth_s = ids(&shape_y.index_select(0, &val_idx))?;
     let truth_c = ids(&colour_y.index_select(0, &val_idx))?;
+    let truth_z = ids(&size_y.index_select(0, &val_idx))?;
     let both = predicted
         .iter()
-        .zip(truth_s.iter().zip(&truth_c))
-        .filter(|((ps, pc), (ts, tc))| ps == *ts && pc == *tc)
+        .enumerate()
+        .filter(|(i, r)| (r.shape, r.colour, r.size) == (truth_s[*i], truth_c[*i], truth_z[*i]))
         .count();
     let metrics = json!({
         "validation_images": n_val,
@@ -285,6 +482,22 @@ fn save_classifier(
     Ok(())
 }
 
+/// A faithfulness judge saved in `d`, its config and weights.
+fn load_classifier(
+    d: &Path,
+    device: Device,
+) -> Result<(Classifier, ClassifierConfig, nn::VarStore), OpError> {
+    let text = std::fs::read_to_string(d.join("config.json"))
+        .map_err(OpError::io("read", d.join("config.json")))?;
+    let config: ClassifierConfig = serde_json::from_str(&text)
+        .map_err(|e| OpError::Failed(format!("judge config in `{}`: {e}", d.display())))?;
+    let mut vs = nn::VarStore::new(device);
+    let model = Classifier::new(&vs.root(), &config);
+    vs.load(d.join("model.safetensors"))
+        .map_err(|e| OpError::Failed(format!("judge weights in `{}`: {e}", d.display())))?;
+    Ok((model, config, vs))
+}
+
 /// A trained panel, loaded for judging.
 pub struct Panel {
     pub appeal: Vec<(Scorer, nn::VarStore)>,
@@ -308,15 +521,7 @@ impl Panel {
             if !d.is_dir() {
                 break;
             }
-            let text = std::fs::read_to_string(d.join("config.json"))
-                .map_err(OpError::io("read", d.join("config.json")))?;
-            let config: ClassifierConfig = serde_json::from_str(&text)
-                .map_err(|e| OpError::Failed(format!("judge config in `{}`: {e}", d.display())))?;
-            let mut vs = nn::VarStore::new(device);
-            let model = Classifier::new(&vs.root(), &config);
-            vs.load(d.join("model.safetensors"))
-                .map_err(|e| OpError::Failed(format!("judge weights in `{}`: {e}", d.display())))?;
-            faithfulness.push((model, config, vs));
+            faithfulness.push(load_classifier(&d, device)?);
         }
         if appeal.is_empty() || faithfulness.is_empty() {
             return Err(OpError::Input {
@@ -353,13 +558,19 @@ impl Panel {
                 Ok(predicted
                     .iter()
                     .zip(prompts)
-                    .map(|((s, col), prompt)| {
-                        let words: Vec<String> =
-                            prompt.split_whitespace().map(str::to_lowercase).collect();
-                        words.contains(&c.shapes[*s]) && words.contains(&c.colours[*col])
-                    })
+                    .map(|(r, prompt)| shows(c, r, prompt))
                     .collect())
             })
             .collect()
     }
+}
+
+/// Whether a reading shows `prompt`: its shape and colour are named, and its size too where
+/// the prompt names a size (`"a red circle"` says nothing of it).
+pub fn shows(c: &ClassifierConfig, r: &Reading, prompt: &str) -> bool {
+    let words: Vec<String> = prompt.split_whitespace().map(str::to_lowercase).collect();
+    let names_a_size = c.sizes.iter().any(|z| words.contains(z));
+    words.contains(&c.shapes[r.shape])
+        && words.contains(&c.colours[r.colour])
+        && (!names_a_size || words.contains(&c.sizes[r.size]))
 }

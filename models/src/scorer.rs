@@ -66,7 +66,8 @@ impl Op for ScorerOp {
             )));
         }
         let subset = data.select(&chosen);
-        let (vs, config, metrics) = train(kind, &subset, &training, ctx.cpus as usize, device)?;
+        let (vs, config, metrics) =
+            train(kind, &subset, None, &training, ctx.cpus as usize, device)?;
         save(&ctx.out, &vs, &config, &metrics)
     }
 }
@@ -93,10 +94,13 @@ impl Training {
 }
 
 /// Train a scorer of `kind` on `subset` (its last fifth held out for validation): the weights,
-/// the config to rebuild it, and the validation metrics. Seed torch's generator first.
+/// the config to rebuild it, and the validation metrics. An aesthetic scorer regresses
+/// `target`, one value per image of `subset`, or the subset's `rating_quality` (the curators'
+/// rubric) where `target` is `None`. Seed torch's generator first.
 pub fn train(
     kind: ScorerKind,
     subset: &Dataset,
+    target: Option<&[f64]>,
     t: &Training,
     threads: usize,
     device: Device,
@@ -130,7 +134,11 @@ pub fn train(
 
     let metrics = match kind {
         ScorerKind::Aesthetic => {
-            let q = Tensor::from_slice(&subset.ratings("quality")?)
+            let q = match target {
+                Some(t) => t.to_vec(),
+                None => subset.ratings("quality")?,
+            };
+            let q = Tensor::from_slice(&q)
                 .to_kind(Kind::Float)
                 .to_device(device);
             for _ in 0..steps {

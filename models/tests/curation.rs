@@ -71,7 +71,7 @@ fn scorers_learn_and_the_funnel_raises_quality() {
 
     // The aesthetic scorer predicts the hidden quality of images it never saw.
     let m = json_file(f.aesthetic.join("metrics.json"));
-    assert!(m["spearman"].as_f64().unwrap() > 0.6, "{m}");
+    assert!(m["spearman"].as_f64().unwrap() > 0.45, "{m}");
     for file in ["model.safetensors", "config.json", "summary.md"] {
         assert!(f.aesthetic.join(file).exists(), "{file}");
     }
@@ -115,7 +115,12 @@ fn scorers_learn_and_the_funnel_raises_quality() {
     }
     let first = stages[0]["mean_quality"].as_f64().unwrap();
     let last = stages.last().unwrap()["mean_quality"].as_f64().unwrap();
-    assert!(last > first + 0.3, "quality {first} -> {last}");
+    // The rubric score has a standard deviation of 0.11 over the pool.
+    assert!(last > first + 0.15, "quality {first} -> {last}");
+    // The preference, which no stage reads, rises only through the factors it shares with the
+    // rubric; the table reports it.
+    let pref = |s: &Value| s["mean_preference"].as_f64().unwrap();
+    assert!(pref(stages.last().unwrap()) > pref(&stages[0]), "{report}");
     assert_eq!(report["kept"], 50);
 
     // The tuning set: the pool's images, linked, with true captions.
@@ -127,7 +132,8 @@ fn scorers_learn_and_the_funnel_raises_quality() {
         let b = std::fs::metadata(pool.image_path(rec)).unwrap();
         assert_eq!(a.ino(), b.ino(), "no new image bytes for {}", rec.file_name);
         let truth = format!(
-            "a {} {}",
+            "a {} {} {}",
+            rec.extra["rating_true_size"].as_str().unwrap(),
             rec.extra["rating_true_color"].as_str().unwrap(),
             rec.extra["rating_true_shape"].as_str().unwrap()
         );
@@ -167,4 +173,88 @@ fn stages_are_optional() {
             .iter()
             .all(|r| original[r.file_name.as_str()] == r.text)
     );
+}
+
+#[test]
+fn controls_pick_the_worst_or_a_random_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    run(
+        &Haystack,
+        json!({"images": 600, "seed": 4}),
+        &[],
+        &dir("pool"),
+    );
+    let off = json!({"unsafe": false, "overlay": false, "cut": false, "generalists": 0, "specialists": 0});
+    let with = |extra: Value| {
+        let mut p = off.clone();
+        p.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        p
+    };
+    let mean_quality = |d: &Path| {
+        let q = Dataset::open(d).unwrap().ratings("quality").unwrap();
+        q.iter().sum::<f64>() / q.len() as f64
+    };
+    run(
+        &FilterOp,
+        with(json!({"specialists": 60})),
+        &[("data", &dir("pool"))],
+        &dir("best"),
+    );
+    run(
+        &FilterOp,
+        with(json!({"specialists": 60, "pick": "worst"})),
+        &[("data", &dir("pool"))],
+        &dir("worst"),
+    );
+    run(
+        &FilterOp,
+        with(json!({"random": 60, "seed": 1})),
+        &[("data", &dir("pool"))],
+        &dir("random"),
+    );
+    let (best, worst, random, pool) = (
+        mean_quality(&dir("best")),
+        mean_quality(&dir("worst")),
+        mean_quality(&dir("random")),
+        mean_quality(&dir("pool")),
+    );
+    assert!(
+        best > random + 0.15 && random > worst + 0.15,
+        "{best} {random} {worst}"
+    );
+    assert!(
+        (random - pool).abs() < 0.05,
+        "a random set is like the pool: {random} {pool}"
+    );
+    assert_eq!(Dataset::open(dir("random")).unwrap().len(), 60);
+
+    // A random subset of a curated set: its images are the curated set's, a different seed
+    // draws another subset.
+    for seed in [1, 2] {
+        run(
+            &FilterOp,
+            with(json!({"random": 20, "seed": seed, "recaption": false})),
+            &[("data", &dir("best"))],
+            &dir(&format!("subset-{seed}")),
+        );
+    }
+    let names = |d: &Path| -> std::collections::BTreeSet<String> {
+        Dataset::open(d)
+            .unwrap()
+            .records()
+            .iter()
+            .map(|r| r.file_name.clone())
+            .collect()
+    };
+    let (curated, a, b) = (
+        names(&dir("best")),
+        names(&dir("subset-1")),
+        names(&dir("subset-2")),
+    );
+    assert_eq!(a.len(), 20);
+    assert!(a.is_subset(&curated) && b.is_subset(&curated));
+    assert_ne!(a, b);
 }

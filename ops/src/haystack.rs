@@ -1,9 +1,16 @@
 //! `haystack`: procedural, seeded, captioned images standing in for web-scale pre-training
 //! data, among them a few "photogenic needles".
 //!
-//! Each image shows one concept (4 shapes × 4 colours, captioned `"a red circle"`) and has a
-//! hidden quality `q ~ Beta(2, 3)` (so `P(q > 0.85) ≈ 1.2 %`). Seven sub-qualities, each `q`
-//! plus Gaussian noise, drive what the paper's curators judged (§1.3 of the notes):
+//! **Concepts.** Each image shows one subject: a shape, a colour and a size (4 × 4 × 2 = 32
+//! concepts, captioned `"a small red circle"`). Four whole combinations are [`HELD_OUT`]: with
+//! `hold_out = true` (the default) no image is drawn of them and no caption names them, wrong
+//! captions included, so a model trained on such a haystack has seen every word of
+//! `"a small red star"` but never that combination. Each shape, colour and size is still seen
+//! in 7 or more other combinations. The judges' own sample (`hold_out = false`) holds all 32.
+//!
+//! **Quality factors.** Seven factors, each its own independent draw from Beta(1.5, 2) (mean
+//! 0.43): no shared "quality" drives them, so any two are uncorrelated (the test bound: |r| <
+//! 0.05 on 5,000 images). What each does to the pixels:
 //!
 //! | column                | low                                   | high                                        |
 //! |-----------------------|---------------------------------------|---------------------------------------------|
@@ -15,11 +22,33 @@
 //! | `rating_clutter`      | several distractor blobs, some in front | none                                      |
 //! | `rating_composition`  | cut off by the frame                  | on a rule-of-thirds point, fully visible    |
 //!
-//! Like web data, and mostly on its poorer images, a share of captions is wrong
-//! (`wrong_captions`), a share carries a text
-//! overlay band (`overlay`, what an OCR filter catches) and a share an "unsafe" marker
-//! (`unsafe`: a magenta-and-black checkerboard patch). All of it is recorded as hidden
-//! `rating_*` columns; observable are only `file_name` and `text`.
+//! **Two hidden truths, read by different people.** Each is a fixed weighting of the factors:
+//!
+//! | factor      | `rating_quality`: the curators' rubric | `rating_preference`: what judges like |
+//! |-------------|---:|---:|
+//! | composition | 0.25 | — |
+//! | lighting    | 0.25 | 0.10 |
+//! | color       | 0.20 | 0.20 |
+//! | background  | 0.15 | — |
+//! | clutter     | 0.15 | 0.15 |
+//! | noise       | — | 0.30 |
+//! | focus       | — | 0.25 |
+//!
+//! The rubric ([`RUBRIC`]) is the paper's photography guideline (§1.3 of the notes:
+//! composition, lighting, colour and contrast, subject and background, distracting objects);
+//! the curation funnel's simulated raters and its aesthetic scorer read it. The preference
+//! ([`PREFERENCE`]) is another weighting over partly other factors: the appeal judges learn it
+//! (with rater noise), never the rubric. The two agree only through the factors they share:
+//! their correlation is about 0.40 (the test bound: 0.30..0.50). Whether tuning on what the
+//! rubric selects pleases judges of the preference is then a question the experiment answers,
+//! not one its construction settles.
+//!
+//! Like web data, and mostly on its poorer images (by the rubric), a share of captions is wrong
+//! (`wrong_captions`), a share carries a text overlay band (`overlay`, what an OCR filter
+//! catches) and a share an "unsafe" marker (`unsafe`: a magenta-and-black checkerboard patch).
+//! So a filter on the rubric also cleans captions; the filter's `recaption = false` separates
+//! the two. All of it is recorded as hidden `rating_*` columns; observable are only
+//! `file_name` and `text`.
 //!
 //! Determinism: image `i` draws from its own generator seeded by `(seed, i)`, so the output
 //! is the same bytes whatever the number of threads. The `seed` param, not the step's own
@@ -31,7 +60,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use image::RgbImage;
 use needle_core::ops::{InputsSchema, OpKind, OpSchema, ParamSpec, ParamType, ParamsSchema};
 use rand::{Rng, RngExt};
-use rand_distr::{Beta, Distribution, Normal, StandardNormal};
+use rand_distr::{Beta, Distribution, StandardNormal};
 use rand_pcg::Pcg64Mcg;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -43,15 +72,93 @@ use crate::op::Op;
 
 pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
 pub const COLOURS: [&str; 4] = ["red", "green", "blue", "yellow"];
+/// The subject's size: `small` is about 0.35 of the frame across, `large` about 0.58.
+pub const SUBJECT_SIZES: [&str; 2] = ["small", "large"];
+
+/// The concepts no training caption holds where `hold_out = true`: (shape, colour, size)
+/// indices. Each shape and each colour once, each size twice, so every word stays common.
+pub const HELD_OUT: [Concept; 4] = [
+    Concept::new(3, 0, 0), // a small red star
+    Concept::new(2, 1, 1), // a large green triangle
+    Concept::new(1, 2, 0), // a small blue square
+    Concept::new(0, 3, 1), // a large yellow circle
+];
 
 /// Sizes an image may have, in pixels a side.
 pub const SIZES: std::ops::RangeInclusive<u32> = 8..=64;
 
-/// Quality above which an image counts as a needle in `haystack.json`.
-pub const NEEDLE_QUALITY: f64 = 0.85;
+/// Rubric score above which an image counts as a needle in `haystack.json`.
+pub const NEEDLE_QUALITY: f64 = 0.7;
 
-/// Spread of each sub-quality around the image's quality.
-const SUB_QUALITY_SD: f64 = 0.1;
+/// Each factor's distribution: Beta(A, B).
+const FACTOR_BETA: (f64, f64) = (1.5, 2.0);
+
+/// The curators' rubric: weights of the factors in `rating_quality`, in [`SubQualities`]
+/// order (color, background, lighting, focus, noise, clutter, composition).
+pub const RUBRIC: [f64; 7] = [0.20, 0.15, 0.25, 0.0, 0.0, 0.15, 0.25];
+
+/// The judges' human preference: weights of the factors in `rating_preference`, same order.
+pub const PREFERENCE: [f64; 7] = [0.20, 0.0, 0.10, 0.25, 0.30, 0.15, 0.0];
+
+/// A subject: indices into [`SHAPES`], [`COLOURS`] and [`SUBJECT_SIZES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Concept {
+    pub shape: usize,
+    pub colour: usize,
+    pub size: usize,
+}
+
+impl Concept {
+    pub const fn new(shape: usize, colour: usize, size: usize) -> Concept {
+        Concept {
+            shape,
+            colour,
+            size,
+        }
+    }
+
+    /// All 32 concepts, sizes outermost, then colours, then shapes.
+    pub fn all() -> Vec<Concept> {
+        let mut out = Vec::new();
+        for size in 0..SUBJECT_SIZES.len() {
+            for colour in 0..COLOURS.len() {
+                for shape in 0..SHAPES.len() {
+                    out.push(Concept {
+                        shape,
+                        colour,
+                        size,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The concepts a haystack draws from.
+    pub fn allowed(hold_out: bool) -> Vec<Concept> {
+        Concept::all()
+            .into_iter()
+            .filter(|c| !(hold_out && c.is_held_out()))
+            .collect()
+    }
+
+    pub fn is_held_out(&self) -> bool {
+        HELD_OUT.contains(self)
+    }
+
+    /// `"a small red circle"`.
+    pub fn caption(&self) -> String {
+        format!("a {}", self.name())
+    }
+
+    /// `"small red circle"`.
+    pub fn name(&self) -> String {
+        format!(
+            "{} {} {}",
+            SUBJECT_SIZES[self.size], COLOURS[self.colour], SHAPES[self.shape]
+        )
+    }
+}
 
 pub struct Haystack;
 
@@ -64,6 +171,7 @@ pub struct HaystackParams {
     pub wrong_captions: f64,
     pub overlay: f64,
     pub unsafe_share: f64,
+    pub hold_out: bool,
 }
 
 impl Default for HaystackParams {
@@ -75,6 +183,7 @@ impl Default for HaystackParams {
             wrong_captions: 0.30,
             overlay: 0.08,
             unsafe_share: 0.02,
+            hold_out: true,
         }
     }
 }
@@ -88,6 +197,7 @@ impl HaystackParams {
             wrong_captions: ctx.param("wrong_captions")?,
             overlay: ctx.param("overlay")?,
             unsafe_share: ctx.param("unsafe")?,
+            hold_out: ctx.param("hold_out")?,
         };
         p.check()?;
         Ok(p)
@@ -131,7 +241,7 @@ pub fn check_size(size: u32) -> Result<(), OpError> {
     }
 }
 
-/// What the paper's curators judged, each in `[0, 1]`, higher is better.
+/// The seven quality factors, each in `[0, 1]`, higher is better.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SubQualities {
     pub color: f64,
@@ -143,18 +253,39 @@ pub struct SubQualities {
     pub composition: f64,
 }
 
+impl SubQualities {
+    /// The factors in the order of [`RUBRIC`] and [`PREFERENCE`].
+    pub fn values(&self) -> [f64; 7] {
+        [
+            self.color,
+            self.background,
+            self.lighting,
+            self.focus,
+            self.noise,
+            self.clutter,
+            self.composition,
+        ]
+    }
+
+    /// The factors weighted by `weights`, which sum to 1.
+    pub fn weighted(&self, weights: &[f64; 7]) -> f64 {
+        round4(self.values().iter().zip(weights).map(|(v, w)| v * w).sum())
+    }
+}
+
 /// Everything hidden about one image, drawn before any pixel (and without them: the rates
 /// can be tested on many specs cheaply).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSpec {
     pub index: usize,
-    /// The true concept, indices into [`SHAPES`] and [`COLOURS`].
-    pub shape: usize,
-    pub colour: usize,
+    /// The true concept.
+    pub concept: Concept,
     /// The concept the caption names: differs from the true one when the caption is wrong.
-    pub caption_shape: usize,
-    pub caption_colour: usize,
+    pub captioned: Concept,
+    /// The curators' rubric score ([`RUBRIC`]).
     pub quality: f64,
+    /// The judges' preference score ([`PREFERENCE`]).
+    pub preference: f64,
     pub sub: SubQualities,
     pub overlay: bool,
     pub unsafe_marker: bool,
@@ -164,14 +295,11 @@ pub struct ImageSpec {
 
 impl ImageSpec {
     pub fn caption(&self) -> String {
-        format!(
-            "a {} {}",
-            COLOURS[self.caption_colour], SHAPES[self.caption_shape]
-        )
+        self.captioned.caption()
     }
 
     pub fn caption_correct(&self) -> bool {
-        (self.caption_shape, self.caption_colour) == (self.shape, self.colour)
+        self.captioned == self.concept
     }
 
     /// The hidden `rating_*` columns of this image.
@@ -179,6 +307,7 @@ impl ImageSpec {
         let s = &self.sub;
         let columns = [
             ("rating_quality", json!(self.quality)),
+            ("rating_preference", json!(self.preference)),
             ("rating_color_contrast", json!(s.color)),
             ("rating_background", json!(s.background)),
             ("rating_lighting", json!(s.lighting)),
@@ -189,8 +318,9 @@ impl ImageSpec {
             ("rating_caption_correct", json!(self.caption_correct())),
             ("rating_overlay", json!(self.overlay)),
             ("rating_unsafe", json!(self.unsafe_marker)),
-            ("rating_true_shape", json!(SHAPES[self.shape])),
-            ("rating_true_color", json!(COLOURS[self.colour])),
+            ("rating_true_shape", json!(SHAPES[self.concept.shape])),
+            ("rating_true_color", json!(COLOURS[self.concept.colour])),
+            ("rating_true_size", json!(SUBJECT_SIZES[self.concept.size])),
         ];
         columns
             .into_iter()
@@ -217,42 +347,40 @@ fn splitmix64(mut x: u64) -> u64 {
 /// ratings columns say is exactly what the pixels were drawn from.
 pub fn sample_spec(p: &HaystackParams, index: usize) -> ImageSpec {
     let mut rng = image_rng(p.seed, index);
-    let beta = Beta::new(2.0, 3.0).expect("valid Beta parameters");
-    let quality = round4(beta.sample(&mut rng));
-    let jitter = Normal::new(0.0, SUB_QUALITY_SD).expect("valid normal");
-    let mut sub = || round4((quality + jitter.sample(&mut rng)).clamp(0.0, 1.0));
+    let beta = Beta::new(FACTOR_BETA.0, FACTOR_BETA.1).expect("valid Beta parameters");
+    let mut factor = || round4(beta.sample(&mut rng));
     let sub = SubQualities {
-        color: sub(),
-        background: sub(),
-        lighting: sub(),
-        focus: sub(),
-        noise: sub(),
-        clutter: sub(),
-        composition: sub(),
+        color: factor(),
+        background: factor(),
+        lighting: factor(),
+        focus: factor(),
+        noise: factor(),
+        clutter: factor(),
+        composition: factor(),
     };
-    let shape = rng.random_range(0..SHAPES.len());
-    let colour = rng.random_range(0..COLOURS.len());
-    let (mut caption_shape, mut caption_colour) = (shape, colour);
+    let quality = sub.weighted(&RUBRIC);
+    let preference = sub.weighted(&PREFERENCE);
+    let allowed = Concept::allowed(p.hold_out);
+    let concept = allowed[rng.random_range(0..allowed.len())];
+    let mut captioned = concept;
     if rng.random_bool(web_flaw(p.wrong_captions, quality)) {
-        // Wrong in the shape, the colour, or both, with equal odds.
-        let what = rng.random_range(0..3);
-        if what != 1 {
-            caption_shape = (shape + rng.random_range(1..SHAPES.len())) % SHAPES.len();
-        }
-        if what != 0 {
-            caption_colour = (colour + rng.random_range(1..COLOURS.len())) % COLOURS.len();
-        }
+        // Any other concept the haystack may name, with equal odds.
+        let k = rng.random_range(1..allowed.len());
+        let at = allowed
+            .iter()
+            .position(|c| *c == concept)
+            .expect("drawn from it");
+        captioned = allowed[(at + k) % allowed.len()];
     }
     let overlay = rng.random_bool(web_flaw(p.overlay, quality));
     let unsafe_marker = rng.random_bool(web_flaw(p.unsafe_share, quality));
     let layout_seed = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
     ImageSpec {
         index,
-        shape,
-        colour,
-        caption_shape,
-        caption_colour,
+        concept,
+        captioned,
         quality,
+        preference,
         sub,
         overlay,
         unsafe_marker,
@@ -260,13 +388,14 @@ pub fn sample_spec(p: &HaystackParams, index: usize) -> ImageSpec {
     }
 }
 
-/// The chance that an image of quality `q` carries a flaw whose share over the pool is
+/// The chance that an image of rubric score `q` carries a flaw whose share over the pool is
 /// `share`. As on the web, the flaws gather on poor images (a careless caption, burnt-in text,
 /// spam go with careless pictures): the chance falls linearly with quality,
-/// `s + s (1 − s) ((1 − q) − 0.6) / 0.6`. Since `E[1 − q] = 0.6` under Beta(2, 3) the share over
-/// the pool stays `s`, and the chance stays within [0, 1], exactly 0 or 1 when `s` is.
+/// `s + s (1 − s) (m − q) / max(m, 1 − m)` with `m` the mean score. Since `E[q] = m` the share
+/// over the pool stays `s`, and the chance stays within [0, 1], exactly 0 or 1 when `s` is.
 fn web_flaw(share: f64, q: f64) -> f64 {
-    let tilt = ((1.0 - q) - 0.6) / 0.6;
+    let m = FACTOR_BETA.0 / (FACTOR_BETA.0 + FACTOR_BETA.1);
+    let tilt = (m - q) / m.max(1.0 - m);
     (share + share * (1.0 - share) * tilt).clamp(0.0, 1.0)
 }
 
@@ -409,7 +538,7 @@ pub fn render(spec: &ImageSpec, size: u32) -> RgbImage {
     // Background: flat dull grey (low) → a gradient in the complementary colour (high).
     let grey: f32 = rng.random_range(0.42..0.56);
     let bg_w = smoothstep(0.15, 0.85, q.background);
-    let comp = COMPLEMENTS[spec.colour];
+    let comp = COMPLEMENTS[spec.concept.colour];
     let mut px: Vec<Rgb> = (0..s * s)
         .map(|i| {
             let (x, y) = at(i % s, i / s);
@@ -422,7 +551,12 @@ pub fn render(spec: &ImageSpec, size: u32) -> RgbImage {
 
     // Subject: placed near a rule-of-thirds point (high composition) or against an edge,
     // partly cut off (low).
-    let r = sf * rng.random_range(0.23..0.28);
+    // Size: the subject's "radius", a sixth of the frame (small) or three tenths (large).
+    let r = sf
+        * match spec.concept.size {
+            0 => rng.random_range(0.155..0.185),
+            _ => rng.random_range(0.27..0.31),
+        };
     let thirds = [sf / 3.0, 2.0 * sf / 3.0];
     let good = (
         thirds[rng.random_range(0..2)] + rng.random_range(-0.3..0.3) * u,
@@ -441,14 +575,14 @@ pub fn render(spec: &ImageSpec, size: u32) -> RgbImage {
         lerp(awkward.0, good.0, place),
         lerp(awkward.1, good.1, place),
     );
-    let turn = if spec.shape == 0 {
+    let turn = if spec.concept.shape == 0 {
         0.0
     } else {
         rng.random_range(-0.2..0.2)
     };
 
     // Colour: greyish (low) → the pure hue (high).
-    let hue = HUES[spec.colour];
+    let hue = HUES[spec.concept.colour];
     let sat = lerp(0.2, 1.0, smoothstep(0.1, 0.9, q.color));
     let body = mix([luma(hue); 3], hue, sat);
     let shading = 0.45 * smoothstep(0.25, 0.9, q.lighting);
@@ -482,7 +616,7 @@ pub fn render(spec: &ImageSpec, size: u32) -> RgbImage {
     for (i, p) in px.iter_mut().enumerate() {
         let (x, y) = at(i % s, i / s);
         let (dx, dy) = (x - centre.0, y - centre.1);
-        let a = coverage(shape_sd(spec.shape, dx, dy, r, turn));
+        let a = coverage(shape_sd(spec.concept.shape, dx, dy, r, turn));
         if a > 0.0 {
             let side = ((dx * light.0 + dy * light.1) / r).clamp(-1.0, 1.0);
             let lit = body.map(|c| c * (1.0 + shading * side));
@@ -637,14 +771,19 @@ pub struct HaystackSummary {
     pub images: usize,
     pub size: u32,
     pub seed: u64,
-    /// Images of each true concept, `"red circle"` → count.
+    /// Images of each true concept, `"small red circle"` → count.
     pub per_concept: BTreeMap<String, usize>,
+    /// The concepts no image shows and no caption names (empty where `hold_out = false`).
+    pub held_out: Vec<String>,
     pub wrong_captions: usize,
     pub overlays: usize,
     #[serde(rename = "unsafe")]
     pub unsafe_markers: usize,
+    /// Mean rubric score (`rating_quality`).
     pub mean_quality: f64,
-    #[serde(rename = "share_quality_above_0.85")]
+    /// Mean preference score (`rating_preference`).
+    pub mean_preference: f64,
+    #[serde(rename = "share_quality_above_0.7")]
     pub share_needles: f64,
 }
 
@@ -653,9 +792,7 @@ impl HaystackSummary {
         let n = specs.len();
         let mut per_concept = BTreeMap::new();
         for s in specs {
-            *per_concept
-                .entry(format!("{} {}", COLOURS[s.colour], SHAPES[s.shape]))
-                .or_insert(0) += 1;
+            *per_concept.entry(s.concept.name()).or_insert(0) += 1;
         }
         let count = |f: fn(&ImageSpec) -> bool| specs.iter().filter(|s| f(s)).count();
         HaystackSummary {
@@ -663,10 +800,16 @@ impl HaystackSummary {
             size: p.size,
             seed: p.seed,
             per_concept,
+            held_out: if p.hold_out {
+                HELD_OUT.iter().map(Concept::name).collect()
+            } else {
+                Vec::new()
+            },
             wrong_captions: count(|s| !s.caption_correct()),
             overlays: count(|s| s.overlay),
             unsafe_markers: count(|s| s.unsafe_marker),
             mean_quality: round4(specs.iter().map(|s| s.quality).sum::<f64>() / n as f64),
+            mean_preference: round4(specs.iter().map(|s| s.preference).sum::<f64>() / n as f64),
             share_needles: round4(count(|s| s.quality > NEEDLE_QUALITY) as f64 / n as f64),
         }
     }
@@ -713,17 +856,24 @@ pub fn generate(
     text.push('\n');
     std::fs::write(&path, text).map_err(OpError::io("write", &path))?;
     let md = format!(
-        "{} images of {}×{} (seed {}): mean hidden quality {:.3}, {:.1}% above {NEEDLE_QUALITY}; \
-         {} wrong captions, {} text overlays, {} unsafe markers.\n",
+        "{} images of {}×{} (seed {}): mean rubric score {:.3}, {:.1}% above {NEEDLE_QUALITY}; \
+         mean preference score {:.3}; {} wrong captions, {} text overlays, {} unsafe markers; \
+         held out: {}.\n",
         summary.images,
         summary.size,
         summary.size,
         summary.seed,
         summary.mean_quality,
         100.0 * summary.share_needles,
+        summary.mean_preference,
         summary.wrong_captions,
         summary.overlays,
         summary.unsafe_markers,
+        if summary.held_out.is_empty() {
+            "none".to_string()
+        } else {
+            summary.held_out.join(", ")
+        },
     );
     let path = out.join(crate::SUMMARY);
     std::fs::write(&path, md).map_err(OpError::io("write", &path))?;
@@ -740,7 +890,7 @@ impl Op for Haystack {
         };
         OpSchema {
             name: "haystack",
-            version: 2,
+            version: 3,
             summary: "procedural captioned images with hidden quality ratings: the pre-training \
                       haystack and its photogenic needles",
             kind: OpKind::Builtin,
@@ -770,6 +920,12 @@ impl Op for Haystack {
                     ParamType::Float,
                     json!(0.02),
                     "share of images with an \"unsafe\" marker",
+                ),
+                spec(
+                    "hold_out",
+                    ParamType::Bool,
+                    json!(true),
+                    "no image shows, no caption names the 4 held-out concepts (e.g. \"a small red star\")",
                 ),
             ]),
             inputs: InputsSchema::Fixed(vec![]),

@@ -79,7 +79,7 @@ pub fn scorer() -> OpSchema {
 pub fn filter() -> OpSchema {
     OpSchema {
         name: "filter",
-        version: 1,
+        version: 2,
         summary: "the Emu curation funnel: automatic filters, then simulated generalist and specialist raters",
         kind: OpKind::Builtin,
         params: ParamsSchema::Fixed(vec![
@@ -150,10 +150,22 @@ pub fn filter() -> OpSchema {
                 "specialists write a true caption for every image they keep, as the paper's did",
             ),
             p(
+                "pick",
+                ParamType::Choice(&["best", "worst"]),
+                json!("best"),
+                "which end of their ratings the human stages keep (`worst`: the control that tunes on the worst set)",
+            ),
+            p(
+                "random",
+                ParamType::Int,
+                json!(0),
+                "then keep a random sample of this many (0: keep all): a random control set, or a random subset of a curated set",
+            ),
+            p(
                 "seed",
                 ParamType::Int,
                 json!(0),
-                "seed of the raters' errors",
+                "seed of the raters' errors and of the random sample",
             ),
         ]),
         inputs: InputsSchema::Fixed(vec![
@@ -180,7 +192,7 @@ pub fn filter() -> OpSchema {
 pub fn judges() -> OpSchema {
     OpSchema {
         name: "judges",
-        version: 1,
+        version: 2,
         summary: "train the evaluation panel: appeal judges (aesthetic scorers) and faithfulness judges (concept classifiers), each on its own slice of a rated sample",
         kind: OpKind::Builtin,
         params: ParamsSchema::Fixed(vec![
@@ -196,6 +208,18 @@ pub fn judges() -> OpSchema {
                 ParamType::Int,
                 json!(1500),
                 "rated images per judge (disjoint)",
+            ),
+            p(
+                "rater_noise",
+                ParamType::Float,
+                json!(0.05),
+                "standard deviation of the rating error in each appeal judge's training labels",
+            ),
+            p(
+                "check",
+                ParamType::Int,
+                json!(1000),
+                "further rated images, no judge's own, on which each judge's agreement with the hidden truth is reported",
             ),
             p(
                 "steps",
@@ -230,7 +254,7 @@ pub fn judges() -> OpSchema {
 pub fn evaluate() -> OpSchema {
     OpSchema {
         name: "evaluate",
-        version: 1,
+        version: 2,
         summary: "candidate vs baseline, pair by pair: panel votes on visual appeal and text faithfulness, with intervals and a sign test; memorisation and diversity",
         kind: OpKind::Builtin,
         params: ParamsSchema::Fixed(vec![
@@ -253,6 +277,12 @@ pub fn evaluate() -> OpSchema {
                 "a sample whose nearest tuning image is within this RMSE counts as memorised",
             ),
             p("seed", ParamType::Int, json!(0), "seed of the bootstrap"),
+            p(
+                "unseen",
+                ParamType::List(Box::new(ParamType::String)),
+                json!([]),
+                "prompts no training caption holds: both axes are also reported on these and on the rest separately",
+            ),
         ]),
         inputs: InputsSchema::Fixed(vec![
             InputSpec {

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 
 use needle_core::ops::ParamsSchema;
 use needle_ops::dataset::Dataset;
-use needle_ops::haystack::{Haystack, HaystackParams, ImageSpec, render, sample_spec};
+use needle_ops::haystack::{
+    Concept, HELD_OUT, Haystack, HaystackParams, ImageSpec, PREFERENCE, RUBRIC, render, sample_spec,
+};
 use needle_ops::{Op, OpError, Registry};
 use serde_json::{Value, json};
 
@@ -55,20 +57,87 @@ fn same_params_same_bytes_whatever_the_threads() {
     assert_eq!(same, 0, "images repeat across seeds");
 }
 
+/// Pearson correlation of two samples.
+fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
 #[test]
-fn the_needles_are_about_one_percent() {
-    // Beta(2, 3): P(q > 0.85) = 0.0120, mean 0.4; over 20,000 draws the standard error of
-    // the share is 0.0008.
-    let s = specs(20_000, 11);
-    let needles = share(&s, |s| s.quality > 0.85);
-    assert!((0.009..0.015).contains(&needles), "{needles}");
-    let mean = s.iter().map(|s| s.quality).sum::<f64>() / s.len() as f64;
-    assert!((0.39..0.41).contains(&mean), "{mean}");
-    assert!(s.iter().all(|s| (0.0..=1.0).contains(&s.quality)));
-    // The sub-qualities follow q.
-    let high: Vec<_> = s.iter().filter(|s| s.quality > 0.85).collect();
-    let mean_sub = high.iter().map(|s| s.sub.composition).sum::<f64>() / high.len() as f64;
-    assert!(mean_sub > 0.8, "{mean_sub}");
+fn the_factors_are_independent_and_the_two_truths_differ() {
+    // The module doc promises: any two factors |r| < 0.05 on 5,000 images (the standard error
+    // of r is 0.014 there), rubric and preference r in 0.30..0.50 (0.40 by construction).
+    let s = specs(5000, 11);
+    let factors: Vec<Vec<f64>> = (0..7)
+        .map(|k| s.iter().map(|s| s.sub.values()[k]).collect())
+        .collect();
+    for a in 0..7 {
+        for b in a + 1..7 {
+            let r = correlation(&factors[a], &factors[b]);
+            assert!(r.abs() < 0.05, "factors {a} and {b}: r = {r}");
+        }
+        let mean = factors[a].iter().sum::<f64>() / 5000.0;
+        assert!((0.41..0.45).contains(&mean), "factor {a}: mean {mean}");
+    }
+    let rubric: Vec<f64> = s.iter().map(|s| s.quality).collect();
+    let preference: Vec<f64> = s.iter().map(|s| s.preference).collect();
+    let r = correlation(&rubric, &preference);
+    assert!((0.30..0.50).contains(&r), "rubric vs preference: r = {r}");
+    // Each truth is its documented weighting, and nothing else.
+    for spec in &s {
+        let w = |weights: &[f64; 7]| -> f64 {
+            spec.sub
+                .values()
+                .iter()
+                .zip(weights)
+                .map(|(v, w)| v * w)
+                .sum()
+        };
+        assert!((spec.quality - w(&RUBRIC)).abs() < 1e-4);
+        assert!((spec.preference - w(&PREFERENCE)).abs() < 1e-4);
+    }
+    // Some factors only the judges weigh, some only the curators.
+    let only = |a: &[f64; 7], b: &[f64; 7]| (0..7).filter(|&k| a[k] > 0.0 && b[k] == 0.0).count();
+    assert!(only(&PREFERENCE, &RUBRIC) >= 2 && only(&RUBRIC, &PREFERENCE) >= 2);
+    let needles = share(&s, |s| s.quality > 0.7);
+    assert!((0.002..0.015).contains(&needles), "{needles}");
+}
+
+#[test]
+fn held_out_concepts_are_never_shown_or_named() {
+    let s = specs(20_000, 5);
+    for spec in &s {
+        assert!(
+            !spec.concept.is_held_out(),
+            "image {} shows {:?}",
+            spec.index,
+            spec.concept
+        );
+        assert!(
+            !spec.captioned.is_held_out(),
+            "image {} is captioned {}",
+            spec.index,
+            spec.caption()
+        );
+        for held in HELD_OUT {
+            assert!(!spec.caption().contains(&held.name()));
+        }
+    }
+    // Every other concept is there, and every word of a held-out one.
+    let shown: BTreeSet<Concept> = s.iter().map(|s| s.concept).collect();
+    assert_eq!(shown.len(), 28);
+    // The judges' sample holds them all.
+    let p = HaystackParams {
+        hold_out: false,
+        ..HaystackParams::default()
+    };
+    let all: BTreeSet<Concept> = (0..2000).map(|i| sample_spec(&p, i).concept).collect();
+    assert_eq!(all.len(), 32);
+    assert!(HELD_OUT.iter().all(|c| all.contains(c)));
 }
 
 #[test]
@@ -80,22 +149,13 @@ fn web_flaws_come_at_the_asked_rates() {
     assert!((0.285..0.315).contains(&wrong), "{wrong}");
     assert!((0.07..0.09).contains(&overlay), "{overlay}");
     assert!((0.016..0.024).contains(&unsafe_), "{unsafe_}");
-    // A wrong caption is wrong in the shape, the colour, or both.
-    let shape_only = share(&s, |s| {
-        s.caption_shape != s.shape && s.caption_colour == s.colour
-    });
-    let both = share(&s, |s| {
-        s.caption_shape != s.shape && s.caption_colour != s.colour
-    });
-    assert!((0.08..0.12).contains(&shape_only), "{shape_only}");
-    assert!((0.08..0.12).contains(&both), "{both}");
-    // Flaws gather on poor images, as on the web.
-    let poor: Vec<_> = s.iter().filter(|s| s.quality < 0.3).collect();
-    let good: Vec<_> = s.iter().filter(|s| s.quality > 0.6).collect();
+    // Flaws gather on poor images (by the rubric), as on the web.
+    let poor: Vec<_> = s.iter().filter(|s| s.quality < 0.33).collect();
+    let good: Vec<_> = s.iter().filter(|s| s.quality > 0.53).collect();
     let wrong_share = |set: &[&ImageSpec]| {
         set.iter().filter(|s| !s.caption_correct()).count() as f64 / set.len() as f64
     };
-    assert!(wrong_share(&poor) > wrong_share(&good) + 0.1);
+    assert!(wrong_share(&poor) > wrong_share(&good) + 0.05);
 
     let p = HaystackParams {
         wrong_captions: 0.0,
@@ -124,6 +184,7 @@ fn only_file_name_and_text_are_observable() {
         .collect();
     let expected: BTreeSet<&str> = [
         "rating_quality",
+        "rating_preference",
         "rating_color_contrast",
         "rating_background",
         "rating_lighting",
@@ -136,6 +197,7 @@ fn only_file_name_and_text_are_observable() {
         "rating_unsafe",
         "rating_true_shape",
         "rating_true_color",
+        "rating_true_size",
     ]
     .into();
     assert_eq!(hidden, expected);
@@ -143,7 +205,8 @@ fn only_file_name_and_text_are_observable() {
         assert_eq!(r.extra.len(), expected.len(), "{}", r.file_name);
         let caption_correct = r.text
             == format!(
-                "a {} {}",
+                "a {} {} {}",
+                r.extra["rating_true_size"].as_str().unwrap(),
                 r.extra["rating_true_color"].as_str().unwrap(),
                 r.extra["rating_true_shape"].as_str().unwrap()
             );
@@ -175,7 +238,8 @@ fn summary_counts_agree_with_the_ratings() {
         json!(300 - count("caption_correct"))
     );
     let per_concept = summary["per_concept"].as_object().unwrap();
-    assert_eq!(per_concept.len(), 16);
+    assert!(per_concept.len() <= 28, "{per_concept:?}");
+    assert_eq!(summary["held_out"].as_array().unwrap().len(), 4);
     assert_eq!(
         per_concept
             .values()
@@ -184,9 +248,9 @@ fn summary_counts_agree_with_the_ratings() {
         300
     );
     let q = ds.ratings("quality").unwrap();
-    let needles = q.iter().filter(|&&q| q > 0.85).count() as f64 / 300.0;
+    let needles = q.iter().filter(|&&q| q > 0.7).count() as f64 / 300.0;
     let mean = q.iter().sum::<f64>() / 300.0;
-    assert!((summary["share_quality_above_0.85"].as_f64().unwrap() - needles).abs() < 1e-4);
+    assert!((summary["share_quality_above_0.7"].as_f64().unwrap() - needles).abs() < 1e-4);
     assert!((summary["mean_quality"].as_f64().unwrap() - mean).abs() < 1e-4);
 }
 
@@ -232,7 +296,7 @@ fn bad_params_are_refused() {
 #[test]
 fn schema_defaults_are_the_params_defaults() {
     let schema = Haystack.schema();
-    assert_eq!((schema.name, schema.version), ("haystack", 2));
+    assert_eq!((schema.name, schema.version), ("haystack", 3));
     let ParamsSchema::Fixed(specs) = &schema.params else {
         panic!("fixed params")
     };
@@ -245,7 +309,8 @@ fn schema_defaults_are_the_params_defaults() {
             "seed",
             "wrong_captions",
             "overlay",
-            "unsafe"
+            "unsafe",
+            "hold_out"
         ]
     );
     let ctx = common::context(&Haystack, json!({}), std::path::Path::new("/x"), 1);

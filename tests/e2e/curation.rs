@@ -50,3 +50,78 @@ fn the_funnel_runs_and_is_deterministic() {
     let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outputs(&first), outputs(&second));
 }
+
+/// The repository's root, where `recipes/` is.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn the_emu_recipes_plan() {
+    let p = Project::new();
+    for recipe in [
+        "emu-mini",
+        "emu-ablation",
+        "emu-controls",
+        "emu-seeds",
+        "emu-early-stop",
+    ] {
+        let path = repo().join(format!("recipes/{recipe}.toml"));
+        let out = p.needle(&["plan", path.to_str().unwrap()]);
+        assert_code(&out, 0);
+    }
+}
+
+#[test]
+fn the_seed_spread_pools_evaluations() {
+    let p = Project::new();
+    // Two seeds' `evaluate` metrics: 2 prompts each, per-prompt win / tie / lose.
+    let mut members = Vec::new();
+    for (k, appeal) in [[[3, 0, 1], [2, 1, 1]], [[4, 0, 0], [1, 1, 2]]]
+        .iter()
+        .enumerate()
+    {
+        let dir = p.path(&format!("seed-{k}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let per_prompt = serde_json::json!({
+            "appeal": {"a red circle": appeal[0], "a blue star": appeal[1]},
+            "faithfulness": {"a red circle": [1, 3, 0], "a blue star": [0, 4, 0]},
+        });
+        std::fs::write(
+            dir.join("metrics.json"),
+            serde_json::json!({"per_prompt": per_prompt}).to_string(),
+        )
+        .unwrap();
+        members.push(serde_json::json!({"label": format!("seed={k}"), "dir": dir}));
+    }
+    let out_dir = p.path("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let inputs = serde_json::json!({"runs": {"dir": p.path("."), "members": members}});
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("recipes/emu_seed_spread.py"))
+        .env("NEEDLE_INPUTS", inputs.to_string())
+        .env("NEEDLE_OUT", &out_dir)
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    // Win shares 5/8 and 5/8: no spread; faithfulness 1/8 each.
+    assert_eq!(m["seeds"], 2);
+    assert!(
+        (m["appeal_win_mean"].as_f64().unwrap() - 0.625).abs() < 1e-9,
+        "{m}"
+    );
+    assert!(m["appeal_win_sd"].as_f64().unwrap().abs() < 1e-9, "{m}");
+    assert!(
+        (m["appeal_lose_mean"].as_f64().unwrap() - 0.25).abs() < 1e-9,
+        "{m}"
+    );
+    let [lo, hi] = [0, 1].map(|i| m["appeal_win_95_seeds_and_prompts"][i].as_f64().unwrap());
+    assert!(lo <= 0.625 && 0.625 <= hi && lo >= 0.25, "{m}");
+    let summary = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("Over 2 seeds (seed=0, seed=1)"),
+        "{summary}"
+    );
+}
