@@ -167,6 +167,19 @@ fn two_runs_share_one_pool_and_their_common_step_executes_once() {
     assert_eq!(b["executed"], 4, "{b}");
     assert_eq!(b["run"], 2, "{b}");
     assert_eq!(b["shared"], serde_json::json!({ "1": 1 }), "{b}");
+    // Each run's report says what it shared; the first run's shared nothing of the second's.
+    for (run, shared) in [("2", true), ("1", false)] {
+        let html = p.path(&format!("report-{run}.html"));
+        assert_code(&p.needle(&["report", run, "-o", html.to_str().unwrap()]), 0);
+        let text = std::fs::read_to_string(&html).unwrap();
+        assert_eq!(
+            text.contains(
+                "shared with run 1, which executed them while this run ran: <code>common</code>"
+            ),
+            shared,
+            "report of run {run}"
+        );
+    }
     assert!(
         check_trace(&p, &["0", "1"], 3.0) >= 2,
         "steps of both ran side by side"

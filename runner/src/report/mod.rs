@@ -67,6 +67,7 @@ fn read_file(
 pub fn build(store: &dyn StoreRead, run: &RunRecord) -> Result<String, CliError> {
     let mut body = String::new();
     header(run, &mut body);
+    shared(store, run, &mut body)?;
     let usage = store.gpu_usage(run.id)?;
     let live = store.is_live(run.id);
     timeline(run, usage.as_ref(), live, &mut body);
@@ -117,6 +118,40 @@ fn header(run: &RunRecord, out: &mut String) {
             .collect();
         let _ = write!(out, "<p>--set {}</p>", esc(&sets.join(" ")));
     }
+}
+
+/// Steps another run executed while this one ran (a run that joined a runner, or that a run
+/// joined): this run waited for them and took their outputs. Told from the step records: an
+/// execution by another run that ended after this run started.
+fn shared(store: &dyn StoreRead, run: &RunRecord, out: &mut String) -> Result<(), CliError> {
+    let mut by_run: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for s in &run.steps {
+        let (StepStatus::Cached { output }, Some(key)) = (&s.status, s.key) else {
+            continue;
+        };
+        let Some(record) = store.step(&key)? else {
+            continue;
+        };
+        if let Some(e) = record
+            .executions
+            .iter()
+            .find(|e| e.run != run.id && e.output == *output && e.ended >= run.started)
+        {
+            by_run.entry(e.run).or_default().push(label(s));
+        }
+    }
+    for (other, steps) in by_run {
+        let names: Vec<String> = steps
+            .iter()
+            .map(|s| format!("<code>{}</code>", esc(s)))
+            .collect();
+        let _ = write!(
+            out,
+            "<p class=\"shared\">shared with run {other}, which executed them while this run ran: {}</p>",
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn timeline(run: &RunRecord, usage: Option<&GpuUsage>, live: bool, out: &mut String) {
