@@ -215,12 +215,14 @@ fn ctrl_c_cancels_the_submitted_jobs() {
     }
 }
 
-#[test]
-fn a_job_lost_outside_needle_is_a_failed_attempt_that_retries() {
-    let Some(_cluster) = shared_cluster() else {
-        return;
-    };
-    let p = Project::new();
+/// A step that may retry once, whose first Slurm job `end` ends from outside while it runs: the
+/// run still succeeds, its first attempt lost for a reason holding `reason(job)`.
+fn a_lost_first_job_is_retried(
+    p: &Project,
+    run: &[&str],
+    end: impl FnOnce(&str),
+    reason: impl FnOnce(&str) -> String,
+) {
     p.write(
         "recipe.toml",
         r#"
@@ -234,7 +236,7 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \
 "#,
     );
     let child = p
-        .background(&with_slurm(&["run", "recipe.toml", "--json"]))
+        .background(run)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -242,15 +244,8 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \
     wait_for("the first job", Duration::from_secs(60), || {
         p.lines("jobs").len() == 1
     });
-    // An administrator (or a node failure, or preemption) ends the job.
     let first = p.lines("jobs")[0].clone();
-    assert!(
-        Command::new("scancel")
-            .arg(&first)
-            .status()
-            .unwrap()
-            .success()
-    );
+    end(&first);
     let out = child.wait_with_output().unwrap();
     assert_code(&out, 0);
     let status = p.json(&["status", "last"], 0);
@@ -264,10 +259,28 @@ cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \
         attempts[0]["result"]["reason"]
             .as_str()
             .unwrap()
-            .contains(&format!("job {first} was cancelled outside needle")),
+            .contains(&reason(&first)),
         "{status}"
     );
     assert_eq!(attempts[1]["result"]["result"], "success");
+}
+
+#[test]
+fn a_job_lost_outside_needle_is_a_failed_attempt_that_retries() {
+    let Some(_cluster) = shared_cluster() else {
+        return;
+    };
+    let p = Project::new();
+    // An administrator (or a node failure, or preemption) ends the job.
+    let scancel = |job: &str| {
+        assert!(Command::new("scancel").arg(job).status().unwrap().success());
+    };
+    a_lost_first_job_is_retried(
+        &p,
+        &with_slurm(&["run", "recipe.toml", "--json"]),
+        scancel,
+        |job| format!("job {job} was cancelled outside needle"),
+    );
 }
 
 /// Preemption with requeue and a failed node both make Slurm start a job again: the command
@@ -375,11 +388,16 @@ impl Drop for NodeDown {
         let _ = Command::new("scontrol")
             .args(["update", &format!("nodename={}", self.0), "state=resume"])
             .status();
+        // Up and answering (`idle*` would be a node that does not respond yet), so that the
+        // next test's job does not start on a node still coming back.
         wait_for("the node back up", Duration::from_secs(60), || {
             Command::new("sinfo")
                 .args(["-h", "-o", "%T"])
                 .output()
-                .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("down"))
+                .is_ok_and(|o| {
+                    let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    ["idle", "mixed", "allocated"].contains(&state.as_str())
+                })
         });
     }
 }
@@ -396,58 +414,17 @@ fn a_job_whose_node_fails_is_a_lost_attempt_that_retries() {
         "needle.toml",
         "[executor]\nkind = \"slurm\"\npoll = \"200ms\"\nsbatch_args = [\"--no-requeue\"]\n",
     );
-    p.write(
-        "recipe.toml",
-        r#"
-[recipe]
-name = "slurm-node-fail"
-
-[steps.flaky]
-op = "exec"
-retries = 1
-cmd = ["sh", "-c", "echo $SLURM_JOB_ID >> \"$NEEDLE_RECIPE_DIR/jobs\"; if [ -e \"$NEEDLE_RECIPE_DIR/again\" ]; then echo ok > \"$NEEDLE_OUT/v\"; else touch \"$NEEDLE_RECIPE_DIR/again\"; sleep 120; fi"]
-"#,
-    );
-    let child = p
-        .background(&["run", "recipe.toml", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the first job", Duration::from_secs(60), || {
-        p.lines("jobs").len() == 1
-    });
-    let first = p.lines("jobs")[0].clone();
-    {
+    let node_fails = |job: &str| {
         let _down = NodeDown::now();
         wait_for(
             "the job to fail with its node",
             Duration::from_secs(60),
-            || {
-                job_states(std::slice::from_ref(&first))
-                    .get(&first)
-                    .map(String::as_str)
-                    == Some("NODE_FAIL")
-            },
+            || job_states(&[job.to_string()]).get(job).map(String::as_str) == Some("NODE_FAIL"),
         );
-    }
-    let out = child.wait_with_output().unwrap();
-    assert_code(&out, 0);
-    let status = p.json(&["status", "last"], 0);
-    let attempts = steps_named(&status, "flaky")[0]["attempts"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert_eq!(attempts.len(), 2, "{status}");
-    assert_eq!(attempts[0]["result"]["result"], "lost", "{status}");
-    assert!(
-        attempts[0]["result"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("Slurm job {first}: its node failed (NODE_FAIL)")),
-        "{status}"
-    );
-    assert_eq!(attempts[1]["result"]["result"], "success");
+    };
+    a_lost_first_job_is_retried(&p, &["run", "recipe.toml", "--json"], node_fails, |job| {
+        format!("Slurm job {job}: its node failed (NODE_FAIL)")
+    });
 }
 
 /// A job the controller has forgotten by the time needle looks (MinJobAge passed) is
