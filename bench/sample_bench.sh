@@ -7,7 +7,7 @@
 #                                           guidance 3, batch 256, demo U-Net; CPU, 2 threads
 #   bench/sample_bench.sh large             the U-Net of channels 64, blocks 2
 #   PRECISION=bf16 bench/sample_bench.sh    both under bfloat16 autocast
-#   IDLE_WAIT=1 THREADS=1 bench/sample_bench.sh   on a shared machine (see wait_idle below)
+#   IDLE_WAIT=1 THREADS=1 bench/sample_bench.sh   on a shared machine (see wait_idle in bench/torch_bench_common.sh)
 #   DEVICE=cuda bench/sample_bench.sh       on a GPU
 #
 # CHANNELS, MULT, BLOCKS shape the model (a one-step `pretrain`: the weights do not change the
@@ -38,22 +38,8 @@ WORK=$(mktemp -d "$OUT/sample.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 STORE=${STORE:-$WORK/store}
 
-if [[ -n ${NEEDLE_BIN:-} ]]; then
-  BIN=$(cd "$NEEDLE_BIN" && pwd)
-else
-  make -s build >&2
-  BIN=$ROOT/target/release
-fi
-if [[ -z ${PY:-} ]]; then
-  PY=python3
-  [[ -x $ROOT/.venv/bin/python ]] && PY=$ROOT/.venv/bin/python
-fi
-GPUS=0
-PY_CUDA=()
-if [[ $DEVICE == cuda ]]; then
-  GPUS=auto
-  PY_CUDA=(--cudnn-benchmark)
-fi
+# BIN, PY, GPUS, PY_CUDA and wait_idle.
+source "$ROOT/bench/torch_bench_common.sh"
 
 # The prompts bench/sample_bench.py uses: colour-major within each shape, the first PROMPTS.
 prompts=$("$PY" -c "
@@ -85,22 +71,6 @@ inputs = { model = "model" }
 params = { prompts = [$prompts], seeds = $SEEDS, steps = $STEPS, guidance = 3.0, batch = $BATCH, noise_seed = "\${round}", precision = "$PRECISION" }
 resources = { cpus = $THREADS, gpus = $([[ $DEVICE == cuda ]] && echo 1 || echo 0) }
 TOML
-
-# IDLE_WAIT=1: before each timed run, wait (up to 10 minutes) until the CPUs were at least 90 %
-# idle over a second, so that a build started by someone else on a shared machine does not
-# land in the middle of a measurement as often.
-wait_idle() {
-  [[ ${IDLE_WAIT:-0} == 1 ]] || return 0
-  local _i busy total
-  for _i in $(seq 600); do
-    read -r _ u n s i w q sq _ </proc/stat
-    busy=$((u + n + s + q + sq)) total=$((u + n + s + i + w + q + sq))
-    sleep 1
-    read -r _ u n s i w q sq _ </proc/stat
-    busy=$((u + n + s + q + sq - busy)) total=$((u + n + s + i + w + q + sq - total))
-    ((busy * 10 <= total)) && return 0
-  done
-}
 
 rust=()
 py=()

@@ -7,7 +7,7 @@
 #   bench/train_bench.sh large              channels 64, blocks 2, batch 256
 #   PRECISION=bf16 bench/train_bench.sh     both under bfloat16 autocast (needle's `precision = "bf16"`)
 #   STEPS=100 ROUNDS=2 bench/train_bench.sh
-#   IDLE_WAIT=1 THREADS=1 bench/train_bench.sh   on a shared machine (see wait_idle below)
+#   IDLE_WAIT=1 THREADS=1 bench/train_bench.sh   on a shared machine (see wait_idle in bench/torch_bench_common.sh)
 #   DEVICE=cuda bench/train_bench.sh        on a GPU (needle gets --gpus auto; both let cuDNN
 #                                           time its algorithms, as needle does on a GPU)
 #
@@ -39,22 +39,8 @@ WORK=$(mktemp -d "$OUT/train.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 STORE=${STORE:-$WORK/store}
 
-if [[ -n ${NEEDLE_BIN:-} ]]; then
-  BIN=$(cd "$NEEDLE_BIN" && pwd)
-else
-  make -s build >&2
-  BIN=$ROOT/target/release
-fi
-if [[ -z ${PY:-} ]]; then
-  PY=python3
-  [[ -x $ROOT/.venv/bin/python ]] && PY=$ROOT/.venv/bin/python
-fi
-GPUS=0
-PY_CUDA=()
-if [[ $DEVICE == cuda ]]; then
-  GPUS=auto
-  PY_CUDA=(--cudnn-benchmark)
-fi
+# BIN, PY, GPUS, PY_CUDA and wait_idle.
+source "$ROOT/bench/torch_bench_common.sh"
 
 cat >"$WORK/bench.toml" <<TOML
 [recipe]
@@ -73,22 +59,6 @@ inputs = { data = "data" }
 params = { steps = $STEPS, batch = $BATCH, channels = $CHANNELS, mult = [$MULT], blocks = $BLOCKS, save_every = 0, seed = "\${round}", precision = "$PRECISION" }
 resources = { cpus = $THREADS, gpus = $([[ $DEVICE == cuda ]] && echo 1 || echo 0) }
 TOML
-
-# IDLE_WAIT=1: before each timed run, wait (up to 10 minutes) until the CPUs were at least 90 %
-# idle over a second, so that a build started by someone else on a shared machine does not
-# land in the middle of a measurement as often.
-wait_idle() {
-  [[ ${IDLE_WAIT:-0} == 1 ]] || return 0
-  local _i busy total
-  for _i in $(seq 600); do
-    read -r _ u n s i w q sq _ </proc/stat
-    busy=$((u + n + s + q + sq)) total=$((u + n + s + i + w + q + sq))
-    sleep 1
-    read -r _ u n s i w q sq _ </proc/stat
-    busy=$((u + n + s + q + sq - busy)) total=$((u + n + s + i + w + q + sq - total))
-    ((busy * 10 <= total)) && return 0
-  done
-}
 
 rust=()
 py=()
