@@ -122,6 +122,13 @@ pub enum StoreError {
     )]
     NoJournal { root: PathBuf, why: String },
 
+    /// `NEEDLE_TEST_FAULT` (a test's fault plan, `faults.rs`) in a form it does not take.
+    #[error(
+        "NEEDLE_TEST_FAULT=`{spec}` cannot be read: expected trace:PATH, abort@N, abort@NAME, \
+         eio@N or enospc@N, or one of the others and a trace, joined by a comma"
+    )]
+    BadFaultPlan { spec: String },
+
     /// A record that does not decode, an index key that does not parse, a blob that a record
     /// needs and that is not in `blobs/`.
     #[error("a metadata record is unreadable: {what}")]

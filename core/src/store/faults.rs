@@ -72,11 +72,8 @@ impl FaultPlan {
     }
 
     pub fn parse(spec: &str) -> Result<FaultPlan, StoreError> {
-        let bad = || {
-            StoreError::corrupt(format!(
-                "NEEDLE_TEST_FAULT=`{spec}`: expected trace:PATH, abort@N, abort@NAME, eio@N \
-                 or enospc@N, or one of the others and a trace, joined by a comma"
-            ))
+        let bad = || StoreError::BadFaultPlan {
+            spec: spec.to_string(),
         };
         let mut plan = FaultPlan::new(FaultTrigger::Never, FaultAction::Abort);
         for part in spec.split(',') {
