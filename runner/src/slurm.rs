@@ -393,7 +393,9 @@ pub fn job_script(launch: &Launch, slot: &Path, gpus: u32) -> Vec<u8> {
     quote_into(&mut s, out.as_os_str());
     s.extend_from_slice(b" 2>/dev/null\n  find ");
     quote_into(&mut s, out.as_os_str());
-    s.extend_from_slice(b" -mindepth 1 -delete || exit 1\nfi\n");
+    s.extend_from_slice(
+        b" -mindepth 1 -delete || { echo \"needle: could not empty the output directory for the new start\" >&2; exit 1; }\nfi\n",
+    );
     for (k, v) in &launch.env {
         // With GPUs, Slurm sets CUDA_VISIBLE_DEVICES to the ones it allocated.
         if k == "CUDA_VISIBLE_DEVICES" && gpus > 0 {
@@ -648,6 +650,8 @@ fn read_placement(slot: &Path) -> (String, Vec<String>) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -749,5 +753,50 @@ mod tests {
         let (node, gpus) = read_placement(t.path());
         assert!(!node.is_empty());
         assert!(gpus.is_empty());
+    }
+
+    /// Slurm starting a job again (preempted and requeued, or its node failed) runs the same
+    /// script with SLURM_RESTART_COUNT set: the command finds an empty output directory.
+    #[test]
+    fn a_script_started_again_empties_its_output_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        std::fs::create_dir_all(out.join("sub")).unwrap();
+        std::fs::write(out.join("partial"), "half").unwrap();
+        std::fs::write(out.join("sub/more"), "half").unwrap();
+        std::fs::set_permissions(out.join("sub"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let launch = Launch {
+            program: PathBuf::from("/bin/sh"),
+            argv0: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "ls -A \"$0\" > \"$0.seen\"".into(),
+                out.display().to_string(),
+            ],
+            cwd: t.path().to_path_buf(),
+            log: t.path().join("log"),
+            env: vec![],
+        };
+        let script = t.path().join("job.sh");
+        std::fs::write(&script, job_script(&launch, t.path(), 0)).unwrap();
+        let run = |restarts: &str| {
+            std::process::Command::new("sh")
+                .arg(&script)
+                .env("SLURM_RESTART_COUNT", restarts)
+                .output()
+                .unwrap()
+        };
+        // A first start leaves what is there.
+        assert!(run("0").status.success());
+        let seen = |t: &Path| std::fs::read_to_string(t.join("out.seen")).unwrap();
+        assert_eq!(seen(t.path()), "partial\nsub\n");
+        let again = run("1");
+        assert!(again.status.success(), "{again:?}");
+        assert_eq!(seen(t.path()), "");
+        assert!(
+            String::from_utf8_lossy(&again.stdout)
+                .contains("Slurm started this job again (restart 1"),
+            "{again:?}"
+        );
     }
 }
