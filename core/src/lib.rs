@@ -13,6 +13,7 @@ pub mod lineage;
 pub mod ops;
 pub mod plan;
 pub mod recipe;
+pub mod search;
 pub mod store;
 pub mod value;
 pub mod why;

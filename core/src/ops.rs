@@ -213,6 +213,65 @@ pub fn exec_schema() -> OpSchema {
     }
 }
 
+/// The op of the step a `[search]` table adds (named [`SEARCH_STEP`]): at each rung it reads
+/// the metric of every live arm and decides which go on. Run by `needle-worker`; its body is
+/// `needle_ops::search`.
+pub const SEARCH_OP: &str = "search-rung";
+
+/// The name of the step a `[search]` table adds to its recipe.
+pub const SEARCH_STEP: &str = "search";
+
+/// The input of the continued step (`[search] continue`) holding the same arm's output at
+/// the previous rung.
+pub const CONTINUE_INPUT: &str = "continue_from";
+
+pub fn search_schema() -> OpSchema {
+    let p = |name, ty, doc| ParamSpec {
+        name,
+        ty,
+        default: None,
+        doc,
+    };
+    OpSchema {
+        name: SEARCH_OP,
+        version: 1,
+        summary: "successive halving: rank a rung's arms by a metric, keep the best share (added by `[search]`)",
+        kind: OpKind::Builtin,
+        params: ParamsSchema::Fixed(vec![
+            p(
+                "budget",
+                ParamType::Any,
+                "this rung's budget (the value of the budget var)",
+            ),
+            p(
+                "rungs",
+                ParamType::List(Box::new(ParamType::Any)),
+                "every rung's budget, in order",
+            ),
+            p(
+                "metric",
+                ParamType::String,
+                "the field of each arm's `metrics.json` ranked (dots reach into objects)",
+            ),
+            p(
+                "direction",
+                ParamType::Choice(&["min", "max"]),
+                "whether lower or higher is better",
+            ),
+            p(
+                "keep",
+                ParamType::Float,
+                "the share of the arms kept at each rung (at least one)",
+            ),
+        ]),
+        inputs: InputsSchema::Fixed(vec![InputSpec {
+            name: "metrics",
+            required: true,
+            doc: "the metric step's outputs at this rung, one per live arm",
+        }]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

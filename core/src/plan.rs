@@ -59,6 +59,9 @@ pub struct PlanNode {
     pub resources: Resources,
     pub retries: RetryPolicy,
     pub timeout: Option<Duration>,
+    /// Under `[search]`: the node whose decision says whether this one runs (see
+    /// [`crate::recipe::Search`]).
+    pub gate: Option<usize>,
 }
 
 /// An input of a node, by node index.
@@ -263,11 +266,16 @@ pub fn build(
                     resources: def.resources,
                     retries: def.retries,
                     timeout: def.timeout,
+                    gate: inst.gate,
                 });
             }
         }
     }
 
+    // Gates name instances; a gate comes before what it gates, so every one is mapped.
+    for node in &mut nodes {
+        node.gate = node.gate.map(|g| node_of[g]);
+    }
     Ok(Plan {
         recipe,
         arms: expansion.arms,
@@ -423,7 +431,7 @@ fn fingerprint_entry(
 impl Plan {
     /// The plan as a graph: node `i` is `nodes[i]`, an edge runs from an upstream node to the
     /// node reading it, labelled with the input name (once per pair, however many gathered
-    /// instances of the upstream merged into it).
+    /// instances of the upstream merged into it), and from a gate to what it gates (`gate`).
     pub fn graph(&self) -> DiGraph<(), String> {
         let mut g = DiGraph::with_capacity(self.nodes.len(), self.nodes.len());
         for _ in &self.nodes {
@@ -437,6 +445,9 @@ impl Plan {
                 for up in ups {
                     g.add_edge(NodeIndex::new(up), NodeIndex::new(i), name.clone());
                 }
+            }
+            if let Some(gate) = node.gate {
+                g.add_edge(NodeIndex::new(gate), NodeIndex::new(i), "gate".into());
             }
         }
         g
@@ -488,6 +499,16 @@ impl PlanNode {
     /// The spec (and so the key) of this node once every input's output is known;
     /// `output_of(node)` gives an upstream node's output, or `None` while it has none.
     pub fn spec(&self, output_of: impl Fn(usize) -> Option<ArtifactDigest>) -> Option<StepSpec> {
+        self.spec_without(output_of, |_| false)
+    }
+
+    /// [`PlanNode::spec`], where the gathered nodes for which `stopped` is true (stopped by a
+    /// search) are left out of their gathers.
+    pub fn spec_without(
+        &self,
+        output_of: impl Fn(usize) -> Option<ArtifactDigest>,
+        stopped: impl Fn(usize) -> bool,
+    ) -> Option<StepSpec> {
         let mut inputs = BTreeMap::new();
         for (name, input) in &self.inputs {
             let digests = match input {
@@ -495,6 +516,7 @@ impl PlanNode {
                 NodeInput::Gather(members) => InputDigests::Gather(
                     members
                         .iter()
+                        .filter(|(_, i)| !stopped(*i))
                         .map(|(label, i)| {
                             Some(GatherMember {
                                 label: label.clone(),

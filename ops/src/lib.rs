@@ -15,6 +15,7 @@ pub mod haystack;
 pub mod ingest;
 pub mod op;
 pub mod schemas;
+pub mod search;
 
 use needle_core::ops::{OpCatalog, OpSchema, exec_schema};
 
@@ -62,6 +63,7 @@ pub fn builtin(name: &str) -> Option<Box<dyn Op>> {
         Box::new(files::Files),
         Box::new(haystack::Haystack),
         Box::new(ingest::Ingest),
+        Box::new(search::SearchRung),
     ];
     ops.into_iter().find(|op| op.schema().name == name)
 }

@@ -54,6 +54,9 @@ pub struct RunOutcome {
     pub skipped: usize,
     pub interrupted: usize,
     pub pending: usize,
+    /// Steps a `[search]` stopped: their arm was not kept at an earlier rung.
+    #[serde(default)]
+    pub stopped: usize,
     pub duration_ms: u64,
     /// Run id → how many of this run's steps another run executed for it (the same key, in
     /// flight there when this run reached it). Counted among `cached`.

@@ -280,6 +280,9 @@ impl Progress for Live {
         if c.skipped > 0 {
             msg.push_str(&format!(" · skipped {}", c.skipped));
         }
+        if c.stopped > 0 {
+            msg.push_str(&format!(" · stopped {}", c.stopped));
+        }
         let mut longest: Vec<&RunningStep> = running.iter().collect();
         longest.sort_by_key(|r| std::cmp::Reverse(r.elapsed));
         let names: Vec<String> = longest.iter().take(3).map(|r| r.describe()).collect();

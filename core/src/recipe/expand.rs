@@ -16,7 +16,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use super::*;
-use crate::ops::{OpCatalog, ParamType, ParamsSchema, TypeMismatch};
+use crate::ops::{
+    CONTINUE_INPUT, OpCatalog, ParamType, ParamsSchema, SEARCH_OP, SEARCH_STEP, TypeMismatch,
+};
 use crate::store::human_bytes;
 use crate::value::render_plain;
 
@@ -27,6 +29,7 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
     let table = ArmTable::build(recipe).map_err(|d| fail(vec![d]))?;
     let order = topological_order(&recipe.steps).map_err(|d| fail(vec![d]))?;
 
+    let search_op = crate::ops::search_schema();
     let n_steps = recipe.steps.len();
     let by_name: HashMap<&str, usize> = recipe
         .steps
@@ -125,7 +128,9 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
             gathers.insert(name.as_str(), (shared, groups));
         }
 
-        let schema = catalog.get(&step.op);
+        let schema = catalog
+            .get(&step.op)
+            .or((step.op == SEARCH_OP).then_some(&search_op));
         if schema.is_none() {
             errors.push(RecipeDiagnostic::at(
                 step.span.clone(),
@@ -284,7 +289,46 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
                 cmd,
                 inputs,
                 arms: arms.clone(),
+                gate: None,
             });
+        }
+    }
+
+    if let Some(search) = &recipe.search {
+        let step_of = |name: &str| by_name(name).expect("the parser checked the search's steps");
+        let budget = table.var_index[search.budget.as_str()];
+        let depends = |s: usize| deps[s].binary_search(&budget).is_ok();
+        let metric = step_of(&search.metric_step);
+        if !depends(metric) {
+            errors.push(
+                RecipeDiagnostic::at(
+                    search.metric_span.clone(),
+                    format!(
+                        "the metric step `{}` does not depend on the budget `{}`: every rung would rank the same outputs",
+                        search.metric_step, search.budget
+                    ),
+                )
+                .with_help(format!(
+                    "read the output of a step that uses `${{{}}}`",
+                    search.budget
+                )),
+            );
+        }
+        if let Some(name) = &search.continue_step
+            && !depends(step_of(name))
+        {
+            errors.push(RecipeDiagnostic::at(
+                search.continue_span.clone().unwrap_or(search.span.clone()),
+                format!(
+                    "the step `{name}` does not depend on the budget `{}`, so it has nothing to continue",
+                    search.budget
+                ),
+            ));
+        }
+        if errors.is_empty() {
+            let continue_step = search.continue_step.as_deref().map(step_of);
+            link_rungs(search, &mut instances, step_of(SEARCH_STEP), continue_step);
+            instances = in_rung_order(search, instances);
         }
     }
 
@@ -295,6 +339,110 @@ pub fn expand(recipe: &Recipe, catalog: &dyn OpCatalog) -> Result<Expansion, Rec
         arms: table.arms,
         instances,
     })
+}
+
+/// Wire the rungs of a `[search]`: every instance of a rung after the first is gated by the
+/// search step's instance of the rung before, and the `continue` step's instance reads its
+/// own arm's instance of the rung before as [`CONTINUE_INPUT`].
+fn link_rungs(
+    search: &Search,
+    instances: &mut [Instance],
+    search_step: usize,
+    continue_step: Option<usize>,
+) {
+    let rung_of = |inst: &Instance| {
+        inst.bindings
+            .get(&search.budget)
+            .and_then(|b| search.rung_of(b))
+    };
+    let mut decider: HashMap<usize, usize> = HashMap::new();
+    // (step, its bindings but the budget, rung) → instance, for the continue step.
+    let mut by_arm: HashMap<(usize, String, usize), usize> = HashMap::new();
+    let without_budget = |inst: &Instance| {
+        let mut b = inst.bindings.clone();
+        b.remove(&search.budget);
+        crate::canonical::to_string(&serde_json::json!(b))
+    };
+    for (i, inst) in instances.iter().enumerate() {
+        let Some(rung) = rung_of(inst) else { continue };
+        if inst.step == search_step {
+            decider.insert(rung, i);
+        }
+        if Some(inst.step) == continue_step {
+            by_arm.insert((inst.step, without_budget(inst), rung), i);
+        }
+    }
+    for inst in instances.iter_mut() {
+        let Some(rung) = rung_of(inst).filter(|&r| r > 0) else {
+            continue;
+        };
+        inst.gate = decider.get(&(rung - 1)).copied();
+        if Some(inst.step) == continue_step {
+            let arm = without_budget(inst);
+            if let Some(&before) = by_arm.get(&(inst.step, arm, rung - 1)) {
+                (inst.inputs).insert(CONTINUE_INPUT.to_string(), InstanceInput::One(before));
+            }
+        }
+    }
+}
+
+/// The instances reordered so that every input and gate comes before its reader: stably by
+/// the last rung each depends on (its own budget, its inputs' and its gate's). Within one step
+/// the order is topological; across rungs, a rung's steps wait for the decision of the rung
+/// before, which reads that rung's steps of every arm.
+fn in_rung_order(search: &Search, instances: Vec<Instance>) -> Vec<Instance> {
+    let n = instances.len();
+    // Each instance's rung, raised to its inputs' and gate's, in a topological pass: the
+    // instances are in step order, an input before its reader except across rungs, so repeat
+    // until nothing rises (as many passes as rungs at most).
+    let mut level: Vec<usize> = (instances.iter())
+        .map(|inst| {
+            (inst.bindings.get(&search.budget))
+                .and_then(|b| search.rung_of(b))
+                .unwrap_or(0)
+        })
+        .collect();
+    loop {
+        let mut changed = false;
+        for (i, inst) in instances.iter().enumerate() {
+            let from_inputs = (inst.inputs.values())
+                .flat_map(|input| input.indices().iter().copied())
+                .chain(inst.gate)
+                .map(|u| level[u])
+                .max()
+                .unwrap_or(0);
+            if from_inputs > level[i] {
+                level[i] = from_inputs;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| level[i]);
+    let mut new_index = vec![0usize; n];
+    for (new, &old) in order.iter().enumerate() {
+        new_index[old] = new;
+    }
+    let mut slots: Vec<Option<Instance>> = instances.into_iter().map(Some).collect();
+    order
+        .iter()
+        .map(|&old| {
+            let mut inst = slots[old].take().expect("each instance is moved once");
+            for input in inst.inputs.values_mut() {
+                match input {
+                    InstanceInput::One(u) => *u = new_index[*u],
+                    InstanceInput::Gather(members) => {
+                        members.iter_mut().for_each(|u| *u = new_index[*u])
+                    }
+                }
+            }
+            inst.gate = inst.gate.map(|g| new_index[g]);
+            inst
+        })
+        .collect()
 }
 
 /// The longest string Linux passes in an environment (`NAME=value` and its NUL):

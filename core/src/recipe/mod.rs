@@ -136,8 +136,61 @@ pub struct Recipe {
     /// takes).
     pub vars: BTreeMap<String, Value>,
     pub sweep: Sweep,
-    /// In the order the file declares them.
+    /// In the order the file declares them; with a `[search]`, its step ([`SEARCH_STEP`])
+    /// comes last.
     pub steps: Vec<StepDef>,
+    /// `[search]`: successive halving over the sweep's arms.
+    pub search: Option<Search>,
+}
+
+/// Successive halving (`[search]`): the budget var is swept over `rungs` like an axis, and at
+/// each rung a step named [`SEARCH_STEP`] ranks the live arms by `metric`; only the kept arms'
+/// steps of the next rung run (the others are stopped), and the `continue` step of a kept arm
+/// reads its own output of the previous rung as its input [`CONTINUE_INPUT`].
+///
+/// [`SEARCH_STEP`]: crate::ops::SEARCH_STEP
+/// [`CONTINUE_INPUT`]: crate::ops::CONTINUE_INPUT
+#[derive(Debug, Clone, PartialEq)]
+pub struct Search {
+    /// The var that sets each rung's budget (a training step's `steps`, say).
+    pub budget: String,
+    /// Its value at each rung, increasing.
+    pub rungs: Vec<Value>,
+    /// The step whose `metrics.json` ranks the arms, and the field (dots reach into objects).
+    pub metric_step: String,
+    pub metric_field: String,
+    /// Whether higher is better.
+    pub maximize: bool,
+    /// The share of the live arms kept at each rung: `ceil(n × keep)`, at least one.
+    pub keep: f64,
+    /// The step that continues from its previous rung's output, if any.
+    pub continue_step: Option<String>,
+    /// Byte range of the `[search]` table, and of its `continue` and `metric` values.
+    pub span: Range<usize>,
+    pub continue_span: Option<Range<usize>>,
+    pub metric_span: Range<usize>,
+}
+
+impl Search {
+    /// The rung a budget value belongs to.
+    pub fn rung_of(&self, budget: &Value) -> Option<usize> {
+        let key = crate::canonical::to_string(budget);
+        (self.rungs.iter()).position(|r| crate::canonical::to_string(r) == key)
+    }
+
+    /// How many of `n` live arms a rung keeps.
+    pub fn kept_of(&self, n: usize) -> usize {
+        keep_count(n, self.keep)
+    }
+}
+
+/// How many of `n` arms a share `keep` keeps: `ceil(n × keep)`, at least one; a hair of
+/// tolerance so that `keep = 0.3333` of 27 keeps 9.
+pub fn keep_count(n: usize, keep: f64) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    (((n as f64) * keep - 1e-3).ceil() as usize).clamp(1, n)
 }
 
 /// The sweep: the cartesian product of its axes, minus `exclude`, plus `include`.
@@ -401,6 +454,9 @@ pub struct Instance {
     pub inputs: BTreeMap<String, InstanceInput>,
     /// Indices into [`Expansion::arms`] of the arms this instance belongs to, ascending.
     pub arms: Vec<u32>,
+    /// Under `[search]`, for an instance of a rung after the first: the search step's
+    /// instance of the rung before, whose decision says whether it runs.
+    pub gate: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

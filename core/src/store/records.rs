@@ -324,6 +324,8 @@ pub enum StepStatus {
     Skipped { upstream: String },
     /// Stopped by Ctrl-C while running.
     Interrupted,
+    /// Never run: a `[search]` stopped its arm at an earlier rung (`by` says where and why).
+    Stopped { by: String },
 }
 
 impl StepStatus {
@@ -349,6 +351,7 @@ impl StepStatus {
             StepStatus::Failed { .. } => "failed",
             StepStatus::Skipped { .. } => "skipped",
             StepStatus::Interrupted => "interrupted",
+            StepStatus::Stopped { .. } => "stopped",
         }
     }
 }

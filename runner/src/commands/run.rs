@@ -517,6 +517,7 @@ fn summary_json(o: &RunOutcome, record: &RunRecord) -> serde_json::Value {
         "skipped": o.skipped,
         "interrupted": o.interrupted,
         "pending": o.pending,
+        "stopped": o.stopped,
         "duration_ms": o.duration_ms,
         "shared": o.shared,
         "steps": steps,
@@ -545,6 +546,7 @@ fn print_summary(o: &RunOutcome, record: &RunRecord) {
             (o.skipped, "skipped"),
             (o.interrupted, "interrupted"),
             (o.pending, "not started"),
+            (o.stopped, "stopped by the search"),
         ] {
             if n > 0 {
                 parts.push(format!("{n} {what}"));

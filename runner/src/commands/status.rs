@@ -234,6 +234,7 @@ fn detail(status: &StepStatus) -> Option<String> {
         }
         StepStatus::Failed { reason } => Some(reason.clone()),
         StepStatus::Skipped { upstream } => Some(format!("because `{upstream}` failed")),
+        StepStatus::Stopped { by } => Some(by.clone()),
         StepStatus::Interrupted | StepStatus::Pending => None,
     }
 }

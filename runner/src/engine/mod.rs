@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use needle_core::digest::{ArtifactDigest, StepKey};
 use needle_core::ops::OpKind;
-use needle_core::plan::{Plan, PlanNode};
+use needle_core::plan::{NodeInput, Plan, PlanNode};
 use needle_core::store::remote::{LiveRun, LiveSnapshot};
 use needle_core::store::{
     Attempt, AttemptResult, Execution, Health, InputCheck, RunRecord, RunStep, StepProgress,
@@ -50,9 +50,11 @@ use crate::slurm::{Slurm, SlurmConfig};
 use crate::{executor, process, staging};
 
 mod runs;
+mod search;
 
 use runs::RunSlot;
 pub use runs::{Joining, OnEnd, RunOptions, new_record};
+use search::Verdict;
 
 /// Where attempts run.
 #[derive(Clone, Default)]
@@ -462,10 +464,24 @@ impl Engine {
             if self.missing[i] > 0 || self.phase[i] != Phase::Waiting {
                 continue;
             }
+            match self.verdict(i) {
+                Verdict::Go => {}
+                Verdict::Stop(by) => {
+                    self.finish_node(i, StepStatus::Stopped { by });
+                    work.extend(self.release_dependents(i));
+                    continue;
+                }
+                Verdict::Unreadable(reason) => {
+                    let reason = format!("the search's decision: {reason}");
+                    self.failed_note(i, &reason, &[]);
+                    self.fail(i, reason);
+                    continue;
+                }
+            }
             let base = self.runs[self.run_of[i]].first;
             let spec = self
                 .node(i)
-                .spec(|u| self.outputs[base + u])
+                .spec_without(|u| self.outputs[base + u], |u| self.is_stopped(base + u))
                 .expect("resolve runs once every input has an output");
             let key = spec.key();
             self.step_mut(i).key = Some(key);
@@ -498,6 +514,29 @@ impl Engine {
             self.push_ready(i);
         }
         Ok(())
+    }
+
+    /// Whether the search stopped node `i`'s arm (its gate's decision did not keep any arm of
+    /// it, or an input it reads alone was stopped), and why.
+    fn verdict(&self, i: usize) -> Verdict {
+        let base = self.runs[self.run_of[i]].first;
+        for input in self.node(i).inputs.values() {
+            if let NodeInput::One(u) = input
+                && let StepStatus::Stopped { by } = &self.step(base + u).status
+            {
+                return Verdict::Stop(by.clone());
+            }
+        }
+        let Some(gate) = self.node(i).gate else {
+            return Verdict::Go;
+        };
+        let output = self.outputs[base + gate].expect("a gate is done before what it gates");
+        let run = &self.runs[self.run_of[i]];
+        search::verdict(&self.store, &run.plan, gate, i - base, output)
+    }
+
+    fn is_stopped(&self, i: usize) -> bool {
+        matches!(self.step(i).status, StepStatus::Stopped { .. })
     }
 
     /// Before step `i` executes: hash the blobs of its inputs against their digests (each

@@ -149,6 +149,7 @@ impl Engine {
         self.missing.extend(plan.nodes.iter().map(|node| {
             (node.inputs.values())
                 .flat_map(NodeInput::nodes)
+                .chain(node.gate)
                 .collect::<HashSet<_>>()
                 .len()
         }));
@@ -358,6 +359,7 @@ impl Engine {
             skipped: 0,
             interrupted: 0,
             pending: 0,
+            stopped: 0,
             duration_ms: s.t0.elapsed().as_millis() as u64,
             shared: s.shared.clone(),
         };
@@ -369,6 +371,7 @@ impl Engine {
                 StepStatus::Skipped { .. } => o.skipped += 1,
                 StepStatus::Interrupted => o.interrupted += 1,
                 StepStatus::Pending => o.pending += 1,
+                StepStatus::Stopped { .. } => o.stopped += 1,
             }
         }
         o

@@ -33,6 +33,7 @@ use crate::ops::{InputsSchema, OpCatalog, OpKind, OpSchema, ParamsSchema};
 
 mod graph;
 mod resources;
+mod search;
 mod step;
 mod sweep;
 
@@ -41,7 +42,7 @@ type Key<'i> = Spanned<toml::de::DeString<'i>>;
 /// Names with the span each was found at.
 type Spans = Vec<(String, Range<usize>)>;
 
-const TOP_KEYS: &[&str] = &["recipe", "vars", "sweep", "steps"];
+const TOP_KEYS: &[&str] = &["recipe", "vars", "sweep", "search", "steps"];
 const RECIPE_KEYS: &[&str] = &["name", "description"];
 const STEP_KEYS: &[&str] = &[
     "op",
@@ -99,6 +100,7 @@ pub fn parse(
             vars: parts.vars,
             sweep: parts.sweep,
             steps: parts.steps,
+            search: parts.search,
             source,
         }),
         _ => Err(RecipeErrors::new(&source, errors)),
@@ -121,6 +123,7 @@ struct Parts {
     vars: BTreeMap<String, Value>,
     sweep: Sweep,
     steps: Vec<StepDef>,
+    search: Option<Search>,
 }
 
 struct Parser<'a> {
@@ -336,12 +339,14 @@ impl<'a> Parser<'a> {
         let mut recipe = None;
         let mut vars = None;
         let mut sweep = None;
+        let mut search = None;
         let mut steps = None;
         for (k, v) in root.iter() {
             match key_str(k) {
                 "recipe" => recipe = Some(v),
                 "vars" => vars = Some(v),
                 "sweep" => sweep = Some(v),
+                "search" => search = Some(v),
                 "steps" => steps = Some(v),
                 other => {
                     let what = if v.get_ref().is_table() {
@@ -354,7 +359,7 @@ impl<'a> Parser<'a> {
                         .or_else(|| under_recipe.then(|| format!("put `{other}` under `[recipe]`")))
                         .or_else(|| {
                         Some(
-                            "a recipe has the tables `[recipe]`, `[vars]`, `[sweep]` and `[steps.NAME]`"
+                            "a recipe has the tables `[recipe]`, `[vars]`, `[sweep]`, `[search]` and `[steps.NAME]`"
                                 .to_string(),
                         )
                     });
@@ -369,7 +374,8 @@ impl<'a> Parser<'a> {
             Some(s) => self.sweep_table(s),
             None => SweepDraft::default(),
         };
-        let drafts = self.steps_table(steps);
+        let mut drafts = self.steps_table(steps);
+        let search = search.and_then(|s| self.search_table(s, &mut sweep, &mut drafts));
         self.check_inputs(&drafts);
         self.check_exclude_values(&sweep);
         self.apply_sets(&mut vars, &mut sweep, &drafts);
@@ -381,6 +387,7 @@ impl<'a> Parser<'a> {
             vars,
             sweep: sweep.sweep,
             steps: drafts.into_iter().map(|d| d.def).collect(),
+            search,
         })
     }
 
