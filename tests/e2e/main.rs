@@ -28,6 +28,7 @@ mod repair;
 mod report;
 mod resources;
 mod resume;
+mod search;
 mod slurm;
 mod snapshots;
 mod store_access;
