@@ -669,3 +669,110 @@ fn gpu_requests_whole_shares_and_memory() {
         }
     );
 }
+
+const SEARCH: &str = r#"
+[recipe]
+name = "halving"
+
+[vars]
+steps = 1
+
+[sweep]
+lr = [0.1, 0.2, 0.3]
+
+[search]
+budget = "steps"
+rungs = [10, 20, 40]
+metric = "evaluate.loss"
+direction = "min"
+continue = "train"
+
+[steps.data]
+op = "exec"
+cmd = ["echo"]
+
+[steps.train]
+op = "exec"
+cmd = ["echo", "${lr}", "${steps}"]
+inputs = { data = "data" }
+
+[steps.evaluate]
+op = "exec"
+cmd = ["echo"]
+inputs = { model = "train" }
+
+[steps.table]
+op = "exec"
+cmd = ["echo"]
+inputs = { all = "evaluate[*]" }
+"#;
+
+#[test]
+fn a_search_sweeps_its_budget_and_gates_each_rung_on_the_one_before() {
+    let (r, x) = expand_text(SEARCH);
+    assert_eq!(x.arms.len(), 9, "3 lrs x 3 rungs");
+    let search = r.search.as_ref().unwrap();
+    assert_eq!(search.keep, 0.5);
+    let deciders = of(&r, &x, "search");
+    assert_eq!(deciders.len(), 3, "one decision per rung");
+    let decider_of = |steps: i64| {
+        deciders
+            .iter()
+            .find(|(_, i)| i.bindings["steps"] == json!(steps))
+            .unwrap()
+            .0
+    };
+    // Each decision gathers its rung's evaluations of every arm, and is gated by the one
+    // before (the first by none).
+    for (i, inst) in &deciders {
+        let InstanceInput::Gather(members) = &inst.inputs["metrics"] else {
+            panic!("metrics is a gather")
+        };
+        assert_eq!(members.len(), 3);
+        for &m in members {
+            assert_eq!(x.instances[m].bindings["steps"], inst.bindings["steps"]);
+        }
+        let want = match inst.bindings["steps"].as_i64().unwrap() {
+            10 => None,
+            20 => Some(decider_of(10)),
+            _ => Some(decider_of(20)),
+        };
+        assert_eq!(inst.gate, want, "decision {i}");
+    }
+    // A training of a later rung reads its own arm's training of the rung before, and is
+    // gated by that rung's decision; the first rung trains from the start.
+    for (i, inst) in of(&r, &x, "train") {
+        let steps = inst.bindings["steps"].as_i64().unwrap();
+        match inst.inputs.get("continue_from") {
+            None => {
+                assert_eq!(steps, 10);
+                assert_eq!(inst.gate, None);
+            }
+            Some(InstanceInput::One(before)) => {
+                let before = &x.instances[*before];
+                assert_eq!(before.bindings["lr"], inst.bindings["lr"]);
+                assert_eq!(before.bindings["steps"], json!(steps / 2));
+                assert_eq!(inst.gate, Some(decider_of(steps / 2)), "train {i}");
+            }
+            Some(other) => panic!("{other:?}"),
+        }
+    }
+    // The shared data step is not gated; nothing reads an instance after it.
+    assert!(of(&r, &x, "data").iter().all(|(_, i)| i.gate.is_none()));
+    for (i, inst) in x.instances.iter().enumerate() {
+        for input in inst.inputs.values() {
+            assert!(
+                input.indices().iter().all(|&u| u < i),
+                "instance {i} reads ahead"
+            );
+        }
+        assert!(
+            inst.gate.is_none_or(|g| g < i),
+            "instance {i} is gated ahead"
+        );
+    }
+    // A gather of every rung's evaluations comes after all of them.
+    let tables = of(&r, &x, "table");
+    assert_eq!(tables.len(), 1);
+    assert!(of(&r, &x, "evaluate").iter().all(|(e, _)| *e < tables[0].0));
+}

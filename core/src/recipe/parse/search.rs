@@ -8,8 +8,28 @@ use crate::ops::{CONTINUE_INPUT, SEARCH_OP, SEARCH_STEP, search_schema};
 const SEARCH_KEYS: &[&str] = &["budget", "rungs", "metric", "direction", "keep", "continue"];
 
 impl Parser<'_> {
-    /// Read `[search]`, add its budget axis to `sweep` and its step to `drafts`.
+    /// Read `[search]`, add its budget axis to `sweep` and its step to `drafts`. When the
+    /// table is wrong, its budget var still counts as defined, so that its uses are not
+    /// reported as undefined on top.
     pub(super) fn search_table(
+        &mut self,
+        v: &Node<'_>,
+        sweep: &mut SweepDraft,
+        drafts: &mut Vec<Draft>,
+    ) -> Option<Search> {
+        let search = self.search_fields(v, sweep, drafts);
+        if search.is_none()
+            && let DeValue::Table(t) = v.get_ref()
+            && let Some((_, budget)) = t.iter().find(|(k, _)| key_str(k) == "budget")
+            && let DeValue::String(name) = budget.get_ref()
+            && is_var_name(name)
+        {
+            sweep.broken.insert(name.to_string());
+        }
+        search
+    }
+
+    fn search_fields(
         &mut self,
         v: &Node<'_>,
         sweep: &mut SweepDraft,
