@@ -160,6 +160,43 @@ fn halving_keeps_the_best_arms_and_continues_them_and_a_rerun_executes_nothing()
         "{status}"
     );
 
+    // `results` gives each evaluation its rung and what the rung decided; the report plots
+    // and tables the rungs.
+    let results = p.json(&["results", "last"], 0);
+    let verdicts: Vec<(String, u64, String)> = (results["rows"].as_array().unwrap().iter())
+        .map(|r| {
+            (
+                format!("{}@{}", r["bindings"]["lr"], r["bindings"]["steps"]),
+                r["rung"].as_u64().unwrap(),
+                r["search"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 14, "{results}");
+    assert!(
+        verdicts.contains(&("0.3@40".into(), 3, "best".into())),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts.contains(&("0.4@40".into(), 3, "stopped".into())),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts.contains(&("0.5@20".into(), 2, "stopped".into())),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts.contains(&("0.8@10".into(), 1, "stopped".into())),
+        "{verdicts:?}"
+    );
+    assert_code(&p.needle(&["report", "last", "-o", "report.html"]), 0);
+    let report = std::fs::read_to_string(p.path("report.html")).unwrap();
+    assert!(
+        report.contains("8 → 4 → 2 arms over 3 of 3 rungs"),
+        "no search section"
+    );
+    assert!(report.contains("Best at steps = 40: <b>lr=0.3</b>"));
+
     let again = p.json(&["run", "recipe.toml"], 0);
     assert_eq!(again["executed"], 0, "{again}");
     assert_the_search(&again);

@@ -274,6 +274,58 @@ fn plan_json(plan: &Plan, predicted: &[Predicted]) -> serde_json::Value {
     })
 }
 
+/// What a `[search]` will do, as far as the plan can tell: how many arms each rung keeps, and
+/// about how many steps run if the arms are as alike as their counts (a node of a later rung
+/// runs with the chance that one of its arms is kept).
+fn search_line(plan: &Plan) -> Option<String> {
+    let search = plan.recipe.search.as_ref()?;
+    let arm_key = |a: u32| {
+        let mut b = plan.arms[a as usize].bindings.clone();
+        b.remove(&search.budget);
+        needle_core::canonical::to_string(&serde_json::json!(b))
+    };
+    let n0 = (0..plan.arms.len() as u32)
+        .map(arm_key)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let mut live = vec![n0];
+    for _ in 1..search.rungs.len() {
+        live.push(search.kept_of(*live.last().expect("one rung at least")));
+    }
+    let expected: f64 = (plan.nodes.iter())
+        .map(|node| {
+            let rung = (node.bindings.get(&search.budget)).and_then(|b| search.rung_of(b));
+            match rung {
+                None | Some(0) => 1.0,
+                Some(r) => {
+                    let mine = (node.arms.iter().map(|&a| arm_key(a)))
+                        .collect::<std::collections::HashSet<_>>()
+                        .len();
+                    (mine as f64 * live[r] as f64 / n0 as f64).min(1.0)
+                }
+            }
+        })
+        .sum();
+    let rungs: Vec<String> = search
+        .rungs
+        .iter()
+        .map(needle_core::value::render_short)
+        .collect();
+    let arms: Vec<String> = live.iter().map(usize::to_string).collect();
+    Some(format!(
+        "search: successive halving by `{}.{}` ({} is better), keeping {} at each rung: {} arms at {} = {}; about {} of the {} steps run",
+        search.metric_step,
+        search.metric_field,
+        if search.maximize { "higher" } else { "lower" },
+        search.keep,
+        arms.join(" → "),
+        search.budget,
+        rungs.join(", "),
+        expected.round(),
+        plan.nodes.len()
+    ))
+}
+
 /// `remote_shown`: a remote is configured, so its column is shown (even when it holds none).
 fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool, remote_shown: bool) {
     let cached = predicted.iter().filter(|p| p.is_cached()).count();
@@ -295,6 +347,9 @@ fn print_plan(plan: &Plan, predicted: &[Predicted], every_step: bool, remote_sho
         plan.nodes.len(),
         plan.nodes.len() - cached - remote
     );
+    if let Some(line) = search_line(plan) {
+        println!("  {line}");
+    }
     println!();
     if every_step {
         println!("  {:<7} {:<14} {:<40} arms", "status", "key", "step");

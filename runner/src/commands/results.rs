@@ -8,6 +8,7 @@ use needle_core::value::render_short;
 use crate::cli::{Cli, ResultsArgs};
 use crate::commands::{find_run, open_reader, print_json};
 use crate::error::{CliError, Exit};
+use crate::report::search::Decisions;
 use crate::report::{metric_rows, table_columns};
 
 pub fn results(cli: &Cli, args: &ResultsArgs) -> Result<Exit, CliError> {
@@ -17,15 +18,23 @@ pub fn results(cli: &Cli, args: &ResultsArgs) -> Result<Exit, CliError> {
     if let Some(step) = &args.step {
         by_name.retain(|name, _| name == step);
     }
+    // Under `[search]`: each row's rung and what its rung decided.
+    let decisions = Decisions::read(&store, &run)?;
+    let verdict = |step: usize| decisions.verdict(&bindings_label(&run.steps[step].bindings));
     if args.json {
         let rows: Vec<serde_json::Value> = by_name
             .values()
             .flatten()
             .map(|r| {
                 let s = &run.steps[r.step];
-                serde_json::json!({
+                let mut row = serde_json::json!({
                     "step": s.name, "bindings": s.bindings, "key": s.key, "metrics": r.metrics,
-                })
+                });
+                if let Some((rung, decided)) = verdict(r.step) {
+                    row["rung"] = rung.into();
+                    row["search"] = decided.into();
+                }
+                row
             })
             .collect();
         print_json(&serde_json::json!({"run": run.id, "rows": rows}));
@@ -37,9 +46,16 @@ pub fn results(cli: &Cli, args: &ResultsArgs) -> Result<Exit, CliError> {
     }
     for (name, rows) in &by_name {
         let (vars, cols) = table_columns(&run, rows);
+        let searched = rows.iter().any(|r| verdict(r.step).is_some());
         let header: Vec<String> = std::iter::once("step".to_string())
             .chain(vars.iter().map(|v| v.to_string()))
             .chain(cols.iter().map(|c| c.to_string()))
+            .chain(
+                searched
+                    .then(|| ["rung".to_string(), "search".to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .collect();
         let body: Vec<Vec<String>> = rows
             .iter()
@@ -51,6 +67,15 @@ pub fn results(cli: &Cli, args: &ResultsArgs) -> Result<Exit, CliError> {
                             .map(|v| b.get(*v).map(render_short).unwrap_or_default()),
                     )
                     .chain(cols.iter().map(|c| r.cell(c).to_string()))
+                    .chain(
+                        searched
+                            .then(|| match verdict(r.step) {
+                                Some((rung, decided)) => [rung.to_string(), decided.to_string()],
+                                None => [String::new(), String::new()],
+                            })
+                            .into_iter()
+                            .flatten(),
+                    )
                     .collect()
             })
             .collect();

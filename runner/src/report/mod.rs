@@ -4,6 +4,7 @@
 //! data URIs, so the file opens anywhere, offline.
 
 pub mod markdown;
+pub mod search;
 pub mod svg;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,6 +73,7 @@ pub fn build(store: &dyn StoreRead, run: &RunRecord) -> Result<String, CliError>
     let live = store.is_live(run.id);
     timeline(run, usage.as_ref(), live, &mut body);
     results(store, run, &mut body)?;
+    search::section(store, run, &mut body)?;
     summaries(store, run, &mut body)?;
     images(store, run, &mut body)?;
     dag(run, &mut body);
@@ -433,6 +435,7 @@ fn plots(run: &RunRecord, name: &str, rows: &[Row], out: &mut String) {
             x_var,
             "win rate",
             &series,
+            svg::YScale::Percent,
         ));
     }
 }

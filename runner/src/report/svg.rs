@@ -314,9 +314,24 @@ const PALETTE: [&str; 6] = [
     "#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f",
 ];
 
-/// A line plot with error bars, y in [0, 1] shown as percent, x on a log scale when its values
-/// span more than a factor of 20 (tuning-set sizes do).
-pub fn plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+/// How a plot's y axis reads.
+#[derive(Debug, Clone, Copy)]
+pub enum YScale {
+    /// Shares in [0, 1], shown as percent.
+    Percent,
+    /// Any values: the axis spans their range.
+    Values,
+}
+
+/// A line plot with error bars, x on a log scale when its values span more than a factor of
+/// 20 (tuning-set sizes do).
+pub fn plot(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    y_scale: YScale,
+) -> String {
     let xs: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -332,7 +347,25 @@ pub fn plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Str
     let span = if hi > lo { hi - lo } else { 1.0 };
     let (left, top, w, h) = (60.0, 30.0, 420.0, 220.0);
     let px = |x: f64| left + 10.0 + (w - 20.0) * (tx(x) - lo) / span;
-    let py = |y: f64| top + h - h * y.clamp(0.0, 1.0);
+    let (y_lo, y_hi) = match y_scale {
+        YScale::Percent => (0.0, 1.0),
+        YScale::Values => {
+            let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+            let (a, b) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+                (a.min(y), b.max(y))
+            });
+            if a < b {
+                (a - 0.05 * (b - a), b + 0.05 * (b - a))
+            } else {
+                (a - 1.0, a + 1.0)
+            }
+        }
+    };
+    let py = |y: f64| top + h - h * ((y - y_lo) / (y_hi - y_lo)).clamp(0.0, 1.0);
+    let y_text = |y: f64| match y_scale {
+        YScale::Percent => format!("{:.0}%", y * 100.0),
+        YScale::Values => format!("{y:.4}"),
+    };
     let mut out = format!(
         r##"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-size="11" font-family="sans-serif"><text x="{left}" y="16" font-size="13" font-weight="bold">{}</text><rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>"##,
         left + w + 170.0,
@@ -340,14 +373,14 @@ pub fn plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Str
         esc(title)
     );
     for k in 0..=4 {
-        let y = k as f64 / 4.0;
+        let y = y_lo + (y_hi - y_lo) * k as f64 / 4.0;
         let _ = write!(
             out,
-            r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{:.0}%</text>"##,
+            r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
             left + w,
             left - 4.0,
             py(y) + 4.0,
-            y * 100.0,
+            y_text(y),
             py = py(y)
         );
     }
@@ -397,12 +430,12 @@ pub fn plot(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Str
             }
             let _ = write!(
                 out,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"><title>{}: {} → {:.1}%</title></circle>"#,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"><title>{}: {} → {}</title></circle>"#,
                 px(*x),
                 py(*y),
                 esc(&s.label),
                 trim_float(*x),
-                y * 100.0
+                y_text(*y)
             );
         }
         let ly = top + 12.0 + 16.0 * k as f64;
@@ -625,8 +658,24 @@ mod tests {
             label: "a".into(),
             points: vec![(10.0, 0.5, Some((0.4, 0.6))), (1000.0, 0.8, None)],
         };
-        let svg = plot("t", "x", "y", &[s]);
+        let svg = plot("t", "x", "y", &[s], YScale::Percent);
         assert_eq!(svg.matches("<circle").count(), 2);
         assert!(svg.contains(">1000<"));
+        assert!(svg.contains(">50%<"));
+    }
+
+    #[test]
+    fn a_plot_of_values_spans_their_range() {
+        let s = Series {
+            label: "a".into(),
+            points: vec![(10.0, 2.0, None), (20.0, 4.0, None)],
+        };
+        let svg = plot("t", "x", "y", &[s], YScale::Values);
+        // The axis runs from 5 % below the lowest value to 5 % above the highest.
+        assert!(
+            svg.contains(">1.9000<") && svg.contains(">4.1000<"),
+            "{svg}"
+        );
+        assert!(!svg.contains('%'));
     }
 }
