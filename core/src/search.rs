@@ -69,37 +69,45 @@ pub fn decide(values: Vec<(String, f64)>, maximize: bool, keep: f64) -> Vec<Rank
         .collect()
 }
 
-/// The number at `path` (`loss`, or `appeal.win` into nested objects) of a metrics object;
-/// an error says what is there instead.
-pub fn metric_at(metrics: &Value, path: &str) -> Result<f64, String> {
+/// Why a metric could not be read from a `metrics.json`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MetricError {
+    #[error("has no field `{field}` (its fields: {})", if .fields.is_empty() { "none".to_string() } else { .fields.join(", ") })]
+    NoField { field: String, fields: Vec<String> },
+    #[error("has no field `{field}`: `{path}` reaches {found} first")]
+    NotAnObject {
+        field: String,
+        path: String,
+        found: String,
+    },
+    #[error("field `{path}` is {found}, not a finite number")]
+    NotANumber { path: String, found: String },
+}
+
+/// The number at `path` (`loss`, or `appeal.win` into nested objects) of a metrics object.
+pub fn metric_at(metrics: &Value, path: &str) -> Result<f64, MetricError> {
     let mut at = metrics;
     for part in path.split('.') {
         at = match at {
-            Value::Object(map) => map.get(part).ok_or_else(|| {
-                let fields: Vec<&str> = map.keys().map(String::as_str).collect();
-                format!(
-                    "has no field `{part}` (its fields: {})",
-                    if fields.is_empty() {
-                        "none".to_string()
-                    } else {
-                        fields.join(", ")
-                    }
-                )
+            Value::Object(map) => map.get(part).ok_or_else(|| MetricError::NoField {
+                field: part.to_string(),
+                fields: map.keys().cloned().collect(),
             })?,
             other => {
-                return Err(format!(
-                    "has no field `{part}`: `{path}` reaches {} first",
-                    crate::value::render_short(other)
-                ));
+                return Err(MetricError::NotAnObject {
+                    field: part.to_string(),
+                    path: path.to_string(),
+                    found: crate::value::render_short(other),
+                });
             }
         };
     }
     match at.as_f64() {
         Some(x) if x.is_finite() => Ok(x),
-        _ => Err(format!(
-            "field `{path}` is {}, not a finite number",
-            crate::value::render_short(at)
-        )),
+        _ => Err(MetricError::NotANumber {
+            path: path.to_string(),
+            found: crate::value::render_short(at),
+        }),
     }
 }
 
@@ -152,16 +160,17 @@ mod tests {
         let m = json!({"loss": 0.25, "appeal": {"win": 0.6}, "name": "x"});
         assert_eq!(metric_at(&m, "loss").unwrap(), 0.25);
         assert_eq!(metric_at(&m, "appeal.win").unwrap(), 0.6);
+        let err = |path| metric_at(&m, path).unwrap_err().to_string();
         assert!(
-            metric_at(&m, "acc")
-                .unwrap_err()
-                .contains("fields: appeal, loss, name")
+            err("acc").contains("fields: appeal, loss, name"),
+            "{}",
+            err("acc")
         );
         assert!(
-            metric_at(&m, "name")
-                .unwrap_err()
-                .contains("not a finite number")
+            err("name").contains("not a finite number"),
+            "{}",
+            err("name")
         );
-        assert!(metric_at(&m, "loss.x").unwrap_err().contains("reaches"));
+        assert!(err("loss.x").contains("reaches"), "{}", err("loss.x"));
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use needle_core::digest::ArtifactDigest;
 use needle_core::plan::{NodeInput, Plan};
 use needle_core::search::{DECISION_FILE, Decision};
-use needle_core::store::{EntryKind, Store};
+use needle_core::store::{EntryKind, Store, StoreError};
 use needle_core::value::Value;
 
 /// What a gate's decision says of a node.
@@ -32,7 +32,7 @@ pub fn verdict(
 ) -> Verdict {
     let decision = match read_decision(store, output) {
         Ok(d) => d,
-        Err(e) => return Verdict::Unreadable(e),
+        Err(e) => return Verdict::Unreadable(needle_core::error_chain::joined(&e, ": ")),
     };
     let Some(search) = &plan.recipe.search else {
         return Verdict::Go;
@@ -86,12 +86,28 @@ fn render(v: &Value) -> String {
     needle_core::value::render_short(v)
 }
 
+/// Why a search step's decision could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionError {
+    #[error("the search's output {0} cannot be read")]
+    Store(String, #[source] StoreError),
+    #[error("the search's output {0} is not in the store")]
+    Missing(String),
+    #[error("the search's output {0} has no `{DECISION_FILE}`")]
+    NoFile(String),
+    #[error("could not read `{}`", .0.display())]
+    Read(std::path::PathBuf, #[source] std::io::Error),
+    #[error("`{DECISION_FILE}` of {0} is not a decision")]
+    Parse(String, #[source] serde_json::Error),
+}
+
 /// The decision a search step's output holds.
-pub fn read_decision(store: &Store, output: ArtifactDigest) -> Result<Decision, String> {
+pub fn read_decision(store: &Store, output: ArtifactDigest) -> Result<Decision, DecisionError> {
+    let short = || output.short().to_string();
     let manifest = store
         .manifest(&output)
-        .map_err(|e| format!("the search's output {} cannot be read: {e}", output.short()))?
-        .ok_or_else(|| format!("the search's output {} is not in the store", output.short()))?;
+        .map_err(|e| DecisionError::Store(short(), e))?
+        .ok_or_else(|| DecisionError::Missing(short()))?;
     let blob = manifest
         .entries
         .iter()
@@ -99,19 +115,8 @@ pub fn read_decision(store: &Store, output: ArtifactDigest) -> Result<Decision, 
             EntryKind::File { blob, .. } if e.path == DECISION_FILE => Some(*blob),
             _ => None,
         })
-        .ok_or_else(|| {
-            format!(
-                "the search's output {} has no `{DECISION_FILE}`",
-                output.short()
-            )
-        })?;
+        .ok_or_else(|| DecisionError::NoFile(short()))?;
     let path = store.blob_path(&blob);
-    let bytes =
-        std::fs::read(&path).map_err(|e| format!("could not read {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "`{DECISION_FILE}` of {} is not a decision: {e}",
-            output.short()
-        )
-    })
+    let bytes = std::fs::read(&path).map_err(|e| DecisionError::Read(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| DecisionError::Parse(short(), e))
 }
