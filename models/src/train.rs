@@ -114,10 +114,12 @@ impl Settings {
             }
             LrSchedule::Wsd => {
                 let from = self.decay_from();
+                // Over the decay's d steps: d/(d+1), …, 1/(d+1) of `lr`.
+                let d = (self.steps - from) as f64;
                 if k < from {
                     1.0
                 } else {
-                    (self.steps - k) as f64 / (self.steps - from) as f64
+                    1.0 - (k - from + 1) as f64 / (d + 1.0)
                 }
             }
         };
@@ -1038,6 +1040,47 @@ mod tests {
         let _ = p.g_mul_scalar_(1.0 - lr * wd);
         let update = &*m / ((&*v / bc2).sqrt() + Flat::EPS) * (lr / bc1);
         let _ = p.g_sub_(&update);
+    }
+
+    fn settings(schedule: LrSchedule, offset_share: f64) -> Settings {
+        Settings {
+            steps: 10,
+            batch: 1,
+            lr: 1.0,
+            schedule,
+            warmup: 2,
+            weight_decay: 0.0,
+            ema: 0.9,
+            caption_dropout: 0.0,
+            offset_noise: 0.1,
+            offset_share,
+            flip: false,
+            save_every: 0,
+            keep_every: 0,
+            seed: 0,
+            interrupt_after: None,
+            precision: Precision::Fp32,
+        }
+    }
+
+    #[test]
+    fn wsd_warms_up_holds_then_decays_and_its_state_is_kept_where_the_decay_starts() {
+        let wsd = settings(LrSchedule::Wsd, 1.0);
+        let rates: Vec<f64> = (0..10).map(|k| wsd.lr_at(k)).collect();
+        // Warm-up over 2 steps, 20 % of 10 steps of decay: 2/3 and 1/3 of `lr`.
+        let third = 1.0 / 3.0;
+        let expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0 - third, third];
+        for (k, (r, e)) in rates.iter().zip(expected).enumerate() {
+            assert!((r - e).abs() < 1e-12, "step {k}: {r} != {e}");
+        }
+        assert_eq!(wsd.horizon_free(), Some(8));
+        // Offset noise throughout (quality-tune) or never is the same at any length; from a
+        // share that moves with `steps` (pretrain), the state is kept where it starts.
+        assert_eq!(settings(LrSchedule::Constant, 1.0).horizon_free(), Some(10));
+        assert_eq!(settings(LrSchedule::Constant, 0.0).horizon_free(), Some(10));
+        assert_eq!(settings(LrSchedule::Constant, 0.5).horizon_free(), Some(5));
+        assert_eq!(settings(LrSchedule::Wsd, 0.1).horizon_free(), Some(8));
+        assert_eq!(settings(LrSchedule::Cosine, 1.0).horizon_free(), None);
     }
 
     #[test]
