@@ -408,12 +408,9 @@ pub fn train(
     let mut paused = std::time::Duration::ZERO;
     if horizon_free == Some(first) {
         // Continued (or resumed) exactly where the state a longer run needs was taken.
-        Checkpoint::of(first, &losses, &record, 0.0, start.identity).save_for_output(
-            &handoff_dir,
-            &vars,
-            &ema_vars,
-            &flat,
-        )?;
+        Checkpoint::of(first, &losses, &record, 0.0, start.identity)
+            .for_output()
+            .save(&handoff_dir, &vars, &ema_vars, &flat)?;
     }
 
     for k in first..s.steps {
@@ -469,12 +466,9 @@ pub fn train(
             losses.read()?;
             // Before the resume checkpoint: a run resumed past this step finds it written.
             if handoff {
-                Checkpoint::of(done, &losses, &record, 0.0, start.identity).save_for_output(
-                    &handoff_dir,
-                    &vars,
-                    &ema_vars,
-                    &flat,
-                )?;
+                Checkpoint::of(done, &losses, &record, 0.0, start.identity)
+                    .for_output()
+                    .save(&handoff_dir, &vars, &ema_vars, &flat)?;
             }
             if save {
                 let elapsed = (loop_start.elapsed() - paused).as_secs_f64();
@@ -859,17 +853,7 @@ impl<'a> Checkpoint<'a> {
         let old = dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(OpError::io("create", &tmp))?;
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (prefix, map) in [("w", vars), ("ema", ema)] {
-            for (name, t) in map {
-                tensors.push((format!("{prefix}/{name}"), t.shallow_clone()));
-            }
-        }
-        for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
-            for (name, t) in flat.moments(moment) {
-                tensors.push((format!("{prefix}/{name}"), t));
-            }
-        }
+        let tensors = state_tensors(vars, ema, flat);
         let weights = tmp.join("state.safetensors");
         Tensor::write_safetensors(&tensors, &weights)
             .map_err(|e| OpError::Failed(format!("writing `{}`: {e}", weights.display())))?;
@@ -895,21 +879,14 @@ impl<'a> Checkpoint<'a> {
         Ok(())
     }
 
-    /// [`Checkpoint::save`] with nothing of this execution in it (time, where it continued
-    /// from): the state an output keeps is the same bytes however the run got there.
-    fn save_for_output(
-        &self,
-        dir: &Path,
-        vars: &BTreeMap<String, Tensor>,
-        ema: &BTreeMap<String, Tensor>,
-        flat: &Flat,
-    ) -> Result<(), OpError> {
+    /// This state with nothing of this execution in it (time, where it continued from): the
+    /// state an output keeps is the same bytes however the run got there.
+    fn for_output(self) -> Checkpoint<'a> {
         Checkpoint {
             train_seconds: 0.0,
             continued: None,
-            ..*self
+            ..self
         }
-        .save(dir, vars, ema, flat)
     }
 
     /// The latest complete state in `dir` (or in its `.old` twin, if a save was cut between
@@ -944,6 +921,28 @@ impl<'a> Checkpoint<'a> {
     }
 }
 
+/// The tensors of a training state by their names in `state.safetensors`: views of the
+/// variables and of the moments' flat buffers, so that saving reads them and restoring writes
+/// them.
+fn state_tensors(
+    vars: &BTreeMap<String, Tensor>,
+    ema: &BTreeMap<String, Tensor>,
+    flat: &Flat,
+) -> Vec<(String, Tensor)> {
+    let mut tensors = Vec::new();
+    for (prefix, map) in [("w", vars), ("ema", ema)] {
+        for (name, t) in map {
+            tensors.push((format!("{prefix}/{name}"), t.shallow_clone()));
+        }
+    }
+    for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
+        for (name, t) in flat.moments(moment) {
+            tensors.push((format!("{prefix}/{name}"), t));
+        }
+    }
+    tensors
+}
+
 struct Loaded {
     step: i64,
     meta: CheckpointMeta,
@@ -967,19 +966,8 @@ impl Loaded {
         ema: &BTreeMap<String, Tensor>,
         flat: &mut Flat,
     ) -> Result<(), OpError> {
-        let mut targets: Vec<(String, Tensor)> = Vec::new();
-        for (prefix, map) in [("w", vars), ("ema", ema)] {
-            for (name, t) in map {
-                targets.push((format!("{prefix}/{name}"), t.shallow_clone()));
-            }
-        }
-        for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
-            for (name, t) in flat.moments(moment) {
-                targets.push((format!("{prefix}/{name}"), t));
-            }
-        }
         tch::no_grad(|| {
-            for (key, mut t) in targets {
+            for (key, mut t) in state_tensors(vars, ema, flat) {
                 let saved = self.tensors.get(&key).ok_or_else(|| {
                     OpError::Failed(format!(
                         "the training state lacks `{key}`: it was saved by another model"
