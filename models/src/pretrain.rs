@@ -216,11 +216,15 @@ fn load_square(data: &Dataset, ctx: &OpContext) -> Result<needle_ops::dataset::P
     Ok(pixels)
 }
 
-/// What a run of this step must match to be continued: see [`train::Identity`].
+/// What a run of this step must match to be continued: see [`train::Identity`]. Without
+/// `save_every`, which changes nothing in the output: the state kept there is then the same
+/// bytes whatever cadence of resumable checkpoints made it.
 fn identity<const N: usize>(ctx: &OpContext, inputs: [(&str, String); N]) -> Identity {
+    let mut params = ctx.params.clone();
+    params.remove("save_every");
     Identity {
         op: ctx.op.clone(),
-        params: ctx.params.clone(),
+        params,
         inputs: inputs
             .into_iter()
             .map(|(name, digest)| (name.to_string(), digest))

@@ -417,8 +417,8 @@ fn the_masked_transformer_trains_tunes_and_samples_through_the_same_ops() {
     assert!(summary.contains("masked-transformer"), "{summary}");
 }
 
-/// Every file under `dir` (relative path → bytes), but those named in `except`.
-fn files(dir: &Path, except: &[&str]) -> std::collections::BTreeMap<String, Vec<u8>> {
+/// Every file under `dir` (relative path → BLAKE3 of its bytes), but those named in `except`.
+fn files(dir: &Path, except: &[&str]) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -432,7 +432,8 @@ fn files(dir: &Path, except: &[&str]) -> std::collections::BTreeMap<String, Vec<
             if path.is_dir() {
                 stack.push(path);
             } else if !except.contains(&name.as_str()) {
-                out.insert(name, std::fs::read(&path).unwrap());
+                let bytes = std::fs::read(&path).unwrap();
+                out.insert(name, blake3::hash(&bytes).to_hex().to_string());
             }
         }
     }
@@ -585,4 +586,54 @@ fn continuing_refuses_what_a_direct_run_would_not_pass_through() {
     run(&QualityTuneOp, tune.clone(), &again, &dir("again"));
     let record = ["metrics.json", "summary.md"];
     assert_eq!(files(&dir("short"), &record), files(&dir("again"), &record));
+}
+
+#[test]
+fn a_continued_run_cut_short_resumes_to_the_direct_runs_bytes() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    let (data, model) = base(tmp.path());
+    let tune = tiny(json!({"batch": 8, "checkpoint_every": 4, "schedule": "wsd"}));
+    let inputs = [("model", model.as_path()), ("data", data.as_path())];
+    run(
+        &QualityTuneOp,
+        merged(&tune, json!({"steps": 4})),
+        &inputs,
+        &dir("short"),
+    );
+    run(
+        &QualityTuneOp,
+        merged(&tune, json!({"steps": 8})),
+        &inputs,
+        &dir("direct"),
+    );
+
+    // `save_every` may differ: a resumable checkpoint every 3 steps, the last at step 6 (where
+    // wsd's decay starts in 8 steps).
+    let short = dir("short");
+    let mut continuing = inputs.to_vec();
+    continuing.push(("continue_from", &short));
+    let attempt = |out: &str| {
+        let params = merged(&tune, json!({"steps": 8, "save_every": 3}));
+        let mut ctx = context(&QualityTuneOp, params, &continuing, &dir(out));
+        ctx.resume = Some(dir("resume"));
+        QualityTuneOp.run(&ctx).unwrap();
+    };
+    attempt("first");
+    // What an attempt cut after step 7 leaves in the resume directory: its checkpoint of step
+    // 6, and the EMA snapshot of step 4 (the finished attempt moved it into its output).
+    let kept = "checkpoints/step-000004.safetensors";
+    std::fs::copy(dir("first").join(kept), dir("resume").join(kept)).unwrap();
+    // The next attempt resumes there: it does not read `continue_from`'s state again.
+    std::fs::remove_dir_all(short.join("state")).unwrap();
+    attempt("second");
+
+    let record = ["metrics.json", "summary.md"];
+    assert_eq!(
+        files(&dir("direct"), &record),
+        files(&dir("second"), &record)
+    );
+    let m = json_file(dir("second").join("metrics.json"));
+    assert_eq!(m["continued_from"], json!({"step": 3, "of_steps": 4}));
 }
