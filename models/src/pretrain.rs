@@ -9,7 +9,10 @@
 //!
 //! Output: `model.safetensors` (the EMA weights: what `sample` uses), `config.json`,
 //! `checkpoints/step-NNNNNN.safetensors` (quality-tune), `metrics.json` (loss curve,
-//! parameters, device), `summary.md`. How fast the training went, and whether it resumed, are
+//! parameters, device), `summary.md`, and for a `constant` or `wsd` schedule `state/`: the
+//! training state a longer run of the same settings continues from (input `continue_from`; see
+//! [`crate::train`]). A continued run's output is a direct run's, bytes included, but for the
+//! `continued_from` its `metrics.json` and `summary.md` record. How fast the training went, and whether it resumed, are
 //! facts of one execution, not of the model: they go to the step's log (`needle logs`), so that
 //! training the same model again gives the same artifact and its dependents stay cached.
 
@@ -26,7 +29,7 @@ use crate::generator::{self, Generator};
 use crate::masked::{self, MaskedConfig, MaskedModel};
 use crate::precision::Precision;
 use crate::text::Vocabulary;
-use crate::train::{self, Examples, LrSchedule, Record, Settings};
+use crate::train::{self, Examples, Identity, LrSchedule, Record, Settings, Start, Trainee};
 use crate::unet::UNetShape;
 
 pub struct PretrainOp;
@@ -39,19 +42,12 @@ impl Op for PretrainOp {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let arch: String = ctx.param("arch")?;
-        let steps: i64 = ctx.param("steps")?;
-        let share: f64 = ctx.param("offset_share")?;
-        if !(0.0..=1.0).contains(&share) {
-            return Err(OpError::Param {
-                name: "offset_share".into(),
-                why: format!("{share} must be in [0, 1]"),
-            });
-        }
         let settings = Settings {
-            offset_from: steps - (share * steps as f64).round() as i64,
+            offset_share: ctx.param("offset_share")?,
             keep_every: 0,
             ..settings(ctx)?
         };
+        settings.check()?;
         let device = crate::device(ctx);
         let data = Dataset::open(ctx.input("data")?)?;
         let pixels = load_square(&data, ctx)?;
@@ -120,16 +116,13 @@ impl Op for PretrainOp {
         ema_vs
             .copy(&vs)
             .map_err(|e| OpError::Failed(format!("copying the initial weights: {e}")))?;
-        fit(
-            ctx,
-            model.as_ref(),
-            &vs,
-            &ema_vs,
-            &examples,
-            &settings,
-            "pretrain",
-            &[],
-        )
+        let identity = identity(ctx, [("data", data_fingerprint(&pixels, &captions))]);
+        let trainee = Trainee {
+            model: model.as_ref(),
+            vs: &vs,
+            ema_vs: &ema_vs,
+        };
+        fit(ctx, &trainee, &examples, &settings, &identity, &[])
     }
 }
 
@@ -140,10 +133,11 @@ impl Op for QualityTuneOp {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let settings = Settings {
-            offset_from: 0,
+            offset_share: 1.0,
             keep_every: ctx.param("checkpoint_every")?,
             ..settings(ctx)?
         };
+        settings.check()?;
         let device = crate::device(ctx);
         let base = ctx.input("model")?;
         let (model, vs) = generator::load(base, &base.join(WEIGHTS), device)?;
@@ -162,17 +156,20 @@ impl Op for QualityTuneOp {
         }
         let captions: Vec<&str> = data.records().iter().map(|r| r.text.as_str()).collect();
         let unknown = model.vocabulary().unknown(&captions);
-        let data = train::examples(&pixels, model.vocabulary().tokenize(&captions), device);
-        fit(
+        let identity = identity(
             ctx,
-            model.as_ref(),
-            &vs,
-            &ema_vs,
-            &data,
-            &settings,
-            "quality-tune",
-            &unknown,
-        )
+            [
+                ("model", file_fingerprint(&base.join(WEIGHTS))?),
+                ("data", data_fingerprint(&pixels, &captions)),
+            ],
+        );
+        let data = train::examples(&pixels, model.vocabulary().tokenize(&captions), device);
+        let trainee = Trainee {
+            model: model.as_ref(),
+            vs: &vs,
+            ema_vs: &ema_vs,
+        };
+        fit(ctx, &trainee, &data, &settings, &identity, &unknown)
     }
 }
 
@@ -188,7 +185,7 @@ fn settings(ctx: &OpContext) -> Result<Settings, OpError> {
         ema: ctx.param("ema")?,
         caption_dropout: ctx.param("caption_dropout")?,
         offset_noise: ctx.param("offset_noise")?,
-        offset_from: 0,
+        offset_share: 0.0,
         flip: ctx.param("flip")?,
         save_every: ctx.param("save_every")?,
         keep_every: 0,
@@ -219,20 +216,60 @@ fn load_square(data: &Dataset, ctx: &OpContext) -> Result<needle_ops::dataset::P
     Ok(pixels)
 }
 
-/// Train, then write the output: EMA weights, config, kept checkpoints, metrics, summary.
-#[allow(clippy::too_many_arguments)]
+/// What a run of this step must match to be continued: see [`train::Identity`]. Without
+/// `save_every`, which changes nothing in the output: the state kept there is then the same
+/// bytes whatever cadence of resumable checkpoints made it.
+fn identity<const N: usize>(ctx: &OpContext, inputs: [(&str, String); N]) -> Identity {
+    let mut params = ctx.params.clone();
+    params.remove("save_every");
+    Identity {
+        op: ctx.op.clone(),
+        params,
+        inputs: inputs
+            .into_iter()
+            .map(|(name, digest)| (name.to_string(), digest))
+            .collect(),
+    }
+}
+
+/// BLAKE3 of the training images and captions, as the op read them.
+fn data_fingerprint(pixels: &needle_ops::dataset::Pixels, captions: &[&str]) -> String {
+    let mut h = blake3::Hasher::new();
+    for dim in [pixels.n, pixels.height, pixels.width] {
+        h.update(&(dim as u64).to_le_bytes());
+    }
+    h.update(&pixels.data);
+    for caption in captions {
+        h.update(caption.as_bytes());
+        h.update(b"\0");
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// BLAKE3 of a file's bytes.
+fn file_fingerprint(path: &Path) -> Result<String, OpError> {
+    let bytes = std::fs::read(path).map_err(OpError::io("read", path))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// Train, then write the output: EMA weights, config, kept checkpoints, the state a longer run
+/// continues from, metrics, summary.
 fn fit(
     ctx: &OpContext,
-    model: &dyn Generator,
-    vs: &nn::VarStore,
-    ema_vs: &nn::VarStore,
+    trainee: &Trainee<'_>,
     data: &Examples,
     settings: &Settings,
-    stage: &str,
+    identity: &Identity,
     unknown_words: &[String],
 ) -> Result<(), OpError> {
+    let stage = ctx.op.as_str();
+    let (model, vs, ema_vs) = (trainee.model, trainee.vs, trainee.ema_vs);
     let work = Workdir::for_ctx(ctx)?;
-    let record = train::train(ctx, model, vs, ema_vs, data, settings, work.path())?;
+    let start = Start {
+        identity,
+        continue_from: ctx.optional_input(train::CONTINUE_FROM)?,
+    };
+    let record = train::train(ctx, trainee, data, settings, &start, work.path())?;
     let out = &ctx.out;
     let weights = out.join(WEIGHTS);
     ema_vs
@@ -243,11 +280,17 @@ fn fit(
         let dir = out.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(OpError::io("create", &dir))?;
         for &step in &record.kept {
-            let from = train::kept_path(work.path(), step);
-            let to = train::kept_path(out, step);
-            if std::fs::rename(&from, &to).is_err() {
-                std::fs::copy(&from, &to).map_err(OpError::io("copy", &from))?;
-            }
+            move_file(
+                &train::kept_path(work.path(), step),
+                &train::kept_path(out, step),
+            )?;
+        }
+    }
+    if let Some(state) = &record.state {
+        let dir = out.join(train::STATE);
+        std::fs::create_dir_all(&dir).map_err(OpError::io("create", &dir))?;
+        for file in ["state.safetensors", "state.json"] {
+            move_file(&state.join(file), &dir.join(file))?;
         }
     }
     let device = match vs.device() {
@@ -272,6 +315,10 @@ fn fit(
         "checkpoints": record.kept,
         "unknown_words": unknown_words,
     });
+    let mut metrics = metrics;
+    if let Some(c) = record.continued {
+        metrics["continued_from"] = json!({"step": c.step, "of_steps": c.of});
+    }
     let path = out.join("metrics.json");
     std::fs::write(
         &path,
@@ -296,6 +343,12 @@ fn timing(stage: &str, s: &Settings, r: &Record, device: &str) -> String {
     );
     if r.resumed_from > 0 {
         line.push_str(&format!(" (resumed from step {})", r.resumed_from));
+    }
+    if let Some(c) = r.continued {
+        line.push_str(&format!(
+            " (continued from the state at step {} of a {}-step run)",
+            c.step, c.of
+        ));
     }
     line
 }
@@ -329,6 +382,13 @@ fn summary(
             steps.join(", ")
         ));
     }
+    if let Some(c) = r.continued {
+        md.push_str(&format!(
+            "\nContinued from the training state at step {} of a {}-step run \
+             (`continue_from`): the same weights as training {} steps directly.\n",
+            c.step, c.of, s.steps
+        ));
+    }
     if !unknown_words.is_empty() {
         md.push_str(&format!(
             "\nCaption words the model's vocabulary lacks (read as unknown): {}.\n",
@@ -336,6 +396,14 @@ fn summary(
         ));
     }
     md
+}
+
+/// Move `from` to `to`, copying where a rename cannot (another file system).
+fn move_file(from: &Path, to: &Path) -> Result<(), OpError> {
+    if std::fs::rename(from, to).is_err() {
+        std::fs::copy(from, to).map_err(OpError::io("copy", from))?;
+    }
+    Ok(())
 }
 
 /// Where training keeps its resumable state: the runner's resume directory when there is one

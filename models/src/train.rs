@@ -1,12 +1,22 @@
 //! The training loop `pretrain` and `quality-tune` share: v-prediction loss on the cosine
 //! schedule, caption dropout for classifier-free guidance, offset noise, AdamW, EMA weights,
-//! progress lines for the runner, and checkpoints that let an interrupted run resume.
+//! progress lines for the runner, and checkpoints that let an interrupted run resume or a
+//! longer run continue a shorter one.
 //!
 //! Resuming gives the same weights as an uninterrupted run: every step draws its randomness
 //! from a generator seeded by (seed, step), and a checkpoint holds everything else (weights,
-//! EMA weights, AdamW's moments, the loss curve so far). Checkpoints go to the op's resume
+//! EMA weights, AdamW's moments, every step's loss so far). Checkpoints go to the op's resume
 //! directory (`NEEDLE_RESUME`), which the runner keeps across failed attempts and drops once
 //! the step succeeds; nothing of them is part of the step's key or its output.
+//!
+//! Continuing (`continue_from`): the same kind of checkpoint, taken at the last step that does
+//! not depend on the run's length ([`Settings::horizon_free`]), goes into the output as
+//! `state/`. A run of the same settings to more steps starts from it and reaches the very
+//! weights of a run trained to its length directly: up to that step both ran the same
+//! arithmetic on the same draws. With `constant` that step is the last one; with `wsd` the start
+//! of the decay, so the output keeps the undecayed state; pretraining's offset noise on the final
+//! share of steps moves it to where that share starts; `cosine` decays towards a horizon from
+//! the first step after warm-up and cannot be continued.
 //!
 //! Keeping a GPU busy: the model's trainable weights live in one flat float32 buffer, each
 //! parameter a view into it ([`Flat`]), and so do their gradients, AdamW's moments and the EMA
@@ -28,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use needle_ops::{OpContext, OpError, Progress};
+use serde_json::Value;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
@@ -48,10 +59,11 @@ pub struct Settings {
     pub ema: f64,
     /// Share of examples trained without their caption.
     pub caption_dropout: f64,
-    /// Offset noise: one extra Gaussian per image and channel, times this, from step
-    /// `offset_from` on (Emu: 0.02 at the end of pre-training, 0.1 when quality-tuning).
+    /// Offset noise: one extra Gaussian per image and channel, times this, on the final
+    /// `offset_share` of the steps (Emu: 0.02 at the end of pre-training, 0.1 throughout
+    /// quality-tuning, share 1).
     pub offset_noise: f64,
-    pub offset_from: i64,
+    pub offset_share: f64,
     /// Mirror images left-right at random.
     pub flip: bool,
     /// Save a resumable checkpoint every this many steps (0: never).
@@ -72,7 +84,18 @@ pub enum LrSchedule {
     Constant,
     /// Cosine decay to a tenth of `lr` at the last step.
     Cosine,
+    /// Warm-up, stable, decay: constant, then a linear decay towards zero over the final
+    /// [`WSD_DECAY`] of the steps (Hu et al. 2024, Hägele et al. 2024).
+    Wsd,
 }
+
+/// The share of the steps `wsd` decays over. Fixed rather than a param: a new param with a
+/// default enters the key of every training step, and would re-run every cached one.
+pub const WSD_DECAY: f64 = 0.2;
+
+/// Params a continued run may have other than its `continue_from`: the length, and how often
+/// the resumable checkpoints that never reach the output are written.
+pub const MAY_DIFFER: [&str; 2] = ["steps", "save_every"];
 
 impl Settings {
     /// The learning rate of step `k` (0-based).
@@ -89,8 +112,45 @@ impl Settings {
                 let progress = ((k - self.warmup).max(0) as f64 / span).min(1.0);
                 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
+            LrSchedule::Wsd => {
+                let from = self.decay_from();
+                // Over the decay's d steps: d/(d+1), …, 1/(d+1) of `lr`.
+                let d = (self.steps - from) as f64;
+                if k < from {
+                    1.0
+                } else {
+                    1.0 - (k - from + 1) as f64 / (d + 1.0)
+                }
+            }
         };
         self.lr * warm * decay
+    }
+
+    /// The first step of `wsd`'s decay.
+    pub fn decay_from(&self) -> i64 {
+        self.steps - final_share(self.steps, WSD_DECAY)
+    }
+
+    /// The first step with offset noise.
+    pub fn offset_from(&self) -> i64 {
+        self.steps - final_share(self.steps, self.offset_share)
+    }
+
+    /// How many steps from the start depend on nothing but the settings other than `steps`,
+    /// so that every run of these settings to as many steps or more passes through the same
+    /// state there: the state a longer run may continue from. `None` for `cosine`, whose
+    /// learning rate depends on `steps` from the end of warm-up on.
+    pub fn horizon_free(&self) -> Option<i64> {
+        let mut end = match self.schedule {
+            LrSchedule::Cosine => return None,
+            LrSchedule::Constant => self.steps,
+            LrSchedule::Wsd => self.decay_from(),
+        };
+        // Offset noise from a step that moves with `steps` (a share strictly inside (0, 1)).
+        if self.offset_noise > 0.0 && self.offset_from() > 0 {
+            end = end.min(self.offset_from());
+        }
+        Some(end)
     }
 
     /// Check what the recipe's validator cannot: ranges.
@@ -125,12 +185,99 @@ impl Settings {
                 format!("{} must not be negative", self.offset_noise),
             );
         }
+        if !(0.0..=1.0).contains(&self.offset_share) {
+            return bad(
+                "offset_share",
+                format!("{} must be in [0, 1]", self.offset_share),
+            );
+        }
         Ok(())
     }
 }
 
+/// The number of steps in the final `share` of `steps`.
+fn final_share(steps: i64, share: f64) -> i64 {
+    (share * steps as f64).round() as i64
+}
+
+/// What a training state must match to be continued: the op, every param, and a fingerprint of
+/// each input the weights depend on (the data, and the model a tuning started from).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub op: String,
+    pub params: BTreeMap<String, Value>,
+    /// Input name → BLAKE3 (hex) of what the op read from it.
+    pub inputs: BTreeMap<String, String>,
+}
+
+impl Identity {
+    /// Refuse to continue `theirs` (a saved state's) into this run unless only the params of
+    /// [`MAY_DIFFER`] differ and it trained no more steps; the error names what differs, with
+    /// both values.
+    fn check_continues(&self, theirs: &Identity) -> Result<(), OpError> {
+        let refuse = |why: String| {
+            Err(OpError::Input {
+                name: CONTINUE_FROM.into(),
+                why,
+            })
+        };
+        if theirs.op != self.op {
+            return refuse(format!(
+                "is a `{}` output; this step is `{}`",
+                theirs.op, self.op
+            ));
+        }
+        let names: std::collections::BTreeSet<&String> =
+            theirs.params.keys().chain(self.params.keys()).collect();
+        let shown = |v: Option<&Value>| v.map_or("nothing".to_string(), |v| format!("`{v}`"));
+        for name in names {
+            let (a, b) = (theirs.params.get(name), self.params.get(name));
+            if a != b && !MAY_DIFFER.contains(&name.as_str()) {
+                return refuse(format!(
+                    "was trained with `{name}` = {}, this step has {} (only `steps` and \
+                     `save_every` may differ)",
+                    shown(a),
+                    shown(b)
+                ));
+            }
+        }
+        let steps = |i: &Identity| i.params.get("steps").and_then(Value::as_i64).unwrap_or(0);
+        if steps(theirs) > steps(self) {
+            return refuse(format!(
+                "was trained for {} steps, more than this step's {}: a run continues into a \
+                 longer one, never a shorter",
+                steps(theirs),
+                steps(self)
+            ));
+        }
+        for (name, digest) in &self.inputs {
+            if theirs.inputs.get(name) != Some(digest) {
+                return refuse(format!(
+                    "was trained from another input `{name}` than this step's"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The input naming the shorter run to continue.
+pub const CONTINUE_FROM: &str = "continue_from";
+
+/// Where an output keeps the training state a longer run continues from.
+pub const STATE: &str = "state";
+
+/// Where a run continued from a shorter one's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Continued {
+    /// The step of the state it started from.
+    pub step: i64,
+    /// The steps of the run that saved it.
+    pub of: i64,
+}
+
 /// What a finished training run measured.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Record {
     /// (step, mean loss over the steps since the previous point).
     pub loss_curve: Vec<(i64, f64)>,
@@ -141,8 +288,12 @@ pub struct Record {
     pub train_seconds: f64,
     /// Steps this attempt started from (0 unless it resumed).
     pub resumed_from: i64,
+    /// The shorter run this one continued, if it did.
+    pub continued: Option<Continued>,
     /// Steps whose EMA weights were kept in `checkpoints/`.
     pub kept: Vec<i64>,
+    /// The state a longer run may continue from (in `work`), if these settings allow one.
+    pub state: Option<PathBuf>,
 }
 
 /// The data a model trains on, on its device: images in [-1, 1] and caption tokens.
@@ -151,19 +302,43 @@ pub struct Examples {
     pub tokens: Tensor,
 }
 
-/// Train `model` (its weights in `vs`) on `data`, keeping EMA weights in `ema_vs` (a store of
-/// the same model, already holding the starting weights). `work` holds resumable checkpoints
-/// and the kept EMA snapshots (`work/checkpoints/`).
+/// A model to train: its weights in `vs`, a store of the same model `ema_vs` holding the
+/// starting weights for the EMA.
+pub struct Trainee<'a> {
+    pub model: &'a dyn Generator,
+    pub vs: &'a nn::VarStore,
+    pub ema_vs: &'a nn::VarStore,
+}
+
+/// Where a run starts: from scratch (the trainee's weights), or from the training state of a
+/// shorter run of the same settings (an output's `state/`, with `checkpoints/` beside it).
+/// Either way, a resumable checkpoint in `work` from an earlier attempt of this very run wins.
+pub struct Start<'a> {
+    pub identity: &'a Identity,
+    pub continue_from: Option<&'a Path>,
+}
+
+/// Train on `data`. `work` holds resumable checkpoints, the kept EMA snapshots
+/// (`work/checkpoints/`) and the state a longer run may continue from (`work/handoff/`).
 pub fn train(
     ctx: &OpContext,
-    model: &dyn Generator,
-    vs: &nn::VarStore,
-    ema_vs: &nn::VarStore,
+    trainee: &Trainee<'_>,
     data: &Examples,
     s: &Settings,
+    start: &Start<'_>,
     work: &Path,
 ) -> Result<Record, OpError> {
     s.check()?;
+    let horizon_free = s.horizon_free();
+    if start.continue_from.is_some() && horizon_free.is_none() {
+        return Err(OpError::Param {
+            name: "schedule".into(),
+            why: "`cosine` decays towards the last step, so a shorter run never passes \
+                  through this run's states: `continue_from` needs `constant` or `wsd`"
+                .into(),
+        });
+    }
+    let Trainee { model, vs, ema_vs } = *trainee;
     let device = vs.device();
     crate::benchmark_convolutions(device);
     let vars = named(vs);
@@ -179,28 +354,66 @@ pub fn train(
         images_per_second: 0.0,
         train_seconds: 0.0,
         resumed_from: 0,
+        continued: None,
         kept: Vec::new(),
+        state: None,
     };
-    let mut losses = Losses::new(s);
+    let mut losses = Losses::default();
     let state_dir = work.join("state");
-    let mut start = 0;
-    if let Some(saved) = Checkpoint::load(&state_dir)? {
+    let handoff_dir = work.join("handoff");
+    let kept_dir = work.join("checkpoints");
+    std::fs::create_dir_all(&kept_dir).map_err(OpError::io("create", &kept_dir))?;
+    let resumed = Checkpoint::load(&state_dir).unwrap_or_else(|e| {
+        println!("ignoring the resume state ({e}): starting over");
+        None
+    });
+    let mut first = 0;
+    if let Some(saved) = resumed {
         saved.restore(&vars, &ema_vars, &mut flat)?;
-        start = saved.step;
-        record = saved.record;
-        record.resumed_from = start;
-        losses.open = saved.window;
+        first = saved.step;
+        record.resumed_from = first;
+        record.train_seconds = saved.meta.train_seconds;
+        record.continued = saved
+            .meta
+            .continued
+            .map(|(step, of)| Continued { step, of });
+        record.kept = saved.meta.kept.clone();
+        losses.values = saved.losses();
+    } else if let Some(from) = start.continue_from {
+        let saved = continuation(from, start.identity, s, horizon_free)?;
+        saved
+            .restore(&vars, &ema_vars, &mut flat)
+            .map_err(|e| OpError::Input {
+                name: CONTINUE_FROM.into(),
+                why: format!("holds a state of another model: {e}"),
+            })?;
+        first = saved.step;
+        let of = steps_of(&saved.meta.identity);
+        record.continued = Some(Continued { step: first, of });
+        // The EMA snapshots a direct run keeps up to here: every `keep_every` steps.
+        for &k in &saved.meta.kept {
+            if k <= first && s.keep_every > 0 && (k % s.keep_every == 0 || k == s.steps) {
+                let (src, dst) = (kept_path(from, k), kept_path(work, k));
+                std::fs::copy(&src, &dst).map_err(OpError::io("copy", &src))?;
+                record.kept.push(k);
+            }
+        }
+        losses.values = saved.losses();
     }
-    std::fs::create_dir_all(work.join("checkpoints"))
-        .map_err(OpError::io("create", work.join("checkpoints")))?;
 
     let n = data.images.size()[0];
     let loop_start = Instant::now();
     let mut last_report = Instant::now();
-    let mut reported_step = start;
+    let mut reported_step = first;
     let mut paused = std::time::Duration::ZERO;
+    if horizon_free == Some(first) {
+        // Continued (or resumed) exactly where the state a longer run needs was taken.
+        Checkpoint::of(first, &losses, &record, 0.0, start.identity)
+            .for_output()
+            .save(&handoff_dir, &vars, &ema_vars, &flat)?;
+    }
 
-    for k in start..s.steps {
+    for k in first..s.steps {
         tch::manual_seed(step_seed(s.seed, k));
         let idx = Tensor::randint(n, [s.batch], (Kind::Int64, device));
         let mut x0 = data.images.index_select(0, &idx);
@@ -210,7 +423,7 @@ pub fn train(
         }
         let tokens = data.tokens.index_select(0, &idx);
         let drop = Tensor::rand([s.batch], (Kind::Float, device)).lt(s.caption_dropout);
-        let offset = if k >= s.offset_from {
+        let offset = if k >= s.offset_from() {
             s.offset_noise
         } else {
             0.0
@@ -226,21 +439,22 @@ pub fn train(
 
         let done = k + 1;
         if last_report.elapsed().as_millis() >= 500 || done == s.steps {
-            losses.read(&mut record.loss_curve)?;
+            losses.read()?;
             let secs = last_report.elapsed().as_secs_f64();
             ctx.report(&Progress {
                 done: done as u64,
                 total: Some(s.steps as u64),
                 unit: "step".into(),
-                loss: record.loss_curve.last().map(|p| p.1).or(losses.last),
+                loss: losses.curve(s.steps).last().map(|p| p.1).or(losses.last()),
                 rate: Some((done - reported_step) as f64 * s.batch as f64 / secs.max(1e-9)),
             });
             last_report = Instant::now();
             reported_step = done;
         }
         let keep = s.keep_every > 0 && (done % s.keep_every == 0 || done == s.steps);
+        let handoff = horizon_free == Some(done);
         let save = s.save_every > 0 && done % s.save_every == 0 && done < s.steps;
-        if keep || save {
+        if keep || handoff || save {
             let pause = Instant::now();
             if keep {
                 let path = kept_path(work, done);
@@ -249,31 +463,86 @@ pub fn train(
                     .map_err(|e| OpError::Failed(format!("saving `{}`: {e}", path.display())))?;
                 record.kept.push(done);
             }
-            losses.read(&mut record.loss_curve)?;
-            let elapsed = (loop_start.elapsed() - paused).as_secs_f64();
-            let mut snapshot = record.clone();
-            snapshot.train_seconds += elapsed;
-            Checkpoint {
-                step: done,
-                record: snapshot,
-                window: losses.open,
+            losses.read()?;
+            // Before the resume checkpoint: a run resumed past this step finds it written.
+            if handoff {
+                Checkpoint::of(done, &losses, &record, 0.0, start.identity)
+                    .for_output()
+                    .save(&handoff_dir, &vars, &ema_vars, &flat)?;
             }
-            .save(&state_dir, &vars, &ema_vars, &flat)?;
+            if save {
+                let elapsed = (loop_start.elapsed() - paused).as_secs_f64();
+                Checkpoint::of(
+                    done,
+                    &losses,
+                    &record,
+                    record.train_seconds + elapsed,
+                    start.identity,
+                )
+                .save(&state_dir, &vars, &ema_vars, &flat)?;
+            }
             paused += pause.elapsed();
         }
         if s.interrupt_after == Some(done) {
             return Err(OpError::Failed(format!("interrupted after step {done}")));
         }
     }
-    losses.read(&mut record.loss_curve)?;
+    losses.read()?;
+    record.loss_curve = losses.curve(s.steps);
     // The host runs ahead of a GPU: the loop is over when the device has done its work.
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
     let elapsed = (loop_start.elapsed() - paused).as_secs_f64();
     record.train_seconds += elapsed;
-    record.images_per_second = (s.steps - start) as f64 * s.batch as f64 / elapsed.max(1e-9);
+    record.images_per_second = (s.steps - first) as f64 * s.batch as f64 / elapsed.max(1e-9);
+    record.state = horizon_free.map(|_| handoff_dir);
     Ok(record)
+}
+
+/// The state in output `from` this run continues from, checked to be one of a shorter run of
+/// the same settings, taken no later than this run's own horizon-free steps.
+fn continuation(
+    from: &Path,
+    ours: &Identity,
+    s: &Settings,
+    horizon_free: Option<i64>,
+) -> Result<Loaded, OpError> {
+    let dir = from.join(STATE);
+    let saved = Checkpoint::load(&dir)
+        .map_err(|e| OpError::Input {
+            name: CONTINUE_FROM.into(),
+            why: format!("holds a training state this build cannot read: {e}"),
+        })?
+        .ok_or_else(|| OpError::Input {
+            name: CONTINUE_FROM.into(),
+            why: format!(
+                "holds no training state (`{STATE}/`): only a `constant` or `wsd` run keeps \
+                 one, and only since needle kept them (run that step again with `--force`)"
+            ),
+        })?;
+    ours.check_continues(&saved.meta.identity)?;
+    let until = horizon_free.unwrap_or(0);
+    if saved.step > until || saved.step > s.steps {
+        return Err(OpError::Input {
+            name: CONTINUE_FROM.into(),
+            why: format!(
+                "holds the state at step {}, past this run's step {until}, after which its \
+                 schedule depends on `steps`",
+                saved.step
+            ),
+        });
+    }
+    Ok(saved)
+}
+
+/// The `steps` param of a saved run.
+fn steps_of(identity: &Identity) -> i64 {
+    identity
+        .params
+        .get("steps")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
 }
 
 /// Where the EMA weights of step `step` are kept.
@@ -296,37 +565,26 @@ fn named(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
     vs.variables().into_iter().collect()
 }
 
-/// The per-step losses, kept on the device until the host needs them, and the loss curve's
-/// open window: a point of the curve is the mean loss over `window` steps (the run's steps / 50).
+/// Every step's loss: those read from the device, from step 0 on, and those still on it.
+#[derive(Default)]
 struct Losses {
     /// (0-based step, loss) not yet read.
     pending: Vec<(i64, Tensor)>,
-    window: i64,
-    steps: i64,
-    /// (sum, count) of the losses of the window not yet closed.
-    open: (f64, i64),
-    /// The last loss read.
-    last: Option<f64>,
+    values: Vec<f32>,
 }
 
 impl Losses {
-    fn new(s: &Settings) -> Losses {
-        Losses {
-            pending: Vec::new(),
-            window: (s.steps / 50).max(1),
-            steps: s.steps,
-            open: (0.0, 0),
-            last: None,
-        }
-    }
-
     fn push(&mut self, k: i64, loss: &Tensor) {
         self.pending.push((k, loss.detach()));
     }
 
-    /// Read the pending losses (one transfer, which waits for the device), closing the windows
-    /// they complete into `curve`. A loss that is not finite fails the run, naming its step.
-    fn read(&mut self, curve: &mut Vec<(i64, f64)>) -> Result<(), OpError> {
+    fn last(&self) -> Option<f64> {
+        self.values.last().map(|&l| f64::from(l))
+    }
+
+    /// Read the pending losses (one transfer, which waits for the device). A loss that is not
+    /// finite fails the run, naming its step.
+    fn read(&mut self) -> Result<(), OpError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -338,24 +596,35 @@ impl Losses {
         )
         .map_err(|e| OpError::Failed(format!("reading the losses: {e}")))?;
         for (&(k, _), value) in self.pending.iter().zip(values) {
-            let l = f64::from(value);
-            if !l.is_finite() {
+            if !value.is_finite() {
                 return Err(OpError::Failed(format!(
-                    "the loss is {l} at step {}: training diverged (lower lr?)",
+                    "the loss is {value} at step {}: training diverged (lower lr?)",
                     k + 1
                 )));
             }
-            self.last = Some(l);
-            self.open.0 += l;
-            self.open.1 += 1;
-            let done = k + 1;
-            if done % self.window == 0 || done == self.steps {
-                curve.push((done, self.open.0 / self.open.1 as f64));
-                self.open = (0.0, 0);
-            }
+            self.values.push(value);
         }
         self.pending.clear();
         Ok(())
+    }
+
+    /// The loss curve of a run of `steps`: a point per window of `steps / 50` steps (and one at
+    /// the last step), the mean loss over the window; only windows already complete. From the
+    /// losses alone, so that a run continued into a longer one draws the longer one's curve.
+    fn curve(&self, steps: i64) -> Vec<(i64, f64)> {
+        let window = (steps / 50).max(1);
+        let mut curve = Vec::new();
+        let (mut sum, mut count) = (0.0, 0);
+        for (k, &l) in self.values.iter().enumerate() {
+            sum += f64::from(l);
+            count += 1;
+            let done = k as i64 + 1;
+            if done % window == 0 || done == steps {
+                curve.push((done, sum / count as f64));
+                (sum, count) = (0.0, 0);
+            }
+        }
+        curve
     }
 }
 
@@ -517,32 +786,61 @@ fn adopt(slots: &[Slot], vars: &[Tensor], flat: Tensor) -> Tensor {
     flat
 }
 
-/// A resumable state: `state.safetensors` (weights `w/…` and EMA `ema/…` of every variable,
-/// AdamW's moments `m/…`, `v/…` of the trainable ones) and `state.json` (step, the record so
-/// far, the loss curve's open window).
-struct Checkpoint {
+/// A training state: `state.safetensors` (weights `w/…` and EMA `ema/…` of every variable,
+/// AdamW's moments `m/…`, `v/…` of the trainable ones) and `state.json` ([`CheckpointMeta`]).
+/// The same format serves a resumable checkpoint (in the resume directory) and the state an
+/// output keeps for a longer run to continue from (`state/`).
+struct Checkpoint<'a> {
     step: i64,
-    record: Record,
-    window: (f64, i64),
+    losses: &'a [f32],
+    kept: &'a [i64],
+    /// Seconds in the training loop so far (0 in an output: a figure of one execution).
+    train_seconds: f64,
+    continued: Option<Continued>,
+    identity: &'a Identity,
 }
 
-/// The loss figures of a checkpoint go into `state.json` as the bits of each f64: serde_json
-/// may parse a decimal back a unit in the last place off, and a resumed run must carry on with
+/// `state.json`. The losses go in as the bits of each f32: a resumed run must carry on with
 /// the very numbers an uninterrupted one has (they end up in `metrics.json`).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CheckpointMeta {
+    /// [`CheckpointMeta::FORMAT`]: states of another layout are not read.
+    format: u32,
+    identity: Identity,
     step: i64,
     adam_steps: i64,
-    /// The record so far; its loss curve is `loss_curve`'s.
-    record: Record,
-    /// (step, mean loss's bits).
-    loss_curve: Vec<(i64, u64)>,
-    /// (sum's bits, count) of the losses since the curve's last point: a run resumed inside a
-    /// window closes it with the same mean as an uninterrupted one.
-    window: (u64, i64),
+    /// Every step's loss, from step 0, as f32 bits.
+    losses: Vec<u32>,
+    kept: Vec<i64>,
+    train_seconds: f64,
+    /// (step, steps) of the state this run continued from, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    continued: Option<(i64, i64)>,
 }
 
-impl Checkpoint {
+impl CheckpointMeta {
+    const FORMAT: u32 = 2;
+}
+
+impl<'a> Checkpoint<'a> {
+    /// The state at step `step` of a run with these losses and record so far.
+    fn of(
+        step: i64,
+        losses: &'a Losses,
+        record: &'a Record,
+        train_seconds: f64,
+        identity: &'a Identity,
+    ) -> Checkpoint<'a> {
+        Checkpoint {
+            step,
+            losses: &losses.values,
+            kept: &record.kept,
+            train_seconds,
+            continued: record.continued,
+            identity,
+        }
+    }
+
     /// Write into `dir` atomically: a complete new state replaces the old one, or nothing does.
     fn save(
         &self,
@@ -555,31 +853,19 @@ impl Checkpoint {
         let old = dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(OpError::io("create", &tmp))?;
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (prefix, map) in [("w", vars), ("ema", ema)] {
-            for (name, t) in map {
-                tensors.push((format!("{prefix}/{name}"), t.shallow_clone()));
-            }
-        }
-        for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
-            for (name, t) in flat.moments(moment) {
-                tensors.push((format!("{prefix}/{name}"), t));
-            }
-        }
+        let tensors = state_tensors(vars, ema, flat);
         let weights = tmp.join("state.safetensors");
         Tensor::write_safetensors(&tensors, &weights)
             .map_err(|e| OpError::Failed(format!("writing `{}`: {e}", weights.display())))?;
         let meta = CheckpointMeta {
+            format: CheckpointMeta::FORMAT,
+            identity: self.identity.clone(),
             step: self.step,
             adam_steps: flat.adam_steps,
-            record: Record {
-                loss_curve: Vec::new(),
-                ..self.record.clone()
-            },
-            loss_curve: (self.record.loss_curve.iter())
-                .map(|&(step, loss)| (step, loss.to_bits()))
-                .collect(),
-            window: (self.window.0.to_bits(), self.window.1),
+            losses: self.losses.iter().map(|l| l.to_bits()).collect(),
+            kept: self.kept.to_vec(),
+            train_seconds: self.train_seconds,
+            continued: self.continued.map(|c| (c.step, c.of)),
         };
         let json = tmp.join("state.json");
         std::fs::write(&json, serde_json::to_vec(&meta).expect("state serialises"))
@@ -593,6 +879,16 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// This state with nothing of this execution in it (time, where it continued from): the
+    /// state an output keeps is the same bytes however the run got there.
+    fn for_output(self) -> Checkpoint<'a> {
+        Checkpoint {
+            train_seconds: 0.0,
+            continued: None,
+            ..self
+        }
+    }
+
     /// The latest complete state in `dir` (or in its `.old` twin, if a save was cut between
     /// its two renames), if any.
     fn load(dir: &Path) -> Result<Option<Loaded>, OpError> {
@@ -602,23 +898,22 @@ impl Checkpoint {
                 continue;
             };
             let meta: CheckpointMeta = serde_json::from_slice(&text)
-                .map_err(|e| OpError::Failed(format!("resume state `{}`: {e}", json.display())))?;
+                .ok()
+                .filter(|m: &CheckpointMeta| m.format == CheckpointMeta::FORMAT)
+                .ok_or_else(|| {
+                    OpError::Failed(format!(
+                        "`{}` is not a training state of this build's format",
+                        json.display()
+                    ))
+                })?;
             let weights = candidate.join("state.safetensors");
             let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&weights)
                 .map_err(|e| OpError::Failed(format!("reading `{}`: {e}", weights.display())))?
                 .into_iter()
                 .collect();
-            let loss_curve = (meta.loss_curve.iter())
-                .map(|&(step, bits)| (step, f64::from_bits(bits)))
-                .collect();
             return Ok(Some(Loaded {
                 step: meta.step,
-                adam_steps: meta.adam_steps,
-                record: Record {
-                    loss_curve,
-                    ..meta.record
-                },
-                window: (f64::from_bits(meta.window.0), meta.window.1),
+                meta,
                 tensors,
             }));
         }
@@ -626,15 +921,44 @@ impl Checkpoint {
     }
 }
 
+/// The tensors of a training state by their names in `state.safetensors`: views of the
+/// variables and of the moments' flat buffers, so that saving reads them and restoring writes
+/// them.
+fn state_tensors(
+    vars: &BTreeMap<String, Tensor>,
+    ema: &BTreeMap<String, Tensor>,
+    flat: &Flat,
+) -> Vec<(String, Tensor)> {
+    let mut tensors = Vec::new();
+    for (prefix, map) in [("w", vars), ("ema", ema)] {
+        for (name, t) in map {
+            tensors.push((format!("{prefix}/{name}"), t.shallow_clone()));
+        }
+    }
+    for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
+        for (name, t) in flat.moments(moment) {
+            tensors.push((format!("{prefix}/{name}"), t));
+        }
+    }
+    tensors
+}
+
 struct Loaded {
     step: i64,
-    adam_steps: i64,
-    record: Record,
-    window: (f64, i64),
+    meta: CheckpointMeta,
     tensors: BTreeMap<String, Tensor>,
 }
 
 impl Loaded {
+    /// Every step's loss up to the state's.
+    fn losses(&self) -> Vec<f32> {
+        self.meta
+            .losses
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect()
+    }
+
     /// Copy the saved values into the variables and the flat buffers (through their views).
     fn restore(
         &self,
@@ -642,30 +966,26 @@ impl Loaded {
         ema: &BTreeMap<String, Tensor>,
         flat: &mut Flat,
     ) -> Result<(), OpError> {
-        let mut targets: Vec<(String, Tensor)> = Vec::new();
-        for (prefix, map) in [("w", vars), ("ema", ema)] {
-            for (name, t) in map {
-                targets.push((format!("{prefix}/{name}"), t.shallow_clone()));
-            }
-        }
-        for (prefix, moment) in [("m", &flat.m), ("v", &flat.v)] {
-            for (name, t) in flat.moments(moment) {
-                targets.push((format!("{prefix}/{name}"), t));
-            }
-        }
         tch::no_grad(|| {
-            for (key, mut t) in targets {
+            for (key, mut t) in state_tensors(vars, ema, flat) {
                 let saved = self.tensors.get(&key).ok_or_else(|| {
                     OpError::Failed(format!(
-                        "the resume state lacks `{key}`: it was saved by another model"
+                        "the training state lacks `{key}`: it was saved by another model"
                     ))
                 })?;
+                if saved.size() != t.size() {
+                    return Err(OpError::Failed(format!(
+                        "the training state's `{key}` is {:?}, the model's {:?}",
+                        saved.size(),
+                        t.size()
+                    )));
+                }
                 t.f_copy_(&saved.to_device(t.device()))
                     .map_err(|e| OpError::Failed(format!("restoring `{key}`: {e}")))?;
             }
             Ok::<(), OpError>(())
         })?;
-        flat.adam_steps = self.adam_steps;
+        flat.adam_steps = self.meta.adam_steps;
         Ok(())
     }
 }
@@ -708,6 +1028,47 @@ mod tests {
         let _ = p.g_mul_scalar_(1.0 - lr * wd);
         let update = &*m / ((&*v / bc2).sqrt() + Flat::EPS) * (lr / bc1);
         let _ = p.g_sub_(&update);
+    }
+
+    fn settings(schedule: LrSchedule, offset_share: f64) -> Settings {
+        Settings {
+            steps: 10,
+            batch: 1,
+            lr: 1.0,
+            schedule,
+            warmup: 2,
+            weight_decay: 0.0,
+            ema: 0.9,
+            caption_dropout: 0.0,
+            offset_noise: 0.1,
+            offset_share,
+            flip: false,
+            save_every: 0,
+            keep_every: 0,
+            seed: 0,
+            interrupt_after: None,
+            precision: Precision::Fp32,
+        }
+    }
+
+    #[test]
+    fn wsd_warms_up_holds_then_decays_and_its_state_is_kept_where_the_decay_starts() {
+        let wsd = settings(LrSchedule::Wsd, 1.0);
+        let rates: Vec<f64> = (0..10).map(|k| wsd.lr_at(k)).collect();
+        // Warm-up over 2 steps, 20 % of 10 steps of decay: 2/3 and 1/3 of `lr`.
+        let third = 1.0 / 3.0;
+        let expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0 - third, third];
+        for (k, (r, e)) in rates.iter().zip(expected).enumerate() {
+            assert!((r - e).abs() < 1e-12, "step {k}: {r} != {e}");
+        }
+        assert_eq!(wsd.horizon_free(), Some(8));
+        // Offset noise throughout (quality-tune) or never is the same at any length; from a
+        // share that moves with `steps` (pretrain), the state is kept where it starts.
+        assert_eq!(settings(LrSchedule::Constant, 1.0).horizon_free(), Some(10));
+        assert_eq!(settings(LrSchedule::Constant, 0.0).horizon_free(), Some(10));
+        assert_eq!(settings(LrSchedule::Constant, 0.5).horizon_free(), Some(5));
+        assert_eq!(settings(LrSchedule::Wsd, 0.1).horizon_free(), Some(8));
+        assert_eq!(settings(LrSchedule::Cosine, 1.0).horizon_free(), None);
     }
 
     #[test]

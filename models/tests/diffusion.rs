@@ -1,6 +1,7 @@
 //! The generative ops at tiny sizes, on the CPU: pretraining lowers the loss, quality-tuning
-//! keeps checkpoints, sampling is deterministic and pairs images across models, and an
-//! interrupted training run resumes to the very weights an uninterrupted one reaches.
+//! keeps checkpoints, sampling is deterministic and pairs images across models, an interrupted
+//! training run resumes to the very weights an uninterrupted one reaches, and a run continued
+//! from a shorter one (`continue_from`) makes the bytes of a run trained to its length directly.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,7 @@ use needle_models::precision::Precision;
 use needle_models::pretrain::{PretrainOp, QualityTuneOp};
 use needle_models::sample::SampleOp;
 use needle_models::text::Vocabulary;
-use needle_models::train::{self, LrSchedule, Settings};
+use needle_models::train::{self, Identity, LrSchedule, Settings, Start, Trainee};
 use needle_models::unet::UNetShape;
 use needle_ops::dataset::Dataset;
 use needle_ops::haystack::Haystack;
@@ -272,7 +273,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
         ema: 0.9,
         caption_dropout: 0.2,
         offset_noise: 0.1,
-        offset_from: 50,
+        offset_share: 0.5,
         flip: true,
         save_every: 7,
         keep_every: 0,
@@ -295,7 +296,20 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
             tch::Device::Cpu,
         );
         let ctx = context(&PretrainOp, json!({}), &[], &dir("out"));
-        let result = train::train(&ctx, &model, &vs, &ema, &examples, s, work);
+        let trainee = Trainee {
+            model: &model,
+            vs: &vs,
+            ema_vs: &ema,
+        };
+        let start = Start {
+            identity: &Identity {
+                op: "pretrain".into(),
+                params: Default::default(),
+                inputs: Default::default(),
+            },
+            continue_from: None,
+        };
+        let result = train::train(&ctx, &trainee, &examples, s, &start, work);
         (result, vs, ema)
     };
     let mut finals = Vec::new();
@@ -401,4 +415,225 @@ fn the_masked_transformer_trains_tunes_and_samples_through_the_same_ops() {
     assert_eq!(a.load_pixels(1).unwrap(), b.load_pixels(1).unwrap());
     let summary = std::fs::read_to_string(dir("a").join("summary.md")).unwrap();
     assert!(summary.contains("masked-transformer"), "{summary}");
+}
+
+/// Every file under `dir` (relative path → BLAKE3 of its bytes), but those named in `except`.
+fn files(dir: &Path, except: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path
+                .strip_prefix(dir)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !except.contains(&name.as_str()) {
+                let bytes = std::fs::read(&path).unwrap();
+                out.insert(name, blake3::hash(&bytes).to_hex().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A tiny pretrained model and a dataset of 64 images, in `tmp`.
+fn base(tmp: &Path) -> (PathBuf, PathBuf) {
+    let (data, model) = (tmp.join("data"), tmp.join("base"));
+    run(&Haystack, json!({"images": 64, "seed": 3}), &[], &data);
+    run(
+        &PretrainOp,
+        tiny(json!({"steps": 3})),
+        &[("data", &data)],
+        &model,
+    );
+    (data, model)
+}
+
+#[test]
+fn a_continued_run_makes_the_bytes_of_a_direct_one() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    let (data, model) = base(tmp.path());
+    let tune = tiny(json!({"batch": 8, "checkpoint_every": 4, "lr": 0.002}));
+    // (op, params, the step a 4-step run's state is at): quality-tune with a constant rate,
+    // with warm-up, in bf16, and with wsd (decay over the final 20 %: from step 3 of 4, 6 of
+    // 8); pretraining with offset noise on its final half (from step 2 of 4, 4 of 8). The
+    // continued runs copy the checkpoint of step 4 from the shorter run, or train it.
+    let cases: [(&dyn Op, Value, i64); 5] = [
+        (&QualityTuneOp, merged(&tune, json!({"warmup": 0})), 4),
+        (&QualityTuneOp, merged(&tune, json!({"warmup": 3})), 4),
+        (
+            &QualityTuneOp,
+            merged(&tune, json!({"precision": "bf16"})),
+            4,
+        ),
+        (&QualityTuneOp, merged(&tune, json!({"schedule": "wsd"})), 3),
+        (
+            &PretrainOp,
+            tiny(json!({"schedule": "constant", "batch": 8, "offset_share": 0.5})),
+            2,
+        ),
+    ];
+    for (i, (op, params, at)) in cases.into_iter().enumerate() {
+        let name = |what: &str| dir(&format!("{what}-{i}"));
+        let inputs: Vec<(&str, &Path)> = match op.schema().name {
+            "quality-tune" => vec![("model", &model), ("data", &data)],
+            _ => vec![("data", &data)],
+        };
+        let with_steps = |steps: i64| merged(&params, json!({ "steps": steps }));
+        run(op, with_steps(4), &inputs, &name("short"));
+        run(op, with_steps(8), &inputs, &name("direct"));
+        let short = name("short");
+        let mut continuing = inputs.clone();
+        continuing.push(("continue_from", &short));
+        run(op, with_steps(8), &continuing, &name("continued"));
+
+        // Weights, kept checkpoints, the state a longer run would continue from, config: the
+        // same bytes. metrics.json and summary.md say it was continued, with the same curve.
+        let record = ["metrics.json", "summary.md"];
+        let direct = files(&name("direct"), &record);
+        assert!(direct.contains_key("state/state.safetensors"), "{i}");
+        assert_eq!(direct, files(&name("continued"), &record), "case {i}");
+        let (d, c) = (
+            json_file(name("direct").join("metrics.json")),
+            json_file(name("continued").join("metrics.json")),
+        );
+        assert_eq!(d["loss_curve"], c["loss_curve"], "case {i}");
+        assert!(d.get("continued_from").is_none());
+        assert_eq!(
+            c["continued_from"],
+            json!({"step": at, "of_steps": 4}),
+            "case {i}"
+        );
+        let summary = std::fs::read_to_string(name("continued").join("summary.md")).unwrap();
+        assert!(
+            summary.contains(&format!("step {at} of a 4-step run")),
+            "{summary}"
+        );
+    }
+}
+
+#[test]
+fn continuing_refuses_what_a_direct_run_would_not_pass_through() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    let (data, model) = base(tmp.path());
+    let tune = tiny(json!({"batch": 8, "checkpoint_every": 2, "steps": 4}));
+    let inputs = [("model", model.as_path()), ("data", data.as_path())];
+    run(&QualityTuneOp, tune.clone(), &inputs, &dir("short"));
+    let refusal = |params: Value, data: &Path| {
+        let short = dir("short");
+        let inputs = [
+            ("model", model.as_path()),
+            ("data", data),
+            ("continue_from", short.as_path()),
+        ];
+        let ctx = context(&QualityTuneOp, params, &inputs, &dir("refused"));
+        QualityTuneOp.run(&ctx).unwrap_err()
+    };
+
+    let err = refusal(
+        merged(&tune, json!({"schedule": "cosine", "steps": 8})),
+        &data,
+    );
+    assert!(
+        matches!(&err, OpError::Param { name, .. } if name == "schedule"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("`cosine`"), "{err}");
+
+    let err = refusal(merged(&tune, json!({"lr": 0.0002, "steps": 8})), &data);
+    assert!(
+        matches!(&err, OpError::Input { name, .. } if name == "continue_from"),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("`lr` = `0.0001`, this step has `0.0002`"),
+        "{text}"
+    );
+
+    let err = refusal(merged(&tune, json!({"steps": 3})), &data).to_string();
+    assert!(
+        err.contains("trained for 4 steps, more than this step's 3"),
+        "{err}"
+    );
+
+    run(
+        &Haystack,
+        json!({"images": 64, "seed": 4}),
+        &[],
+        &dir("other"),
+    );
+    let err = refusal(merged(&tune, json!({"steps": 8})), &dir("other")).to_string();
+    assert!(err.contains("another input `data`"), "{err}");
+
+    // A cosine run keeps no state to continue from.
+    let cosine = merged(&tune, json!({"schedule": "cosine"}));
+    run(&QualityTuneOp, cosine.clone(), &inputs, &dir("cosine"));
+    assert!(!dir("cosine").join("state").exists());
+
+    // As many steps again: a copy.
+    let mut again = inputs.to_vec();
+    let short = dir("short");
+    again.push(("continue_from", &short));
+    run(&QualityTuneOp, tune.clone(), &again, &dir("again"));
+    let record = ["metrics.json", "summary.md"];
+    assert_eq!(files(&dir("short"), &record), files(&dir("again"), &record));
+}
+
+#[test]
+fn a_continued_run_cut_short_resumes_to_the_direct_runs_bytes() {
+    let _torch = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    let (data, model) = base(tmp.path());
+    let tune = tiny(json!({"batch": 8, "checkpoint_every": 4, "schedule": "wsd"}));
+    let inputs = [("model", model.as_path()), ("data", data.as_path())];
+    run(
+        &QualityTuneOp,
+        merged(&tune, json!({"steps": 4})),
+        &inputs,
+        &dir("short"),
+    );
+    run(
+        &QualityTuneOp,
+        merged(&tune, json!({"steps": 8})),
+        &inputs,
+        &dir("direct"),
+    );
+
+    // `save_every` may differ: a resumable checkpoint every 3 steps, the last at step 6 (where
+    // wsd's decay starts in 8 steps).
+    let short = dir("short");
+    let mut continuing = inputs.to_vec();
+    continuing.push(("continue_from", &short));
+    let attempt = |out: &str| {
+        let params = merged(&tune, json!({"steps": 8, "save_every": 3}));
+        let mut ctx = context(&QualityTuneOp, params, &continuing, &dir(out));
+        ctx.resume = Some(dir("resume"));
+        QualityTuneOp.run(&ctx).unwrap();
+    };
+    attempt("first");
+    // What an attempt cut after step 7 leaves in the resume directory: its checkpoint of step
+    // 6, and the EMA snapshot of step 4 (the finished attempt moved it into its output).
+    let kept = "checkpoints/step-000004.safetensors";
+    std::fs::copy(dir("first").join(kept), dir("resume").join(kept)).unwrap();
+    // The next attempt resumes there: it does not read `continue_from`'s state again.
+    std::fs::remove_dir_all(short.join("state")).unwrap();
+    attempt("second");
+
+    let record = ["metrics.json", "summary.md"];
+    assert_eq!(
+        files(&dir("direct"), &record),
+        files(&dir("second"), &record)
+    );
+    let m = json_file(dir("second").join("metrics.json"));
+    assert_eq!(m["continued_from"], json!({"step": 3, "of_steps": 4}));
 }

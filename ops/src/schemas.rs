@@ -325,9 +325,9 @@ fn training_params(
         p("lr", ParamType::Float, json!(lr), "AdamW learning rate"),
         p(
             "schedule",
-            ParamType::Choice(&["constant", "cosine"]),
+            ParamType::Choice(&["constant", "cosine", "wsd"]),
             json!(schedule),
-            "learning-rate schedule after warm-up (cosine decays to a tenth)",
+            "learning-rate schedule after warm-up: constant; cosine decays to a tenth at the last step; wsd (warm-up, stable, decay) is constant, then decays linearly towards zero over the final 20% of the steps. constant and wsd can be continued to more steps (`continue_from`), cosine cannot",
         ),
         p(
             "warmup",
@@ -389,6 +389,15 @@ fn precision() -> ParamSpec {
         json!("fp32"),
         "fp32, or bf16: the forward and backward passes under bfloat16 autocast, weights, optimizer and EMA kept in float32 (mostly for GPUs; the same bytes run after run on one kind of CPU, on a GPU in neither precision)",
     )
+}
+
+/// The optional input of a training op that continues a shorter run instead of starting over.
+fn continue_from() -> InputSpec {
+    InputSpec {
+        name: "continue_from",
+        required: false,
+        doc: "an output of this op with the same params, inputs and schedule (constant or wsd) to no more `steps`: training continues from its state to the same bytes as a direct run",
+    }
 }
 
 /// `pretrain`: see `needle_models::pretrain`.
@@ -470,11 +479,14 @@ pub fn pretrain() -> OpSchema {
         summary: "pretrain a text-to-image model (pixel diffusion or masked transformer) from scratch on a dataset",
         kind: OpKind::Builtin,
         params: ParamsSchema::Fixed(params),
-        inputs: InputsSchema::Fixed(vec![InputSpec {
-            name: "data",
-            required: true,
-            doc: "the training set: a dataset of square images and captions",
-        }]),
+        inputs: InputsSchema::Fixed(vec![
+            InputSpec {
+                name: "data",
+                required: true,
+                doc: "the training set: a dataset of square images and captions",
+            },
+            continue_from(),
+        ]),
     }
 }
 
@@ -504,6 +516,7 @@ pub fn quality_tune() -> OpSchema {
                 required: true,
                 doc: "the tuning set: a dataset, of the model's image size",
             },
+            continue_from(),
         ]),
     }
 }

@@ -1,6 +1,7 @@
 //! The generative ops through the binaries: a tiny pretrain → quality-tune → sample recipe
 //! written for a GPU runs on the CPU, its pictures are where `show` says, a second run executes
-//! nothing, and a training step stopped by Ctrl-C resumes from its checkpoint under its key.
+//! nothing, a training step stopped by Ctrl-C resumes from its checkpoint under its key, and a
+//! tuning wired to a shorter one by `continue_from` makes the weights of a direct one.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -159,4 +160,64 @@ fn an_interrupted_pretrain_resumes_from_its_checkpoint_under_the_same_key() {
     assert!(resumed >= 10 && resumed % 10 == 0 && resumed < 400, "{log}");
     // Once the step succeeded, its resume directory is gone.
     assert!(!p.store().join("resume").join(&key).exists());
+}
+
+#[test]
+fn a_tuning_continued_from_a_shorter_one_makes_the_direct_runs_weights() {
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "continued"
+
+[steps.data]
+op = "haystack"
+params = { images = 64, seed = 1 }
+
+[steps.pretrained]
+op = "pretrain"
+inputs = { data = "data" }
+params = { steps = 3, batch = 8, channels = 8, mult = [1, 2], text_width = 16 }
+
+[steps.short]
+op = "quality-tune"
+inputs = { model = "pretrained", data = "data" }
+params = { steps = 4, batch = 8, schedule = "wsd", checkpoint_every = 2 }
+
+[steps.direct]
+op = "quality-tune"
+inputs = { model = "pretrained", data = "data" }
+params = { steps = 8, batch = 8, schedule = "wsd", checkpoint_every = 2 }
+
+[steps.continued]
+op = "quality-tune"
+inputs = { model = "pretrained", data = "data", continue_from = "short" }
+params = { steps = 8, batch = 8, schedule = "wsd", checkpoint_every = 2 }
+"#,
+    );
+    let run = p.json(&["run", "recipe.toml", "--gpus", "none"], 0);
+    assert_eq!(run["executed"], 5, "{run}");
+    let (direct, continued) = (
+        output_view(&p, &run, "direct"),
+        output_view(&p, &run, "continued"),
+    );
+    for f in [
+        "model.safetensors",
+        "checkpoints/step-000002.safetensors",
+        "checkpoints/step-000008.safetensors",
+        "state/state.safetensors",
+        "state/state.json",
+    ] {
+        let read = |dir: &PathBuf| std::fs::read(dir.join(f)).unwrap();
+        assert!(read(&direct) == read(&continued), "{f} differs");
+    }
+    // `show` says where it continued from: wsd's decay starts at step 3 of 4.
+    let show = p.needle(&["show", "last:continued"]);
+    assert_code(&show, 0);
+    let text = stdout(&show);
+    assert!(
+        text.contains("training state at step 3 of a 4-step run"),
+        "{text}"
+    );
 }
