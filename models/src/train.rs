@@ -262,7 +262,7 @@ impl Identity {
 }
 
 /// The input naming the shorter run to continue.
-pub const CONTINUE_FROM: &str = "continue_from";
+pub const CONTINUE_FROM: &str = needle_core::ops::CONTINUE_INPUT;
 
 /// Where an output keeps the training state a longer run continues from.
 pub const STATE: &str = "state";

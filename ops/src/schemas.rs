@@ -394,7 +394,7 @@ fn precision() -> ParamSpec {
 /// The optional input of a training op that continues a shorter run instead of starting over.
 fn continue_from() -> InputSpec {
     InputSpec {
-        name: "continue_from",
+        name: needle_core::ops::CONTINUE_INPUT,
         required: false,
         doc: "an output of this op with the same params, inputs and schedule (constant or wsd) to no more `steps`: training continues from its state to the same bytes as a direct run",
     }
