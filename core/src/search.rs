@@ -104,9 +104,10 @@ pub fn metric_at(metrics: &Value, path: &str) -> Result<f64, MetricError> {
     }
     match at.as_f64() {
         Some(x) if x.is_finite() => Ok(x),
+        // As JSON: a string shows its quotes, so `"0.5"` reads as the text it is.
         _ => Err(MetricError::NotANumber {
             path: path.to_string(),
-            found: crate::value::render_short(at),
+            found: crate::canonical::to_string(at),
         }),
     }
 }

@@ -240,3 +240,44 @@ fn a_killed_search_resumes_from_what_it_committed() {
         "only trainings of the last rung ran again: {new:?}"
     );
 }
+
+#[test]
+fn a_metric_that_is_missing_or_not_a_number_fails_the_rung_naming_the_arm() {
+    let p = project();
+    // The arm lr=0.2 writes its loss as a string, lr=0.3 writes none.
+    p.write(
+        "evaluate.sh",
+        r#"set -e
+case "$(cat "$NEEDLE_IN_MODEL/lr")" in
+  0.2) echo '{"loss": "low"}' > "$NEEDLE_OUT/metrics.json" ;;
+  0.3) echo '{"acc": 1}' > "$NEEDLE_OUT/metrics.json" ;;
+  *) echo '{"loss": 1}' > "$NEEDLE_OUT/metrics.json" ;;
+esac
+"#,
+    );
+    let out = p.needle(&["run", "recipe.toml", "--json"]);
+    assert_code(&out, 1);
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let search: Vec<&Value> = steps_named(&run, "search");
+    assert_eq!(search[0]["status"], "failed", "{run}");
+    // Nothing of a later rung ran: the decision it waits for failed.
+    assert!(arms(&run, "train", 20, "succeeded").is_empty(), "{run}");
+    assert_eq!(run["skipped"], 34, "{run}");
+    // The run's own report of the failure says it, with the arms' problems below.
+    let err = stderr(&out);
+    assert!(
+        err.contains("the metric `loss` cannot rank 2 of the 8 arms at rung 1"),
+        "{err}"
+    );
+    let log = stdout(&p.needle(&["logs", "last:search[steps=10]"]));
+    assert!(
+        log.contains(
+            "arm `lr=0.2,steps=10`: `metrics.json` field `loss` is \"low\", not a finite number"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("arm `lr=0.3,steps=10`: `metrics.json` has no field `loss` (its fields: acc)"),
+        "{log}"
+    );
+}
