@@ -201,6 +201,11 @@ fn halving_keeps_the_best_arms_and_continues_them_and_a_rerun_executes_nothing()
     assert_eq!(again["executed"], 0, "{again}");
     assert_the_search(&again);
     assert_eq!(p.lines("trained").len(), 14, "the rerun trained again");
+    let text = stdout(&p.needle(&["run", "recipe.toml"]));
+    assert!(
+        text.contains("search: 8 → 4 → 2 arms over 3 of 3 rungs; best at steps = 40: lr=0.3"),
+        "{text}"
+    );
 }
 
 #[test]

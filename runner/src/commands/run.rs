@@ -24,6 +24,7 @@ use crate::join::{JoinRequest, PROTOCOL, PoolSpec};
 use crate::mps::Mps;
 use crate::progress;
 use crate::remote::{self, Remote, Transfer, Uploader};
+use crate::report::search::Decisions;
 use crate::scheduler::gb_to_mb;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> Result<Exit, CliError> {
@@ -90,7 +91,7 @@ pub fn run_or_join(
         }
         Executes::Joined(joined) => {
             let (outcome, record) = joined.follow(plan.nodes.len())?;
-            report_end(&outcome, &record, json);
+            report_end(&outcome, &record, json, None);
             Ok(exit_code(&outcome))
         }
     }
@@ -337,7 +338,10 @@ pub fn execute(
         record,
         opts,
         progress::for_stderr(total),
-        Box::new(move |outcome, record| report_end(outcome, record, json)),
+        Box::new({
+            let store = store.clone();
+            move |outcome, record| report_end(outcome, record, json, Some(&*store))
+        }),
     )
     .with_live(live.clone());
     if let Some(uploader) = &uploader {
@@ -387,12 +391,22 @@ fn exit_code(outcome: &RunOutcome) -> Exit {
     }
 }
 
-/// A run's summary, as text or (`--json`) JSON on stdout.
-fn report_end(outcome: &RunOutcome, record: &RunRecord, json: bool) {
+/// A run's summary, as text or (`--json`) JSON on stdout; with the store, a search's outcome
+/// too.
+fn report_end(
+    outcome: &RunOutcome,
+    record: &RunRecord,
+    json: bool,
+    store: Option<&dyn needle_core::store::StoreRead>,
+) {
     if json {
         print_json(&summary_json(outcome, record));
-    } else {
-        print_summary(outcome, record);
+        return;
+    }
+    print_summary(outcome, record);
+    let search = store.and_then(|s| Decisions::read(s, record).ok());
+    if let Some(line) = search.and_then(|d| d.line(record)) {
+        println!("  {line} · needle results {}", record.id);
     }
 }
 

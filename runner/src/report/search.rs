@@ -59,6 +59,30 @@ impl Decisions {
         })
     }
 
+    /// One line on how the search went: the arms of each rung, and the best arm of the last
+    /// rung decided with its metric.
+    pub fn line(&self, run: &RunRecord) -> Option<String> {
+        let first = self.rungs.first()?;
+        let last = self.rungs.last()?;
+        let counts: Vec<String> = self
+            .rungs
+            .iter()
+            .map(|d| d.arms.len().to_string())
+            .collect();
+        let best = last.arms.first()?;
+        Some(format!(
+            "search: {} arms over {} of {} rungs; best at {} = {}: {} ({} {})",
+            counts.join(" → "),
+            self.rungs.len(),
+            first.rungs,
+            self.budget,
+            render_short(&last.budget),
+            self.arm_of(run, &best.label),
+            first.metric,
+            best.value
+        ))
+    }
+
     /// The arm of a label, the budget left out: `lr=0.1,steps=20` → `lr=0.1`.
     fn arm_of(&self, run: &RunRecord, label: &str) -> String {
         (run.steps.iter())
