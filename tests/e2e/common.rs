@@ -85,7 +85,43 @@ impl Project {
 }
 
 pub fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_needle"))
+    static WORKER_FRESH: std::sync::Once = std::sync::Once::new();
+    let needle = Path::new(env!("CARGO_BIN_EXE_needle"));
+    WORKER_FRESH.call_once(|| worker_is_fresh(needle));
+    needle
+}
+
+/// Built-in ops run as `needle-worker`, beside `needle`, which this test target does not
+/// build: `cargo test -p needle-runner` after an edit of `models/` or `ops/` would test an old
+/// worker, and pass or fail for the wrong reason. Refuse, saying what to build.
+fn worker_is_fresh(needle: &Path) {
+    let worker = needle.with_file_name("needle-worker");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(&worker) else {
+        panic!(
+            "{} is missing: build it with `cargo build -p needle-models` (or run `make test`)",
+            worker.display()
+        );
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut stack: Vec<PathBuf> = ["core/src", "ops/src", "models/src"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if modified(&path).is_some_and(|m| m > built) {
+                panic!(
+                    "{} is older than {}: build it with `cargo build -p needle-models` (or run `make test`)",
+                    worker.display(),
+                    path.display()
+                );
+            }
+        }
+    }
 }
 
 pub fn assert_code(out: &Output, code: i32) {
