@@ -1,139 +1,212 @@
-//! The local executor: one attempt of one step, as a child process (prepared in its staging
-//! slot, see `staging.rs`). It runs in its own process group, so Ctrl-C in the terminal reaches
-//! the runner alone, and the runner stops the whole group cleanly; a time-out stops it with
-//! SIGTERM, then SIGKILL after a grace.
+//! Where attempts run, and everything the engine asks of that place: the pool it hands out,
+//! the shape of a step in it, what a granted step holds, starting an attempt, stopping
+//! attempts, and the work a place needs before and during a run (Slurm: cancelling jobs an
+//! earlier runner left, polling the jobs in flight). The engine decides what runs when; this
+//! says how, so the engine never asks which executor it has.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use needle_core::store::{AttemptResult, Store, now_millis};
+use needle_core::recipe::{GpuRequest, Resources};
+use needle_core::store::Store;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::attempt::{AttemptSpec, Event, Handle};
-use crate::process::kill_group;
-use crate::staging::{append_log, ended, open_log, prepare};
+use crate::attempt::{AttemptSpec, Event, Handle, Held};
+use crate::gpus::Gpu;
+use crate::mps::Mps;
+use crate::scheduler::{GpuGrant, GpuNeed, Grant, Pool, Shape};
+use crate::slurm::{Slurm, SlurmConfig};
+use crate::{local, process};
 
-/// How long a process group gets between SIGTERM and SIGKILL.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
-
-/// Prepare, spawn and wait for one attempt. Never fails: a problem becomes the attempt's
-/// result. Sends [`Event::Started`] with the child's pid once it runs, then [`Event::Ended`].
-pub async fn run_attempt(store: Arc<Store>, spec: AttemptSpec, events: UnboundedSender<Event>) {
-    let started = now_millis();
-    crate::oom::note_baseline();
-    let mut fs_started = None;
-    let (result, staging) = attempt(&store, &spec, &events, &mut fs_started).await;
-    let checked_from = fs_started.map_or(started, |fs: u64| fs.min(started));
-    let end = ended(&store, &spec, started, checked_from, result, staging).await;
-    let _ = events.send(Event::Ended(end));
+#[derive(Clone, Default)]
+pub enum Executor {
+    /// Child processes of the runner, on the GPUs and CPU slots of this machine.
+    #[default]
+    Local,
+    /// Slurm batch jobs: the cluster places them; the runner limits how many are in flight.
+    Slurm(Arc<Slurm>),
 }
 
-/// `fs_started` gets the filesystem's clock as the attempt begins: the time the kernel gave
-/// its log file when opening it. File times come from the kernel's coarse clock, up to a tick
-/// (4-10 ms) behind `now_millis()`, so a step writing into an input in its first milliseconds
-/// could leave a time before the attempt's start as the runner read it, and be told the input
-/// was damaged before it started.
-async fn attempt(
-    store: &Store,
-    spec: &AttemptSpec,
-    events: &UnboundedSender<Event>,
-    fs_started: &mut Option<u64>,
-) -> (AttemptResult, Option<PathBuf>) {
-    // Preparing is a handful of quick filesystem calls: done in place, it costs less than a
-    // hand-off to a blocking thread and back.
-    let (staging, mut launch) = match prepare(store, spec) {
-        Ok(p) => p,
-        Err(error) => return (AttemptResult::SpawnFailed { error }, None),
-    };
-    let log = launch.log.clone();
-    let log_file = match open_log(&log) {
-        Ok(f) => f,
-        Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
-    };
-    *fs_started = log_file
-        .metadata()
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64);
-    // How the reaper finds a step the runner was killed too early to list.
-    launch.set(crate::reaper::ENV, crate::reaper::token());
-    crate::reaper::ready();
-    let spawned = crate::spawn::spawn(&crate::spawn::Spawn {
-        program: &launch.program,
-        argv0: &launch.argv0,
-        args: &launch.args,
-        cwd: &launch.cwd,
-        env: &launch.env,
-        log: std::os::fd::AsFd::as_fd(&log_file),
-    });
-    drop(log_file);
-    let not_started = |e: &dyn std::fmt::Display| {
-        let error = format!("`{}`: {e}", spec.cmd[0]);
-        let _ = append_log(&log, &format!("needle: could not start {error}\n"));
-        AttemptResult::SpawnFailed { error }
-    };
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => return (not_started(&e), Some(staging)),
-    };
-    let pid = child.id();
-    // Dropped when this returns, after the group has been killed.
-    let _watch = crate::reaper::Watch::new(pid);
-    let _ = events.send(Event::Started {
-        node: spec.node,
-        handle: Handle::Process(pid),
-    });
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Executor::Local => f.write_str("Local"),
+            Executor::Slurm(_) => f.write_str("Slurm"),
+        }
+    }
+}
 
-    let t0 = Instant::now();
-    let status = match spec.timeout {
-        None => child.wait().await,
-        Some(limit) => match tokio::time::timeout(limit, child.wait()).await {
-            Ok(status) => status,
-            Err(_) => {
-                stop_group(pid, &mut child).await;
-                let after_ms = t0.elapsed().as_millis() as u64;
-                let limit = humantime::format_duration(limit);
-                let _ = append_log(&log, &format!("needle: timed out after {limit}\n"));
-                return (AttemptResult::TimedOut { after_ms }, Some(staging));
+/// What a local step may be given: the run's GPUs, CPU slots, memory, and its MPS daemon.
+pub struct Machine<'a> {
+    pub gpus: &'a [Gpu],
+    pub cpus: u32,
+    pub mem_mb: u64,
+    pub mps: Option<&'a Arc<Mps>>,
+}
+
+impl Executor {
+    /// Local without a Slurm configuration; else Slurm, its state kept under the store.
+    pub fn new(slurm: Option<&SlurmConfig>, store: &Store) -> Executor {
+        match slurm {
+            None => Executor::Local,
+            Some(config) => Executor::Slurm(Arc::new(Slurm::new(config.clone(), store.root()))),
+        }
+    }
+
+    /// What steps are granted from: the machine's GPUs, CPU slots and memory; under Slurm one
+    /// token per job in flight (Slurm places jobs, needle only throttles them).
+    pub fn pool(&self, machine: &Machine<'_>) -> Pool {
+        match self {
+            Executor::Local => {
+                let memory: Vec<Option<u64>> = machine.gpus.iter().map(|g| g.mem_mb).collect();
+                Pool::new(&memory, machine.cpus, machine.mem_mb)
             }
-        },
-    };
-    // The step's own children may outlive it; they belong to its group and go with it.
-    kill_group(pid, libc::SIGKILL);
-    let result = match &status {
-        Ok(s) => crate::oom::explain(exit_result(*s), pid, t0.elapsed()),
-        Err(e) if let Some(why) = crate::spawn::never_started(e) => not_started(why),
-        Err(e) => AttemptResult::SpawnFailed {
-            error: format!("waiting for the process failed: {e}"),
-        },
-    };
-    (result, Some(staging))
-}
+            Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
+        }
+    }
 
-fn exit_result(s: std::process::ExitStatus) -> AttemptResult {
-    use std::os::unix::process::ExitStatusExt;
-    match (s.code(), s.signal()) {
-        (Some(0), _) => AttemptResult::Success,
-        (Some(code), _) => AttemptResult::Failed { code },
-        (None, Some(signal)) => AttemptResult::Signaled { signal, oom: None },
-        (None, None) => AttemptResult::Failed { code: -1 },
+    /// Make sure it can run anything, before the run is recorded: for Slurm, that the
+    /// controller answers. Returns the jobs an earlier runner of this store left, now
+    /// cancelled.
+    pub async fn start(&self) -> Result<Vec<String>, String> {
+        match self {
+            Executor::Local => Ok(Vec::new()),
+            Executor::Slurm(slurm) => slurm.start().await,
+        }
+    }
+
+    /// The task that follows the run's jobs, where there is one; it stops when dropped.
+    pub fn follow(&self) -> Option<AbortOnDrop> {
+        match self {
+            Executor::Local => None,
+            Executor::Slurm(slurm) => Some(AbortOnDrop(tokio::spawn(slurm.clone().poll_forever()))),
+        }
+    }
+
+    /// What a step of `resources` takes from the pool.
+    pub fn shape(&self, resources: &Resources, machine: &Machine<'_>) -> Shape {
+        match self {
+            Executor::Local => Shape::of(resources, machine.cpus, !machine.gpus.is_empty()),
+            Executor::Slurm(_) => Shape {
+                gpus: GpuNeed::None,
+                cpus: 1,
+                mem_mb: 0,
+            },
+        }
+    }
+
+    /// What a step granted `grant` holds, as it will see it. Under Slurm the grant is a job
+    /// token: the step holds what it asked for, and Slurm names the GPUs.
+    pub fn held(&self, grant: &Grant, asked: &Resources, machine: &Machine<'_>) -> Held {
+        match self {
+            Executor::Local => local_held(grant, asked, machine),
+            Executor::Slurm(_) => Held {
+                cpus: asked.cpus.max(1),
+                ..Held::default()
+            },
+        }
+    }
+
+    /// CPU slots a step held, as its record says.
+    pub fn cpus_held(&self, grant: &Grant, asked: &Resources) -> u32 {
+        match self {
+            Executor::Local => grant.cpus,
+            Executor::Slurm(_) => asked.cpus.max(1),
+        }
+    }
+
+    /// Start an attempt; its events come on `events`.
+    pub fn launch(
+        &self,
+        store: Arc<Store>,
+        spec: AttemptSpec,
+        resources: Resources,
+        events: UnboundedSender<Event>,
+    ) {
+        match self {
+            Executor::Local => {
+                tokio::spawn(local::run_attempt(store, spec, events));
+            }
+            Executor::Slurm(slurm) => {
+                tokio::spawn(crate::slurm::run_attempt(
+                    slurm.clone(),
+                    store,
+                    spec,
+                    resources,
+                    events,
+                ));
+            }
+        }
+    }
+
+    /// Stop started attempts: SIGTERM (or SIGKILL) to local process groups, scancel to jobs.
+    pub fn stop(&self, handles: &[Handle], kill: bool) {
+        let mut jobs = Vec::new();
+        for h in handles {
+            match h {
+                Handle::Process(pid) => {
+                    process::kill_group(*pid, if kill { libc::SIGKILL } else { libc::SIGTERM })
+                }
+                Handle::Job(id) => jobs.push(id.clone()),
+            }
+        }
+        if let Executor::Slurm(slurm) = self
+            && !jobs.is_empty()
+        {
+            let slurm = slurm.clone();
+            tokio::spawn(async move { slurm.cancel(&jobs, kill).await });
+        }
     }
 }
 
-/// SIGTERM the group, then SIGKILL it if its leader is still there after [`KILL_GRACE`];
-/// whatever remains of the group then goes too.
-async fn stop_group(pid: u32, child: &mut crate::spawn::Child) {
-    kill_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        kill_group(pid, libc::SIGKILL);
-        let _ = child.wait().await;
+/// What a local step holds of `grant`: its GPUs by id, its share and memory of them, its CPU
+/// slots.
+fn local_held(grant: &Grant, asked: &Resources, machine: &Machine<'_>) -> Held {
+    let gpus: Vec<&Gpu> = grant.gpu.gpus().iter().map(|&g| &machine.gpus[g]).collect();
+    let capacity_gb = gpus
+        .first()
+        .and_then(|g| g.mem_mb)
+        .map(|mb| mb as f64 / 1024.0);
+    let (gpu_share, gpu_mem_gb, gpu_mem_fraction) = match grant.gpu {
+        GpuGrant::None => (None, None, None),
+        GpuGrant::Whole(_) => (Some(1.0), asked.gpus.mem_gb().or(capacity_gb), None),
+        GpuGrant::Part { units, .. } => {
+            let share = (units > 0).then(|| asked_share(asked));
+            let asked_gb = asked.gpus.mem_gb();
+            let gb = asked_gb.or_else(|| Some(share? * capacity_gb?));
+            let fraction = match (asked_gb, capacity_gb) {
+                (Some(gb), Some(cap)) => Some((gb / cap).min(1.0)),
+                _ => share,
+            };
+            (share, gb, fraction)
+        }
+    };
+    Held {
+        mps: (machine.mps)
+            .filter(|_| !gpus.is_empty())
+            .map(|m| m.dirs().clone()),
+        gpus: gpus.iter().map(|g| g.id.clone()).collect(),
+        gpu_share,
+        gpu_mem_gb,
+        gpu_mem_fraction,
+        cpus: grant.cpus,
     }
-    // The leader may have gone at SIGTERM while one of its own children (a trainer saving a
-    // checkpoint) lingers: it goes too.
-    kill_group(pid, libc::SIGKILL);
+}
+
+/// The share a step asked for, as it wrote it (the pool counts it in share units).
+fn asked_share(asked: &Resources) -> f64 {
+    match asked.gpus {
+        GpuRequest::Part {
+            share: Some(share), ..
+        } => share,
+        _ => 1.0,
+    }
+}
+
+/// Aborts its task when dropped.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

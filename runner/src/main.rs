@@ -12,17 +12,20 @@
 //!                          │    │               a step handed over, a run's end
 //!                          │    ├── scheduler    which ready step starts next (pure: shapes,
 //!                          │    │               GPU shares, CPU slots, memory)
-//!                          │    ├── executor     one local attempt as a child process
-//!                          │    │    ├── spawn   starts it (safe `command`, or `clone`)
-//!                          │    │    ├── reaper  kills steps when the runner dies
-//!                          │    │    └── oom     why a SIGKILL came
-//!                          │    ├── slurm        one attempt as a batch job, and the poller
+//!                          │    ├── executor     where attempts run (local or Slurm): the pool,
+//!                          │    │    │          a step's shape and holdings, launch, stop
+//!                          │    │    ├── local   one local attempt as a child process
+//!                          │    │    │    ├── spawn   starts it (safe `command`, or `clone`)
+//!                          │    │    │    ├── reaper  kills steps when the runner dies
+//!                          │    │    │    └── oom     why a SIGKILL came
+//!                          │    │    └── slurm   one attempt as a batch job, and the poller
+//!                          │    ├── search       a later rung's step: kept or stopped
 //!                          │    ├── commit       the commit thread: absorbs outputs, records
 //!                          │    └── progress     what the terminal shows
 //!                          └── join              a run started while a runner holds the store:
 //!                                               its client, and the runner's join.sock server
 //!            staging                             a step's slot, its launch, its end (shared
-//!                                                by executor and slurm; input_guard: did it
+//!                                                by local and slurm; input_guard: did it
 //!                                                write into its inputs?)
 //!            attempt, process                    leaves: the attempt's types and events;
 //!                                                signalling groups, finding programs
@@ -47,6 +50,7 @@ mod gpu_usage;
 mod gpus;
 mod input_guard;
 mod join;
+mod local;
 mod mps;
 mod oom;
 mod process;

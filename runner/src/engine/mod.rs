@@ -41,13 +41,15 @@ use needle_core::store::{
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, Held, InputArtifacts, RunOutcome};
+use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, InputArtifacts, RunOutcome};
 use crate::commit::{CommitJob, MAX_BATCH, MAX_BATCH_WAIT, commit_loop};
+use crate::executor::Executor;
+use crate::executor::Machine;
 use crate::gpus::Gpu;
 use crate::progress::{Progress, RunningStep};
-use crate::scheduler::{GpuGrant, Grant, Pool, Shape};
-use crate::slurm::{Slurm, SlurmConfig};
-use crate::{executor, process, staging};
+use crate::scheduler::{GpuGrant, Grant, Pool};
+use crate::slurm::SlurmConfig;
+use crate::{process, staging};
 
 mod runs;
 mod search;
@@ -55,25 +57,6 @@ mod search;
 use runs::RunSlot;
 pub use runs::{Joining, OnEnd, RunOptions, new_record};
 use search::Verdict;
-
-/// Where attempts run.
-#[derive(Clone, Default)]
-pub enum Executor {
-    /// Child processes of the runner, on the GPUs and CPU slots of this machine.
-    #[default]
-    Local,
-    /// Slurm batch jobs: the cluster places them; the runner limits how many are in flight.
-    Slurm(Arc<Slurm>),
-}
-
-impl std::fmt::Debug for Executor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Executor::Local => f.write_str("Local"),
-            Executor::Slurm(_) => f.write_str("Slurm"),
-        }
-    }
-}
 
 /// What the runner executes with: the pool every run shares, and its own run's options.
 #[derive(Debug, Clone)]
@@ -195,18 +178,8 @@ impl Engine {
                 .spawn(move || commit_loop(store, commit_rx, events))
                 .expect("spawning the commit thread")
         };
-        let executor = match &opts.slurm {
-            None => Executor::Local,
-            Some(config) => Executor::Slurm(Arc::new(Slurm::new(config.clone(), store.root()))),
-        };
-        let pool = match &executor {
-            Executor::Local => {
-                let memory: Vec<Option<u64>> = opts.gpus.iter().map(|g| g.mem_mb).collect();
-                Pool::new(&memory, opts.cpus, opts.mem_mb)
-            }
-            // One token per job in flight: Slurm places jobs, needle only throttles them.
-            Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
-        };
+        let executor = Executor::new(opts.slurm.as_ref(), &store);
+        let pool = executor.pool(&machine(&opts));
         let own_opts = opts.run.clone();
         let mut engine = Engine {
             store,
@@ -264,20 +237,15 @@ impl Engine {
     /// Make sure the executor can run anything, before the run is recorded: for Slurm, that
     /// the controller answers; the jobs a killed runner left for this store are cancelled.
     pub async fn start_executor(&mut self) -> Result<(), String> {
-        match &self.executor {
-            Executor::Local => Ok(()),
-            Executor::Slurm(slurm) => {
-                let stale = slurm.start().await?;
-                if !stale.is_empty() {
-                    self.runs[0].progress.note(&format!(
-                        "cancelled {} Slurm job(s) an earlier runner of this store left: {}",
-                        stale.len(),
-                        stale.join(" ")
-                    ));
-                }
-                Ok(())
-            }
+        let stale = self.executor.start().await?;
+        if !stale.is_empty() {
+            self.runs[0].progress.note(&format!(
+                "cancelled {} Slurm job(s) an earlier runner of this store left: {}",
+                stale.len(),
+                stale.join(" ")
+            ));
         }
+        Ok(())
     }
 
     /// Offer copies of the own run's progress to `live` as it goes (when a reader asks).
@@ -298,10 +266,7 @@ impl Engine {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing the SIGTERM handler");
         // Follows the run's Slurm jobs; dropped (and so stopped) with the run.
-        let _poller = match &self.executor {
-            Executor::Local => None,
-            Executor::Slurm(slurm) => Some(AbortOnDrop(tokio::spawn(slurm.clone().poll_forever()))),
-        };
+        let _poller = self.executor.follow();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
@@ -663,18 +628,7 @@ impl Engine {
             return;
         }
         self.set_phase(i, Phase::Ready);
-        let shape = match self.executor {
-            Executor::Local => Shape::of(
-                &self.node(i).resources,
-                self.opts.cpus,
-                !self.opts.gpus.is_empty(),
-            ),
-            Executor::Slurm(_) => Shape {
-                gpus: crate::scheduler::GpuNeed::None,
-                cpus: 1,
-                mem_mb: 0,
-            },
-        };
+        let shape = (self.executor).shape(&self.node(i).resources, &machine(&self.opts));
         self.runs[r].ready.push(i, self.priority[i], shape);
     }
 
@@ -824,13 +778,7 @@ impl Engine {
         // and Slurm names the GPUs.
         let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
         let resources = node.resources;
-        let held = match self.executor {
-            Executor::Local => self.held(&grant, &resources),
-            Executor::Slurm(_) => Held {
-                cpus: node.resources.cpus.max(1),
-                ..Held::default()
-            },
-        };
+        let held = (self.executor).held(&grant, &resources, &machine(&self.opts));
         let attempt_spec = AttemptSpec {
             node: i,
             key,
@@ -878,62 +826,12 @@ impl Engine {
         );
         let s = &mut self.runs[r];
         s.progress.started(&s.record.steps[i - s.first], attempt);
-        match &self.executor {
-            Executor::Local => {
-                tokio::spawn(executor::run_attempt(
-                    self.store.clone(),
-                    attempt_spec,
-                    self.events_tx.clone(),
-                ));
-            }
-            Executor::Slurm(slurm) => {
-                tokio::spawn(crate::slurm::run_attempt(
-                    slurm.clone(),
-                    self.store.clone(),
-                    attempt_spec,
-                    resources,
-                    self.events_tx.clone(),
-                ));
-            }
-        }
-    }
-
-    /// What a local step holds of `grant`, as it will see it.
-    fn held(&self, grant: &Grant, asked: &needle_core::recipe::Resources) -> Held {
-        let gpus: Vec<&Gpu> = grant
-            .gpu
-            .gpus()
-            .iter()
-            .map(|&g| &self.opts.gpus[g])
-            .collect();
-        let capacity_gb = gpus
-            .first()
-            .and_then(|g| g.mem_mb)
-            .map(|mb| mb as f64 / 1024.0);
-        let (gpu_share, gpu_mem_gb, gpu_mem_fraction) = match grant.gpu {
-            GpuGrant::None => (None, None, None),
-            GpuGrant::Whole(_) => (Some(1.0), asked.gpus.mem_gb().or(capacity_gb), None),
-            GpuGrant::Part { units, .. } => {
-                let share = (units > 0).then(|| asked_share(asked));
-                let asked_gb = asked.gpus.mem_gb();
-                let gb = asked_gb.or_else(|| Some(share? * capacity_gb?));
-                let fraction = match (asked_gb, capacity_gb) {
-                    (Some(gb), Some(cap)) => Some((gb / cap).min(1.0)),
-                    _ => share,
-                };
-                (share, gb, fraction)
-            }
-        };
-        Held {
-            mps: (self.opts.mps.as_ref())
-                .filter(|_| !gpus.is_empty())
-                .map(|m| m.dirs().clone()),
-            gpus: gpus.iter().map(|g| g.id.clone()).collect(),
-            gpu_share,
-            gpu_mem_gb,
-            gpu_mem_fraction,
-            cpus: grant.cpus,
-        }
+        self.executor.launch(
+            self.store.clone(),
+            attempt_spec,
+            resources,
+            self.events_tx.clone(),
+        );
     }
 
     fn on_attempt_end(&mut self, end: AttemptEnd) -> Result<(), StoreError> {
@@ -990,10 +888,7 @@ impl Engine {
                     gpus: attempt.gpus.clone(),
                     gpu_share: attempt.gpu_share,
                     gpu_mem_gb: attempt.gpu_mem_gb,
-                    cpus: match self.executor {
-                        Executor::Local => running.grant.cpus,
-                        Executor::Slurm(_) => node.resources.cpus.max(1),
-                    },
+                    cpus: self.executor.cpus_held(&running.grant, &node.resources),
                     log: attempt.log.clone(),
                     job: attempt.job.clone(),
                 },
@@ -1103,23 +998,9 @@ impl Engine {
         }
     }
 
-    /// Stop started attempts: SIGTERM (or SIGKILL) to local process groups, scancel to jobs.
+    /// Stop started attempts (see [`Executor::stop`]).
     fn stop(&self, handles: &[Handle], kill: bool) {
-        let mut jobs = Vec::new();
-        for h in handles {
-            match h {
-                Handle::Process(pid) => {
-                    process::kill_group(*pid, if kill { libc::SIGKILL } else { libc::SIGTERM })
-                }
-                Handle::Job(id) => jobs.push(id.clone()),
-            }
-        }
-        if let Executor::Slurm(slurm) = &self.executor
-            && !jobs.is_empty()
-        {
-            let slurm = slurm.clone();
-            tokio::spawn(async move { slurm.cancel(&jobs, kill).await });
-        }
+        self.executor.stop(handles, kill);
     }
 
     /// Record how far the steps that changed have got, for readers after a killed runner.
@@ -1186,7 +1067,7 @@ impl Engine {
             let own = &self.runs[0];
             live.offer(|| LiveSnapshot {
                 record: own.record.clone(),
-                // A running attempt's log is in its slot until it ends (see executor.rs).
+                // A running attempt's log is in its slot until it ends (see local.rs).
                 logs: (self.running.iter())
                     .filter(|&(&i, _)| self.run_of[i] == 0)
                     .map(|(&i, r)| (i - own.first, r.slot.join("log")))
@@ -1217,25 +1098,6 @@ impl Engine {
     }
 }
 
-/// The share a step asked for, as it wrote it (the pool counts it in [`SHARE_UNITS`]).
-fn asked_share(asked: &needle_core::recipe::Resources) -> f64 {
-    match asked.gpus {
-        needle_core::recipe::GpuRequest::Part {
-            share: Some(share), ..
-        } => share,
-        _ => 1.0,
-    }
-}
-
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// User + system CPU seconds of this process (`RUSAGE_SELF`) or its reaped children.
 fn cpu_seconds(who: i32) -> f64 {
     // SAFETY: an all-zero rusage is a valid value of the plain C struct.
@@ -1246,6 +1108,16 @@ fn cpu_seconds(who: i32) -> f64 {
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// What the run's machine offers local steps.
+fn machine(opts: &EngineOptions) -> Machine<'_> {
+    Machine {
+        gpus: &opts.gpus,
+        cpus: opts.cpus,
+        mem_mb: opts.mem_mb,
+        mps: opts.mps.as_ref(),
+    }
 }
 
 /// `needle-worker`, beside this binary. Should that fail to resolve (it does not on Linux),
