@@ -318,9 +318,7 @@ mod tests {
         assert_eq!(exact::ln(1.0), 0.0);
         let subnormal = 1e-310;
         assert!((exact::ln(subnormal) - subnormal.ln()).abs() < 1e-12);
-        for y in [
-            -700.0, -11.5, -1.0, -1e-9, 0.0, 0.3, 1.0, 2.5, 100.0, 700.0,
-        ] {
+        for y in [-700.0, -11.5, -1.0, -1e-9, 0.0, 0.3, 1.0, 2.5, 100.0, 700.0] {
             let (ours, std) = (exact::exp(y), f64::exp(y));
             assert!((ours - std).abs() <= 8.0 * f64::EPSILON * std, "exp {y}");
         }

@@ -102,6 +102,8 @@ impl Parser<'_> {
             _ => {
                 let help = if !matches!(v.get_ref(), DeValue::Integer(_)) {
                     "write the number of arms as an integer: `n = 16`".to_string()
+                } else if n.is_some_and(|n| n < 1) {
+                    "`n` is how many arms to draw: at least one".to_string()
                 } else if method == Method::Sobol {
                     format!(
                         "a Sobol sequence is addressed up to {max} points; `[sweep.random]` draws up to {}",
@@ -305,7 +307,11 @@ impl Parser<'_> {
         };
         let items: Vec<_> = items.iter().collect();
         let [low, high] = items[..] else {
-            return bad(self, format!("{} values", items.len()));
+            let found = match items.len() {
+                1 => "1 value".to_string(),
+                n => format!("{n} values"),
+            };
+            return bad(self, found);
         };
         for b in [low, high] {
             if number(b).is_none() {

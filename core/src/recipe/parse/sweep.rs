@@ -23,6 +23,7 @@ impl Parser<'_> {
                         Method::Sobol
                     };
                     if let Some(first) = &draft.sampled_key {
+                        draft.broken.extend(table_vars(val));
                         let line = line_col(&self.source.text, first.start).line;
                         self.error_help(
                             k.span(),
@@ -64,6 +65,8 @@ impl Parser<'_> {
                     }
                     let Some(values) = self.sweep_list(key, val) else {
                         draft.broken.insert(key.to_string());
+                        // A misspelt `[sweep.random]`: its vars are defined, not undefined.
+                        draft.broken.extend(table_vars(val));
                         continue;
                     };
                     if self.first_sweep(key, k.span(), &mut draft.keys) {
@@ -410,6 +413,14 @@ impl Parser<'_> {
         sweep
             .include
             .retain(|inc| inc.get(&set.var).is_none_or(|v| *v == set.value));
+    }
+}
+
+/// The keys of a table value (none for another value).
+fn table_vars(v: &Node<'_>) -> Vec<String> {
+    match v.get_ref() {
+        DeValue::Table(t) => t.keys().map(|k| key_str(k).to_string()).collect(),
+        _ => Vec::new(),
     }
 }
 
