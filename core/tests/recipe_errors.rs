@@ -732,11 +732,21 @@ params = { steps = "${steps}" }
 }
 
 #[test]
-fn sampled_past_the_arm_limit_with_the_grid() {
+fn sampled_sweeps_past_their_limits() {
     let values: Vec<String> = (0..20).map(|i| i.to_string()).collect();
     let text = format!(
         "[recipe]\nname = \"t\"\n\n[sweep]\na = [{}]\n\n[sweep.random]\nn = 10000\nseed = 0\nb = {{ uniform = [0, 1] }}\n\n[steps.a]\nop = \"exec\"\ncmd = [\"x\", \"${{a}}\", \"${{b}}\"]\n",
         values.join(", ")
+    );
+    let errors = errors_with(&text, &[]);
+    insta::assert_snapshot!(errors.render_plain());
+    let vars: String = (0..30)
+        .map(|i| format!("v{i} = {{ int = [0, 9] }}\n"))
+        .collect();
+    let refs: Vec<String> = (0..30).map(|i| format!("\"${{v{i}}}\"")).collect();
+    let text = format!(
+        "[recipe]\nname = \"t\"\n\n[sweep.random]\nn = 100000\nseed = 0\n{vars}\n[steps.a]\nop = \"exec\"\ncmd = [\"x\", {}]\n",
+        refs.join(", ")
     );
     let errors = errors_with(&text, &[]);
     insta::assert_snapshot!(errors.render_plain());

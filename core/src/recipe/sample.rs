@@ -25,6 +25,10 @@ pub const MAX_SOBOL_ARMS: usize = 1 << 16;
 /// The most vars `[sweep.sobol]` samples: one dimension of the sequence each.
 pub const MAX_SOBOL_VARS: usize = sobol_burley::NUM_DIMENSIONS as usize;
 
+/// The most values one sampled table draws (`n` × its vars), made when the recipe is parsed:
+/// 100 000 arms of 20 vars, some 100 MB, where a typo could otherwise ask for gigabytes.
+pub const MAX_DRAWS: usize = 2_000_000;
+
 /// How the unit draws are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -163,6 +167,8 @@ impl Unit {
     /// Coordinate `dim` of the i-th point of the Sobol sequence scrambled by `seed`.
     pub fn sobol(seed: u64, dim: usize, index: usize) -> Unit {
         assert!(index < MAX_SOBOL_ARMS && dim < MAX_SOBOL_VARS);
+        // The sequence takes a 32-bit seed: fold the high half in (seeds below 2^32 are
+        // themselves).
         let seed = (seed ^ (seed >> 32)) as u32;
         let x = sobol_burley::sample(index as u32, dim as u32, seed);
         // `x` is some m / 2^23 (the crate keeps 23 bits of its 32), so this is exact.

@@ -3,7 +3,9 @@
 //! [`crate::recipe::sample`]'s business; this reads the TOML and points at what is wrong.
 
 use super::*;
-use crate::recipe::sample::{DISTRIBUTIONS, Distribution, MAX_SOBOL_VARS, Method, Sampler};
+use crate::recipe::sample::{
+    DISTRIBUTIONS, Distribution, MAX_DRAWS, MAX_SOBOL_VARS, Method, Sampler,
+};
 
 impl Parser<'_> {
     /// The axis of a sampled table, or `None` (reported) when it is malformed. Its vars are
@@ -80,14 +82,32 @@ impl Parser<'_> {
             );
             return None;
         }
-        Some(Sampler {
-            method,
-            n: n?,
-            seed: seed?,
-            vars,
-        })
-        .filter(|_| ok)
-        .map(|s| s.axis())
+        let (Some(n), Some(seed)) = (n, seed) else {
+            return None;
+        };
+        if !ok {
+            return None;
+        }
+        if n.saturating_mul(vars.len()) > MAX_DRAWS {
+            self.error_help(
+                table.span(),
+                format!(
+                    "`{name}` draws {n} × {} values, more than the limit of {MAX_DRAWS}",
+                    vars.len()
+                ),
+                Some("draw fewer arms, or sample fewer vars and fix the rest in `[vars]`".into()),
+            );
+            return None;
+        }
+        Some(
+            Sampler {
+                method,
+                n,
+                seed,
+                vars,
+            }
+            .axis(),
+        )
     }
 
     /// `n`: how many positions the axis has.
