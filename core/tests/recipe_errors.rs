@@ -705,6 +705,20 @@ op = "exec"
 cmd = ["x", "${lr}"]
 "#
     );
+    // `n` and `seed` set the table: they cannot name a sampled var.
+    check!(
+        r#"[recipe]
+name = "t"
+
+[sweep.random]
+n = 4
+seed = { int = [0, 9] }
+
+[steps.s]
+op = "exec"
+cmd = ["x", "${seed}"]
+"#
+    );
 }
 
 #[test]

@@ -7,6 +7,9 @@ use crate::recipe::sample::{
     DISTRIBUTIONS, Distribution, MAX_DRAWS, MAX_SOBOL_VARS, Method, Sampler,
 };
 
+/// Why `n` and `seed` cannot be sampled vars.
+const RESERVED_HELP: &str = "`n` and `seed` set the sampled table itself; sample a var named so under another name, such as `init_seed`";
+
 impl Parser<'_> {
     /// The axis of a sampled table, or `None` (reported) when it is malformed. Its vars are
     /// recorded as swept either way, so that steps using them are not also told they are
@@ -27,10 +30,13 @@ impl Parser<'_> {
         let mut ok = true;
         for (k, val) in t.iter() {
             let key = key_str(k);
-            // `n` and `seed` with a table value are vars named so: `seed = { int = [0, 9] }`.
+            if matches!(key, "n" | "seed") && val.get_ref().is_table() {
+                // Meant as a var: reported as a setting, and not undefined where it is used.
+                draft.broken.insert(key.to_string());
+            }
             match key {
-                "n" if !val.get_ref().is_table() => n = self.arm_count(method, val),
-                "seed" if !val.get_ref().is_table() => seed = self.sample_seed(&name, val),
+                "n" => n = self.arm_count(method, val),
+                "seed" => seed = self.sample_seed(&name, val),
                 _ => {
                     if !self.var_name_ok(key, k.span()) {
                         ok = false;
@@ -120,7 +126,9 @@ impl Parser<'_> {
         match n {
             Some(n) if n >= 1 && n as u64 <= max as u64 => Some(n as usize),
             _ => {
-                let help = if !matches!(v.get_ref(), DeValue::Integer(_)) {
+                let help = if v.get_ref().is_table() {
+                    RESERVED_HELP.to_string()
+                } else if !matches!(v.get_ref(), DeValue::Integer(_)) {
                     "write the number of arms as an integer: `n = 16`".to_string()
                 } else if n.is_some_and(|n| n < 1) {
                     "`n` is how many arms to draw: at least one".to_string()
@@ -159,10 +167,12 @@ impl Parser<'_> {
                         "`seed` of `{table}` must be an integer from 0 up, found {}",
                         describe(v)
                     ),
-                    Some(
+                    Some(if v.get_ref().is_table() {
+                        RESERVED_HELP.into()
+                    } else {
                         "`seed = 0`: the same seed draws the same arms, another seed other arms"
-                            .into(),
-                    ),
+                            .into()
+                    }),
                 );
                 None
             }
