@@ -234,7 +234,7 @@ mod exact {
         assert!(x > 0.0 && x.is_finite());
         // x = m · 2^e with m in [1, 2); a subnormal is first scaled up by 2^64 (exact).
         let (x, shift) = if x < f64::MIN_POSITIVE {
-            (x * 2f64.powi(64), -64)
+            (x * pow2(64), -64)
         } else {
             (x, 0)
         };
@@ -404,6 +404,34 @@ mod tests {
             choices.sort();
             choices.dedup();
             assert_eq!(choices, ["\"x\"", "0", "[1]"]);
+        }
+    }
+
+    #[test]
+    fn the_widest_float_ranges_stay_finite_and_in_range() {
+        let extremes = [
+            Distribution::LogUniform {
+                low: 5e-324,
+                high: f64::MAX,
+            },
+            Distribution::Uniform {
+                low: -1e307,
+                high: 1e307,
+            },
+            Distribution::Uniform {
+                low: 0.0,
+                high: 5e-324,
+            },
+        ];
+        for d in extremes {
+            let (Distribution::LogUniform { low, high } | Distribution::Uniform { low, high }) = d
+            else {
+                unreachable!()
+            };
+            for u in [Unit(0), Unit(1 << 52), Unit((1 << 53) - 1)] {
+                let x = d.draw(u).as_f64().unwrap();
+                assert!((low..=high).contains(&x), "{d}: {x}");
+            }
         }
     }
 
