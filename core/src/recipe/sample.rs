@@ -435,6 +435,30 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any valid bounds, any unit draw: the value is of the right type and within bounds.
+        #[test]
+        fn every_draw_is_within_its_bounds(
+            a in -1e12f64..1e12,
+            width in 1e-9f64..1e12,
+            i in proptest::num::i64::ANY,
+            span in 1u64..u64::MAX,
+            k in 0u64..(1 << 53),
+        ) {
+            let u = Unit(k);
+            let x = Distribution::Uniform { low: a, high: a + width }.draw(u).as_f64().unwrap();
+            proptest::prop_assert!((a..=a + width).contains(&x));
+            let (low, high) = (a.abs().max(1e-300), a.abs().max(1e-300) + width);
+            let x = Distribution::LogUniform { low, high }.draw(u).as_f64().unwrap();
+            proptest::prop_assert!((low..=high).contains(&x));
+            let high = i.saturating_add_unsigned(span);
+            if i < high {
+                let x = Distribution::Int { low: i, high }.draw(u).as_i64().unwrap();
+                proptest::prop_assert!((i..=high).contains(&x));
+            }
+        }
+    }
+
     #[test]
     fn int_ranges_as_wide_as_i64() {
         let d = Distribution::Int {
