@@ -15,7 +15,7 @@
 //!
 //! This module reads the document and its `[recipe]` and `[vars]`, and checks vars last; the
 //! rest is split by concern, each an `impl Parser` of its own: [`sweep`] (`[sweep]` and
-//! `--set`), [`step`] (each step on its own), [`resources`] (resources, retries, timeout) and
+//! `--set`), [`sampled`] (`[sweep.random]`, `[sweep.sobol]`), [`step`] (each step on its own), [`resources`] (resources, retries, timeout) and
 //! [`graph`] (across steps).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

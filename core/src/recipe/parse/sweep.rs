@@ -15,7 +15,7 @@ impl Parser<'_> {
         for (k, val) in t.iter() {
             let key = key_str(k);
             match key {
-                // A list under these names is a grid var named so, as before they were tables.
+                // A table under these names is sampled; a list stays a grid var named so.
                 "random" | "sobol" if val.get_ref().is_table() => {
                     let method = if key == "random" {
                         Method::Random
