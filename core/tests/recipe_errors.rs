@@ -617,6 +617,156 @@ fn too_many_arms() {
 }
 
 #[test]
+fn sampled_distributions() {
+    // One line per way a distribution can be wrong; every one is reported.
+    let errors = check!(
+        r#"[recipe]
+name = "t"
+
+[sweep.random]
+n = 8
+seed = 1
+a = { logunif = [1e-5, 1e-2] }
+b = { uniform = [0.5] }
+c = { uniform = [0.3, 0.1] }
+d = { log_uniform = [0, 1e-2] }
+e = { int = [2, 8.5] }
+f = { choice = [] }
+g = [1, 2]
+h = 0.5
+i = { uniform = [0, 1], int = [0, 1] }
+j = { uniform = ["0", 1] }
+k = { choice = 3 }
+
+[steps.s]
+op = "exec"
+cmd = ["x", "${a}", "${b}", "${c}", "${d}", "${e}", "${f}", "${g}", "${h}", "${i}", "${j}", "${k}"]
+"#
+    );
+    assert_eq!(errors.errors.len(), 11, "{}", errors.render_plain());
+}
+
+#[test]
+fn sampled_table_shape() {
+    // No `n`, no `seed`, a var swept in the grid too, one no step uses, a second table.
+    check!(
+        r#"[recipe]
+name = "t"
+
+[sweep]
+lr = [0.1, 0.2]
+
+[sweep.random]
+lr = { uniform = [0.0, 1.0] }
+unused = { int = [1, 3] }
+
+[sweep.sobol]
+n = 4
+seed = 1
+wd = { uniform = [0.0, 0.1] }
+
+[steps.s]
+op = "exec"
+cmd = ["x", "${lr}", "${wd}"]
+"#
+    );
+}
+
+#[test]
+fn sampled_arm_count_and_seed() {
+    check!(
+        r#"[recipe]
+name = "t"
+
+[sweep.sobol]
+n = 100000
+seed = -1
+lr = { uniform = [0.0, 1.0] }
+
+[sweep.rnadom]
+wd = { uniform = [0.0, 0.1] }
+
+[steps.s]
+op = "exec"
+cmd = ["x", "${lr}", "${wd}"]
+"#
+    );
+    check!(
+        r#"[recipe]
+name = "t"
+
+[sweep.random]
+n = 0
+seed = "7"
+lr = { uniform = [0.0, 1.0] }
+
+[steps.s]
+op = "exec"
+cmd = ["x", "${lr}"]
+"#
+    );
+    // `n` and `seed` set the table: they cannot name a sampled var.
+    check!(
+        r#"[recipe]
+name = "t"
+
+[sweep.random]
+n = 4
+seed = { int = [0, 9] }
+
+[steps.s]
+op = "exec"
+cmd = ["x", "${seed}"]
+"#
+    );
+}
+
+#[test]
+fn sampled_values_against_param_types() {
+    // Draws are checked against the op's param types as grid values are.
+    check!(
+        r#"[recipe]
+name = "t"
+
+[sweep.random]
+n = 4
+seed = 0
+steps = { uniform = [10, 100] }
+
+[steps.gen]
+op = "exec"
+cmd = ["gen"]
+
+[steps.fit]
+op = "train"
+inputs = { data = "gen" }
+params = { steps = "${steps}" }
+"#
+    );
+}
+
+#[test]
+fn sampled_sweeps_past_their_limits() {
+    let values: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    let text = format!(
+        "[recipe]\nname = \"t\"\n\n[sweep]\na = [{}]\n\n[sweep.random]\nn = 10000\nseed = 0\nb = {{ uniform = [0, 1] }}\n\n[steps.a]\nop = \"exec\"\ncmd = [\"x\", \"${{a}}\", \"${{b}}\"]\n",
+        values.join(", ")
+    );
+    let errors = errors_with(&text, &[]);
+    insta::assert_snapshot!(errors.render_plain());
+    let vars: String = (0..30)
+        .map(|i| format!("v{i} = {{ int = [0, 9] }}\n"))
+        .collect();
+    let refs: Vec<String> = (0..30).map(|i| format!("\"${{v{i}}}\"")).collect();
+    let text = format!(
+        "[recipe]\nname = \"t\"\n\n[sweep.random]\nn = 100000\nseed = 0\n{vars}\n[steps.a]\nop = \"exec\"\ncmd = [\"x\", {}]\n",
+        refs.join(", ")
+    );
+    let errors = errors_with(&text, &[]);
+    insta::assert_snapshot!(errors.render_plain());
+}
+
+#[test]
 fn every_error_of_a_file_is_collected() {
     let errors = check!(
         r#"[recipe]

@@ -775,4 +775,155 @@ fn a_search_sweeps_its_budget_and_gates_each_rung_on_the_one_before() {
     let tables = of(&r, &x, "table");
     assert_eq!(tables.len(), 1);
     assert!(of(&r, &x, "evaluate").iter().all(|(e, _)| *e < tables[0].0));
+
+/// `[sweep.random]` or `[sweep.sobol]` drawing `n` arms of four vars, beside a grid axis.
+fn sampled(table: &str, n: usize) -> String {
+    format!(
+        r#"{HEADER}
+[sweep]
+arch = ["a", "b"]
+
+[sweep.{table}]
+n = {n}
+seed = 7
+lr = {{ log_uniform = [1e-5, 1e-2] }}
+dropout = {{ uniform = [0.0, 0.3] }}
+warmup = {{ choice = [0, 50, 100] }}
+layers = {{ int = [2, 8] }}
+
+[steps.data]
+op = "exec"
+cmd = ["gen", "--warmup=${{warmup}}"]
+
+[steps.fit]
+op = "train"
+inputs = {{ data = "data" }}
+params = {{ steps = "${{layers}}", lr = "${{lr}}", arch = "${{arch}}" }}
+
+[steps.eval]
+op = "exec"
+cmd = ["eval", "${{dropout}}"]
+inputs = {{ model = "fit" }}
+"#
+    )
+}
+
+#[test]
+fn a_sampled_table_is_one_axis_of_n_draws() {
+    for table in ["random", "sobol"] {
+        let (r, x) = expand_text(&sampled(table, 8));
+        assert_eq!(x.arms.len(), 2 * 8, "{table}: n draws times the grid's 2");
+        // The grid axis comes first: arch=a with every draw, then arch=b with the same draws.
+        let draws = |arch: &str| -> Vec<BTreeMap<String, Value>> {
+            x.arms
+                .iter()
+                .filter(|a| a.bindings["arch"] == json!(arch))
+                .map(|a| {
+                    let mut b = a.bindings.clone();
+                    b.remove("arch");
+                    b
+                })
+                .collect()
+        };
+        assert_eq!(draws("a"), draws("b"));
+        for arm in &x.arms {
+            let b = &arm.bindings;
+            assert!((1e-5..=1e-2).contains(&b["lr"].as_f64().unwrap()));
+            assert!((0.0..=0.3).contains(&b["dropout"].as_f64().unwrap()));
+            assert!([0, 50, 100].contains(&b["warmup"].as_i64().unwrap()));
+            assert!((2..=8).contains(&b["layers"].as_i64().unwrap()));
+        }
+        // A step sees its draw with its type: `steps` an int, `lr` a float.
+        let fit = of(&r, &x, "fit");
+        assert_eq!(fit.len(), 16);
+        let arm = &x.arms[fit[0].1.arms[0] as usize];
+        assert_eq!(fit[0].1.params["steps"], arm.bindings["layers"]);
+        assert_eq!(fit[0].1.params["lr"], arm.bindings["lr"]);
+        // `data` depends on `warmup` alone: one instance for each value drawn.
+        let mut warmups: Vec<i64> = x
+            .arms
+            .iter()
+            .map(|a| a.bindings["warmup"].as_i64().unwrap())
+            .collect();
+        warmups.sort();
+        warmups.dedup();
+        assert_eq!(of(&r, &x, "data").len(), warmups.len());
+        // The first draw is every sampled var's default.
+        assert_eq!(r.vars["lr"], x.arms[0].bindings["lr"]);
+    }
+}
+
+#[test]
+fn more_sampled_arms_keep_the_earlier_ones() {
+    for table in ["random", "sobol"] {
+        let ids = |n: usize| -> Vec<String> {
+            let (_, x) = expand_text(&sampled(table, n));
+            x.arms.iter().map(|a| a.id.clone()).collect()
+        };
+        let (few, more) = (ids(4), ids(12));
+        assert!(few.iter().all(|id| more.contains(id)), "{table}");
+        assert_eq!(more.len(), 24);
+        // Another seed draws other arms.
+        let (_, x) = expand_text(&sampled(table, 4).replace("seed = 7", "seed = 8"));
+        assert!(x.arms.iter().all(|a| !few.contains(&a.id)), "{table}");
+    }
+}
+
+#[test]
+fn set_fixes_a_sampled_var_in_every_draw() {
+    let (_, all) = expand_text(&sampled("random", 8));
+    let (r, x) = expand_with(&sampled("random", 8), &["lr=0.001"]);
+    assert_eq!(r.vars["lr"], json!(0.001));
+    assert_eq!(x.arms.len(), 16);
+    for (pinned, drawn) in x.arms.iter().zip(&all.arms) {
+        assert_eq!(pinned.bindings["lr"], json!(0.001));
+        // The other vars keep their draws.
+        for var in ["dropout", "warmup", "layers", "arch"] {
+            assert_eq!(pinned.bindings[var], drawn.bindings[var], "{var}");
+        }
+    }
+    // Fixing every sampled var leaves one arm per grid position.
+    let fixed = ["lr=0.001", "dropout=0.1", "warmup=0", "layers=3"];
+    let (_, x) = expand_with(&sampled("random", 8), &fixed);
+    assert_eq!(
+        labels(&x),
+        [
+            "arch=a,dropout=0.1,layers=3,lr=0.001,warmup=0",
+            "arch=b,dropout=0.1,layers=3,lr=0.001,warmup=0"
+        ]
+    );
+}
+
+#[test]
+fn exclude_drops_sampled_arms() {
+    let text = sampled("sobol", 16).replace(
+        "[steps.data]",
+        "[[sweep.exclude]]\narch = \"b\"\nwarmup = 0\n\n[steps.data]",
+    );
+    let (_, x) = expand_text(&text);
+    let (_, all) = expand_text(&sampled("sobol", 16));
+    let zero = all
+        .arms
+        .iter()
+        .filter(|a| a.bindings["arch"] == json!("b") && a.bindings["warmup"] == json!(0))
+        .count();
+    assert!(zero > 0);
+    assert_eq!(x.arms.len(), 32 - zero);
+}
+
+#[test]
+fn random_and_sobol_lists_are_still_grid_vars() {
+    let text = format!(
+        r#"{HEADER}
+[sweep]
+random = [1, 2]
+sobol = ["x", "y"]
+
+[steps.a]
+op = "exec"
+cmd = ["a", "${{random}}", "${{sobol}}"]
+"#
+    );
+    let (_, x) = expand_text(&text);
+    assert_eq!(x.arms.len(), 4);
 }

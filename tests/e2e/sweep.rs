@@ -370,3 +370,49 @@ inputs = { each = "each[*]" }
     assert!(!dir.join("extra").exists());
     assert_eq!(read("b", "n"), "1\n2\n");
 }
+
+/// A sampled sweep of `n` arms: each arm's step appends its draws to ran.txt.
+fn sampled_recipe(n: usize) -> String {
+    format!(
+        r#"
+[recipe]
+name = "sampled"
+
+[sweep.random]
+n = {n}
+seed = 3
+lr = {{ log_uniform = [1e-4, 1e-1] }}
+width = {{ int = [1, 1000000] }}
+
+[steps.train]
+op = "exec"
+cmd = ["sh", "-c", "echo ${{lr}} ${{width}} >> \"$NEEDLE_RECIPE_DIR/ran.txt\"; echo ${{lr}} > \"$NEEDLE_OUT/lr\""]
+"#
+    )
+}
+
+#[test]
+fn more_sampled_arms_run_only_the_new_ones() {
+    let p = Project::new();
+    p.write("recipe.toml", &sampled_recipe(4));
+    let first = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(first["executed"], 4);
+    let ran = p.lines("ran.txt");
+    assert_eq!(ran.len(), 4);
+
+    // Six arms drawn with the same seed: the first four are the arms already run.
+    p.write("recipe.toml", &sampled_recipe(6));
+    let plan = p.json(&["plan", "recipe.toml"], 0);
+    assert_eq!(plan["summary"]["arms"], 6);
+    assert_eq!(plan["summary"]["cached"], 4);
+    let second = p.json(&["run", "recipe.toml"], 0);
+    assert_eq!(second["executed"], 2);
+    assert_eq!(second["cached"], 4);
+    let all = p.lines("ran.txt");
+    assert_eq!(all.len(), 6, "a cached arm never executes again");
+    assert_eq!(all[..4], ran[..]);
+    let mut distinct = all.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 6, "six different draws: {all:?}");
+}

@@ -11,6 +11,7 @@ mod code;
 mod errors;
 mod expand;
 mod parse;
+mod sample;
 mod template;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -203,8 +204,9 @@ pub struct Sweep {
     pub include: Vec<BTreeMap<String, Value>>,
 }
 
-/// One dimension of the product: a single var (`lr = [1e-3, 1e-4]`), or several vars zipped
-/// together (`[[sweep.zip]]`), whose lists advance in step.
+/// One dimension of the product: a single var (`lr = [1e-3, 1e-4]`), several vars zipped
+/// together (`[[sweep.zip]]`), whose lists advance in step, or the `n` draws of a sampled
+/// table (`[sweep.random]`, `[sweep.sobol]`), made when the recipe is parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Axis {
     pub vars: Vec<String>,

@@ -15,10 +15,10 @@
 //!
 //! This module reads the document and its `[recipe]` and `[vars]`, and checks vars last; the
 //! rest is split by concern, each an `impl Parser` of its own: [`sweep`] (`[sweep]` and
-//! `--set`), [`step`] (each step on its own), [`resources`] (resources, retries, timeout) and
+//! `--set`), [`sampled`] (`[sweep.random]`, `[sweep.sobol]`), [`step`] (each step on its own), [`resources`] (resources, retries, timeout) and
 //! [`graph`] (across steps).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -33,6 +33,7 @@ use crate::ops::{InputsSchema, OpCatalog, OpKind, OpSchema, ParamsSchema};
 
 mod graph;
 mod resources;
+mod sampled;
 mod search;
 mod step;
 mod sweep;
@@ -152,6 +153,10 @@ struct SweepDraft {
     bindings: Vec<(&'static str, Spans)>,
     /// Vars swept by a list already reported as malformed: defined, but not checked further.
     broken: BTreeSet<String>,
+    /// The span of the key of `[sweep.random]` or `[sweep.sobol]` (one a recipe).
+    sampled_key: Option<Range<usize>>,
+    /// Which of `sweep.axes` the sampled table made: `--set` overrides its rows, not picks.
+    sampled_axis: Option<usize>,
 }
 
 fn key_str<'k>(k: &'k Key<'_>) -> &'k str {

@@ -1,7 +1,8 @@
 //! `[sweep]`: lists, zip groups, `exclude` and `include` entries, and `--set` pinning a swept
-//! var.
+//! var. Its sampled tables are [`super::sampled`]'s.
 
 use super::*;
+use crate::recipe::sample::Method;
 
 impl Parser<'_> {
     pub(super) fn sweep_table(&mut self, v: &Node<'_>) -> SweepDraft {
@@ -10,9 +11,30 @@ impl Parser<'_> {
             return draft;
         };
         let mut zip_axes = Vec::new();
+        let mut sampled = None;
         for (k, val) in t.iter() {
             let key = key_str(k);
             match key {
+                // A table under these names is sampled; a list stays a grid var named so.
+                "random" | "sobol" if val.get_ref().is_table() => {
+                    let method = if key == "random" {
+                        Method::Random
+                    } else {
+                        Method::Sobol
+                    };
+                    if let Some(first) = &draft.sampled_key {
+                        draft.broken.extend(table_vars(val));
+                        let line = line_col(&self.source.text, first.start).line;
+                        self.error_help(
+                            k.span(),
+                            format!("a second sampled sweep, `[sweep.{key}]`"),
+                            Some(format!("a recipe samples in one table, here the one at line {line}: move these vars there")),
+                        );
+                        continue;
+                    }
+                    draft.sampled_key = Some(k.span());
+                    sampled = self.sampled_table(method, val, &mut draft);
+                }
                 "zip" => {
                     for group in self.array_of_tables(k, val) {
                         match self.zip_group(group, &mut draft.keys) {
@@ -43,6 +65,8 @@ impl Parser<'_> {
                     }
                     let Some(values) = self.sweep_list(key, val) else {
                         draft.broken.insert(key.to_string());
+                        // A misspelt `[sweep.random]`: its vars are defined, not undefined.
+                        draft.broken.extend(table_vars(val));
                         continue;
                     };
                     if self.first_sweep(key, k.span(), &mut draft.keys) {
@@ -55,6 +79,10 @@ impl Parser<'_> {
             }
         }
         draft.sweep.axes.extend(zip_axes);
+        if let Some(axis) = sampled {
+            draft.sampled_axis = Some(draft.sweep.axes.len());
+            draft.sweep.axes.push(axis);
+        }
         draft
     }
 
@@ -115,13 +143,18 @@ impl Parser<'_> {
                 let values: Vec<Option<Value>> = items.iter().map(|i| self.value(i)).collect();
                 values.into_iter().collect()
             }
-            _ => {
+            other => {
+                let help = if other.is_table() {
+                    did_you_mean(name, ["random", "sobol"]).unwrap_or_else(|| {
+                        format!("write `{name} = [...]`; sampled vars go in `[sweep.random]` or `[sweep.sobol]`")
+                    })
+                } else {
+                    format!("write `{name} = [...]`; a single value belongs in `[vars]`")
+                };
                 self.error_help(
                     v.span(),
                     format!("sweep over `{name}` must be a list, found {}", describe(v)),
-                    Some(format!(
-                        "write `{name} = [...]`; a single value belongs in `[vars]`"
-                    )),
+                    Some(help),
                 );
                 None
             }
@@ -335,15 +368,30 @@ impl Parser<'_> {
         }
     }
 
-    /// Keep only the sweep's rows where `set.var` has `set.value`.
+    /// Keep only the sweep's rows where `set.var` has `set.value`. On the sampled axis, set
+    /// it in every row instead: the other sampled vars keep their draws, and rows that become
+    /// equal are one.
     pub(super) fn pin(&mut self, sweep: &mut SweepDraft, set: &SetArg) {
+        let sampled = sweep.sampled_axis;
         let sweep = &mut sweep.sweep;
-        if let Some(axis) = sweep.axes.iter_mut().find(|a| a.vars.contains(&set.var)) {
+        if let Some((i, axis)) = sweep
+            .axes
+            .iter_mut()
+            .enumerate()
+            .find(|(_, a)| a.vars.contains(&set.var))
+        {
             let j = axis
                 .vars
                 .iter()
                 .position(|v| *v == set.var)
                 .expect("found above");
+            if sampled == Some(i) {
+                let mut seen = HashSet::new();
+                axis.rows.retain_mut(|row| {
+                    row[j] = set.value.clone();
+                    seen.insert(crate::canonical::encode(&Value::Array(row.clone())))
+                });
+            }
             let before = axis.rows.len();
             axis.rows.retain(|row| row[j] == set.value);
             if axis.rows.is_empty() {
@@ -365,6 +413,14 @@ impl Parser<'_> {
         sweep
             .include
             .retain(|inc| inc.get(&set.var).is_none_or(|v| *v == set.value));
+    }
+}
+
+/// The keys of a table value (none for another value).
+fn table_vars(v: &Node<'_>) -> Vec<String> {
+    match v.get_ref() {
+        DeValue::Table(t) => t.keys().map(|k| key_str(k).to_string()).collect(),
+        _ => Vec::new(),
     }
 }
 
