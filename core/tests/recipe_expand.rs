@@ -775,6 +775,7 @@ fn a_search_sweeps_its_budget_and_gates_each_rung_on_the_one_before() {
     let tables = of(&r, &x, "table");
     assert_eq!(tables.len(), 1);
     assert!(of(&r, &x, "evaluate").iter().all(|(e, _)| *e < tables[0].0));
+}
 
 /// `[sweep.random]` or `[sweep.sobol]` drawing `n` arms of four vars, beside a grid axis.
 fn sampled(table: &str, n: usize) -> String {
