@@ -110,15 +110,15 @@ impl Joined {
         mut self,
         total: usize,
     ) -> Result<(RunOutcome, needle_core::store::RunRecord), CliError> {
-        eprintln!(
-            "joined the runner of this store: run {} executes there, beside its other runs",
-            self.run
-        );
         let cancels = self.stream.try_clone().map_err(|source| CliError::Io {
             context: "could not talk to the runner of this store".into(),
             source,
         })?;
         forward_ctrl_c(cancels);
+        eprintln!(
+            "joined the runner of this store: run {} executes there, beside its other runs",
+            self.run
+        );
         let mut display = progress::for_stderr(total);
         loop {
             let line = match read_frame(&mut self.reader, usize::MAX / 2) {
@@ -140,21 +140,25 @@ impl Joined {
     }
 }
 
-/// Each Ctrl-C from now on asks the runner to cancel the run, on a thread of its own.
+/// Each Ctrl-C from now on asks the runner to cancel the run, on a thread of its own. The
+/// handler is installed before this returns: a Ctrl-C that came while a thread started would
+/// otherwise kill the client instead of cancelling its run.
 fn forward_ctrl_c(stream: UnixStream) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let sigint = {
+        let _in_runtime = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    };
+    let Ok(mut sigint) = sigint else {
+        return;
+    };
     std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
         runtime.block_on(async move {
-            let Ok(mut sigint) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            else {
-                return;
-            };
             while sigint.recv().await.is_some() {
                 if send_frame(&stream, &ToRunner::Cancel).is_err() {
                     return;
