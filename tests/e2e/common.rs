@@ -85,23 +85,26 @@ impl Project {
 }
 
 pub fn bin() -> &'static Path {
-    static WORKER_FRESH: std::sync::Once = std::sync::Once::new();
+    // Checked once; every test that asks again gets the same answer, not a poisoned lock.
+    static WORKER_STALE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let needle = Path::new(env!("CARGO_BIN_EXE_needle"));
-    WORKER_FRESH.call_once(|| worker_is_fresh(needle));
+    if let Some(why) = WORKER_STALE.get_or_init(|| worker_staleness(needle)) {
+        panic!("{why}");
+    }
     needle
 }
 
-/// Built-in ops run as `needle-worker`, beside `needle`, which this test target does not
-/// build: `cargo test -p needle-runner` after an edit of `models/` or `ops/` would test an old
-/// worker, and pass or fail for the wrong reason. Refuse, saying what to build.
-fn worker_is_fresh(needle: &Path) {
+/// Why the `needle-worker` beside `needle` cannot be trusted, if it cannot. This test target
+/// does not build it: `cargo test -p needle-runner` after an edit of `models/` or `ops/` tests an old
+/// worker, and passes or fails for the wrong reason.
+fn worker_staleness(needle: &Path) -> Option<String> {
     let worker = needle.with_file_name("needle-worker");
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let Some(built) = modified(&worker) else {
-        panic!(
+        return Some(format!(
             "{} is missing: build it with `cargo build -p needle-models` (or run `make test`)",
             worker.display()
-        );
+        ));
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut stack: Vec<PathBuf> = ["core/src", "ops/src", "models/src"]
@@ -114,14 +117,15 @@ fn worker_is_fresh(needle: &Path) {
             if path.is_dir() {
                 stack.push(path);
             } else if modified(&path).is_some_and(|m| m > built) {
-                panic!(
+                return Some(format!(
                     "{} is older than {}: build it with `cargo build -p needle-models` (or run `make test`)",
                     worker.display(),
                     path.display()
-                );
+                ));
             }
         }
     }
+    None
 }
 
 pub fn assert_code(out: &Output, code: i32) {

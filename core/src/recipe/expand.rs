@@ -358,11 +358,7 @@ fn link_rungs(
     let mut decider: HashMap<usize, usize> = HashMap::new();
     // (step, its bindings but the budget, rung) → instance, for the continue step.
     let mut by_arm: HashMap<(usize, String, usize), usize> = HashMap::new();
-    let without_budget = |inst: &Instance| {
-        let mut b = inst.bindings.clone();
-        b.remove(&search.budget);
-        crate::canonical::to_string(&serde_json::json!(b))
-    };
+    let without_budget = |inst: &Instance| search.arm_key(&inst.bindings);
     for (i, inst) in instances.iter().enumerate() {
         let Some(rung) = rung_of(inst) else { continue };
         if inst.step == search_step {

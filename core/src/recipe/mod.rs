@@ -179,6 +179,14 @@ impl Search {
         (self.rungs.iter()).position(|r| crate::canonical::to_string(r) == key)
     }
 
+    /// What identifies an arm across rungs: its bindings without the budget, canonically
+    /// encoded.
+    pub fn arm_key(&self, bindings: &BTreeMap<String, Value>) -> String {
+        let mut b = bindings.clone();
+        b.remove(&self.budget);
+        crate::canonical::to_string(&serde_json::json!(b))
+    }
+
     /// How many of `n` live arms a rung keeps.
     pub fn kept_of(&self, n: usize) -> usize {
         keep_count(n, self.keep)

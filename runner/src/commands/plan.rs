@@ -279,11 +279,7 @@ fn plan_json(plan: &Plan, predicted: &[Predicted]) -> serde_json::Value {
 /// runs with the chance that one of its arms is kept).
 fn search_line(plan: &Plan) -> Option<String> {
     let search = plan.recipe.search.as_ref()?;
-    let arm_key = |a: u32| {
-        let mut b = plan.arms[a as usize].bindings.clone();
-        b.remove(&search.budget);
-        needle_core::canonical::to_string(&serde_json::json!(b))
-    };
+    let arm_key = |a: u32| search.arm_key(&plan.arms[a as usize].bindings);
     let n0 = (0..plan.arms.len() as u32)
         .map(arm_key)
         .collect::<std::collections::HashSet<_>>()

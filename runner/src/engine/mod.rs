@@ -127,6 +127,8 @@ pub struct Engine {
     inflight: HashMap<StepKey, usize>,
     followers: HashMap<usize, Vec<usize>>,
     forced_done: HashSet<usize>,
+    /// Each search node's decision, read when the first node it gates resolves.
+    rungs: HashMap<usize, Result<Arc<search::Rung>, String>>,
     /// Inputs found whole in this runner (each artifact and blob is hashed once).
     input_check: InputCheck,
     /// Inputs found damaged by this runner: found again, the step reading them fails.
@@ -199,6 +201,7 @@ impl Engine {
             inflight: HashMap::new(),
             followers: HashMap::new(),
             forced_done: HashSet::new(),
+            rungs: HashMap::new(),
             input_check: InputCheck::default(),
             damaged: HashSet::new(),
             committing: 0,
@@ -483,7 +486,7 @@ impl Engine {
 
     /// Whether the search stopped node `i`'s arm (its gate's decision did not keep any arm of
     /// it, or an input it reads alone was stopped), and why.
-    fn verdict(&self, i: usize) -> Verdict {
+    fn verdict(&mut self, i: usize) -> Verdict {
         let base = self.runs[self.run_of[i]].first;
         for input in self.node(i).inputs.values() {
             if let NodeInput::One(u) = input
@@ -496,8 +499,14 @@ impl Engine {
             return Verdict::Go;
         };
         let output = self.outputs[base + gate].expect("a gate is done before what it gates");
-        let run = &self.runs[self.run_of[i]];
-        search::verdict(&self.store, &run.plan, gate, i - base, output)
+        let plan = &self.runs[self.run_of[i]].plan;
+        // Read once per rung: every node of the next rung asks it.
+        let rung = (self.rungs.entry(base + gate))
+            .or_insert_with(|| search::Rung::read(&self.store, plan, gate, output).map(Arc::new));
+        match rung {
+            Ok(rung) => rung.verdict(plan, i - base),
+            Err(e) => Verdict::Unreadable(e.clone()),
+        }
     }
 
     fn is_stopped(&self, i: usize) -> bool {
@@ -585,6 +594,7 @@ impl Engine {
     /// so it did not read the dropped bytes.
     fn reexecute(&mut self, u: usize, work: &mut Vec<usize>) {
         self.outputs[u] = None;
+        self.rungs.remove(&u);
         self.set_phase(u, Phase::Waiting);
         self.step_mut(u).status = StepStatus::Pending;
         self.dirty(u);

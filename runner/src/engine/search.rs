@@ -3,11 +3,11 @@
 //! read from the store, so a rerun or a resumed search decides as the first did, from the
 //! cache.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use needle_core::digest::ArtifactDigest;
 use needle_core::plan::{NodeInput, Plan};
-use needle_core::search::{DECISION_FILE, Decision};
+use needle_core::search::{DECISION_FILE, Decision, Ranked};
 use needle_core::store::{EntryKind, Store, StoreError};
 use needle_core::value::Value;
 
@@ -21,65 +21,84 @@ pub enum Verdict {
     Unreadable(String),
 }
 
-/// The decision of the search node `gate` (whose output is `output`) on node `node`: it goes
-/// on when one of its arms is one of a kept metric node's arms, the budget aside.
-pub fn verdict(
-    store: &Store,
-    plan: &Plan,
-    gate: usize,
-    node: usize,
-    output: ArtifactDigest,
-) -> Verdict {
-    let decision = match read_decision(store, output) {
-        Ok(d) => d,
-        Err(e) => return Verdict::Unreadable(needle_core::error_chain::joined(&e, ": ")),
-    };
-    let Some(search) = &plan.recipe.search else {
-        return Verdict::Go;
-    };
-    let arm_key = |a: u32| {
-        let mut b = plan.arms[a as usize].bindings.clone();
-        b.remove(&search.budget);
-        needle_core::canonical::to_string(&serde_json::json!(b))
-    };
-    let mine: HashSet<String> = plan.nodes[node].arms.iter().map(|&a| arm_key(a)).collect();
-    let members: Vec<(String, usize)> = match plan.nodes[gate].inputs.get("metrics") {
-        Some(NodeInput::Gather(members)) => members.clone(),
-        _ => Vec::new(),
-    };
-    // This node's arms' places in the rung: the members that share one of its arms.
-    let mut places = Vec::new();
-    for (label, m) in &members {
-        if plan.nodes[*m]
-            .arms
-            .iter()
-            .any(|&a| mine.contains(&arm_key(a)))
-            && let Some(ranked) = decision.arm(label)
-        {
-            if ranked.kept {
-                return Verdict::Go;
+/// A rung's decision, indexed by arm (its bindings without the budget, [`Search::arm_key`]):
+/// read once per run, then asked about every node of the next rung.
+///
+/// [`Search::arm_key`]: needle_core::recipe::Search::arm_key
+pub struct Rung {
+    decision: Decision,
+    budget_var: String,
+    /// Each arm's best place among the rung's metric steps that hold it.
+    places: HashMap<String, Ranked>,
+}
+
+impl Rung {
+    /// The decision of the search node `gate` (whose output is `output`).
+    pub fn read(
+        store: &Store,
+        plan: &Plan,
+        gate: usize,
+        output: ArtifactDigest,
+    ) -> Result<Rung, String> {
+        let decision =
+            read_decision(store, output).map_err(|e| needle_core::error_chain::joined(&e, ": "))?;
+        let search = (plan.recipe.search.as_ref()).ok_or("the plan has no `[search]`")?;
+        let mut places: HashMap<String, Ranked> = HashMap::new();
+        if let Some(NodeInput::Gather(members)) = plan.nodes[gate].inputs.get("metrics") {
+            for (label, m) in members {
+                let Some(ranked) = decision.arm(label) else {
+                    continue;
+                };
+                for &a in &plan.nodes[*m].arms {
+                    let key = search.arm_key(&plan.arms[a as usize].bindings);
+                    let better = places.get(&key).is_none_or(|p| ranked.rank < p.rank);
+                    if better {
+                        places.insert(key, ranked.clone());
+                    }
+                }
             }
-            places.push(ranked);
+        }
+        Ok(Rung {
+            decision,
+            budget_var: search.budget.clone(),
+            places,
+        })
+    }
+
+    /// Whether `node` of the next rung goes on: when one of its arms was kept.
+    pub fn verdict(&self, plan: &Plan, node: usize) -> Verdict {
+        let search = plan
+            .recipe
+            .search
+            .as_ref()
+            .expect("a rung comes from a search");
+        let best = (plan.nodes[node].arms.iter())
+            .filter_map(|&a| {
+                self.places
+                    .get(&search.arm_key(&plan.arms[a as usize].bindings))
+            })
+            .min_by_key(|r| r.rank);
+        let d = &self.decision;
+        match best {
+            Some(r) if r.kept => Verdict::Go,
+            None => Verdict::Stop(format!(
+                "stopped: no arm of it was ranked at rung {}",
+                d.rung + 1
+            )),
+            Some(best) => Verdict::Stop(format!(
+                "stopped at rung {} of {} ({} = {}): {} {} ranked {} of {}, the best {} went on",
+                d.rung + 1,
+                d.rungs,
+                self.budget_var,
+                render(&d.budget),
+                d.metric,
+                best.value,
+                best.rank,
+                d.arms.len(),
+                d.kept()
+            )),
         }
     }
-    let Some(best) = places.iter().min_by_key(|r| r.rank) else {
-        return Verdict::Stop(format!(
-            "stopped: no arm of it was ranked at rung {}",
-            decision.rung + 1
-        ));
-    };
-    Verdict::Stop(format!(
-        "stopped at rung {} of {} ({} = {}): {} {} ranked {} of {}, the best {} went on",
-        decision.rung + 1,
-        decision.rungs,
-        search.budget,
-        render(&decision.budget),
-        decision.metric,
-        best.value,
-        best.rank,
-        decision.arms.len(),
-        decision.kept()
-    ))
 }
 
 fn render(v: &Value) -> String {

@@ -322,6 +322,34 @@ impl<'a> Parser<'a> {
         self.errors.push(d);
     }
 
+    /// The entries of `t` whose keys are among `keys`; every other key is reported as unknown
+    /// in `place` (`step \`x\``, `` `[search]` ``), with the closest known key or the list.
+    fn known_keys<'t, 'i>(
+        &mut self,
+        t: &'t DeTable<'i>,
+        keys: &[&str],
+        place: &str,
+        has: &str,
+    ) -> HashMap<&'t str, (&'t Key<'i>, &'t Node<'i>)> {
+        let mut fields = HashMap::new();
+        for (k, v) in t.iter() {
+            let key = key_str(k);
+            if keys.contains(&key) {
+                fields.insert(key, (k, v));
+            } else {
+                let help = did_you_mean(key, keys.iter().copied()).unwrap_or_else(|| {
+                    format!("{has} the keys {}", backticked(keys.iter().copied()))
+                });
+                self.error_help(
+                    k.span(),
+                    format!("unknown key `{key}` in {place}"),
+                    Some(help),
+                );
+            }
+        }
+        fields
+    }
+
     fn value(&mut self, v: &Node<'_>) -> Option<Value> {
         to_value(v, &mut self.errors)
     }

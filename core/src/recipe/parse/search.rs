@@ -36,25 +36,7 @@ impl Parser<'_> {
         drafts: &mut Vec<Draft>,
     ) -> Option<Search> {
         let t = self.table(v, "`search`")?;
-        let mut fields: BTreeMap<&str, (&Key<'_>, &Node<'_>)> = BTreeMap::new();
-        for (k, val) in t.iter() {
-            let key = key_str(k);
-            if SEARCH_KEYS.contains(&key) {
-                fields.insert(key, (k, val));
-            } else {
-                let help = did_you_mean(key, SEARCH_KEYS.iter().copied()).unwrap_or_else(|| {
-                    format!(
-                        "`[search]` has the keys {}",
-                        backticked(SEARCH_KEYS.iter().copied())
-                    )
-                });
-                self.error_help(
-                    k.span(),
-                    format!("unknown key `{key}` in `[search]`"),
-                    Some(help),
-                );
-            }
-        }
+        let fields = self.known_keys(t, SEARCH_KEYS, "`[search]`", "`[search]` has");
         let mut ok = true;
         let mut required = |p: &mut Self, name: &str, help: &str| {
             let found = fields.get(name).map(|(_, v)| *v);

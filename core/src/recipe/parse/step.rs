@@ -54,25 +54,7 @@ impl<'a> Parser<'a> {
             ks
         };
 
-        let mut fields: HashMap<&str, (&Key<'_>, &Node<'_>)> = HashMap::new();
-        for (fk, fv) in t.iter() {
-            let key = key_str(fk);
-            if STEP_KEYS.contains(&key) {
-                fields.insert(key, (fk, fv));
-            } else {
-                let help = did_you_mean(key, STEP_KEYS.iter().copied()).unwrap_or_else(|| {
-                    format!(
-                        "a step has the keys {}",
-                        backticked(STEP_KEYS.iter().copied())
-                    )
-                });
-                self.error_help(
-                    fk.span(),
-                    format!("unknown key `{key}` in step `{name}`"),
-                    Some(help),
-                );
-            }
-        }
+        let fields = self.known_keys(t, STEP_KEYS, &format!("step `{name}`"), "a step has");
 
         let mut draft = Draft {
             def: StepDef {
