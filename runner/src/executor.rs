@@ -24,6 +24,9 @@ pub enum Executor {
     Local,
     /// Slurm batch jobs: the cluster places them; the runner limits how many are in flight.
     Slurm(Arc<Slurm>),
+    /// Scripted attempts on this machine's pool, without processes: the engine's unit tests.
+    #[cfg(test)]
+    Fake(Arc<crate::engine::fake::Fake>),
 }
 
 impl std::fmt::Debug for Executor {
@@ -31,6 +34,8 @@ impl std::fmt::Debug for Executor {
         match self {
             Executor::Local => f.write_str("Local"),
             Executor::Slurm(_) => f.write_str("Slurm"),
+            #[cfg(test)]
+            Executor::Fake(_) => f.write_str("Fake"),
         }
     }
 }
@@ -56,11 +61,11 @@ impl Executor {
     /// token per job in flight (Slurm places jobs, needle only throttles them).
     pub fn pool(&self, machine: &Machine<'_>) -> Pool {
         match self {
-            Executor::Local => {
+            Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
+            _ => {
                 let memory: Vec<Option<u64>> = machine.gpus.iter().map(|g| g.mem_mb).collect();
                 Pool::new(&memory, machine.cpus, machine.mem_mb)
             }
-            Executor::Slurm(slurm) => Pool::new(&[], slurm.max_jobs(), u64::MAX),
         }
     }
 
@@ -69,28 +74,28 @@ impl Executor {
     /// cancelled.
     pub async fn start(&self) -> Result<Vec<String>, String> {
         match self {
-            Executor::Local => Ok(Vec::new()),
             Executor::Slurm(slurm) => slurm.start().await,
+            _ => Ok(Vec::new()),
         }
     }
 
     /// The task that follows the run's jobs, where there is one; it stops when dropped.
     pub fn follow(&self) -> Option<AbortOnDrop> {
         match self {
-            Executor::Local => None,
             Executor::Slurm(slurm) => Some(AbortOnDrop(tokio::spawn(slurm.clone().poll_forever()))),
+            _ => None,
         }
     }
 
     /// What a step of `resources` takes from the pool.
     pub fn shape(&self, resources: &Resources, machine: &Machine<'_>) -> Shape {
         match self {
-            Executor::Local => Shape::of(resources, machine.cpus, !machine.gpus.is_empty()),
             Executor::Slurm(_) => Shape {
                 gpus: GpuNeed::None,
                 cpus: 1,
                 mem_mb: 0,
             },
+            _ => Shape::of(resources, machine.cpus, !machine.gpus.is_empty()),
         }
     }
 
@@ -98,19 +103,19 @@ impl Executor {
     /// token: the step holds what it asked for, and Slurm names the GPUs.
     pub fn held(&self, grant: &Grant, asked: &Resources, machine: &Machine<'_>) -> Held {
         match self {
-            Executor::Local => local_held(grant, asked, machine),
             Executor::Slurm(_) => Held {
                 cpus: asked.cpus.max(1),
                 ..Held::default()
             },
+            _ => local_held(grant, asked, machine),
         }
     }
 
     /// CPU slots a step held, as its record says.
     pub fn cpus_held(&self, grant: &Grant, asked: &Resources) -> u32 {
         match self {
-            Executor::Local => grant.cpus,
             Executor::Slurm(_) => asked.cpus.max(1),
+            _ => grant.cpus,
         }
     }
 
@@ -135,6 +140,8 @@ impl Executor {
                     events,
                 ));
             }
+            #[cfg(test)]
+            Executor::Fake(fake) => fake.launch(spec, events),
         }
     }
 
@@ -149,11 +156,17 @@ impl Executor {
                 Handle::Job(id) => jobs.push(id.clone()),
             }
         }
-        if let Executor::Slurm(slurm) = self
-            && !jobs.is_empty()
-        {
-            let slurm = slurm.clone();
-            tokio::spawn(async move { slurm.cancel(&jobs, kill).await });
+        if jobs.is_empty() {
+            return;
+        }
+        match self {
+            Executor::Slurm(slurm) => {
+                let slurm = slurm.clone();
+                tokio::spawn(async move { slurm.cancel(&jobs, kill).await });
+            }
+            #[cfg(test)]
+            Executor::Fake(fake) => fake.stop(&jobs, kill),
+            Executor::Local => {}
         }
     }
 }

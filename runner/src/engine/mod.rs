@@ -51,8 +51,12 @@ use crate::scheduler::{GpuGrant, Grant, Pool};
 use crate::slurm::SlurmConfig;
 use crate::{process, staging};
 
+#[cfg(test)]
+pub(crate) mod fake;
 mod runs;
 mod search;
+#[cfg(test)]
+mod tests;
 
 use runs::RunSlot;
 pub use runs::{Joining, OnEnd, RunOptions, new_record};
@@ -251,6 +255,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The same engine on another executor (a fake, in tests).
+    #[cfg(test)]
+    fn with_executor(mut self, executor: Executor) -> Engine {
+        self.pool = executor.pool(&machine(&self.opts));
+        self.executor = executor;
+        self
+    }
+
     /// Offer copies of the own run's progress to `live` as it goes (when a reader asks).
     pub fn with_live(mut self, live: Arc<LiveRun>) -> Engine {
         self.live = Some(live);
@@ -260,14 +272,13 @@ impl Engine {
     /// Run until every run has ended: the own run, and those that joined meanwhile. Each
     /// run's record is written before its first step starts and again at its end. Returns the
     /// own run's outcome.
-    pub async fn execute(mut self) -> Result<RunOutcome, StoreError> {
+    pub async fn execute(self) -> Result<RunOutcome, StoreError> {
+        self.execute_with(Signals::os()).await
+    }
+
+    /// [`Engine::execute`], told of Ctrl-C and SIGTERM by `signals`.
+    async fn execute_with(mut self, mut signals: Signals) -> Result<RunOutcome, StoreError> {
         self.store.put_run(&self.runs[0].record)?;
-        let mut interrupt =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-                .expect("installing the SIGINT handler");
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing the SIGTERM handler");
         // Follows the run's Slurm jobs; dropped (and so stopped) with the run.
         let _poller = self.executor.follow();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -295,8 +306,7 @@ impl Engine {
             let waiting = !self.to_commit.is_empty();
             tokio::select! {
                 Some(ev) = self.events_rx.recv() => self.handle(ev)?,
-                _ = interrupt.recv() => self.on_signal(false),
-                _ = terminate.recv() => self.on_signal(true),
+                terminate = signals.next() => self.on_signal(terminate),
                 _ = tick.tick() => self.update_progress(),
                 _ = tokio::time::sleep_until(commit_due.into()), if waiting => self.flush_commits(),
             }
@@ -1105,6 +1115,46 @@ impl Engine {
             "cpu time"
         );
         Ok(self.own.take().expect("the own run ended"))
+    }
+}
+
+/// Where the runner's Ctrl-Cs and SIGTERMs come from.
+enum Signals {
+    Os {
+        interrupt: tokio::signal::unix::Signal,
+        terminate: tokio::signal::unix::Signal,
+    },
+    /// A test's: `true` for a SIGTERM.
+    #[cfg(test)]
+    Sent(UnboundedReceiver<bool>),
+}
+
+impl Signals {
+    fn os() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals::Os {
+            interrupt: signal(SignalKind::interrupt()).expect("installing the SIGINT handler"),
+            terminate: signal(SignalKind::terminate()).expect("installing the SIGTERM handler"),
+        }
+    }
+
+    /// The next signal: whether it is a SIGTERM (else a Ctrl-C). Pending forever once the
+    /// source is gone.
+    async fn next(&mut self) -> bool {
+        match self {
+            Signals::Os {
+                interrupt,
+                terminate,
+            } => tokio::select! {
+                _ = interrupt.recv() => false,
+                _ = terminate.recv() => true,
+            },
+            #[cfg(test)]
+            Signals::Sent(rx) => match rx.recv().await {
+                Some(terminate) => terminate,
+                None => std::future::pending().await,
+            },
+        }
     }
 }
 
