@@ -7,8 +7,9 @@
 //! main ── cli (clap) ── commands/<verb>.rs      one file per command; each opens the store
 //!                          │                    (or reads through a live runner's socket)
 //!            run / rerun ──┬── engine            the run loop: one select! over events;
-//!                          │    │               owns every run's steps' state (phase,
-//!                          │    │               outputs, records), the ready queues, the pool
+//!                          │    │               owns every run's steps' state (one `State`
+//!                          │    │               per node, with its spec, attempt or output;
+//!                          │    │               the records), the ready queues, the pool
 //!                          │    ├── runs         the runs it executes: joining, Ctrl-C of one,
 //!                          │    │               a step handed over, a run's end
 //!                          │    ├── scheduler    which ready step starts next (pure: shapes,

@@ -78,26 +78,42 @@ pub struct EngineOptions {
     pub run: RunOptions,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Waiting,
-    Ready,
-    Running,
+/// Where a node is in its life (see the diagram above), with what it has there. Its key and
+/// attempts are in its run's record (`RunStep`); this is what the loop needs beside them.
+enum State {
+    /// Waiting for `missing` inputs (and gate) to be done; 0 with its key not yet resolved,
+    /// or sent back to wait (its run interrupted, or an output it reads dropped as damaged).
+    Waiting {
+        missing: usize,
+    },
+    /// Queued to start: its key is known, and no node of any run holds it.
+    Ready {
+        spec: StepSpec,
+    },
+    /// Another node executes the same key; it finishes as that one does (`followers`).
+    Follower {
+        spec: StepSpec,
+    },
+    Running {
+        spec: StepSpec,
+        attempt: Running,
+    },
+    /// Exited 0: its output waits for, or is in, a commit batch.
     Committing,
-    Follower,
     /// Failed, and waiting for its backoff before the next attempt.
-    Retrying,
-    /// Terminal: see the run record's status.
-    Finished,
+    Retrying {
+        spec: StepSpec,
+    },
+    /// Terminal (the run record's status says how), with its output where it has one.
+    Finished {
+        output: Option<ArtifactDigest>,
+    },
 }
 
-impl Phase {
-    /// Whether a run with a node in this phase has work left.
-    fn busy(self) -> bool {
-        matches!(
-            self,
-            Phase::Ready | Phase::Running | Phase::Committing | Phase::Follower | Phase::Retrying
-        )
+impl State {
+    /// Whether a run with a node in this state has work left.
+    fn busy(&self) -> bool {
+        !matches!(self, State::Waiting { .. } | State::Finished { .. })
     }
 }
 
@@ -116,14 +132,11 @@ pub struct Engine {
     runs: Vec<RunSlot>,
     /// Per node, all runs' nodes numbered together: its run (an index into `runs`).
     run_of: Vec<usize>,
-    phase: Vec<Phase>,
-    outputs: Vec<Option<ArtifactDigest>>,
-    specs: Vec<Option<StepSpec>>,
-    missing: Vec<usize>,
+    /// Per node: its state.
+    nodes: Vec<State>,
     dependents: Vec<Vec<usize>>,
     priority: Vec<u64>,
     pool: Pool,
-    running: HashMap<usize, Running>,
     /// A running attempt handed from a node of a cancelled run to a follower in another:
     /// the events of the attempt, which name the first, are the second's.
     handed: HashMap<usize, usize>,
@@ -193,14 +206,10 @@ impl Engine {
             opts,
             runs: Vec::new(),
             run_of: Vec::new(),
-            phase: Vec::new(),
-            outputs: Vec::new(),
-            specs: Vec::new(),
-            missing: Vec::new(),
+            nodes: Vec::new(),
             dependents: Vec::new(),
             priority: Vec::new(),
             pool,
-            running: HashMap::new(),
             handed: HashMap::new(),
             inflight: HashMap::new(),
             followers: HashMap::new(),
@@ -318,11 +327,12 @@ impl Engine {
         match ev {
             Event::Started { node, handle } => {
                 let node = self.handed.get(&node).copied().unwrap_or(node);
-                if self.running.contains_key(&node) && self.runs[self.run_of[node]].interrupts > 0 {
-                    self.stop(std::slice::from_ref(&handle), false);
-                }
-                if let Some(r) = self.running.get_mut(&node) {
-                    r.handle = Some(handle);
+                let interrupted = self.runs[self.run_of[node]].interrupts > 0;
+                if let State::Running { attempt, .. } = &mut self.nodes[node] {
+                    if interrupted {
+                        self.executor.stop(std::slice::from_ref(&handle), false);
+                    }
+                    attempt.handle = Some(handle);
                 }
             }
             Event::Ended(mut end) => {
@@ -361,10 +371,12 @@ impl Engine {
             }
             Event::RetryDue { node } => {
                 if self.runs[self.run_of[node]].interrupts == 0 {
-                    self.push_ready(node);
+                    let spec = self.take_spec(node);
+                    self.push_ready(node, spec);
                 } else if let Some(to) = self.hand_over(node) {
                     self.finish_node(node, StepStatus::Interrupted);
-                    self.push_ready(to);
+                    let spec = self.take_spec(to);
+                    self.push_ready(to, spec);
                 } else {
                     self.finish_node(node, StepStatus::Interrupted);
                 }
@@ -402,14 +414,35 @@ impl Engine {
         &mut s.record.steps[i - s.first]
     }
 
-    fn set_phase(&mut self, i: usize, phase: Phase) {
+    /// Node `i` enters `state`; what it had in the state it leaves is returned.
+    fn set_state(&mut self, i: usize, state: State) -> State {
         let run = &mut self.runs[self.run_of[i]];
-        match (self.phase[i].busy(), phase.busy()) {
+        match (self.nodes[i].busy(), state.busy()) {
             (false, true) => run.busy += 1,
             (true, false) => run.busy -= 1,
             _ => {}
         }
-        self.phase[i] = phase;
+        std::mem::replace(&mut self.nodes[i], state)
+    }
+
+    /// The output of node `i`, once it finished with one.
+    fn output(&self, i: usize) -> Option<ArtifactDigest> {
+        match self.nodes[i] {
+            State::Finished { output } => output,
+            _ => None,
+        }
+    }
+
+    /// The spec of node `i`, which leaves the state that held it (ready, following, running
+    /// or retrying) for `Waiting`, until the caller says where it goes.
+    fn take_spec(&mut self, i: usize) -> StepSpec {
+        match self.set_state(i, State::Waiting { missing: 0 }) {
+            State::Ready { spec }
+            | State::Follower { spec }
+            | State::Running { spec, .. }
+            | State::Retrying { spec } => spec,
+            _ => panic!("node {i} has no spec to take"),
+        }
     }
 
     /// Step `i`'s state changed: record it with its run's progress.
@@ -439,7 +472,7 @@ impl Engine {
         while let Some(i) = work.pop() {
             // Sent back to wait for an input executing again (see `inputs_whole`), or
             // released twice meanwhile.
-            if self.missing[i] > 0 || self.phase[i] != Phase::Waiting {
+            if !matches!(self.nodes[i], State::Waiting { missing: 0 }) {
                 continue;
             }
             match self.verdict(i) {
@@ -459,11 +492,10 @@ impl Engine {
             let base = self.runs[self.run_of[i]].first;
             let spec = self
                 .node(i)
-                .spec_without(|u| self.outputs[base + u], |u| self.is_stopped(base + u))
+                .spec_without(|u| self.output(base + u), |u| self.is_stopped(base + u))
                 .expect("resolve runs once every input has an output");
             let key = spec.key();
             self.step_mut(i).key = Some(key);
-            self.specs[i] = Some(spec);
             let forced = (self.runs[self.run_of[i]].opts.force).contains(&self.node(i).name);
 
             if let Some(&leader) = self.inflight.get(&key) {
@@ -471,7 +503,7 @@ impl Engine {
                 if self.runs[self.run_of[i]].interrupts > 0 {
                     continue;
                 }
-                self.set_phase(i, Phase::Follower);
+                self.set_state(i, State::Follower { spec });
                 self.followers.entry(leader).or_default().push(i);
                 continue;
             }
@@ -479,17 +511,21 @@ impl Engine {
             if may_reuse && let Some(rec) = self.store.step(&key)? {
                 self.step_mut(i).status = StepStatus::Cached { output: rec.output };
                 self.dirty(i);
-                self.set_phase(i, Phase::Finished);
-                self.outputs[i] = Some(rec.output);
+                self.set_state(
+                    i,
+                    State::Finished {
+                        output: Some(rec.output),
+                    },
+                );
                 self.finished_note(i);
                 work.extend(self.release_dependents(i));
                 continue;
             }
-            if !self.inputs_whole(i, &mut work)? {
+            if !self.inputs_whole(i, &spec, &mut work)? {
                 continue;
             }
             self.inflight.insert(key, i);
-            self.push_ready(i);
+            self.push_ready(i, spec);
         }
         Ok(())
     }
@@ -508,7 +544,7 @@ impl Engine {
         let Some(gate) = self.node(i).gate else {
             return Verdict::Go;
         };
-        let output = self.outputs[base + gate].expect("a gate is done before what it gates");
+        let output = (self.output(base + gate)).expect("a gate is done before what it gates");
         let plan = &self.runs[self.run_of[i]].plan;
         // Read once per rung: every node of the next rung asks it.
         let rung = (self.rungs.entry(base + gate))
@@ -517,6 +553,14 @@ impl Engine {
             Ok(rung) => rung.verdict(plan, i - base),
             Err(e) => Verdict::Unreadable(e.clone()),
         }
+    }
+
+    /// The nodes running an attempt, with it.
+    fn running(&self) -> impl Iterator<Item = (usize, &Running)> {
+        (self.nodes.iter().enumerate()).filter_map(|(i, state)| match state {
+            State::Running { attempt, .. } => Some((i, attempt)),
+            _ => None,
+        })
     }
 
     fn is_stopped(&self, i: usize) -> bool {
@@ -530,10 +574,13 @@ impl Engine {
     /// again; `i` waits for them as for any input, then is resolved anew. False then, or when
     /// `i` failed: an input found damaged a second time in this run (after its producer ran
     /// again), or one that no step of this run produced.
-    fn inputs_whole(&mut self, i: usize, work: &mut Vec<usize>) -> Result<bool, StoreError> {
-        let inputs: Vec<(String, ArtifactDigest)> = self.specs[i]
-            .as_ref()
-            .expect("resolve sets the spec")
+    fn inputs_whole(
+        &mut self,
+        i: usize,
+        spec: &StepSpec,
+        work: &mut Vec<usize>,
+    ) -> Result<bool, StoreError> {
+        let inputs: Vec<(String, ArtifactDigest)> = spec
             .inputs
             .iter()
             .flat_map(|(name, d)| d.artifacts().into_iter().map(|a| (name.clone(), a)))
@@ -556,8 +603,7 @@ impl Engine {
             let run = &self.runs[self.run_of[i]];
             let producers: Vec<usize> = (run.first..run.first + run.plan.nodes.len())
                 .filter(|&u| {
-                    self.phase[u] == Phase::Finished
-                        && self.outputs[u].is_some_and(|o| dropped.artifact_digests.contains(&o))
+                    (self.output(u)).is_some_and(|o| dropped.artifact_digests.contains(&o))
                 })
                 .collect();
             let step = self.node(i).display_name();
@@ -603,17 +649,16 @@ impl Engine {
     /// cached one's record stands, and one that started had its inputs checked whole first,
     /// so it did not read the dropped bytes.
     fn reexecute(&mut self, u: usize, work: &mut Vec<usize>) {
-        self.outputs[u] = None;
         self.rungs.remove(&u);
-        self.set_phase(u, Phase::Waiting);
+        self.set_state(u, State::Waiting { missing: 0 });
         self.step_mut(u).status = StepStatus::Pending;
         self.dirty(u);
         self.progress_urgent = true;
         let s = &mut self.runs[self.run_of[u]];
         s.progress.reopened(&s.record.steps[u - s.first]);
         for &d in &self.dependents[u] {
-            if self.phase[d] == Phase::Waiting {
-                self.missing[d] += 1;
+            if let State::Waiting { missing } = &mut self.nodes[d] {
+                *missing += 1;
             }
         }
         work.push(u);
@@ -636,10 +681,10 @@ impl Engine {
     }
 
     /// Queue `i` to start. In a run that was interrupted it stays pending instead.
-    fn push_ready(&mut self, i: usize) {
+    fn push_ready(&mut self, i: usize, spec: StepSpec) {
         let r = self.run_of[i];
         if self.runs[r].interrupts > 0 {
-            self.set_phase(i, Phase::Waiting);
+            self.set_state(i, State::Waiting { missing: 0 });
             if let Some(key) = self.step(i).key
                 && self.inflight.get(&key) == Some(&i)
             {
@@ -647,7 +692,7 @@ impl Engine {
             }
             return;
         }
-        self.set_phase(i, Phase::Ready);
+        self.set_state(i, State::Ready { spec });
         let shape = (self.executor).shape(&self.node(i).resources, &machine(&self.opts));
         self.runs[r].ready.push(i, self.priority[i], shape);
     }
@@ -656,17 +701,23 @@ impl Engine {
     fn release_dependents(&mut self, i: usize) -> Vec<usize> {
         let mut now_ready = Vec::new();
         for &d in &self.dependents[i] {
-            self.missing[d] -= 1;
-            if self.missing[d] == 0 && self.phase[d] == Phase::Waiting {
-                now_ready.push(d);
+            if let State::Waiting { missing } = &mut self.nodes[d] {
+                *missing -= 1;
+                if *missing == 0 {
+                    now_ready.push(d);
+                }
             }
         }
         now_ready
     }
 
     fn on_done(&mut self, i: usize, output: ArtifactDigest) -> Result<(), StoreError> {
-        self.set_phase(i, Phase::Finished);
-        self.outputs[i] = Some(output);
+        self.set_state(
+            i,
+            State::Finished {
+                output: Some(output),
+            },
+        );
         for d in self.release_dependents(i) {
             self.resolve(d)?;
         }
@@ -748,8 +799,8 @@ impl Engine {
         );
         let key = self.step(i).key.expect("a ready node has a key");
         let attempt = self.step(i).attempts.len() as u32 + 1;
+        let spec = self.take_spec(i);
         let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
-        let spec = self.specs[i].as_ref().expect("a ready node has a spec");
         let inputs = spec
             .inputs
             .iter()
@@ -817,7 +868,6 @@ impl Engine {
             log_rel: Store::log_rel_path(&key, run_id, attempt),
             recipe_dir,
         };
-        self.set_phase(i, Phase::Running);
         self.step_mut(i).attempts.push(Attempt {
             n: attempt,
             started: now_millis(),
@@ -835,13 +885,17 @@ impl Engine {
             log: attempt_spec.log_rel.clone(),
             job: None,
         });
-        self.running.insert(
+        let running = Running {
+            handle: None,
+            grant,
+            started: Instant::now(),
+            slot,
+        };
+        self.set_state(
             i,
-            Running {
-                handle: None,
-                grant,
-                started: Instant::now(),
-                slot,
+            State::Running {
+                spec,
+                attempt: running,
             },
         );
         let s = &mut self.runs[r];
@@ -856,7 +910,13 @@ impl Engine {
 
     fn on_attempt_end(&mut self, end: AttemptEnd) -> Result<(), StoreError> {
         let i = end.node;
-        let running = self.running.remove(&i).expect("an attempt ends once");
+        let State::Running {
+            spec,
+            attempt: running,
+        } = self.set_state(i, State::Waiting { missing: 0 })
+        else {
+            panic!("node {i}'s attempt ended, but it does not run");
+        };
         let r = self.run_of[i];
         self.give_back(r, &running.grant);
         let interrupted = self.runs[r].interrupts > 0;
@@ -885,7 +945,7 @@ impl Engine {
 
         if result == AttemptResult::Success {
             let staging = end.staging.expect("a successful attempt has a staging dir");
-            self.set_phase(i, Phase::Committing);
+            self.set_state(i, State::Committing);
             self.committing += 1;
             self.forced_done.insert(i);
             let key = self.step(i).key.expect("running node has a key");
@@ -895,7 +955,7 @@ impl Engine {
             let job = CommitJob {
                 node: i,
                 key,
-                spec: self.specs[i].clone().expect("running node has a spec"),
+                spec,
                 record_id: node.id,
                 name: node.name.clone(),
                 bindings: node.bindings.clone(),
@@ -943,7 +1003,10 @@ impl Engine {
             // A run that has not been interrupted may have come to wait for it meanwhile.
             self.finish_node(i, StepStatus::Interrupted);
             match self.hand_over(i) {
-                Some(to) => self.push_ready(to),
+                Some(to) => {
+                    let spec = self.take_spec(to);
+                    self.push_ready(to, spec);
+                }
                 None => self.forget_key(i),
             }
             return Ok(());
@@ -954,7 +1017,7 @@ impl Engine {
             let s = &mut self.runs[r];
             s.progress
                 .retrying(&s.record.steps[i - s.first], &result, delay, &log_tail);
-            self.set_phase(i, Phase::Retrying);
+            self.set_state(i, State::Retrying { spec });
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -988,7 +1051,7 @@ impl Engine {
         let mut stack = self.dependents[i].clone();
         let mut skipped = 0;
         while let Some(d) = stack.pop() {
-            if self.phase[d] == Phase::Waiting {
+            if matches!(self.nodes[d], State::Waiting { .. }) {
                 self.finish_node(
                     d,
                     StepStatus::Skipped {
@@ -1008,7 +1071,7 @@ impl Engine {
     }
 
     fn finish_node(&mut self, i: usize, status: StepStatus) {
-        self.set_phase(i, Phase::Finished);
+        self.set_state(i, State::Finished { output: None });
         self.progress_urgent |= !matches!(status, StepStatus::Cached { .. });
         let failed = matches!(status, StepStatus::Failed { .. });
         self.step_mut(i).status = status;
@@ -1068,7 +1131,7 @@ impl Engine {
     fn update_progress(&mut self) {
         self.record_progress();
         let mut running: Vec<Vec<RunningStep>> = (0..self.runs.len()).map(|_| Vec::new()).collect();
-        for (&i, r) in &self.running {
+        for (i, r) in self.running() {
             running[self.run_of[i]].push(RunningStep {
                 name: self.node(i).display_name(),
                 elapsed: r.started.elapsed(),
@@ -1088,9 +1151,9 @@ impl Engine {
             live.offer(|| LiveSnapshot {
                 record: own.record.clone(),
                 // A running attempt's log is in its slot until it ends (see local.rs).
-                logs: (self.running.iter())
-                    .filter(|&(&i, _)| self.run_of[i] == 0)
-                    .map(|(&i, r)| (i - own.first, r.slot.join("log")))
+                logs: (self.running())
+                    .filter(|&(i, _)| self.run_of[i] == 0)
+                    .map(|(i, r)| (i - own.first, r.slot.join("log")))
                     .collect(),
             });
         }

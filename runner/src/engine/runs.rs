@@ -9,7 +9,7 @@ use std::time::Instant;
 use needle_core::plan::{NodeInput, Plan};
 use needle_core::store::{RunRecord, RunState, StepStatus, Store, StoreError, now_millis};
 
-use super::{Engine, Phase, run_steps};
+use super::{Engine, State, run_steps};
 use crate::attempt::RunOutcome;
 use crate::progress::Progress;
 use crate::scheduler::{ReadyQueue, SHARE_UNITS};
@@ -65,7 +65,7 @@ pub(super) struct RunSlot {
     pub(super) opts: RunOptions,
     pub(super) progress: Box<dyn Progress>,
     pub(super) ready: ReadyQueue,
-    /// Its nodes in a busy phase (see [`Phase::busy`]).
+    /// Its nodes in a busy state (see [`State::busy`]).
     pub(super) busy: usize,
     /// Ctrl-Cs (or cancels from its client) so far.
     pub(super) interrupts: u32,
@@ -140,18 +140,17 @@ impl Engine {
         client: Option<u64>,
     ) -> usize {
         let r = self.runs.len();
-        let first = self.phase.len();
+        let first = self.nodes.len();
         let n = plan.nodes.len();
         self.run_of.extend(std::iter::repeat_n(r, n));
-        self.phase.extend(std::iter::repeat_n(Phase::Waiting, n));
-        self.outputs.extend(std::iter::repeat_n(None, n));
-        self.specs.extend(std::iter::repeat_n(None, n));
-        self.missing.extend(plan.nodes.iter().map(|node| {
-            (node.inputs.values())
-                .flat_map(NodeInput::nodes)
-                .chain(node.gate)
-                .collect::<HashSet<_>>()
-                .len()
+        self.nodes.extend(plan.nodes.iter().map(|node| {
+            State::Waiting {
+                missing: (node.inputs.values())
+                    .flat_map(NodeInput::nodes)
+                    .chain(node.gate)
+                    .collect::<HashSet<_>>()
+                    .len(),
+            }
         }));
         self.dependents.extend(
             (plan.dependents().into_iter())
@@ -181,7 +180,7 @@ impl Engine {
     pub(super) fn start_run(&mut self, r: usize) -> Result<(), StoreError> {
         let first = self.runs[r].first;
         let roots: Vec<usize> = (first..first + self.runs[r].plan.nodes.len())
-            .filter(|&i| self.missing[i] == 0)
+            .filter(|&i| matches!(self.nodes[i], State::Waiting { missing: 0 }))
             .collect();
         for i in roots {
             self.resolve(i)?;
@@ -263,21 +262,25 @@ impl Engine {
     pub(super) fn interrupt_run(&mut self, r: usize) {
         self.runs[r].interrupts += 1;
         let count = self.runs[r].interrupts;
-        let mine: Vec<usize> = (self.running.keys().copied())
+        let mine: Vec<usize> = (self.running())
+            .map(|(i, _)| i)
             .filter(|&i| self.run_of[i] == r)
             .collect();
         self.runs[r].progress.interrupted(count, mine.len());
         if count == 1 {
             for i in self.runs[r].ready.drain() {
-                self.set_phase(i, Phase::Waiting);
+                self.set_state(i, State::Waiting { missing: 0 });
                 match self.hand_over(i) {
-                    Some(to) => self.push_ready(to),
+                    Some(to) => {
+                        let spec = self.take_spec(to);
+                        self.push_ready(to, spec);
+                    }
                     None => self.forget_key(i),
                 }
             }
             let first = self.runs[r].first;
             for i in first..first + self.runs[r].plan.nodes.len() {
-                if self.phase[i] == Phase::Follower {
+                if matches!(self.nodes[i], State::Follower { .. }) {
                     self.unfollow(i);
                     self.finish_node(i, StepStatus::Interrupted);
                 }
@@ -287,7 +290,11 @@ impl Engine {
         for i in mine {
             match self.hand_over(i) {
                 Some(to) => self.move_running(i, to),
-                None => handles.extend(self.running[&i].handle.clone()),
+                None => {
+                    if let State::Running { attempt, .. } = &self.nodes[i] {
+                        handles.extend(attempt.handle.clone());
+                    }
+                }
             }
         }
         self.stop(&handles, count > 1);
@@ -332,16 +339,27 @@ impl Engine {
 
     /// Running `i` goes on as `to` (same key, another run): its attempt is `to`'s from now.
     pub(super) fn move_running(&mut self, i: usize, to: usize) {
-        let running = self.running.remove(&i).expect("`i` runs");
+        let State::Running {
+            attempt: running, ..
+        } = self.set_state(i, State::Waiting { missing: 0 })
+        else {
+            panic!("node {i} is handed over running, but does not run");
+        };
         let (from_run, to_run) = (self.run_of[i], self.run_of[to]);
         let units = running.grant.gpu.units();
         self.runs[from_run].gpu_units -= units;
         self.runs[to_run].gpu_units += units;
         let attempt = self.step(i).attempts.last().cloned();
         self.step_mut(to).attempts.extend(attempt);
-        self.running.insert(to, running);
         self.handed.insert(i, to);
-        self.set_phase(to, Phase::Running);
+        let spec = self.take_spec(to);
+        self.set_state(
+            to,
+            State::Running {
+                spec,
+                attempt: running,
+            },
+        );
         let n = self.step(to).attempts.len() as u32;
         let s = &mut self.runs[to_run];
         s.progress.started(&s.record.steps[to - s.first], n);
