@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use needle_core::digest::{ArtifactDigest, BlobDigest, StepKey};
-use needle_core::store::{AttemptResult, RunState};
+use needle_core::store::{AttemptResult, InputDigests, RunState};
 use needle_core::value::Value;
 
 /// What reaches the loop from outside.
@@ -78,7 +78,7 @@ pub struct AttemptSpec {
     pub program: Option<PathBuf>,
     /// (relative path, blob) of each code file, copied into the working directory.
     pub code: Vec<(String, BlobDigest)>,
-    pub inputs: BTreeMap<String, InputArtifacts>,
+    pub inputs: BTreeMap<String, InputDigests>,
     pub params: BTreeMap<String, Value>,
     pub held: Held,
     /// A built-in op (`needle-worker`): its caching allocator is capped to its GPU share.
@@ -108,13 +108,6 @@ pub struct Held {
     pub cpus: u32,
     /// The run's MPS server, for a GPU step of a run with `--mps`.
     pub mps: Option<crate::mps::MpsDirs>,
-}
-
-#[derive(Debug, Clone)]
-pub enum InputArtifacts {
-    One(ArtifactDigest),
-    /// (label, artifact) per gathered instance.
-    Gather(Vec<(String, ArtifactDigest)>),
 }
 
 /// How an attempt ended, sent to the engine as [`Event::Ended`].

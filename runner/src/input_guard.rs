@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use needle_core::digest::ArtifactDigest;
 use needle_core::store::{
-    AttemptResult, Store, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair, now_millis,
+    AttemptResult, InputDigests, Store, ViewCheck, ViewDamage, ViewDamageKind, ViewRepair,
+    now_millis,
 };
 
-use crate::attempt::{AttemptSpec, InputArtifacts};
+use crate::attempt::AttemptSpec;
 
 /// Entries looked at in place, on the runtime's thread; inputs larger than this are checked on
 /// a blocking thread (a 20,000-file input takes tens of milliseconds to `lstat`).
@@ -151,7 +152,7 @@ async fn after_views(
 /// since, intact) was changed under this step too.
 fn changed_gather(store: &Store, spec: &AttemptSpec, started: u64) -> Option<String> {
     for (name, input) in &spec.inputs {
-        let InputArtifacts::Gather(members) = input else {
+        let InputDigests::Gather(members) = input else {
             continue;
         };
         let dir = store.gather_path(members);
@@ -285,10 +286,10 @@ pub fn reading_inputs(spec: &AttemptSpec, gathers: &[PathBuf]) {
     }
     for input in spec.inputs.values() {
         match input {
-            InputArtifacts::One(a) => log.views.read(*a, spec),
-            InputArtifacts::Gather(members) => {
-                for (_, a) in members {
-                    log.views.read(*a, spec);
+            InputDigests::One(a) => log.views.read(*a, spec),
+            InputDigests::Gather(members) => {
+                for m in members {
+                    log.views.read(m.artifact, spec);
                 }
             }
         }
@@ -307,14 +308,14 @@ fn input_labels(spec: &AttemptSpec) -> BTreeMap<ArtifactDigest, String> {
     let mut labels = BTreeMap::new();
     for (name, input) in &spec.inputs {
         match input {
-            InputArtifacts::One(a) => {
+            InputDigests::One(a) => {
                 labels.entry(*a).or_insert_with(|| name.clone());
             }
-            InputArtifacts::Gather(members) => {
-                for (label, a) in members {
+            InputDigests::Gather(members) => {
+                for m in members {
                     labels
-                        .entry(*a)
-                        .or_insert_with(|| format!("{name}[{label}]"));
+                        .entry(m.artifact)
+                        .or_insert_with(|| format!("{name}[{}]", m.label));
                 }
             }
         }

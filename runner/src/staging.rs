@@ -8,10 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use needle_core::store::{AttemptResult, Store, now_millis};
+use needle_core::store::{AttemptResult, InputDigests, Store, now_millis};
 use needle_core::value::{Value, render_plain};
 
-use crate::attempt::{AttemptEnd, AttemptSpec, Held, InputArtifacts};
+use crate::attempt::{AttemptEnd, AttemptSpec, Held};
 
 /// The end of an attempt that has run, whichever executor ran it: what it did to its inputs
 /// outranks how it exited (see `input_guard.rs`), and its log is kept. `gpus` and `job` are left for
@@ -150,19 +150,19 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
     for (name, input) in &spec.inputs {
         // Store paths are the store root's plus ASCII names: UTF-8 wherever the root is.
         let (dir, entry) = match input {
-            InputArtifacts::One(a) => {
+            InputDigests::One(a) => {
                 let dir = store.view(a).map_err(|e| e.to_string())?;
                 let entry = serde_json::json!({ "dir": dir.to_string_lossy() });
                 (dir, entry)
             }
-            InputArtifacts::Gather(members) => {
+            InputDigests::Gather(members) => {
                 let (dir, views) = store.gather(members).map_err(|e| e.to_string())?;
                 gathers.push(dir.clone());
                 let members: Vec<serde_json::Value> = members
                     .iter()
                     .zip(views)
-                    .map(|((label, _), view)| {
-                        serde_json::json!({ "label": label, "dir": view.to_string_lossy() })
+                    .map(|(member, view)| {
+                        serde_json::json!({ "label": member.label, "dir": view.to_string_lossy() })
                     })
                     .collect();
                 let entry = serde_json::json!({ "dir": dir.to_string_lossy(), "members": members });

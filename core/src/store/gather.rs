@@ -16,6 +16,7 @@ use std::fs::{self, Permissions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use super::GatherMember;
 use super::guard::{has_store_time, set_store_time};
 use super::{Store, StoreError, fsutil};
 use crate::digest::ArtifactDigest;
@@ -27,15 +28,12 @@ pub const GATHER_PREFIX: &str = "gather-";
 pub const GATHER_INDEX: &str = "index.json";
 
 impl Store {
-    /// The gather directory of `members` (label, artifact) in their order, made if needed, and
-    /// each member's view. The views are made too: every entry resolves.
-    pub fn gather(
-        &self,
-        members: &[(String, ArtifactDigest)],
-    ) -> Result<(PathBuf, Vec<PathBuf>), StoreError> {
+    /// The gather directory of `members` in their order, made if needed, and each member's
+    /// view. The views are made too: every entry resolves.
+    pub fn gather(&self, members: &[GatherMember]) -> Result<(PathBuf, Vec<PathBuf>), StoreError> {
         let views = members
             .iter()
-            .map(|(_, artifact)| self.view(artifact))
+            .map(|m| self.view(&m.artifact))
             .collect::<Result<Vec<_>, _>>()?;
         let index = gather_index(members);
         let dest = self.gather_path_of(&index);
@@ -59,7 +57,7 @@ impl Store {
     }
 
     /// Where the gather directory of `members` is (whether or not it exists).
-    pub fn gather_path(&self, members: &[(String, ArtifactDigest)]) -> PathBuf {
+    pub fn gather_path(&self, members: &[GatherMember]) -> PathBuf {
         self.gather_path_of(&gather_index(members))
     }
 
@@ -99,23 +97,23 @@ pub(super) fn gather_members(index: &str) -> Option<Vec<ArtifactDigest>> {
         .collect()
 }
 
-fn gather_index(members: &[(String, ArtifactDigest)]) -> String {
+fn gather_index(members: &[GatherMember]) -> String {
     let index: Vec<serde_json::Value> = members
         .iter()
-        .map(|(label, artifact)| {
+        .map(|m| {
             serde_json::json!({
-                "label": label,
-                "dir": gather_entry(label),
-                "artifact": artifact.hex(),
+                "label": m.label,
+                "dir": gather_entry(&m.label),
+                "artifact": m.artifact.hex(),
             })
         })
         .collect();
     serde_json::to_string_pretty(&index).expect("json")
 }
 
-fn build(tmp: &Path, members: &[(String, ArtifactDigest)], index: &str) -> Result<(), StoreError> {
+fn build(tmp: &Path, members: &[GatherMember], index: &str) -> Result<(), StoreError> {
     fs::create_dir(tmp).map_err(StoreError::io("create directory", tmp))?;
-    for (label, artifact) in members {
+    for GatherMember { label, artifact } in members {
         let entry = tmp.join(gather_entry(label));
         // Relative: the store can be moved.
         std::os::unix::fs::symlink(Path::new("..").join(artifact.hex()), &entry)

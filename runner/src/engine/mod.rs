@@ -41,7 +41,7 @@ use needle_core::store::{
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, InputArtifacts, RunOutcome};
+use crate::attempt::{AttemptEnd, AttemptSpec, Event, Handle, RunOutcome};
 use crate::commit::{CommitJob, MAX_BATCH, MAX_BATCH_WAIT, commit_loop};
 use crate::executor::Executor;
 use crate::executor::Machine;
@@ -801,22 +801,7 @@ impl Engine {
         let attempt = self.step(i).attempts.len() as u32 + 1;
         let spec = self.take_spec(i);
         let node = &self.runs[r].plan.nodes[i - self.runs[r].first];
-        let inputs = spec
-            .inputs
-            .iter()
-            .map(|(name, digests)| {
-                let input = match digests {
-                    needle_core::store::InputDigests::One(a) => InputArtifacts::One(*a),
-                    needle_core::store::InputDigests::Gather(members) => InputArtifacts::Gather(
-                        members
-                            .iter()
-                            .map(|m| (m.label.clone(), m.artifact))
-                            .collect(),
-                    ),
-                };
-                (name.clone(), input)
-            })
-            .collect();
+        let inputs = spec.inputs.clone();
         let (cmd, program) = match node.kind {
             OpKind::Builtin => {
                 let exe = self.worker.to_string_lossy().into_owned();

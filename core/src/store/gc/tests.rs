@@ -5,7 +5,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use super::*;
 use crate::lineage::{Direction, walk};
 use crate::store::testutil::{Done, Lab, key};
-use crate::store::{Execution, GcOptions, InputDigests, PinRecord, StepSpec, StepStatus};
+use crate::store::{
+    Execution, GatherMember, GcOptions, InputDigests, PinRecord, StepSpec, StepStatus,
+};
 
 /// Three runs over two haystacks. Run 1: haystack h1 → filter f1 (shares h1's image `zero`)
 /// → train t1. Run 2: h1 cached → filter f2 → train t2. Run 3: haystack h2 (shares `zero`
@@ -436,10 +438,13 @@ fn a_gather_goes_with_any_member_gc_removes() {
     let lab = Lab::new();
     let h = history(&lab);
     let store = lab.store();
-    let members = |ds: &[&Done]| -> Vec<(String, ArtifactDigest)> {
+    let members = |ds: &[&Done]| -> Vec<GatherMember> {
         ds.iter()
             .enumerate()
-            .map(|(i, d)| (format!("i={i}"), d.output))
+            .map(|(i, d)| GatherMember {
+                label: format!("i={i}"),
+                artifact: d.output,
+            })
             .collect()
     };
     let (old, views) = store.gather(&members(&[&h.f1, &h.f3])).unwrap();
