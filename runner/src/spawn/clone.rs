@@ -7,8 +7,11 @@
 //! a fresh stack each time (a TLB shootdown on every CPU running a runner thread).
 //!
 //! Here the child is a `clone(CLONE_VM)` that shares the runner's memory without suspending it:
-//! it runs on a stack of its own, makes raw system calls only (a libc wrapper would write
-//! `errno`, which is the runner thread's), and reads what the runner prepared for it, which
+//! it runs on a stack of its own above a guard page (an overflow faults in the child instead
+//! of writing over the runner's heap), makes raw system calls only (a libc wrapper would write
+//! `errno`, which is the runner thread's; rustix, which writes no `errno`, has no `execve` or
+//! `exit_group` in its 1.x API, so the `raw` module's `asm!` stays), never allocates, panics
+//! or unwinds (`fail` exits with `exit_group`), and reads what the runner prepared for it, which
 //! stays alive and untouched until the child is reaped. (Descriptors, signal handlers, the
 //! working directory are the child's own copies, as after `fork`: it changes them freely, and
 //! the runner may close the log once `spawn` returns.) The inherited environment is encoded
@@ -172,10 +175,76 @@ pub fn spawn(spec: &Spawn) -> io::Result<Child> {
 /// Bytes of stack the child runs on until it execs: a few raw system calls deep.
 const CHILD_STACK: usize = 16 * 1024;
 
+/// The child's stack: [`CHILD_STACK`] bytes above a guard page, so that an overflow faults
+/// instead of writing over the runner's heap. Mapped once and kept for later spawns when
+/// dropped: mapping and unmapping one per spawn costs a TLB shoot-down on every CPU the runner
+/// runs on (what `posix_spawn` pays).
+struct Stack {
+    /// The start of the mapping: the guard page.
+    base: usize,
+}
+
+/// Stacks no child runs on, for the next spawns.
+static FREE_STACKS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf reads a constant of the system.
+    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize)
+}
+
+impl Stack {
+    fn take() -> io::Result<Stack> {
+        if let Some(base) = FREE_STACKS.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(Stack { base });
+        }
+        let page = page_size();
+        // SAFETY: a new private anonymous mapping, at an address the kernel chooses; nothing
+        // else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page + CHILD_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the first page of the mapping just made, which nothing uses.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: the mapping just made, unused.
+            unsafe { libc::munmap(base, page + CHILD_STACK) };
+            return Err(e);
+        }
+        Ok(Stack {
+            base: base as usize,
+        })
+    }
+
+    /// Where the child's stack starts: stacks grow down, towards the guard page.
+    fn top(&self) -> *mut libc::c_void {
+        (self.base + page_size() + CHILD_STACK) as *mut libc::c_void
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        FREE_STACKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.base);
+    }
+}
+
 /// Everything the child reads or writes before it execs, in one allocation that outlives it.
 struct Launchpad {
     args: ChildArgs,
-    stack: Vec<u128>,
+    stack: Stack,
     // Owners of what `args` points into.
     _programs: Vec<CString>,
     _program_ptrs: Vec<*const libc::c_char>,
@@ -256,7 +325,7 @@ impl Launchpad {
                 stage: AtomicI32::new(0),
                 running: AtomicI32::new(1),
             },
-            stack: vec![0; CHILD_STACK / 16],
+            stack: Stack::take()?,
             _programs: programs,
             _program_ptrs: program_ptrs,
             _argv: argv,
@@ -271,7 +340,7 @@ impl Launchpad {
     /// the child starts with all of them blocked and no handler of ours runs in it before it
     /// has reset them.
     fn launch(&mut self) -> io::Result<libc::pid_t> {
-        let top = self.stack.as_mut_ptr_range().end as *mut libc::c_void;
+        let top = self.stack.top();
         let args = &mut self.args as *mut ChildArgs;
         // SAFETY: sigset_t values are filled in by sigfillset/pthread_sigmask before use, and
         // the masks are this thread's. The child gets `args` and a stack that live in this
@@ -526,6 +595,40 @@ fn dev_null() -> io::Result<libc::c_int> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_stack_sits_above_a_page_nothing_may_touch() {
+        let stack = Stack::take().unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        // The permissions of the mapping holding `addr`.
+        let perms = |addr: usize| -> &str {
+            maps.lines()
+                .find_map(|l| {
+                    let (range, rest) = l.split_once(' ')?;
+                    let (from, to) = range.split_once('-')?;
+                    let (from, to) = (
+                        usize::from_str_radix(from, 16).ok()?,
+                        usize::from_str_radix(to, 16).ok()?,
+                    );
+                    (from <= addr && addr < to).then(|| &rest[..4])
+                })
+                .unwrap_or_else(|| panic!("nothing mapped at {addr:x}:\n{maps}"))
+        };
+        let top = stack.top() as usize;
+        assert_eq!(top, stack.base + page_size() + CHILD_STACK);
+        assert_eq!(perms(top - 1), "rw-p", "the stack's top");
+        assert_eq!(
+            perms(stack.base + page_size()),
+            "rw-p",
+            "the stack's bottom"
+        );
+        assert_eq!(
+            perms(stack.base + page_size() - 1),
+            "---p",
+            "the guard page"
+        );
+        assert_eq!(perms(stack.base), "---p", "the guard page");
+    }
 
     #[test]
     fn entry_names() {
