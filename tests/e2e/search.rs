@@ -159,6 +159,17 @@ fn halving_keeps_the_best_arms_and_continues_them_and_a_rerun_executes_nothing()
         status.contains("stopped at rung 1 of 3 (steps = 10): loss"),
         "{status}"
     );
+    // One line per reason (an arm's later rungs), not one per stopped step.
+    let json = p.json(&["status", "last"], 0);
+    let reasons: BTreeSet<&str> = (json["steps"].as_array().unwrap().iter())
+        .filter(|s| s["status"] == "stopped")
+        .map(|s| s["detail"].as_str().unwrap())
+        .collect();
+    let lines = (status.lines())
+        .filter(|l| l.trim_start().starts_with("stopped"))
+        .count();
+    assert_eq!(lines, reasons.len(), "{status}");
+    assert!(reasons.len() < 20 && status.contains(" more "), "{status}");
 
     // `results` gives each evaluation its rung and what the rung decided; the report plots
     // and tables the rungs.

@@ -113,7 +113,25 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
         "took",
         gpu_col("gpu")
     );
+    // The steps a search stopped for one reason (an arm's later rungs) make one line.
+    let mut stopped_for: std::collections::HashMap<&str, usize> = Default::default();
+    for s in &run.steps {
+        if let StepStatus::Stopped { by } = &s.status {
+            *stopped_for.entry(by.as_str()).or_default() += 1;
+        }
+    }
+    let mut shown_stop = std::collections::HashSet::new();
     for (s, gpu) in run.steps.iter().zip(&labels) {
+        let mut label = step_label(s);
+        if let StepStatus::Stopped { by } = &s.status {
+            if !shown_stop.insert(by.as_str()) {
+                continue;
+            }
+            let more = stopped_for[by.as_str()] - 1;
+            if more > 0 {
+                label = format!("{label} +{more} more");
+            }
+        }
         let key = s.key.map(|k| k.short()).unwrap_or_else(|| "-".into());
         let took = match s.attempts.last() {
             Some(a) if a.ended >= a.started && a.ended > 0 => fmt_ms(a.ended - a.started),
@@ -129,7 +147,7 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> Result<Exit, CliError> {
             "  {:<11} {:<14} {:<44} {:>8}{}  {detail}",
             step_state(s, live),
             key,
-            step_label(s),
+            label,
             took,
             gpu_col(gpu)
         );
