@@ -12,8 +12,8 @@ use needle_ops::Registry;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::fake::{Fake, Launched, Script};
-use super::{Engine, EngineOptions, RunOptions, Signals, new_record};
-use crate::attempt::{AttemptSpec, RunOutcome};
+use super::{Engine, EngineOptions, Joining, RunOptions, Signals, new_record};
+use crate::attempt::{AttemptSpec, Event, RunOutcome};
 use crate::commands::{PlannedCode, load_recipe, read_recipe};
 use crate::executor::Executor;
 use crate::gpus::Gpu;
@@ -44,8 +44,8 @@ impl Bench {
         plan::build(recipe, expansion, &mut PlannedCode::default()).expect("the recipe plans")
     }
 
-    /// Run `steps` on `machine` with attempts ended by `script`, while `driver` (given the
-    /// launches and a way to send Ctrl-C) plays its part.
+    /// Run `steps` on `machine` with attempts ended by `script`, while `driver` plays its part
+    /// (see [`Ctl`]).
     fn run<D, F>(
         &self,
         steps: &str,
@@ -54,23 +54,31 @@ impl Bench {
         driver: D,
     ) -> Ran
     where
-        D: FnOnce(Arc<Fake>, UnboundedReceiver<Launched>, UnboundedSender<bool>) -> F,
+        D: FnOnce(Ctl) -> F,
         F: Future<Output = ()>,
     {
         let plan = self.plan(steps);
         let id = self.store.next_run_id().unwrap();
         let record = new_record(id, &plan, &[], None);
         let (fake, launched) = Fake::new(script);
+        let (interrupted_tx, interrupted) = unbounded_channel();
         let engine = Engine::new(
             self.store.clone(),
             plan,
             record,
             machine,
-            Box::new(Quiet),
+            Box::new(Quiet(Some(interrupted_tx))),
             Box::new(|_, _| {}),
         )
         .with_executor(Executor::Fake(fake.clone()));
         let (signal, signals) = unbounded_channel();
+        let ctl = Ctl {
+            fake: fake.clone(),
+            launched,
+            ctrl_c: signal,
+            interrupted,
+            events: engine.events(),
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -78,10 +86,7 @@ impl Bench {
         let (outcome, ()) = runtime.block_on(async {
             // A guard against a hang, not a measurement: these runs take milliseconds.
             tokio::time::timeout(Duration::from_secs(60), async {
-                tokio::join!(
-                    engine.execute_with(Signals::Sent(signals)),
-                    driver(fake.clone(), launched, signal)
-                )
+                tokio::join!(engine.execute_with(Signals::Sent(signals)), driver(ctl))
             })
             .await
             .expect("the engine and the test finish")
@@ -94,6 +99,19 @@ impl Bench {
             fake,
         }
     }
+}
+
+/// What a test's driver has while the engine runs.
+struct Ctl {
+    fake: Arc<Fake>,
+    /// Each attempt, as it is launched.
+    launched: UnboundedReceiver<Launched>,
+    /// `false`: a Ctrl-C; `true`: a SIGTERM.
+    ctrl_c: UnboundedSender<bool>,
+    /// The runner's own run was interrupted (the how-manieth time).
+    interrupted: UnboundedReceiver<u32>,
+    /// The engine's events, for a run that joins.
+    events: UnboundedSender<Event>,
 }
 
 /// A run's end: its outcome, its stored record, and the fake it ran on.
@@ -151,7 +169,7 @@ fn succeed(_: &AttemptSpec) -> Script {
     Script::Succeed
 }
 
-async fn nothing(_: Arc<Fake>, _: UnboundedReceiver<Launched>, _: UnboundedSender<bool>) {}
+async fn nothing(_: Ctl) {}
 
 #[test]
 fn a_failure_skips_its_dependents_and_spares_its_siblings() {
@@ -228,13 +246,10 @@ fn four_quarter_shares_run_together_on_one_gpu_and_a_whole_gpu_step_runs_alone()
         .collect();
     let steps = quarters + &step("whole", "resources = { gpus = 1 }");
     let hold = |_: &AttemptSpec| Script::Hold;
-    let Ran { outcome, fake, .. } = bench.run(
-        &steps,
-        machine(8, &["0"]),
-        hold,
-        |fake, mut launched, _| async move {
+    let Ran { outcome, fake, .. } =
+        bench.run(&steps, machine(8, &["0"]), hold, |mut ctl| async move {
             for _ in 0..2 {
-                let round = round(&mut launched).await;
+                let round = round(&mut ctl.launched).await;
                 match names(&round)[..] {
                     ["a", "b", "c", "d"] => {
                         for l in &round {
@@ -246,11 +261,10 @@ fn four_quarter_shares_run_together_on_one_gpu_and_a_whole_gpu_step_runs_alone()
                     _ => panic!("launched together: {:?}", names(&round)),
                 }
                 for l in &round {
-                    fake.end(&l.job, Script::Succeed);
+                    ctl.fake.end(&l.job, Script::Succeed);
                 }
             }
-        },
-    );
+        });
     assert_eq!(outcome.executed, 5);
     assert_eq!(fake.most_open(), 4);
 }
@@ -266,30 +280,25 @@ fn a_half_and_three_quarters_never_share_a_gpu() {
         &steps,
         machine(8, &["0", "1"]),
         hold,
-        |fake, mut l, _| async move {
-            let round = round(&mut l).await;
+        |mut ctl| async move {
+            let round = round(&mut ctl.launched).await;
             assert_eq!(names(&round), ["half", "most"]);
             assert_ne!(round[0].held.gpus, round[1].held.gpus);
             for l in &round {
-                fake.end(&l.job, Script::Succeed);
+                ctl.fake.end(&l.job, Script::Succeed);
             }
         },
     );
     assert_eq!(outcome.executed, 2);
     // On one, one after the other.
     let bench = Bench::new();
-    let Ran { outcome, .. } = bench.run(
-        &steps,
-        machine(8, &["0"]),
-        hold,
-        |fake, mut l, _| async move {
-            for _ in 0..2 {
-                let round = round(&mut l).await;
-                assert_eq!(round.len(), 1, "together: {:?}", names(&round));
-                fake.end(&round[0].job, Script::Succeed);
-            }
-        },
-    );
+    let Ran { outcome, .. } = bench.run(&steps, machine(8, &["0"]), hold, |mut ctl| async move {
+        for _ in 0..2 {
+            let round = round(&mut ctl.launched).await;
+            assert_eq!(round.len(), 1, "together: {:?}", names(&round));
+            ctl.fake.end(&round[0].job, Script::Succeed);
+        }
+    });
     assert_eq!(outcome.executed, 2);
 }
 
@@ -301,14 +310,14 @@ fn the_step_with_the_longest_path_ahead_starts_first() {
         + &step("long2", "inputs = { up = \"long1\" }")
         + &step("long3", "inputs = { up = \"long2\" }");
     let hold = |_: &AttemptSpec| Script::Hold;
-    let Ran { outcome, .. } = bench.run(&steps, machine(1, &[]), hold, |fake, mut l, _| {
+    let Ran { outcome, .. } = bench.run(&steps, machine(1, &[]), hold, |mut ctl| {
         async move {
             let mut order = Vec::new();
             for _ in 0..4 {
-                let round = round(&mut l).await;
+                let round = round(&mut ctl.launched).await;
                 assert_eq!(round.len(), 1, "one CPU slot: {:?}", names(&round));
                 order.push(round[0].step.clone());
-                fake.end(&round[0].job, Script::Succeed);
+                ctl.fake.end(&round[0].job, Script::Succeed);
             }
             // `long2` waits for `long1`'s output to be committed; the slot does not.
             assert_eq!(order, ["long1", "short", "long2", "long3"]);
@@ -326,12 +335,12 @@ fn ctrl_c_stops_the_running_step_and_leaves_the_rest_pending() {
         outcome,
         record,
         fake,
-    } = bench.run(&steps, machine(2, &[]), hold, |_, mut l, ctrl_c| {
+    } = bench.run(&steps, machine(2, &[]), hold, |mut ctl| {
         async move {
-            let round = round(&mut l).await;
+            let round = round(&mut ctl.launched).await;
             assert_eq!(names(&round), ["first"]);
             // The engine stops it (SIGTERM), and the fake ends it so; nothing else starts.
-            ctrl_c.send(false).unwrap();
+            ctl.ctrl_c.send(false).unwrap();
         }
     });
     assert_eq!(outcome.state, RunState::Interrupted);
@@ -357,8 +366,105 @@ fn a_second_run_of_the_same_recipe_launches_nothing() {
     ));
 }
 
-/// Progress that shows nothing.
-struct Quiet;
+/// A second run joining the engine: `steps` planned on `bench`'s store; its outcome lands in
+/// the returned slot when it ends.
+fn joining(bench: &Bench, steps: &str) -> (Joining, Arc<std::sync::Mutex<Option<RunOutcome>>>) {
+    let ended = Arc::new(std::sync::Mutex::new(None));
+    let (accepted, _) = std::sync::mpsc::channel();
+    let joining = Joining {
+        plan: bench.plan(steps),
+        keep_code: Box::new(|_| Ok(())),
+        sets: Vec::new(),
+        rerun_of: None,
+        opts: RunOptions::default(),
+        client: 7,
+        progress: Box::new(Quiet(None)),
+        accepted,
+        on_end: Box::new({
+            let ended = ended.clone();
+            move |outcome, _| *ended.lock().unwrap() = Some(outcome.clone())
+        }),
+    };
+    (joining, ended)
+}
+
+/// Run 1 holds `shared`; run 2 joins with `shared` and `extra`. Returns once run 2's `extra`
+/// has launched (so run 2 has resolved `shared` too), with `shared`'s job.
+async fn join_beside(ctl: &mut Ctl, join: Joining) -> String {
+    let first = round(&mut ctl.launched).await;
+    assert_eq!(names(&first), ["shared"]);
+    ctl.events.send(Event::Join(Box::new(join))).unwrap();
+    let second = round(&mut ctl.launched).await;
+    assert_eq!(names(&second), ["extra"], "`shared` runs already");
+    first[0].job.clone()
+}
+
+fn hold_shared(a: &AttemptSpec) -> Script {
+    match a.step_name.as_str() {
+        "shared" => Script::Hold,
+        _ => Script::Succeed,
+    }
+}
+
+#[test]
+fn a_step_two_runs_have_in_common_executes_once() {
+    let bench = Bench::new();
+    let (join, ended) = joining(&bench, &(step("shared", "") + &step("extra", "")));
+    let ran = bench.run(
+        &step("shared", ""),
+        machine(4, &[]),
+        hold_shared,
+        |mut ctl| async move {
+            let job = join_beside(&mut ctl, join).await;
+            ctl.fake.end(&job, Script::Succeed);
+        },
+    );
+    assert_eq!(ran.outcome.executed, 1);
+    let second = ended.lock().unwrap().clone().expect("the joined run ended");
+    assert_eq!((second.executed, second.cached), (1, 1));
+    assert_eq!(
+        second.shared,
+        [(1, 1)].into(),
+        "run 1 executed one step for it"
+    );
+    let shared_launches = (ran.fake.launches().iter())
+        .filter(|l| l.step == "shared")
+        .count();
+    assert_eq!(shared_launches, 1);
+}
+
+#[test]
+fn ctrl_c_of_one_run_hands_a_step_another_run_shares_over_instead_of_stopping_it() {
+    let bench = Bench::new();
+    let (join, ended) = joining(&bench, &(step("shared", "") + &step("extra", "")));
+    let ran = bench.run(
+        &step("shared", ""),
+        machine(4, &[]),
+        hold_shared,
+        |mut ctl| {
+            async move {
+                let job = join_beside(&mut ctl, join).await;
+                // The first Ctrl-C interrupts the runner's own run only.
+                ctl.ctrl_c.send(false).unwrap();
+                assert_eq!(ctl.interrupted.recv().await, Some(1));
+                // The attempt goes on, as run 2's: ending it finishes run 2's `shared`.
+                ctl.fake.end(&job, Script::Succeed);
+            }
+        },
+    );
+    assert!(ran.fake.stopped().is_empty(), "{:?}", ran.fake.stopped());
+    assert_eq!(ran.outcome.state, RunState::Interrupted);
+    assert_eq!(
+        status(&ran.record, "shared").status,
+        StepStatus::Interrupted
+    );
+    let second = ended.lock().unwrap().clone().expect("the joined run ended");
+    assert_eq!(second.state, RunState::Succeeded);
+    assert_eq!(second.executed, 2, "run 2 executed `shared` itself");
+}
+
+/// Progress that shows nothing, and tells of interruptions where asked.
+struct Quiet(Option<UnboundedSender<u32>>);
 
 impl Progress for Quiet {
     fn started(&mut self, _: &RunStep, _: u32) {}
@@ -373,7 +479,11 @@ impl Progress for Quiet {
     ) {
     }
     fn failed(&mut self, _: &RunStep, _: &str, _: &[String]) {}
-    fn interrupted(&mut self, _: u32, _: usize) {}
+    fn interrupted(&mut self, count: u32, _: usize) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(count);
+        }
+    }
     fn note(&mut self, _: &str) {}
     fn update(&mut self, _: &RunOutcome, _: &[RunningStep]) {}
     fn done(&mut self, _: &RunOutcome) {}
