@@ -283,6 +283,89 @@ fn a_job_lost_outside_needle_is_a_failed_attempt_that_retries() {
     );
 }
 
+/// Preemption with requeue and a failed node both make Slurm start a job again: the command
+/// then finds an empty output directory, not what its first start left half-written, and the
+/// log keeps both starts. `scontrol requeue` does what they do.
+#[test]
+fn a_job_slurm_starts_again_finds_its_output_directory_empty() {
+    let Some(_cluster) = shared_cluster() else {
+        return;
+    };
+    let p = Project::new();
+    p.write(
+        "recipe.toml",
+        r#"
+[recipe]
+name = "slurm-requeue"
+
+[steps.long]
+op = "exec"
+cmd = ["sh", "-c", "echo \"$SLURM_JOB_ID $${SLURM_RESTART_COUNT:-0} $(ls \"$NEEDLE_OUT\" | wc -l)\" >> \"$NEEDLE_RECIPE_DIR/starts\"; if [ \"$${SLURM_RESTART_COUNT:-0}\" -eq 0 ]; then echo half > \"$NEEDLE_OUT/partial\"; echo first start; sleep 120; fi; echo whole > \"$NEEDLE_OUT/v\""]
+"#,
+    );
+    let child = p
+        .background(&with_slurm(&["run", "recipe.toml", "--json"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first start", Duration::from_secs(60), || {
+        p.lines("starts").len() == 1
+    });
+    let job = p.lines("starts")[0].split(' ').next().unwrap().to_string();
+    let scontrol = |args: &[&str]| {
+        let out = Command::new("scontrol").args(args).output().unwrap();
+        assert!(out.status.success(), "scontrol {args:?}: {out:?}");
+    };
+    scontrol(&["requeue", &job]);
+    // Slurm holds a requeued job back for two minutes once it is pending again; the test
+    // need not wait for that.
+    wait_for("the job pending again", Duration::from_secs(60), || {
+        job_states(std::slice::from_ref(&job))
+            .get(&job)
+            .map(String::as_str)
+            == Some("PENDING")
+    });
+    scontrol(&["update", &format!("jobid={job}"), "StartTime=now"]);
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        let log = p.needle(&["logs", "last:long"]);
+        panic!(
+            "run failed: {}\nlog: {}{}\nstarts: {:?}",
+            stderr(&out),
+            stdout(&log),
+            stderr(&log),
+            p.lines("starts")
+        );
+    }
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    assert_eq!(
+        p.lines("starts"),
+        [format!("{job} 0 0"), format!("{job} 1 0")],
+        "the second start found files"
+    );
+    let view = output_view(&p, &run, "long");
+    let mut files: Vec<String> = std::fs::read_dir(&view)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["v"]);
+    let status = p.json(&["status", "last"], 0);
+    let attempts = steps_named(&status, "long")[0]["attempts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(attempts.len(), 1, "{status}");
+    let log = stdout(&p.needle(&["logs", "last:long"]));
+    assert!(log.contains("first start"), "{log}");
+    assert!(
+        log.contains("Slurm started this job again (restart 1"),
+        "{log}"
+    );
+}
+
 /// The node taken down while this is alive, and back up once it is dropped (also when the
 /// test fails: the other tests need the node).
 struct NodeDown(String);
