@@ -514,7 +514,7 @@ async fn attempt(
 ) -> (AttemptResult, Option<PathBuf>, Option<JobPlacement>) {
     let (staging, launch) = match staging::prepare(store, spec) {
         Ok(p) => p,
-        Err(error) => return (AttemptResult::SpawnFailed { error }, None, None),
+        Err(e) => return (e.not_started(), None, None),
     };
     let _ = std::fs::remove_file(staging.join(PLACEMENT));
     let script = staging.join("job.sh");

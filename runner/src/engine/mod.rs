@@ -779,6 +779,7 @@ impl Engine {
                 Ok(slot) => slot,
                 Err(e) => {
                     self.give_back(r, &grant);
+                    let e = needle_core::error_chain::joined(&e, ": ");
                     self.fail(i, format!("could not prepare a staging directory: {e}"));
                     return;
                 }
