@@ -70,7 +70,9 @@ impl Executor {
     pub async fn start(&self) -> Result<Vec<String>, String> {
         match self {
             Executor::Local => Ok(Vec::new()),
-            Executor::Slurm(slurm) => slurm.start().await,
+            Executor::Slurm(slurm) => {
+                (slurm.start().await).map_err(|e| needle_core::error_chain::joined(&e, ": "))
+            }
         }
     }
 
