@@ -170,7 +170,7 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
                 "--mps: this run has no GPU (hint: --gpus gives a run GPUs)",
             ));
         }
-        (true, None, false) => Some(Arc::new(Mps::start().map_err(CliError::usage)?)),
+        (true, None, false) => Some(Arc::new(Mps::start()?)),
     };
     if let Some(max) = exec.max_gpus
         && !gpus.is_empty()
