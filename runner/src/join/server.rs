@@ -265,6 +265,9 @@ fn prepare(
         let plan = plan::build(recipe, expansion, &mut code)?;
         Ok((plan, code))
     });
-    let (plan, code) = planned.map_err(|e| format!("the runner could not plan the recipe: {e}"))?;
+    let (plan, code) = planned.map_err(|e| {
+        let e = needle_core::error_chain::joined(&e, ": ");
+        format!("the runner could not plan the recipe: {e}")
+    })?;
     Ok((plan, code, sets))
 }
