@@ -501,8 +501,10 @@ impl Engine {
         let output = self.outputs[base + gate].expect("a gate is done before what it gates");
         let plan = &self.runs[self.run_of[i]].plan;
         // Read once per rung: every node of the next rung asks it.
-        let rung = (self.rungs.entry(base + gate))
-            .or_insert_with(|| search::Rung::read(&self.store, plan, gate, output).map(Arc::new));
+        let rung = (self.rungs.entry(base + gate)).or_insert_with(|| {
+            (search::Rung::read(&self.store, plan, gate, output).map(Arc::new))
+                .map_err(|e| needle_core::error_chain::joined(&e, ": "))
+        });
         match rung {
             Ok(rung) => rung.verdict(plan, i - base),
             Err(e) => Verdict::Unreadable(e.clone()),

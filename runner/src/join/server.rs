@@ -144,7 +144,7 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
     let joining = match prepare(&request, pool) {
         Ok((plan, code, sets)) => Joining {
             plan,
-            keep_code: Box::new(move |store| code.keep_in(store).map_err(|e| e.to_string())),
+            keep_code: Box::new(move |store| code.keep_in(store).map_err(Into::into)),
             sets,
             rerun_of: request.rerun_of,
             opts: RunOptions {
@@ -173,7 +173,7 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
     }
     let answer = match accepted_rx.recv() {
         Ok(Ok(run)) => ToClient::Accepted { run },
-        Ok(Err(message)) => refused(message),
+        Ok(Err(refusal)) => refused(needle_core::error_chain::joined(&refusal, ": ")),
         // The engine ended before it took the run.
         Err(_) => ending(),
     };
