@@ -543,6 +543,21 @@ mod tests {
     }
 
     #[test]
+    fn an_attempt_that_cannot_have_its_log_says_where_and_why() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("gone/log");
+        let e = open_log(&log).unwrap_err();
+        let AttemptResult::SpawnFailed { error } = e.not_started() else {
+            panic!("not a spawn failure: {e:?}");
+        };
+        let cause = std::io::Error::from_raw_os_error(2); // ENOENT: `gone/` is not there
+        assert_eq!(
+            error,
+            format!("could not create `{}`: {cause}", log.display())
+        );
+    }
+
+    #[test]
     fn env_names() {
         assert_eq!(env_name("data"), "DATA");
         assert_eq!(env_name("data-set.v2"), "DATA_SET_V2");

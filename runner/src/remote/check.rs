@@ -319,3 +319,33 @@ async fn hash_blob(remote: &Remote, blob: &BlobDigest) -> Result<(), Problem> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_whose_manifest_is_broken_says_both_on_one_line() {
+        let output = ArtifactDigest::from_bytes([7; 32]);
+        let other = ArtifactDigest::from_bytes([9; 32]);
+        let shared = Arc::new(Problem::ManifestHash(other));
+        let problem = Problem::Output {
+            output,
+            problem: shared.clone(),
+        };
+        assert_eq!(
+            super::super::error_chain(&problem),
+            format!(
+                "output {}: its manifest hashes to {}",
+                output.short(),
+                other.short()
+            )
+        );
+        let unreadable = serde_json::from_slice::<Manifest>(b"{").unwrap_err();
+        let said = unreadable.to_string();
+        assert_eq!(
+            super::super::error_chain(&Problem::BadManifest(unreadable)),
+            format!("unreadable manifest: {said}")
+        );
+    }
+}
