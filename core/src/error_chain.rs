@@ -4,13 +4,17 @@
 use std::error::Error;
 
 /// `e` and each of its sources in turn, joined by `separator` (`": "` on one line,
-/// `"\n  caused by: "` for a terminal).
+/// `"\n  caused by: "` for a terminal). A cause whose words are already said is not said
+/// again: some libraries' errors (`object_store`'s) put their source into their own message.
 pub fn joined(e: &dyn Error, separator: &str) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(separator);
-        text.push_str(&s.to_string());
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(separator);
+            text.push_str(&cause);
+        }
         source = s.source();
     }
     text
@@ -26,6 +30,33 @@ mod tests {
             super::joined(&e, "\n  caused by: "),
             "could not write\n  caused by: disk on fire"
         );
+    }
+
+    #[test]
+    fn a_cause_a_message_already_says_is_said_once() {
+        let e = Wrapped(std::io::Error::other(Echo(std::io::Error::other(
+            "disk on fire",
+        ))));
+        assert_eq!(
+            super::joined(&e, ": "),
+            "could not write: written: disk on fire"
+        );
+    }
+
+    /// An error that says its source in its own message, as `object_store`'s do.
+    #[derive(Debug)]
+    struct Echo(std::io::Error);
+
+    impl std::fmt::Display for Echo {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "written: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Echo {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 
     #[derive(Debug)]

@@ -89,10 +89,28 @@ pub trait CodeHasher {
     /// What an `environment` command prints, digested (hex), run in `dir`. `core` runs no
     /// processes: the binary that plans provides this; without it, a recipe with
     /// `environment` cannot be planned.
-    fn probe(&mut self, command: &str, dir: &Path) -> Result<String, String> {
-        let _ = dir;
-        Err(format!("`{command}` cannot be run here"))
+    fn probe(&mut self, command: &str, dir: &Path) -> Result<String, ProbeError> {
+        let _ = (command, dir);
+        Err(ProbeError::CannotRun)
     }
+}
+
+/// Why an `environment` command printed nothing a step could be keyed on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// This planner runs no processes (see [`CodeHasher::probe`]).
+    #[error("it cannot be run here")]
+    CannotRun,
+    #[error("it is empty")]
+    Empty,
+    #[error("could not run it")]
+    Spawn(#[source] std::io::Error),
+    /// It exited non-zero: the last line it wrote on stderr.
+    #[error("it failed ({status}): {said}")]
+    Failed {
+        status: std::process::ExitStatus,
+        said: String,
+    },
 }
 
 /// Hashes without storing.
@@ -122,11 +140,12 @@ pub enum PlanError {
         #[source]
         source: crate::recipe::CodeError,
     },
-    #[error("environment command `{command}` of step `{step}`: {reason}")]
+    #[error("environment command `{command}` of step `{step}`")]
     Environment {
         step: String,
         command: String,
-        reason: String,
+        #[source]
+        source: ProbeError,
     },
     #[error("param `{param}` of step `{step}`: could not read `{path}`")]
     Path {
@@ -195,10 +214,10 @@ pub fn build(
             if !probe_cache.contains_key(command) {
                 let digest = hasher
                     .probe(command, &recipe.source.dir)
-                    .map_err(|reason| PlanError::Environment {
+                    .map_err(|source| PlanError::Environment {
                         step: def.name.clone(),
                         command: command.clone(),
-                        reason,
+                        source,
                     })?;
                 probe_cache.insert(command.clone(), digest);
             }

@@ -45,6 +45,11 @@ pub enum CliError {
     #[error(transparent)]
     Op(#[from] OpError),
 
+    /// `--mps` could not start the run's MPS daemon: nothing ran (exit 2, as for a bad
+    /// invocation: the run asked for what this machine cannot give).
+    #[error(transparent)]
+    Mps(#[from] crate::mps::MpsError),
+
     /// The shared cache could not do what was asked.
     #[error(transparent)]
     Remote(Box<crate::remote::RemoteError>),
@@ -73,7 +78,9 @@ impl CliError {
 
     pub fn exit(&self) -> Exit {
         match self {
-            CliError::Recipe(_) | CliError::Usage(_) | CliError::Plan(_) => Exit::BadInput,
+            CliError::Recipe(_) | CliError::Usage(_) | CliError::Plan(_) | CliError::Mps(_) => {
+                Exit::BadInput
+            }
             CliError::Store(StoreError::Locked { .. })
             | CliError::Store(StoreError::Missing { .. })
             | CliError::Store(StoreError::ReadOnly { .. })

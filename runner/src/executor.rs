@@ -14,7 +14,7 @@ use crate::attempt::{AttemptSpec, Event, Handle, Held};
 use crate::gpus::Gpu;
 use crate::mps::Mps;
 use crate::scheduler::{GpuGrant, GpuNeed, Grant, Pool, Shape};
-use crate::slurm::{Slurm, SlurmConfig};
+use crate::slurm::{Slurm, SlurmConfig, SlurmError};
 use crate::{local, process};
 
 #[derive(Clone, Default)]
@@ -72,7 +72,7 @@ impl Executor {
     /// Make sure it can run anything, before the run is recorded: for Slurm, that the
     /// controller answers. Returns the jobs an earlier runner of this store left, now
     /// cancelled.
-    pub async fn start(&self) -> Result<Vec<String>, String> {
+    pub async fn start(&self) -> Result<Vec<String>, SlurmError> {
         match self {
             Executor::Slurm(slurm) => slurm.start().await,
             _ => Ok(Vec::new()),

@@ -44,12 +44,12 @@ async fn attempt(
     // hand-off to a blocking thread and back.
     let (staging, mut launch) = match prepare(store, spec) {
         Ok(p) => p,
-        Err(error) => return (AttemptResult::SpawnFailed { error }, None),
+        Err(e) => return (e.not_started(), None),
     };
     let log = launch.log.clone();
     let log_file = match open_log(&log) {
         Ok(f) => f,
-        Err(error) => return (AttemptResult::SpawnFailed { error }, Some(staging)),
+        Err(e) => return (e.not_started(), Some(staging)),
     };
     *fs_started = log_file
         .metadata()

@@ -45,27 +45,54 @@ pub struct Mps {
     _dir: tempfile::TempDir,
 }
 
+/// Why `--mps` could not start its daemon: the run does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MpsError {
+    #[error(
+        "--mps needs `{CONTROL}`, which is not on PATH (it comes with NVIDIA's driver; \
+         without it, steps sharing a GPU take turns on it)"
+    )]
+    NotOnPath,
+    #[error("--mps: could not create its directory")]
+    TempDir(#[source] std::io::Error),
+    #[error("--mps: could not create `{}`", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--mps: could not start `{}`", control.display())]
+    Spawn {
+        control: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon refused: what it said on stderr, and in its log.
+    #[error("--mps: `{CONTROL} -d` {status}: {said}")]
+    Refused {
+        status: std::process::ExitStatus,
+        said: String,
+    },
+}
+
 impl Mps {
-    pub fn start() -> Result<Mps, String> {
-        let control = find_on_path(CONTROL).ok_or_else(|| {
-            format!(
-                "--mps needs `{CONTROL}`, which is not on PATH (it comes with NVIDIA's driver; \
-                 without it, steps sharing a GPU take turns on it)"
-            )
-        })?;
+    pub fn start() -> Result<Mps, MpsError> {
+        let control = find_on_path(CONTROL).ok_or(MpsError::NotOnPath)?;
         // Short and private: the pipe directory holds unix sockets, whose paths are limited
         // to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("needle-mps-")
             .tempdir()
-            .map_err(|e| format!("--mps: could not create its directory: {e}"))?;
+            .map_err(MpsError::TempDir)?;
         let dirs = MpsDirs {
             pipe: dir.path().join("pipe"),
             log: dir.path().join("log"),
         };
         for d in [&dirs.pipe, &dirs.log] {
-            std::fs::create_dir(d)
-                .map_err(|e| format!("--mps: could not create `{}`: {e}", d.display()))?;
+            std::fs::create_dir(d).map_err(|source| MpsError::CreateDir {
+                path: d.clone(),
+                source,
+            })?;
         }
         // The daemon must die with a killed runner like a step does.
         crate::reaper::ready();
@@ -77,20 +104,22 @@ impl Mps {
             .env(crate::reaper::ENV, crate::reaper::token())
             .stdin(Stdio::null())
             .process_group(0)
-            .output()
-            .map_err(|e| format!("--mps: could not start `{}`: {e}", control.display()))?;
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(source) => return Err(MpsError::Spawn { control, source }),
+        };
         if !out.status.success() {
             let said = String::from_utf8_lossy(&out.stderr);
             let log = std::fs::read_to_string(dirs.log.join("control.log")).unwrap_or_default();
-            return Err(format!(
-                "--mps: `{CONTROL} -d` {}: {}",
-                out.status,
-                [said.trim(), log.trim()]
+            return Err(MpsError::Refused {
+                status: out.status,
+                said: [said.trim(), log.trim()]
                     .into_iter()
                     .filter(|s| !s.is_empty())
                     .collect::<Vec<_>>()
-                    .join("; ")
-            ));
+                    .join("; "),
+            });
         }
         Ok(Mps {
             control,

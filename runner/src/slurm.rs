@@ -173,7 +173,7 @@ impl Slurm {
     /// Check that Slurm answers, and cancel the jobs a killed runner left for this store:
     /// the caller holds the store's lock, so no live runner owns them, and they would only
     /// write into staging slots nobody will read.
-    pub async fn start(&self) -> Result<Vec<String>, String> {
+    pub async fn start(&self) -> Result<Vec<String>, SlurmError> {
         let out = slurm_command("squeue", ["-h", "-t", "PD,R,CG", "-o", "%i|%k"]).await?;
         let stale: Vec<String> = out
             .lines()
@@ -199,7 +199,11 @@ impl Slurm {
         }
         args.extend(ids.iter().map(String::as_str));
         if let Err(e) = slurm_command("scancel", args).await {
-            tracing::warn!("scancel {}: {e}", ids.join(" "));
+            tracing::warn!(
+                "scancel {}: {}",
+                ids.join(" "),
+                needle_core::error_chain::joined(&e, ": ")
+            );
         }
     }
 
@@ -233,6 +237,7 @@ impl Slurm {
                     failures += 1;
                     // A controller restarting is normal; say so once it lasts.
                     if failures == 3 || failures.is_multiple_of(30) {
+                        let e = needle_core::error_chain::joined(&e, ": ");
                         tracing::warn!("Slurm does not answer ({failures} polls): {e}");
                     }
                 }
@@ -240,14 +245,16 @@ impl Slurm {
         }
     }
 
-    async fn poll_once(&self, ids: &[String]) -> Result<(), String> {
+    async fn poll_once(&self, ids: &[String]) -> Result<(), SlurmError> {
         let list = ids.join(",");
         let states =
             match slurm_command("squeue", ["-h", "-t", "all", "-j", &list, "-o", "%i|%T|%N"]).await
             {
                 Ok(out) => out,
                 // Every id unknown: squeue fails rather than printing nothing.
-                Err(e) if e.contains("Invalid job id") => String::new(),
+                Err(SlurmError::Failed { stderr, .. }) if stderr.contains("Invalid job id") => {
+                    String::new()
+                }
                 Err(e) => return Err(e),
             };
         let mut seen: HashMap<&str, (JobState, &str)> = HashMap::new();
@@ -350,8 +357,28 @@ async fn forgotten_job(id: &str) -> AttemptResult {
     }
 }
 
-/// Run a Slurm client command; its stdout, or its stderr as the error.
-async fn slurm_command<I, S>(program: &str, args: I) -> Result<String, String>
+/// Why a Slurm client command gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmError {
+    #[error("could not run `{program}`")]
+    Spawn {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{program}` did not answer within {:?}", COMMAND_TIMEOUT)]
+    Timeout { program: &'static str },
+    /// It ran and failed: what it said on stderr.
+    #[error("`{program}` {status}: {stderr}")]
+    Failed {
+        program: &'static str,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Run a Slurm client command; its stdout, or why not (with its stderr where it failed).
+async fn slurm_command<I, S>(program: &'static str, args: I) -> Result<String, SlurmError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -362,18 +389,17 @@ where
         .kill_on_drop(true);
     let out = match tokio::time::timeout(COMMAND_TIMEOUT, cmd.output()).await {
         Ok(Ok(out)) => out,
-        Ok(Err(e)) => return Err(format!("`{program}`: {e}")),
-        Err(_) => {
-            return Err(format!(
-                "`{program}` did not answer within {COMMAND_TIMEOUT:?}"
-            ));
-        }
+        Ok(Err(source)) => return Err(SlurmError::Spawn { program, source }),
+        Err(_) => return Err(SlurmError::Timeout { program }),
     };
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(format!("`{program}` {}: {}", out.status, err.trim()))
+        Err(SlurmError::Failed {
+            program,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -514,7 +540,7 @@ async fn attempt(
 ) -> (AttemptResult, Option<PathBuf>, Option<JobPlacement>) {
     let (staging, launch) = match staging::prepare(store, spec) {
         Ok(p) => p,
-        Err(error) => return (AttemptResult::SpawnFailed { error }, None, None),
+        Err(e) => return (e.not_started(), None, None),
     };
     let _ = std::fs::remove_file(staging.join(PLACEMENT));
     let script = staging.join("job.sh");

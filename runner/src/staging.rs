@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use needle_core::store::{AttemptResult, InputDigests, Store, now_millis};
+use needle_core::store::{AttemptResult, InputDigests, Store, StoreError, now_millis};
 use needle_core::value::{Value, render_plain};
 
 use crate::attempt::{AttemptEnd, AttemptSpec, Held};
@@ -96,17 +96,67 @@ impl Launch {
     }
 }
 
+/// Why a staging slot could not be made ready for an attempt: the attempt cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("could not create `{}`", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not remove `{}`", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not copy code to `{}`", path.display())]
+    CopyCode {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not chmod `{}`", path.display())]
+    Chmod {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not write `{}`", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not give a slot, or a view of an input.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl StagingError {
+    /// What the attempt it was for ends with: it could not start, for this reason and its
+    /// causes, on one line (it goes into the run record).
+    pub fn not_started(&self) -> AttemptResult {
+        AttemptResult::SpawnFailed {
+            error: needle_core::error_chain::joined(self, ": "),
+        }
+    }
+}
+
 /// Staging layout: `out/` (the output), `work/` (the working directory, with code copies).
 /// Inputs are read where the store keeps them: views, and gathers of views.
-pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), String> {
-    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} `{}`: {e}", p.display());
+pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), StagingError> {
     let staging = spec.slot.clone();
     let progress = staging.join(PROGRESS);
     // A previous attempt's progress must not show as this one's.
     if let Err(e) = fs::remove_file(&progress)
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        return Err(io("could not remove", &progress, e));
+        return Err(StagingError::Remove {
+            path: progress,
+            source: e,
+        });
     }
     let out = staging.join("out");
     let work = staging.join("work");
@@ -114,17 +164,23 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
     for (rel, blob) in &spec.code {
         let dest = work.join(rel);
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|e| io("could not create", parent, e))?;
+            fs::create_dir_all(parent).map_err(|source| StagingError::Create {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
-        fs::copy(store.blob_path(blob), &dest)
-            .map_err(|e| io("could not copy code to", &dest, e))?;
+        if let Err(source) = fs::copy(store.blob_path(blob), &dest) {
+            return Err(StagingError::CopyCode { path: dest, source });
+        }
         // Blobs are read-only; the copy should behave like the user's file.
         let mode = if crate::process::is_executable(&spec.recipe_dir.join(rel)) {
             0o755
         } else {
             0o644
         };
-        set_mode(&dest, mode).map_err(|e| io("could not chmod", &dest, e))?;
+        if let Err(source) = set_mode(&dest, mode) {
+            return Err(StagingError::Chmod { path: dest, source });
+        }
     }
 
     let program = {
@@ -151,12 +207,12 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
         // Store paths are the store root's plus ASCII names: UTF-8 wherever the root is.
         let (dir, entry) = match input {
             InputDigests::One(a) => {
-                let dir = store.view(a).map_err(|e| e.to_string())?;
+                let dir = store.view(a)?;
                 let entry = serde_json::json!({ "dir": dir.to_string_lossy() });
                 (dir, entry)
             }
             InputDigests::Gather(members) => {
-                let (dir, views) = store.gather(members).map_err(|e| e.to_string())?;
+                let (dir, views) = store.gather(members)?;
                 gathers.push(dir.clone());
                 let members: Vec<serde_json::Value> = members
                     .iter()
@@ -177,8 +233,12 @@ pub fn prepare(store: &Store, spec: &AttemptSpec) -> Result<(PathBuf, Launch), S
     let inputs_json = serde_json::Value::Object(inputs_json).to_string();
     launch.set(
         "NEEDLE_INPUTS",
-        inputs_env(&inputs_json, &staging, MAX_ENV_VALUE)
-            .map_err(|e| io("could not write", &staging.join("inputs.json"), e))?,
+        inputs_env(&inputs_json, &staging, MAX_ENV_VALUE).map_err(|source| {
+            StagingError::Write {
+                path: staging.join("inputs.json"),
+                source,
+            }
+        })?,
     );
     for (name, v) in &spec.params {
         launch.set(format!("NEEDLE_PARAM_{}", env_name(name)), render_plain(v));
@@ -239,13 +299,16 @@ fn set_gpu_env(launch: &mut Launch, held: &Held, builtin: bool) {
 
 /// The log of a local attempt: it starts in the slot (a reused file when the last attempt
 /// wrote nothing) and is moved under logs/ afterwards if anything was written.
-pub fn open_log(path: &Path) -> Result<fs::File, String> {
+pub fn open_log(path: &Path) -> Result<fs::File, StagingError> {
     fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
-        .map_err(|e| format!("could not create `{}`: {e}", path.display()))
+        .map_err(|source| StagingError::Create {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The file in a slot where the step's progress lines go (`NEEDLE_PROGRESS`).
@@ -253,10 +316,10 @@ pub const PROGRESS: &str = "progress";
 
 /// A staging slot: `out/` and `work/` under a directory in `staging/`, one a runner left clean
 /// if there is one (see [`Store::reuse_staging`]), else a fresh one.
-pub fn new_slot(store: &Store) -> Result<PathBuf, String> {
+pub fn new_slot(store: &Store) -> Result<PathBuf, StagingError> {
     let (slot, reused) = match store.reuse_staging() {
         Some(slot) => (slot, true),
-        None => (store.new_staging().map_err(|e| e.to_string())?, false),
+        None => (store.new_staging()?, false),
     };
     for sub in ["out", "work"] {
         let dir = slot.join(sub);
@@ -267,7 +330,9 @@ pub fn new_slot(store: &Store) -> Result<PathBuf, String> {
             }
             other => other,
         };
-        made.map_err(|e| format!("could not create `{}`: {e}", dir.display()))?;
+        if let Err(source) = made {
+            return Err(StagingError::Create { path: dir, source });
+        }
     }
     Ok(slot)
 }
@@ -475,6 +540,21 @@ mod tests {
         assert!(slot.join("out/o").exists());
         clean_slot(slot, true).unwrap();
         assert!(!slot.join("out/o").exists());
+    }
+
+    #[test]
+    fn an_attempt_that_cannot_have_its_log_says_where_and_why() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("gone/log");
+        let e = open_log(&log).unwrap_err();
+        let AttemptResult::SpawnFailed { error } = e.not_started() else {
+            panic!("not a spawn failure: {e:?}");
+        };
+        let cause = std::io::Error::from_raw_os_error(2); // ENOENT: `gone/` is not there
+        assert_eq!(
+            error,
+            format!("could not create `{}`: {cause}", log.display())
+        );
     }
 
     #[test]

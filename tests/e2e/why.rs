@@ -119,7 +119,9 @@ cmd = ["sh", "-c", "echo trained > \"$NEEDLE_OUT/model\""]
     let out = p.needle(&["run", "recipe.toml"]);
     assert_code(&out, 2);
     assert!(
-        stderr(&out).contains("environment command `sh ./versions.sh` of step `train`: it failed (exit status: 1): no such module"),
+        stderr(&out).contains(
+            "environment command `sh ./versions.sh` of step `train`\n  caused by: it failed (exit status: 1): no such module"
+        ),
         "{}",
         stderr(&out)
     );

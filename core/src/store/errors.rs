@@ -1,5 +1,18 @@
 use std::path::PathBuf;
 
+/// What makes a manifest one the store cannot lay out as a tree (see `check_manifest`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestProblem {
+    /// Empty, `.` or `..` components, or a NUL.
+    #[error("path `{0}` is not a clean relative path")]
+    NotClean(String),
+    #[error("path `{0}` is out of order or repeated")]
+    OutOfOrder(String),
+    /// An entry under a file or under an empty-directory entry.
+    #[error("`{parent}` holds `{path}` but is not a directory")]
+    UnderAFile { parent: String, path: String },
+}
+
 /// Errors of the store. Causes are kept in `#[source]`, not formatted into the message.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -146,8 +159,11 @@ pub enum StoreError {
 
     /// A manifest handed to [`crate::store::Store::commit`] that the store cannot lay out as a
     /// tree (unsorted, duplicate or escaping paths, a file with entries under it).
-    #[error("the manifest of artifact `{artifact}` is invalid: {reason}")]
-    BadManifest { artifact: String, reason: String },
+    #[error("the manifest of artifact `{artifact}` is invalid: {problem}")]
+    BadManifest {
+        artifact: String,
+        problem: ManifestProblem,
+    },
 
     /// A step commit whose record names another output than the manifest it carries.
     #[error("step `{step}` records output `{recorded}` but its manifest is artifact `{manifest}`")]

@@ -8,8 +8,8 @@ use sled::transaction::TransactionError;
 
 use super::journal::{Op, TreeId, apply_tx};
 use super::{
-    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, RunRecord, RunSummary, StepCommit, StepProgress,
-    StepRecord, Store, StoreError, fsutil,
+    EntryKind, FIND_PREFIX_LIMIT, Found, Manifest, ManifestProblem, RunRecord, RunSummary,
+    StepCommit, StepProgress, StepRecord, Store, StoreError, fsutil,
 };
 use crate::digest::{ArtifactDigest, Digest, DigestKind, HEX_LEN, StepKey, is_hex_prefix};
 
@@ -164,9 +164,9 @@ impl Store {
             let artifact_key = artifact.hex().into_bytes();
             let manifest =
                 if checked.insert(artifact) && !self.trees.artifacts.contains_key(&artifact_key)? {
-                    check_manifest(&c.manifest).map_err(|reason| StoreError::BadManifest {
+                    check_manifest(&c.manifest).map_err(|problem| StoreError::BadManifest {
                         artifact: artifact.hex(),
-                        reason,
+                        problem,
                     })?;
                     self.check_blobs(&artifact, &c.manifest)?;
                     Some((artifact_key, to_json(&c.manifest)))
@@ -476,16 +476,16 @@ pub(super) fn tx_error(e: TransactionError<()>) -> StoreError {
 
 /// A manifest the store can lay out as a tree: relative `/`-separated paths without empty,
 /// `.` or `..` components, strictly sorted, no entry under a file or under an empty-dir entry.
-pub(crate) fn check_manifest(manifest: &Manifest) -> Result<(), String> {
+pub(crate) fn check_manifest(manifest: &Manifest) -> Result<(), ManifestProblem> {
     let mut prev: Option<&str> = None;
     let mut paths = BTreeSet::new();
     for e in &manifest.entries {
         let p = e.path.as_str();
         if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") || p.contains('\0') {
-            return Err(format!("path `{p}` is not a clean relative path"));
+            return Err(ManifestProblem::NotClean(p.to_string()));
         }
         if prev.is_some_and(|prev| prev >= p) {
-            return Err(format!("path `{p}` is out of order or repeated"));
+            return Err(ManifestProblem::OutOfOrder(p.to_string()));
         }
         prev = Some(p);
         paths.insert(p);
@@ -494,7 +494,10 @@ pub(crate) fn check_manifest(manifest: &Manifest) -> Result<(), String> {
         let p = e.path.as_str();
         for (i, _) in p.match_indices('/') {
             if paths.contains(&p[..i]) {
-                return Err(format!("`{}` holds `{p}` but is not a directory", &p[..i]));
+                return Err(ManifestProblem::UnderAFile {
+                    parent: p[..i].to_string(),
+                    path: p.to_string(),
+                });
             }
         }
     }

@@ -106,7 +106,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use errors::{StoreError, human_bytes};
+pub use errors::{ManifestProblem, StoreError, human_bytes};
 pub use faults::{FaultAction, FaultPlan, FaultTrigger};
 pub use gather::{GATHER_INDEX, GATHER_PREFIX, gather_entry};
 pub use gc::{GcOptions, GcPlan, GcSummary, Kept, Tally};

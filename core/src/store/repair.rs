@@ -198,7 +198,7 @@ impl Store {
         &self,
         blobs: &[(BlobDigest, Option<u64>)],
         hash: bool,
-    ) -> Vec<Result<u64, String>> {
+    ) -> Vec<Result<u64, BlobProblem>> {
         let one = |(blob, size): &(BlobDigest, Option<u64>)| {
             check_blob(&self.blob_path(blob), blob, *size, hash)
         };
@@ -206,7 +206,7 @@ impl Store {
             return blobs.iter().map(one).collect();
         }
         let next = AtomicUsize::new(0);
-        let mut results: Vec<(usize, Result<u64, String>)> = std::thread::scope(|s| {
+        let mut results: Vec<(usize, Result<u64, BlobProblem>)> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..THREADS.min(blobs.len() / 4))
                 .map(|_| {
                     s.spawn(|| {
@@ -536,38 +536,47 @@ pub(super) fn split_index_key(key: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// What is wrong with a blob on disk, said of the blob: `blob <hex> is missing; used by …`.
+/// The io error is said in parentheses, not as a source: the words sit mid-sentence in
+/// verify's problem lines and in the reason a dropped blob is recorded with.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BlobProblem {
+    #[error("is missing")]
+    Missing,
+    #[error("is unreadable ({0})")]
+    Unreadable(std::io::Error),
+    #[error("should hold {size} bytes, but {len} are on disk")]
+    Size { size: u64, len: u64 },
+    #[error("has bytes on disk that hash otherwise")]
+    HashesOtherwise,
+}
+
 /// Present, of `size` bytes when known, and with `hash` hashing to `blob`: the bytes read, or
-/// what is wrong, said of the blob (`is missing`, `has bytes on disk that hash otherwise`).
+/// what is wrong.
 fn check_blob(
     path: &Path,
     blob: &BlobDigest,
     size: Option<u64>,
     hash: bool,
-) -> Result<u64, String> {
+) -> Result<u64, BlobProblem> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("is missing".into()),
-        Err(e) => return Err(format!("is unreadable ({e})")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BlobProblem::Missing),
+        Err(e) => return Err(BlobProblem::Unreadable(e)),
     };
-    let len = file
-        .metadata()
-        .map_err(|e| format!("is unreadable ({e})"))?
-        .len();
+    let len = file.metadata().map_err(BlobProblem::Unreadable)?.len();
     if let Some(size) = size
         && len != size
     {
-        return Err(format!("should hold {size} bytes, but {len} are on disk"));
+        return Err(BlobProblem::Size { size, len });
     }
     if !hash {
         return Ok(0);
     }
     let mut h = blake3::Hasher::new();
-    let n = h
-        .update_reader(&file)
-        .map(|_| len)
-        .map_err(|e| format!("is unreadable ({e})"))?;
+    let n = (h.update_reader(&file).map(|_| len)).map_err(BlobProblem::Unreadable)?;
     if BlobDigest::from_hasher(&h) != *blob {
-        return Err("has bytes on disk that hash otherwise".into());
+        return Err(BlobProblem::HashesOtherwise);
     }
     Ok(n)
 }

@@ -532,7 +532,13 @@ fn commit_refuses_a_record_that_is_not_its_manifest() {
             manifest: bad,
         }])
         .unwrap_err();
-    assert!(matches!(err, StoreError::BadManifest { .. }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            StoreError::BadManifest { problem: ManifestProblem::NotClean(p), .. } if p == "../escape"
+        ),
+        "{err}"
+    );
     assert_eq!(store.step(&key).unwrap(), None);
 }
 

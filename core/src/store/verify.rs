@@ -164,7 +164,7 @@ impl Store {
                     report
                         .problems
                         .push(format!("blob {} {problem}; used by {used}", blob.hex()));
-                    report.damage.blobs.insert(*blob, problem);
+                    report.damage.blobs.insert(*blob, problem.to_string());
                 }
             }
         }

@@ -33,9 +33,9 @@ impl Store {
                 },
             });
         };
-        check_manifest(&manifest).map_err(|reason| StoreError::BadManifest {
+        check_manifest(&manifest).map_err(|problem| StoreError::BadManifest {
             artifact: artifact.hex(),
-            reason,
+            problem,
         })?;
 
         let tmp = views.join(self.tmp_name());

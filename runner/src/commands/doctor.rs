@@ -3,7 +3,7 @@
 //! use by a run is said to be so.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use needle_core::store::remote::Reader;
 use needle_core::store::{LockMode, StoreCounts, StoreError, StoreRead};
@@ -88,7 +88,9 @@ pub fn doctor(cli: &Cli, args: &JsonArg) -> Result<Exit, CliError> {
         needle: env!("CARGO_PKG_VERSION"),
         libtorch: match torch_info() {
             Ok(info) => TorchReport::Info(info),
-            Err(error) => TorchReport::Error { error },
+            Err(e) => TorchReport::Error {
+                error: needle_core::error_chain::joined(&e, ": "),
+            },
         },
         gpus: Gpus {
             nvidia_smi: nvidia_smi(),
@@ -134,22 +136,38 @@ fn remote_report() -> Option<RemoteReport> {
     })
 }
 
+/// Why the worker could not say which libtorch it loads.
+#[derive(Debug, thiserror::Error)]
+enum TorchInfoError {
+    #[error("could not start `{}`", worker.display())]
+    Spawn {
+        worker: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{}` failed: {stderr}", worker.display())]
+    Failed { worker: PathBuf, stderr: String },
+    #[error("unexpected answer from the worker")]
+    Answer(#[source] serde_json::Error),
+}
+
 /// libtorch is loaded only by `needle-worker`, so ask it, as a step would find it.
-fn torch_info() -> Result<TorchInfo, String> {
+fn torch_info() -> Result<TorchInfo, TorchInfoError> {
     let worker = crate::engine::worker_path();
-    let out = std::process::Command::new(&worker)
+    let out = match std::process::Command::new(&worker)
         .arg("--torch-info")
         .output()
-        .map_err(|e| format!("could not start `{}`: {e}", worker.display()))?;
+    {
+        Ok(out) => out,
+        Err(source) => return Err(TorchInfoError::Spawn { worker, source }),
+    };
     if !out.status.success() {
-        return Err(format!(
-            "`{}` failed: {}",
-            worker.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(TorchInfoError::Failed {
+            worker,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("unexpected answer from the worker: {e}"))
+    serde_json::from_slice(&out.stdout).map_err(TorchInfoError::Answer)
 }
 
 fn nvidia_smi() -> Option<Vec<String>> {

@@ -29,7 +29,7 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use needle_core::digest::BlobDigest;
-use needle_core::plan::{CodeHasher, HashOnly};
+use needle_core::plan::{CodeHasher, HashOnly, ProbeError};
 use needle_core::recipe::{self, Expansion, Recipe, RecipeSource, SetArg};
 use needle_core::store::remote::Reader;
 use needle_core::store::{LockMode, RunRecord, Store, StoreError, StoreRead};
@@ -149,7 +149,7 @@ impl CodeHasher for PlannedCode {
         Ok(digest)
     }
 
-    fn probe(&mut self, command: &str, dir: &Path) -> Result<String, String> {
+    fn probe(&mut self, command: &str, dir: &Path) -> Result<String, ProbeError> {
         let printed = probe(command, dir)?;
         let mut h = blake3::Hasher::new();
         h.update(&printed);
@@ -163,24 +163,23 @@ impl CodeHasher for PlannedCode {
 /// runner's environment and no input: what it printed (stdout, then stderr: `python -V` once
 /// wrote to stderr). A command that cannot start, or exits non-zero, is an error: a probe that
 /// fails would key every step on its error message.
-pub fn probe(command: &str, dir: &Path) -> Result<Vec<u8>, String> {
+pub fn probe(command: &str, dir: &Path) -> Result<Vec<u8>, ProbeError> {
     let argv: Vec<&str> = command.split_whitespace().collect();
     let Some((program, args)) = argv.split_first() else {
-        return Err("it is empty".into());
+        return Err(ProbeError::Empty);
     };
     let out = std::process::Command::new(program)
         .args(args)
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("could not run it: {e}"))?;
+        .map_err(ProbeError::Spawn)?;
     if !out.status.success() {
         let said = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "it failed ({}): {}",
-            out.status,
-            said.lines().last().unwrap_or("").trim()
-        ));
+        return Err(ProbeError::Failed {
+            status: out.status,
+            said: said.lines().last().unwrap_or("").trim().to_string(),
+        });
     }
     let mut printed = out.stdout;
     printed.extend_from_slice(&out.stderr);

@@ -170,7 +170,7 @@ pub fn engine_options(exec: &ExecArgs, recipe: &Recipe) -> Result<EngineOptions,
                 "--mps: this run has no GPU (hint: --gpus gives a run GPUs)",
             ));
         }
-        (true, None, false) => Some(Arc::new(Mps::start().map_err(CliError::usage)?)),
+        (true, None, false) => Some(Arc::new(Mps::start()?)),
     };
     if let Some(max) = exec.max_gpus
         && !gpus.is_empty()
@@ -357,7 +357,8 @@ pub fn execute(
         })?;
     let started = runtime.block_on(engine.start_executor()).map_err(|e| {
         CliError::usage(format!(
-            "the Slurm executor cannot reach Slurm: {e} (hint: are the Slurm client commands on PATH, and slurmctld up? `sinfo` should answer)"
+            "the Slurm executor cannot reach Slurm: {} (hint: are the Slurm client commands on PATH, and slurmctld up? `sinfo` should answer)",
+            needle_core::error_chain::joined(&e, ": ")
         ))
     });
     let ended = match started {

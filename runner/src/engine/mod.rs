@@ -252,7 +252,7 @@ impl Engine {
 
     /// Make sure the executor can run anything, before the run is recorded: for Slurm, that
     /// the controller answers; the jobs a killed runner left for this store are cancelled.
-    pub async fn start_executor(&mut self) -> Result<(), String> {
+    pub async fn start_executor(&mut self) -> Result<(), crate::slurm::SlurmError> {
         let stale = self.executor.start().await?;
         if !stale.is_empty() {
             self.runs[0].progress.note(&format!(
@@ -547,8 +547,10 @@ impl Engine {
         let output = (self.output(base + gate)).expect("a gate is done before what it gates");
         let plan = &self.runs[self.run_of[i]].plan;
         // Read once per rung: every node of the next rung asks it.
-        let rung = (self.rungs.entry(base + gate))
-            .or_insert_with(|| search::Rung::read(&self.store, plan, gate, output).map(Arc::new));
+        let rung = (self.rungs.entry(base + gate)).or_insert_with(|| {
+            (search::Rung::read(&self.store, plan, gate, output).map(Arc::new))
+                .map_err(|e| needle_core::error_chain::joined(&e, ": "))
+        });
         match rung {
             Ok(rung) => rung.verdict(plan, i - base),
             Err(e) => Verdict::Unreadable(e.clone()),
@@ -825,6 +827,7 @@ impl Engine {
                 Ok(slot) => slot,
                 Err(e) => {
                     self.give_back(r, &grant);
+                    let e = needle_core::error_chain::joined(&e, ": ");
                     self.fail(i, format!("could not prepare a staging directory: {e}"));
                     return;
                 }

@@ -28,8 +28,21 @@ pub struct RunOptions {
 /// Told how a run ended, once, with its final record (stored by then).
 pub type OnEnd = Box<dyn FnOnce(&RunOutcome, &RunRecord) + Send>;
 
-/// Keeps a joining run's code files in the store; why not, if it cannot.
-pub type KeepCode = Box<dyn FnOnce(&Store) -> Result<(), String> + Send>;
+/// Keeps a joining run's code files in the store; why not, if it cannot. The engine only
+/// passes the error on to the client, so it is whatever the caller's is.
+pub type KeepCode = Box<dyn FnOnce(&Store) -> Result<(), BoxError> + Send>;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the engine refused a run that joined it (the runner goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Its code files could not be kept: one changed since it was planned, or the store failed.
+    #[error(transparent)]
+    Code(BoxError),
+    #[error("the runner could not record the run")]
+    Record(#[source] StoreError),
+}
 
 impl std::fmt::Debug for Joining {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,7 +65,7 @@ pub struct Joining {
     pub client: u64,
     pub progress: Box<dyn Progress>,
     /// Told the run's id once it is recorded, or why it was refused.
-    pub accepted: std::sync::mpsc::Sender<Result<u64, String>>,
+    pub accepted: std::sync::mpsc::Sender<Result<u64, Refusal>>,
     pub on_end: OnEnd,
 }
 
@@ -203,7 +216,7 @@ impl Engine {
         } = joining;
         // The client is refused if its code cannot be kept; the runner goes on.
         if let Err(e) = keep_code(&self.store) {
-            let _ = accepted.send(Err(e));
+            let _ = accepted.send(Err(Refusal::Code(e)));
             return Ok(());
         }
         let recorded = (self.store.next_run_id())
@@ -212,7 +225,7 @@ impl Engine {
         let record = match recorded {
             Ok(record) => record,
             Err(e) => {
-                let _ = accepted.send(Err(format!("the runner could not record the run: {e}")));
+                let _ = accepted.send(Err(Refusal::Record(e)));
                 return Ok(());
             }
         };

@@ -39,10 +39,9 @@ impl Rung {
         plan: &Plan,
         gate: usize,
         output: ArtifactDigest,
-    ) -> Result<Rung, String> {
-        let decision =
-            read_decision(store, output).map_err(|e| needle_core::error_chain::joined(&e, ": "))?;
-        let search = (plan.recipe.search.as_ref()).ok_or("the plan has no `[search]`")?;
+    ) -> Result<Rung, DecisionError> {
+        let decision = read_decision(store, output)?;
+        let search = (plan.recipe.search.as_ref()).ok_or(DecisionError::NoSearch)?;
         let mut places: HashMap<String, Ranked> = HashMap::new();
         if let Some(NodeInput::Gather(members)) = plan.nodes[gate].inputs.get("metrics") {
             for (label, m) in members {
@@ -118,6 +117,9 @@ pub enum DecisionError {
     Read(std::path::PathBuf, #[source] std::io::Error),
     #[error("`{DECISION_FILE}` of {0} is not a decision")]
     Parse(String, #[source] serde_json::Error),
+    /// A gate in a plan without `[search]`: a bug in the plan, not in the store.
+    #[error("the plan has no `[search]`")]
+    NoSearch,
 }
 
 /// The decision a search step's output holds.

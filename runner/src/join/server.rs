@@ -22,6 +22,7 @@ use super::{JoinRequest, MAX_REQUEST, PROTOCOL, PoolSpec, Relay, SOCKET, ToClien
 use crate::attempt::Event;
 use crate::commands::{PlannedCode, load_recipe};
 use crate::engine::{Joining, RunOptions};
+use crate::error::CliError;
 
 /// How long a client may take to send its request once connected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,7 +145,7 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
     let joining = match prepare(&request, pool) {
         Ok((plan, code, sets)) => Joining {
             plan,
-            keep_code: Box::new(move |store| code.keep_in(store).map_err(|e| e.to_string())),
+            keep_code: Box::new(move |store| code.keep_in(store).map_err(Into::into)),
             sets,
             rerun_of: request.rerun_of,
             opts: RunOptions {
@@ -162,8 +163,11 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
                 });
             }),
         },
-        Err(message) => {
-            let _ = send_frame(&stream, &refused(message));
+        Err(e) => {
+            let _ = send_frame(
+                &stream,
+                &refused(needle_core::error_chain::joined(&e, ": ")),
+            );
             return;
         }
     };
@@ -173,7 +177,7 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
     }
     let answer = match accepted_rx.recv() {
         Ok(Ok(run)) => ToClient::Accepted { run },
-        Ok(Err(message)) => refused(message),
+        Ok(Err(refusal)) => refused(needle_core::error_chain::joined(&refusal, ": ")),
         // The engine ended before it took the run.
         Err(_) => ending(),
     };
@@ -230,23 +234,35 @@ fn refused(message: String) -> ToClient {
     }
 }
 
+/// Why the runner refuses a run before the engine sees it.
+#[derive(Debug, thiserror::Error)]
+enum NotJoinable {
+    #[error(
+        "this runner speaks join protocol {PROTOCOL}, the client {client} (a needle of another \
+         version): wait for this run to end (--wait)"
+    )]
+    Protocol { client: u32 },
+    #[error("cannot join the runner of this store (pid {pid}): {why}; or --wait to run after it")]
+    Pool { pid: u32, why: String },
+    #[error("the runner could not plan the recipe")]
+    Plan(#[source] CliError),
+}
+
 /// Check the request against the runner's pool, and plan it as the client did.
 fn prepare(
     request: &JoinRequest,
     pool: &PoolSpec,
-) -> Result<(plan::Plan, PlannedCode, Vec<SetArg>), String> {
+) -> Result<(plan::Plan, PlannedCode, Vec<SetArg>), NotJoinable> {
     if request.protocol != PROTOCOL {
-        return Err(format!(
-            "this runner speaks join protocol {PROTOCOL}, the client {} (a needle of another \
-             version): wait for this run to end (--wait)",
-            request.protocol
-        ));
+        return Err(NotJoinable::Protocol {
+            client: request.protocol,
+        });
     }
     if let Some(why) = pool.refuses(&request.pool) {
-        return Err(format!(
-            "cannot join the runner of this store (pid {}): {why}; or --wait to run after it",
-            std::process::id()
-        ));
+        return Err(NotJoinable::Pool {
+            pid: std::process::id(),
+            why,
+        });
     }
     let source = RecipeSource {
         path: request.recipe_path.clone(),
@@ -265,6 +281,6 @@ fn prepare(
         let plan = plan::build(recipe, expansion, &mut code)?;
         Ok((plan, code))
     });
-    let (plan, code) = planned.map_err(|e| format!("the runner could not plan the recipe: {e}"))?;
+    let (plan, code) = planned.map_err(NotJoinable::Plan)?;
     Ok((plan, code, sets))
 }

@@ -9,19 +9,65 @@
 //! than a grace period, so a push under way, whose record is not written yet, keeps its blobs.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 
-use needle_core::digest::{ArtifactDigest, BlobDigest};
+use needle_core::digest::{ArtifactDigest, BlobDigest, StepKey};
 use needle_core::store::{Manifest, StepRecord};
 
 use super::transfer::blobs_of;
 use super::{Kind, Listed, Remote, RemoteError, parse_step_name};
 
 const READS_AT_ONCE: usize = 16;
+
+/// What is wrong with one object the remote holds: a line of `verify --remote`, and a reason
+/// for `gc --remote` to delete it.
+#[derive(Debug, thiserror::Error)]
+enum Problem {
+    #[error("not a step key and output digest")]
+    NotAStepName,
+    /// It could not be downloaded (the store's own words).
+    #[error(transparent)]
+    Read(object_store::Error),
+    #[error("unreadable manifest")]
+    BadManifest(#[source] serde_json::Error),
+    #[error("unreadable record")]
+    BadRecord(#[source] serde_json::Error),
+    #[error("its manifest hashes to {}", .0.short())]
+    ManifestHash(ArtifactDigest),
+    /// A blob whose bytes hash to another name (the hash's first characters).
+    #[error("its bytes hash to {0}")]
+    BlobHash(String),
+    #[error("it records step {} (spec hashing to {}) with output {}", key.short(), spec_key.short(), output.short())]
+    Mismatch {
+        key: StepKey,
+        spec_key: StepKey,
+        output: ArtifactDigest,
+    },
+    #[error("its output's manifest {} is missing", .0.short())]
+    NoManifest(ArtifactDigest),
+    /// The record's output manifest is broken; its problem is shared by every record naming it.
+    #[error("output {}", output.short())]
+    Output {
+        output: ArtifactDigest,
+        #[source]
+        problem: Arc<Problem>,
+    },
+    #[error("blob {} of its output is missing", .0.short())]
+    BlobMissing(BlobDigest),
+    #[error("blob {} of its output holds {held} bytes, not {size}", blob.short())]
+    BlobSize {
+        blob: BlobDigest,
+        held: u64,
+        size: u64,
+    },
+    #[error("blob {} of its output is damaged", .0.short())]
+    BlobDamaged(BlobDigest),
+}
 
 /// What [`check`] found.
 #[derive(Debug, Default, serde::Serialize)]
@@ -83,13 +129,13 @@ pub async fn check(
         .filter_map(|l| parse_step_name(&l.name).map(|(_, o)| o))
         .filter(|o| listed_artifacts.contains(o.hex().as_str()))
         .collect();
-    let manifests: HashMap<ArtifactDigest, Result<Manifest, String>> =
+    let manifests: HashMap<ArtifactDigest, Result<Manifest, Arc<Problem>>> =
         futures::stream::iter(outputs)
-            .map(|a| async move { (a, read_manifest(remote, &a).await) })
+            .map(|a| async move { (a, read_manifest(remote, &a).await.map_err(Arc::new)) })
             .buffer_unordered(READS_AT_ONCE)
             .collect()
             .await;
-    let damaged_blobs: HashMap<BlobDigest, String> = if hash {
+    let damaged_blobs: HashMap<BlobDigest, Problem> = if hash {
         let named: HashSet<(BlobDigest, u64)> = manifests
             .values()
             .filter_map(|m| m.as_ref().ok())
@@ -107,14 +153,12 @@ pub async fn check(
     };
     for (b, problem) in &damaged_blobs {
         let path = remote.blob_path(b);
-        report
-            .problems
-            .push(format!("{}: {problem}", remote.show(&path)));
+        report.problems.push(problem_line(remote, &path, problem));
         report.doomed.push(path);
     }
 
     let (m, sizes, damaged) = (&manifests, &blob_sizes, &damaged_blobs);
-    let records: Vec<(Listed, Result<Vec<BlobDigest>, String>)> = futures::stream::iter(steps)
+    let records: Vec<(Listed, Result<Vec<BlobDigest>, Problem>)> = futures::stream::iter(steps)
         .map(|l| async move {
             let r = check_record(remote, &l, m, sizes, damaged).await;
             (l, r)
@@ -136,9 +180,7 @@ pub async fn check(
                 needed_artifacts.insert(output.hex());
             }
             Err(problem) => {
-                report
-                    .problems
-                    .push(format!("{}: {problem}", remote.show(&path)));
+                report.problems.push(problem_line(remote, &path, &problem));
                 report.doomed.push(path);
             }
         }
@@ -192,13 +234,17 @@ pub async fn gc(
     })
 }
 
-async fn read_manifest(remote: &Remote, artifact: &ArtifactDigest) -> Result<Manifest, String> {
+/// `object: what is wrong with it`, the cause on the same line.
+fn problem_line(remote: &Remote, path: &ObjectPath, problem: &Problem) -> String {
+    format!("{}: {}", remote.show(path), super::error_chain(problem))
+}
+
+async fn read_manifest(remote: &Remote, artifact: &ArtifactDigest) -> Result<Manifest, Problem> {
     let bytes = read(remote, &remote.artifact_path(artifact)).await?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| format!("unreadable manifest: {e}"))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(Problem::BadManifest)?;
     let digest = manifest.digest();
     if digest != *artifact {
-        return Err(format!("its manifest hashes to {}", digest.short()));
+        return Err(Problem::ManifestHash(digest));
     }
     Ok(manifest)
 }
@@ -208,82 +254,98 @@ async fn read_manifest(remote: &Remote, artifact: &ArtifactDigest) -> Result<Man
 async fn check_record(
     remote: &Remote,
     l: &Listed,
-    manifests: &HashMap<ArtifactDigest, Result<Manifest, String>>,
+    manifests: &HashMap<ArtifactDigest, Result<Manifest, Arc<Problem>>>,
     blob_sizes: &HashMap<&str, u64>,
-    damaged: &HashMap<BlobDigest, String>,
-) -> Result<Vec<BlobDigest>, String> {
-    let (key, output) = parse_step_name(&l.name).ok_or("not a step key and output digest")?;
+    damaged: &HashMap<BlobDigest, Problem>,
+) -> Result<Vec<BlobDigest>, Problem> {
+    let (key, output) = parse_step_name(&l.name).ok_or(Problem::NotAStepName)?;
     let bytes = read(remote, &remote.step_path(&key, &output)).await?;
-    let record: StepRecord =
-        serde_json::from_slice(&bytes).map_err(|e| format!("unreadable record: {e}"))?;
+    let record: StepRecord = serde_json::from_slice(&bytes).map_err(Problem::BadRecord)?;
     let spec_key = record.spec.key();
     if record.key != key || spec_key != key || record.output != output {
-        return Err(format!(
-            "it records step {} (spec hashing to {}) with output {}",
-            record.key.short(),
-            spec_key.short(),
-            record.output.short()
-        ));
+        return Err(Problem::Mismatch {
+            key: record.key,
+            spec_key,
+            output: record.output,
+        });
     }
     let manifest = match manifests.get(&output) {
-        None => {
-            return Err(format!(
-                "its output's manifest {} is missing",
-                output.short()
-            ));
+        None => return Err(Problem::NoManifest(output)),
+        Some(Err(problem)) => {
+            return Err(Problem::Output {
+                output,
+                problem: problem.clone(),
+            });
         }
-        Some(Err(problem)) => return Err(format!("output {}: {problem}", output.short())),
         Some(Ok(m)) => m,
     };
     for (b, size) in blobs_of(manifest) {
         match blob_sizes.get(b.hex().as_str()) {
-            None => return Err(format!("blob {} of its output is missing", b.short())),
-            Some(&s) if s != size => {
-                return Err(format!(
-                    "blob {} of its output holds {s} bytes, not {size}",
-                    b.short()
-                ));
+            None => return Err(Problem::BlobMissing(b)),
+            Some(&held) if held != size => {
+                return Err(Problem::BlobSize {
+                    blob: b,
+                    held,
+                    size,
+                });
             }
             Some(_) => {}
         }
         if damaged.contains_key(&b) {
-            return Err(format!("blob {} of its output is damaged", b.short()));
+            return Err(Problem::BlobDamaged(b));
         }
     }
     Ok(record.spec.code.values().copied().collect())
 }
 
-async fn read(remote: &Remote, path: &ObjectPath) -> Result<bytes::Bytes, String> {
-    let got = remote
-        .store
-        .get(path)
-        .await
-        .map_err(|e| super::error_chain(&e))?;
-    got.bytes().await.map_err(|e| super::error_chain(&e))
+async fn read(remote: &Remote, path: &ObjectPath) -> Result<bytes::Bytes, Problem> {
+    let got = remote.store.get(path).await.map_err(Problem::Read)?;
+    got.bytes().await.map_err(Problem::Read)
 }
 
 /// Download a blob, hashing as it comes: the problem if it does not hash to its name.
-async fn hash_blob(remote: &Remote, blob: &BlobDigest) -> Result<(), String> {
-    let got = remote
-        .store
-        .get(&remote.blob_path(blob))
-        .await
-        .map_err(|e| super::error_chain(&e))?;
+async fn hash_blob(remote: &Remote, blob: &BlobDigest) -> Result<(), Problem> {
+    let got = (remote.store.get(&remote.blob_path(blob)).await).map_err(Problem::Read)?;
     let mut stream = got.into_stream();
     let mut hasher = blake3::Hasher::new();
-    while let Some(chunk) = stream
-        .try_next()
-        .await
-        .map_err(|e| super::error_chain(&e))?
-    {
+    while let Some(chunk) = stream.try_next().await.map_err(Problem::Read)? {
         hasher.update(&chunk);
     }
     let got = hasher.finalize();
     if got.as_bytes() != blob.as_bytes() {
-        return Err(format!(
-            "its bytes hash to {}",
-            &got.to_hex().as_str()[..needle_core::digest::SHORT_LEN]
-        ));
+        let mut short = got.to_hex().to_string();
+        short.truncate(needle_core::digest::SHORT_LEN);
+        return Err(Problem::BlobHash(short));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_whose_manifest_is_broken_says_both_on_one_line() {
+        let output = ArtifactDigest::from_bytes([7; 32]);
+        let other = ArtifactDigest::from_bytes([9; 32]);
+        let shared = Arc::new(Problem::ManifestHash(other));
+        let problem = Problem::Output {
+            output,
+            problem: shared.clone(),
+        };
+        assert_eq!(
+            super::super::error_chain(&problem),
+            format!(
+                "output {}: its manifest hashes to {}",
+                output.short(),
+                other.short()
+            )
+        );
+        let unreadable = serde_json::from_slice::<Manifest>(b"{").unwrap_err();
+        let said = unreadable.to_string();
+        assert_eq!(
+            super::super::error_chain(&Problem::BadManifest(unreadable)),
+            format!("unreadable manifest: {said}")
+        );
+    }
 }

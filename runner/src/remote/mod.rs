@@ -377,16 +377,7 @@ pub fn failures_json(failed: &[(StepKey, RemoteError)]) -> serde_json::Value {
 
 /// An error and its causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(&format!(": {text}"));
-        }
-        source = s.source();
-    }
-    msg
+    needle_core::error_chain::joined(e, ": ")
 }
 
 #[cfg(test)]
