@@ -7,7 +7,9 @@
 //! A process the holder started shares the lock's file description from its fork until its
 //! exec (which closes it: the file is close-on-exec). When the holder is killed in that
 //! window, the lock outlives it by the child's few milliseconds: a process finding the lock
-//! held by a holder that has exited waits for it, briefly, instead of failing.
+//! held by a holder that has exited waits for it, briefly, instead of failing. So does a
+//! process that closed its store and opens it again while a child it started is in that
+//! window (the holder named is then itself, but it holds the store no more).
 //!
 //! A read-only command holds the store only for the moment it reads (while a run holds it,
 //! readers go through the runner instead): a process finding the lock held by a reader waits
@@ -43,14 +45,34 @@ pub(crate) struct StoreLock {
     /// `None` for a store on a read-only filesystem, which no process can write.
     #[allow(dead_code)] // held for its `flock`
     file: Option<File>,
+    /// Its store's root, as it was opened, while this process holds it (see [`HELD_HERE`]).
+    root: Option<std::path::PathBuf>,
 }
 
 impl StoreLock {
     /// No lock: for a store nobody can write (it is on a read-only filesystem).
     pub(crate) fn none() -> StoreLock {
-        StoreLock { file: None }
+        StoreLock {
+            file: None,
+            root: None,
+        }
     }
 }
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        if let Some(root) = self.root.take() {
+            let mut held = HELD_HERE.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = held.iter().position(|r| *r == root) {
+                held.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// The roots of the stores this process holds open. A lock whose holder line names this
+/// process on a root not listed here is held by a child of ours between its fork and exec.
+static HELD_HERE: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
 impl StoreLock {
     /// Lock `<root>/lock`, then write this process's description into it.
@@ -71,7 +93,14 @@ impl StoreLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let holder = read_holder(&mut file);
-                let patience = if holder_pid(&holder).is_some_and(|pid| !is_alive(pid)) {
+                let gone = |pid: i32| {
+                    let ours = pid == std::process::id() as i32;
+                    let held_here = (HELD_HERE.lock().unwrap_or_else(|e| e.into_inner()))
+                        .iter()
+                        .any(|r| r == root);
+                    if ours { !held_here } else { !is_alive(pid) }
+                };
+                let patience = if holder_pid(&holder).is_some_and(gone) {
                     Some(RELEASE_WAIT)
                 } else if holder.ends_with(READING) {
                     Some(READER_WAIT)
@@ -114,7 +143,11 @@ impl StoreLock {
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| file.write_all(line.as_bytes()))
             .map_err(StoreError::io("write the lock file", &path))?;
-        Ok(StoreLock { file: Some(file) })
+        (HELD_HERE.lock().unwrap_or_else(|e| e.into_inner())).push(root.to_path_buf());
+        Ok(StoreLock {
+            file: Some(file),
+            root: Some(root.to_path_buf()),
+        })
     }
 }
 
@@ -231,6 +264,30 @@ mod tests {
             Some(1234)
         );
         assert_eq!(holder_pid("another process (it has not said which)"), None);
+    }
+
+    /// A child between fork and exec shares the lock's file description: `try_clone` (a
+    /// `dup`) stands for it here. The store closed and opened again meanwhile is waited for,
+    /// not refused as held by this very process.
+    #[test]
+    fn a_store_closed_while_a_child_shares_its_lock_opens_again_once_the_child_lets_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let lock = StoreLock::acquire(&root, LockMode::Fail, Purpose::Write).unwrap();
+        let child = lock.file.as_ref().unwrap().try_clone().unwrap();
+        drop(lock);
+        let again = {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                StoreLock::acquire(&root, LockMode::Fail, Purpose::Write).map(|_| ())
+            })
+        };
+        while !WAITED_FOR.lock().unwrap().contains(&root) {
+            assert!(!again.is_finished(), "{:?}", again.join());
+            std::thread::yield_now();
+        }
+        drop(child);
+        again.join().unwrap().unwrap();
     }
 
     #[test]
