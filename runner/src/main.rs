@@ -94,6 +94,20 @@ fn main() {
             e.exit()
         }
     };
+    // The store is closed by now: a failure of its last sync leaves the command's work
+    // committed, but the store unavailable until it is opened again.
+    let code = match needle_core::store::close_failure() {
+        Some(e) => {
+            let e = CliError::Store(e);
+            e.report();
+            if code == Exit::Interrupted {
+                code
+            } else {
+                e.exit()
+            }
+        }
+        None => code,
+    };
     std::process::exit(code as i32);
 }
 
