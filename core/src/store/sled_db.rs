@@ -5,9 +5,9 @@
 //! - **Flush.** When a log write that sled 0.34 hands to its thread pool fails there
 //!   (`pagecache/logger.rs`), sled records the error but wakes no thread already waiting in
 //!   `flush` for that write to become stable: the wait never ends (1 run in 5 at that write hung
-//!   until killed). A later flush that finds the error wakes them all. So while a flush is in
-//!   progress, a watcher thread flushes too every [`NUDGE_AFTER`]: where sled has failed, that
-//!   ends the wait with sled's error; where the disk is only slow, it waits with it.
+//!   until killed). A later flush that finds the error wakes them all. So a watcher thread
+//!   flushes too when a flush has waited [`NUDGE_AFTER`]: where sled has failed, that ends the
+//!   wait with sled's error; where the disk is only slow, it waits with it.
 //! - **Close.** sled syncs its file as its last handle is dropped and unwraps the result
 //!   (`Log::drop`): on a disk that fails that one `fsync`, a process that had committed
 //!   everything would panic on its way out (exit 101). Dropping [`Sled`] closes sled with that
@@ -18,7 +18,8 @@
 
 use std::cell::Cell;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::Duration;
 
 use super::StoreError;
@@ -36,24 +37,13 @@ pub(crate) struct Sled {
     root: PathBuf,
 }
 
-/// The flushes in progress, shared with the watcher.
+/// The flushes begun and ended, and whether the store is closing; shared with the watcher.
 #[derive(Default)]
 struct Flushes {
-    count: Mutex<Count>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct Count {
-    started: u64,
-    finished: u64,
-    closing: bool,
-}
-
-impl Flushes {
-    fn lock(&self) -> MutexGuard<'_, Count> {
-        self.count.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    started: AtomicU64,
+    finished: AtomicU64,
+    closing: Mutex<bool>,
+    closed: Condvar,
 }
 
 impl Sled {
@@ -76,10 +66,9 @@ impl Sled {
 
     /// sled's flush, ended with sled's error where sled has failed (see the module's doc).
     pub(crate) fn flush(&self) -> sled::Result<usize> {
-        self.flushes.lock().started += 1;
-        self.flushes.changed.notify_all();
+        self.flushes.started.fetch_add(1, Ordering::SeqCst);
         let flushed = self.db().flush();
-        self.flushes.lock().finished += 1;
+        self.flushes.finished.fetch_add(1, Ordering::SeqCst);
         flushed
     }
 
@@ -88,30 +77,30 @@ impl Sled {
     }
 }
 
-/// The watcher: while a flush is in progress and none has finished for [`NUDGE_AFTER`],
-/// flush beside it.
+/// The watcher: every [`NUDGE_AFTER`], when a flush was in progress at its last look and none
+/// has ended since, it flushes too. A flush costs two counter increments; the watcher wakes
+/// ten times a second while the store is open.
 fn watch(db: &sled::Db, flushes: &Flushes) {
-    let mut count = flushes.lock();
-    while !count.closing {
-        if count.started == count.finished {
-            count = flushes
-                .changed
-                .wait(count)
-                .unwrap_or_else(|e| e.into_inner());
-            continue;
+    let mut closing = flushes.closing.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut started, mut finished) = (0, 0);
+    loop {
+        closing = flushes
+            .closed
+            .wait_timeout(closing, NUDGE_AFTER)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        if *closing {
+            return;
         }
-        let seen = count.finished;
-        let (again, waited) = flushes
-            .changed
-            .wait_timeout(count, NUDGE_AFTER)
-            .unwrap_or_else(|e| e.into_inner());
-        count = again;
-        if waited.timed_out() && count.finished == seen && !count.closing {
-            drop(count);
+        let now_finished = flushes.finished.load(Ordering::SeqCst);
+        if started > finished && now_finished == finished {
+            drop(closing);
             // Its result is the waiting flush's to report.
             let _ = db.flush();
-            count = flushes.lock();
+            closing = flushes.closing.lock().unwrap_or_else(|e| e.into_inner());
         }
+        started = flushes.started.load(Ordering::SeqCst);
+        finished = flushes.finished.load(Ordering::SeqCst);
     }
 }
 
@@ -125,8 +114,12 @@ impl std::ops::Deref for Sled {
 
 impl Drop for Sled {
     fn drop(&mut self) {
-        self.flushes.lock().closing = true;
-        self.flushes.changed.notify_all();
+        *self
+            .flushes
+            .closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
+        self.flushes.closed.notify_all();
         // The watcher's handle goes first: ours must be the last, the one that closes sled.
         if let Some(watcher) = self.watcher.take() {
             let _ = watcher.join();
