@@ -140,7 +140,9 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // sled logs each failure of its own writes, a dozen lines for one failed disk write,
+        // then returns it: needle's error says it once, with its cause (`-v` shows sled's).
+        0 => "warn,sled=off",
         1 => "debug",
         _ => "trace",
     };
