@@ -90,6 +90,8 @@ impl CliError {
             | CliError::Store(StoreError::Runner { .. })
             | CliError::Store(StoreError::RunnerProtocol { .. })
             | CliError::Store(StoreError::Corrupt { .. })
+            | CliError::Store(StoreError::JournalPoisoned { .. })
+            | CliError::Store(StoreError::CloseFailed { .. })
             | CliError::StoreOpen(_)
             | CliError::RunnerLost(_) => Exit::StoreUnavailable,
             CliError::Store(_) | CliError::Io { .. } | CliError::Op(_) | CliError::Remote(_) => {

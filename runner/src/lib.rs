@@ -99,6 +99,20 @@ pub fn main() -> ! {
             e.exit()
         }
     };
+    // The store is closed by now: a failure of its last sync leaves the command's work
+    // committed, but the store unavailable until it is opened again.
+    let code = match needle_core::store::close_failure() {
+        Some(e) => {
+            let e = CliError::Store(e);
+            e.report();
+            if code == Exit::Interrupted {
+                code
+            } else {
+                e.exit()
+            }
+        }
+        None => code,
+    };
     std::process::exit(code as i32);
 }
 
@@ -131,7 +145,9 @@ fn dispatch(cli: &Cli) -> Result<Exit, CliError> {
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // sled logs each failure of its own writes, a dozen lines for one failed disk write,
+        // then returns it: needle's error says it once, with its cause (`-v` shows sled's).
+        0 => "warn,sled=off",
         1 => "debug",
         _ => "trace",
     };

@@ -648,6 +648,7 @@ async fn attempt(
                 if !node.is_empty() {
                     job.node = node;
                 }
+                let result = over_memory(result, &launch.log, &id);
                 return (result, Some(staging), Some(job));
             }
             None => {
@@ -655,6 +656,50 @@ async fn attempt(
                 return (AttemptResult::Lost { reason }, Some(staging), Some(job));
             }
         }
+    }
+}
+
+/// What slurmstepd writes into a job's output as it kills a step that used more memory than its
+/// `--mem` (`JobAcctGatherParams=OverMemoryKill`, which polls the step's memory without
+/// cgroups). The job then ends `FAILED` with signal 9, not `OUT_OF_MEMORY`: that state comes
+/// from the cgroup plugin only.
+const OVER_MEMORY: &str = "Exceeded job memory limit";
+
+/// How much of the end of a job's output is searched for [`OVER_MEMORY`].
+const OVER_MEMORY_TAIL: u64 = 64 << 10;
+
+/// A job killed by SIGKILL whose output says slurmstepd killed it over its memory limit: out of
+/// memory, as Slurm's `OUT_OF_MEMORY` state says it.
+fn over_memory(result: AttemptResult, log: &Path, id: &str) -> AttemptResult {
+    match result {
+        AttemptResult::Signaled { signal, .. }
+            if signal == libc::SIGKILL && log_tail(log).contains(OVER_MEMORY) =>
+        {
+            AttemptResult::Lost {
+                reason: format!(
+                    "Slurm job {id}: out of memory (slurmstepd killed it for exceeding its \
+                     --mem: raise the step's resources.mem_gb)"
+                ),
+            }
+        }
+        other => other,
+    }
+}
+
+/// The last [`OVER_MEMORY_TAIL`] bytes of `log`, as text; empty when it cannot be read.
+fn log_tail(log: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let mut tail = Vec::new();
+    let read = f
+        .seek(SeekFrom::Start(len.saturating_sub(OVER_MEMORY_TAIL)))
+        .and_then(|_| f.take(OVER_MEMORY_TAIL).read_to_end(&mut tail));
+    match read {
+        Ok(_) => String::from_utf8_lossy(&tail).into_owned(),
+        Err(_) => String::new(),
     }
 }
 
@@ -679,6 +724,34 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_sigkill_is_out_of_memory_where_slurmstepd_says_it_killed_over_mem() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("log");
+        let killed = || AttemptResult::Signaled {
+            signal: libc::SIGKILL,
+            oom: None,
+        };
+        std::fs::write(&log, "touched\n").unwrap();
+        assert_eq!(over_memory(killed(), &log, "7"), killed());
+        std::fs::write(
+            &log,
+            "touched\nslurmstepd-vm: error: StepId=7.batch exceeded memory limit (436137984 > \
+             52428800), being killed\nslurmstepd-vm: error: Exceeded job memory limit\n",
+        )
+        .unwrap();
+        match over_memory(killed(), &log, "7") {
+            AttemptResult::Lost { reason } => {
+                assert!(reason.contains("out of memory"), "{reason}");
+                assert!(reason.contains("resources.mem_gb"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Only a kill: a step that printed the words and failed is a failure.
+        let failed = AttemptResult::Failed { code: 1 };
+        assert_eq!(over_memory(failed.clone(), &log, "7"), failed);
+    }
 
     #[test]
     fn states_mean_what_slurm_says() {

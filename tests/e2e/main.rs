@@ -29,6 +29,7 @@ mod report;
 mod resources;
 mod resume;
 mod search;
+mod sled_faults;
 mod slurm;
 mod snapshots;
 mod store_access;

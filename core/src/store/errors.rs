@@ -128,6 +128,14 @@ pub enum StoreError {
     )]
     JournalPoisoned { path: PathBuf },
 
+    /// sled's last sync, as the store was closed, failed (`close.rs`); what sled said.
+    #[error(
+        "the store's metadata database `{}/meta` failed as it was closed (sled: {what}) (hint: run \
+         `needle verify`: the next command finishes what the store's journal holds)",
+        root.display()
+    )]
+    CloseFailed { root: PathBuf, what: String },
+
     /// `needle verify --rebuild` on a store that has no journal.
     #[error(
         "the store `{}` has no journal to rebuild its metadata from: {why}",

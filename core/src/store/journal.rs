@@ -63,6 +63,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::meta::Trees;
+use super::sled_db::Sled;
 use super::{StoreError, fsutil};
 
 /// The journal's directory in the store, and its file there.
@@ -798,7 +799,7 @@ pub(super) enum Access {
 pub(super) fn reconcile(
     root: &Path,
     trees: &Trees,
-    db: &sled::Db,
+    db: &Sled,
     version: u32,
     access: Access,
 ) -> Result<Option<Journal>, StoreError> {
@@ -1043,7 +1044,7 @@ fn has_records(trees: &Trees) -> Result<bool, StoreError> {
 pub(super) fn snapshot_and_record(
     root: &Path,
     trees: &Trees,
-    db: &sled::Db,
+    db: &Sled,
     base_seq: u64,
 ) -> Result<Journal, StoreError> {
     let journal = write_snapshot(root, trees, base_seq)?;
@@ -1057,7 +1058,7 @@ pub(super) fn snapshot_and_record(
 pub(super) fn heal(
     root: &Path,
     trees: &Trees,
-    db: &sled::Db,
+    db: &Sled,
     pos: Option<Pos>,
     why: &str,
 ) -> Result<(Journal, PathBuf), StoreError> {
@@ -1114,7 +1115,7 @@ pub(super) fn replay(path: &Path) -> Result<Replay, StoreError> {
 }
 
 /// A format-1 store (no journal): write one from sled, then say format 2.
-fn upgrade(root: &Path, trees: &Trees, db: &sled::Db) -> Result<Journal, StoreError> {
+fn upgrade(root: &Path, trees: &Trees, db: &Sled) -> Result<Journal, StoreError> {
     tracing::info!(
         "upgrading the store `{}` to {}: writing its journal",
         root.display(),

@@ -94,6 +94,7 @@ mod rebuild;
 pub mod records;
 pub mod remote;
 mod repair;
+mod sled_db;
 mod space;
 mod usage;
 mod verify;
@@ -122,6 +123,7 @@ pub use read::StoreRead;
 pub use rebuild::{RawRecords, Rebuilt, Restored};
 pub use records::*;
 pub use repair::{Damage, Dropped, DroppedBlob, DroppedItem, Health, InputCheck};
+pub use sled_db::close_failure;
 pub use space::Space;
 pub use usage::{GpuIdentity, GpuSample, GpuSeries, GpuUsage};
 pub use verify::{Repaired, VerifyReport};
@@ -149,8 +151,9 @@ const SUBDIRS: [&str; 6] = ["meta", "blobs", "staging", "views", "logs", "journa
 /// threads; each commit is one transaction.
 pub struct Store {
     root: PathBuf,
-    db: sled::Db,
+    // Before `db`, so that dropping `db` closes sled (`close.rs`).
     trees: meta::Trees,
+    db: sled_db::Sled,
     /// Numbers the store's private temporary names (staging dirs, copies, view builds).
     seq: AtomicU64,
     /// The fan-out dirs of `blobs/` known to be durable, and the lock under which one is made.
@@ -378,10 +381,16 @@ impl Store {
 
     /// Close the store, keeping its lock (for a rebuild, which opens it again).
     fn into_lock(self) -> Result<lock::StoreLock, StoreError> {
-        let Store { db, lock, .. } = self;
+        let Store {
+            db, trees, lock, ..
+        } = self;
         // Sled's files must be whole before its directory moves.
+        drop(trees);
         db.flush()?;
         drop(db);
+        if let Some(failed) = sled_db::close_failure() {
+            return Err(failed);
+        }
         Ok(lock)
     }
 
@@ -837,7 +846,7 @@ fn drop_unfinished_snapshots(meta: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn open_sled(path: &Path, root: &Path) -> Result<sled::Db, StoreError> {
+fn open_sled(path: &Path, root: &Path) -> Result<sled_db::Sled, StoreError> {
     drop_unfinished_snapshots(path)?;
     let config = sled::Config::new()
         .path(path)
@@ -876,7 +885,7 @@ fn open_sled(path: &Path, root: &Path) -> Result<sled::Db, StoreError> {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            other => return Ok(other?),
+            other => return Ok(sled_db::Sled::new(other?, root.to_path_buf())),
         }
     }
 }
