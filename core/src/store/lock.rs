@@ -93,12 +93,15 @@ impl StoreLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let holder = read_holder(&mut file);
+                // Named as holder but holding it no more: exited, or this very process.
                 let gone = |pid: i32| {
-                    let ours = pid == std::process::id() as i32;
-                    let held_here = (HELD_HERE.lock().unwrap_or_else(|e| e.into_inner()))
-                        .iter()
-                        .any(|r| r == root);
-                    if ours { !held_here } else { !is_alive(pid) }
+                    if pid == std::process::id() as i32 {
+                        !(HELD_HERE.lock().unwrap_or_else(|e| e.into_inner()))
+                            .iter()
+                            .any(|r| r == root)
+                    } else {
+                        !is_alive(pid)
+                    }
                 };
                 let patience = if holder_pid(&holder).is_some_and(gone) {
                     Some(RELEASE_WAIT)

@@ -406,8 +406,12 @@ fn hold_shared(a: &AttemptSpec) -> Script {
     }
 }
 
-#[test]
-fn a_step_two_runs_have_in_common_executes_once() {
+/// Run 1 holds `shared`; run 2 joins with `shared` and `extra`; then `then` plays its part,
+/// given `shared`'s job. Returns run 1's end and run 2's outcome.
+fn beside_a_joined_run<F>(then: impl FnOnce(Ctl, String) -> F) -> (Ran, RunOutcome)
+where
+    F: Future<Output = ()>,
+{
     let bench = Bench::new();
     let (join, ended) = joining(&bench, &(step("shared", "") + &step("extra", "")));
     let ran = bench.run(
@@ -416,11 +420,19 @@ fn a_step_two_runs_have_in_common_executes_once() {
         hold_shared,
         |mut ctl| async move {
             let job = join_beside(&mut ctl, join).await;
-            ctl.fake.end(&job, Script::Succeed);
+            then(ctl, job).await
         },
     );
-    assert_eq!(ran.outcome.executed, 1);
     let second = ended.lock().unwrap().clone().expect("the joined run ended");
+    (ran, second)
+}
+
+#[test]
+fn a_step_two_runs_have_in_common_executes_once() {
+    let (ran, second) = beside_a_joined_run(|ctl, job| async move {
+        ctl.fake.end(&job, Script::Succeed);
+    });
+    assert_eq!(ran.outcome.executed, 1);
     assert_eq!((second.executed, second.cached), (1, 1));
     assert_eq!(
         second.shared,
@@ -435,30 +447,19 @@ fn a_step_two_runs_have_in_common_executes_once() {
 
 #[test]
 fn ctrl_c_of_one_run_hands_a_step_another_run_shares_over_instead_of_stopping_it() {
-    let bench = Bench::new();
-    let (join, ended) = joining(&bench, &(step("shared", "") + &step("extra", "")));
-    let ran = bench.run(
-        &step("shared", ""),
-        machine(4, &[]),
-        hold_shared,
-        |mut ctl| {
-            async move {
-                let job = join_beside(&mut ctl, join).await;
-                // The first Ctrl-C interrupts the runner's own run only.
-                ctl.ctrl_c.send(false).unwrap();
-                assert_eq!(ctl.interrupted.recv().await, Some(1));
-                // The attempt goes on, as run 2's: ending it finishes run 2's `shared`.
-                ctl.fake.end(&job, Script::Succeed);
-            }
-        },
-    );
+    let (ran, second) = beside_a_joined_run(|mut ctl, job| async move {
+        // The first Ctrl-C interrupts the runner's own run only.
+        ctl.ctrl_c.send(false).unwrap();
+        assert_eq!(ctl.interrupted.recv().await, Some(1));
+        // The attempt goes on, as run 2's: ending it finishes run 2's `shared`.
+        ctl.fake.end(&job, Script::Succeed);
+    });
     assert!(ran.fake.stopped().is_empty(), "{:?}", ran.fake.stopped());
     assert_eq!(ran.outcome.state, RunState::Interrupted);
     assert_eq!(
         status(&ran.record, "shared").status,
         StepStatus::Interrupted
     );
-    let second = ended.lock().unwrap().clone().expect("the joined run ended");
     assert_eq!(second.state, RunState::Succeeded);
     assert_eq!(second.executed, 2, "run 2 executed `shared` itself");
 }
