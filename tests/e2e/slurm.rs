@@ -319,14 +319,16 @@ cmd = ["sh", "-c", "echo \"$SLURM_JOB_ID $${SLURM_RESTART_COUNT:-0} $(ls \"$NEED
     };
     scontrol(&["requeue", &job]);
     // Slurm holds a requeued job back for two minutes once it is pending again; the test
-    // need not wait for that.
+    // need not wait for that. But not to this very second: slurmd revoked the job's
+    // credential at the requeue, to the second, and refuses a start whose credential is as old
+    // ("Job credential revoked": the job then fails with exit code 1, as CI once saw).
     wait_for("the job pending again", Duration::from_secs(60), || {
         job_states(std::slice::from_ref(&job))
             .get(&job)
             .map(String::as_str)
             == Some("PENDING")
     });
-    scontrol(&["update", &format!("jobid={job}"), "StartTime=now"]);
+    scontrol(&["update", &format!("jobid={job}"), "StartTime=now+1"]);
     let out = child.wait_with_output().unwrap();
     if !out.status.success() {
         let log = p.needle(&["logs", "last:long"]);
