@@ -63,6 +63,28 @@ fn finished(child: Child, code: i32) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// [`finished`] for a client whose runner is `runner`: where the client did not end with
+/// `code`, the runner is stopped and what both said is shown (the client alone cannot say why
+/// its runner went away).
+fn finished_beside(client: Child, code: i32, mut runner: Child) -> (Value, Child) {
+    let out = client.wait_with_output().unwrap();
+    if out.status.code() != Some(code) {
+        let _ = runner.kill();
+        let r = runner.wait_with_output().unwrap();
+        panic!(
+            "the client ended {:?}, not {code}: {}\nthe runner ended {:?}: {}",
+            out.status,
+            stderr(&out),
+            r.status,
+            stderr(&r)
+        );
+    }
+    (
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        runner,
+    )
+}
+
 fn status_of(step: &Value) -> &str {
     step["status"].as_str().unwrap()
 }
@@ -229,7 +251,7 @@ fn ctrl_c_in_the_runner_hands_the_step_a_joined_run_needs_to_it() {
         p.json(&["status", "1"], 0)["state"] == "interrupted"
     });
     p.write("go", "");
-    let y = finished(client, 0);
+    let (y, runner) = finished_beside(client, 0, runner);
     assert_eq!(status_of(steps_named(&y, "common")[0]), "succeeded", "{y}");
     let x = finished(runner, 130);
     assert_eq!(
