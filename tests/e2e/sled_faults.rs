@@ -161,7 +161,7 @@ fn succeeded(p: &Project, run: &str) -> Vec<String> {
 /// After a faulted run: the store opens and verifies, rebuilt from its journal where sled's
 /// files cannot be opened; what the fault returns.
 fn recover(p: &Project, what: &str) -> bool {
-    let verify = p.cmd(&["verify"]).timeout(LIMIT).output().unwrap();
+    let verify = needle(p, &["verify"]);
     if verify.status.code() == Some(0) {
         return false;
     }
@@ -171,13 +171,8 @@ fn recover(p: &Project, what: &str) -> bool {
         "{what}: an unreadable store must point at the rebuild: {}",
         stderr(&verify)
     );
-    let rebuilt = p
-        .cmd(&["verify", "--rebuild"])
-        .timeout(LIMIT)
-        .output()
-        .unwrap();
-    assert_code(&rebuilt, 0);
-    assert_code(&p.needle(&["verify"]), 0);
+    assert_code(&needle(p, &["verify", "--rebuild"]), 0);
+    assert_code(&needle(p, &["verify"]), 0);
     true
 }
 
