@@ -11,7 +11,7 @@ use crate::gc::CHAIN;
 
 /// Flip a byte of the blob holding `file` of `reference`'s output, behind the store's back
 /// (blobs are 0444: chmod, write in place, so every hard link to it sees the change).
-fn damage(p: &Project, reference: &str, file: &str) -> PathBuf {
+pub(crate) fn damage(p: &Project, reference: &str, file: &str) -> PathBuf {
     let show = p.json(&["show", reference], 0);
     let view = PathBuf::from(show["view"].as_str().unwrap());
     let blob = find_blob(&p.store().join("blobs"), &view.join(file));

@@ -1,9 +1,13 @@
-//! sled's own writes failing under a run: `EIO` and `ENOSPC` at each write and sync the
-//! metadata database makes to its files in `meta/` (its log, snapshots, config), injected
-//! below sled by `tests/faultfs` (an `LD_PRELOAD` library). The run stops saying the store
-//! failed (exit 3); afterwards, the fault gone, the store opens and verifies (or `verify
-//! --rebuild` restores it from the journal, and then it verifies), everything committed before
-//! the fault is still there, byte for byte, and the next run finishes the rest.
+//! sled's own writes failing: `EIO` and `ENOSPC` at each write and sync the metadata database
+//! makes to its files in `meta/` (its log, snapshots, config), injected below sled by
+//! `tests/faultfs` (an `LD_PRELOAD` library), under `needle run` and under the commands that
+//! delete or rewrite metadata: `gc`, `pin`, `unpin` and `verify --repair`. Each is first run
+//! without a fault, to count its calls, then once per call on a fresh copy of one store: `EIO`
+//! from that call on, `ENOSPC` for that call alone at every other one. The command ends
+//! saying the store failed (exit 3), or exits 0 having done all its work; afterwards, the
+//! fault gone, the store opens and verifies (or `verify --rebuild` restores it from the
+//! journal, and then it verifies), everything that must survive exports byte for byte, and the
+//! command run again finishes its work.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -96,7 +100,7 @@ fn faulted(p: &Project, args: &[&str], trace: &Path, fault: Option<Fault>) -> Ou
     cmd.output().expect("needle runs")
 }
 
-/// Each of the first run's artifacts, as `export` writes it: its files and their bytes.
+/// Artifacts as `export` writes them: each reference with its files and their bytes.
 type Exports = Vec<(String, Vec<(String, Vec<u8>)>)>;
 
 /// A store with the first recipe's run in it, its last step pinned; what its steps export.
@@ -106,20 +110,19 @@ fn committed(p: &Project) -> Exports {
     p.write("first.toml", FIRST);
     p.write("second.toml", &second());
     p.json(&["run", "first.toml"], 0);
-    let exported = exports(p);
+    let exported = exports(p, &COMMITTED);
     assert_code(&p.needle(&["pin", "1:total"]), 0);
     exported
 }
 
-/// Each of the first run's artifacts exported.
-fn exports(p: &Project) -> Exports {
-    COMMITTED
-        .iter()
+/// Each of `refs` exported.
+fn exports<R: AsRef<str>>(p: &Project, refs: &[R]) -> Exports {
+    refs.iter()
         .enumerate()
         .map(|(n, r)| {
             let dir = p.path(&format!("export-{n}"));
             let _ = std::fs::remove_dir_all(&dir);
-            let out = p.needle(&["export", r, dir.to_str().unwrap()]);
+            let out = p.needle(&["export", r.as_ref(), dir.to_str().unwrap()]);
             assert_code(&out, 0);
             let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
                 .unwrap()
@@ -130,7 +133,7 @@ fn exports(p: &Project) -> Exports {
                 })
                 .collect();
             files.sort();
-            (r.to_string(), files)
+            (r.as_ref().to_string(), files)
         })
         .collect()
 }
@@ -158,7 +161,7 @@ fn succeeded(p: &Project, run: &str) -> Vec<String> {
 /// After a faulted run: the store opens and verifies, rebuilt from its journal where sled's
 /// files cannot be opened; what the fault returns.
 fn recover(p: &Project, what: &str) -> bool {
-    let verify = p.cmd(&["verify"]).timeout(LIMIT).output().unwrap();
+    let verify = needle(p, &["verify"]);
     if verify.status.code() == Some(0) {
         return false;
     }
@@ -168,86 +171,130 @@ fn recover(p: &Project, what: &str) -> bool {
         "{what}: an unreadable store must point at the rebuild: {}",
         stderr(&verify)
     );
-    let rebuilt = p
-        .cmd(&["verify", "--rebuild"])
-        .timeout(LIMIT)
-        .output()
-        .unwrap();
-    assert_code(&rebuilt, 0);
-    assert_code(&p.needle(&["verify"]), 0);
+    assert_code(&needle(p, &["verify", "--rebuild"]), 0);
+    assert_code(&needle(p, &["verify"]), 0);
     true
-}
-
-/// One faulted run of the second recipe on a copy of `template` (a store after the first
-/// run), then the checks: its exit code and message, the store after it, the first run's
-/// exports, the steps it committed, and a rerun that finishes with the digests `want`. The
-/// call that was failed, if the run reached it, and what came of it.
-fn try_fault(
-    template: &Project,
-    before: &Exports,
-    fault: Fault,
-    want: &[(String, String)],
-) -> Option<(String, Outcome)> {
-    let p = Project::new();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(template.store())
-        .arg(p.store())
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    p.write("second.toml", &second());
-    let trace = p.path("calls");
-    let run = faulted(&p, &["run", "second.toml", "--json"], &trace, Some(fault));
-    let what = format!("{fault:?}: {}", stderr(&run));
-    assert!(!stderr(&run).contains("panicked"), "{what}");
-    let failed = p
-        .lines("calls")
-        .into_iter()
-        .find(|c| c.ends_with(" failed"));
-    let outcome = match run.status.code() {
-        // A failure sled shrugged off (none does now) must lose nothing either.
-        Some(0) => Outcome::Tolerated,
-        Some(3) => {
-            assert!(failed.is_some(), "{what}");
-            assert!(
-                stderr(&run).contains("the store's metadata"),
-                "{what}: the run must say the store failed"
-            );
-            Outcome::StoreFailed
-        }
-        code => panic!("{what}: exit code {code:?}, expected 0 or 3"),
-    };
-    let rebuilt = recover(&p, &what);
-    assert_eq!(
-        &exports(&p),
-        before,
-        "{what}: the first run's artifacts changed"
-    );
-    let kept = succeeded(&p, "2");
-    let rerun = p.json(&["run", "second.toml"], 0);
-    for s in rerun["steps"].as_array().unwrap() {
-        let name = format!("{}{}", s["name"], s["bindings"]);
-        if kept.contains(&name) {
-            assert_eq!(
-                s["status"], "cached",
-                "{what}: {name} was committed: {rerun}"
-            );
-        }
-    }
-    assert_eq!(&outputs(&rerun), want, "{what}");
-    let call = failed?.split(' ').nth(1).unwrap().to_string();
-    Some((call, if rebuilt { Outcome::Rebuilt } else { outcome }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Outcome {
-    /// The run went on and succeeded.
+    /// The command went on and succeeded.
     Tolerated,
-    /// The run stopped; the store opened as it was.
+    /// The command stopped; the store opened as it was.
     StoreFailed,
-    /// The run stopped; the store opened once rebuilt from its journal.
+    /// The command stopped; the store opened once rebuilt from its journal.
     Rebuilt,
+}
+
+/// The kinds of call sled makes in `meta/`, each of which a sweep must fail at least once.
+const KINDS: [&str; 4] = ["pwrite64", "sync_file_range", "fsync", "write"];
+
+/// The kind of a traced call (`N CALL FILE [failed]`).
+fn kind(call: &str) -> &str {
+    call.split(' ').nth(1).expect("a trace line names its call")
+}
+
+/// A project holding a copy of `template`'s directory: its store and its recipes.
+fn copy_of(template: &Project) -> Project {
+    let p = Project::new();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(template.dir.path().join("."))
+        .arg(p.dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    p
+}
+
+/// `needle ARGS`, a hang failing the test rather than stalling it.
+fn needle(p: &Project, args: &[&str]) -> Output {
+    p.cmd(args).timeout(LIMIT).output().expect("needle runs")
+}
+
+/// A faultless `needle ARGS` on a copy of `template`, traced: what it printed, and sled's
+/// calls, which must include every kind of [`KINDS`].
+fn traced(template: &Project, args: &[&str]) -> (Output, Vec<String>) {
+    let p = copy_of(template);
+    let out = faulted(&p, args, &p.path("calls"), None);
+    assert_code(&out, 0);
+    let calls = p.lines("calls");
+    for call in KINDS {
+        assert!(
+            calls.iter().any(|c| kind(c) == call),
+            "`needle {}` made no {call}: {calls:?}",
+            args.join(" ")
+        );
+    }
+    (out, calls)
+}
+
+/// A disk that is gone (every call from the N-th on fails with `EIO`) at each of `calls`
+/// calls, and a disk full for one call (`ENOSPC`) at every other one.
+fn faults(calls: usize) -> impl Iterator<Item = Fault> {
+    let gone = (1..=calls).map(|at| Fault {
+        at,
+        every_later: true,
+        errno: "EIO",
+    });
+    let full = (1..=calls).step_by(2).map(|at| Fault {
+        at,
+        every_later: false,
+        errno: "ENOSPC",
+    });
+    gone.chain(full)
+}
+
+/// `needle ARGS` once per fault of [`faults`] over `calls` (a faultless run's), each on a
+/// fresh copy of `template`. After each, what every command must show: no panic; exit 0, or 3
+/// saying the store's metadata failed; a store that opens and verifies ([`recover`]); then
+/// `check`'s own checks, given the copy, how the command ended and what to say on failure.
+/// Each kind of call must have been failed. Returns the failed calls' kinds and what came
+/// of them, counted.
+fn sweep(
+    template: &Project,
+    args: &[&str],
+    calls: &[String],
+    check: impl Fn(&Project, Outcome, &str),
+) -> BTreeMap<(String, Outcome), usize> {
+    let mut seen = BTreeMap::new();
+    for fault in faults(calls.len()) {
+        let p = copy_of(template);
+        let out = faulted(&p, args, &p.path("calls"), Some(fault));
+        let what = format!("`needle {}`, {fault:?}: {}", args.join(" "), stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{what}");
+        let failed = p
+            .lines("calls")
+            .into_iter()
+            .find(|c| c.ends_with(" failed"));
+        let outcome = match out.status.code() {
+            Some(0) => Outcome::Tolerated,
+            Some(3) => {
+                assert!(failed.is_some(), "{what}");
+                assert!(
+                    stderr(&out).contains("the store's metadata"),
+                    "{what}: the command must say the store failed"
+                );
+                Outcome::StoreFailed
+            }
+            code => panic!("{what}: exit code {code:?}, expected 0 or 3"),
+        };
+        let rebuilt = recover(&p, &what);
+        check(&p, outcome, &what);
+        if let Some(call) = failed {
+            let outcome = if rebuilt { Outcome::Rebuilt } else { outcome };
+            *seen.entry((kind(&call).to_string(), outcome)).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "`needle {}`: {} calls; failed call and outcome: {seen:?}",
+        args.join(" "),
+        calls.len()
+    );
+    let failed: BTreeSet<&str> = seen.keys().map(|(call, _)| call.as_str()).collect();
+    let made: BTreeSet<&str> = calls.iter().map(|c| kind(c)).collect();
+    assert_eq!(failed, made, "a kind of call was never failed");
+    seen
 }
 
 /// Every write and sync sled makes in a run failed in turn (`EIO` from it on, `ENOSPC` at
@@ -257,46 +304,203 @@ enum Outcome {
 fn sleds_own_writes_failing_lose_nothing_committed() {
     let template = Project::new();
     let before = committed(&template);
-    // A reference: the calls a faultless run makes, and the digests it reaches.
-    let p = Project::new();
-    committed(&p);
-    let trace = p.path("calls");
-    let run = faulted(&p, &["run", "second.toml", "--json"], &trace, None);
-    assert_code(&run, 0);
+    // A reference: the calls a faultless run makes, and the digests it reaches. 31 calls: 47
+    // faulted runs, 13-30 s here.
+    let args = ["run", "second.toml", "--json"];
+    let (run, calls) = traced(&template, &args);
     let want = outputs(&serde_json::from_slice::<Value>(&run.stdout).unwrap());
-    let calls = p.lines("calls");
-    let kinds: BTreeSet<String> = calls
-        .iter()
-        .map(|c| c.split(' ').nth(1).unwrap().to_string())
-        .collect();
-    for call in ["pwrite64", "sync_file_range", "fsync", "write"] {
-        assert!(kinds.contains(call), "no {call} in {calls:?}");
-    }
-
-    // A disk that is gone (every call from the N-th fails with EIO) at each call; a disk that
-    // is full for one call at every other one (ENOSPC): 47 faulted runs, 13-30 s here.
-    let faults = (1..=calls.len())
-        .map(|at| Fault {
-            at,
-            every_later: true,
-            errno: "EIO",
-        })
-        .chain((1..=calls.len()).step_by(2).map(|at| Fault {
-            at,
-            every_later: false,
-            errno: "ENOSPC",
-        }));
-    let mut seen: BTreeMap<(String, Outcome), usize> = BTreeMap::new();
-    for fault in faults {
-        if let Some(reached) = try_fault(&template, &before, fault, &want) {
-            *seen.entry(reached).or_default() += 1;
+    let seen = sweep(&template, &args, &calls, |p, _, what| {
+        assert_eq!(
+            &exports(p, &COMMITTED),
+            &before,
+            "{what}: the first run's artifacts changed"
+        );
+        let kept = succeeded(p, "2");
+        let rerun = p.json(&["run", "second.toml"], 0);
+        for s in rerun["steps"].as_array().unwrap() {
+            let name = format!("{}{}", s["name"], s["bindings"]);
+            if kept.contains(&name) {
+                assert_eq!(
+                    s["status"], "cached",
+                    "{what}: {name} was committed: {rerun}"
+                );
+            }
         }
-    }
-    eprintln!("{} calls; failed call and outcome: {seen:?}", calls.len());
-    let failed: BTreeSet<String> = seen.keys().map(|(call, _)| call.clone()).collect();
-    assert_eq!(failed, kinds, "a kind of call was never failed");
+        assert_eq!(&outputs(&rerun), &want, "{what}");
+    });
     assert!(
         !seen.keys().any(|(_, o)| *o == Outcome::Tolerated),
         "a run went on past a failed write of sled: {seen:?}"
     );
+}
+
+// The commands that delete or rewrite metadata: `gc`, `pin`, `unpin`, `verify --repair`, each
+// faulted at every call as `run` is above, on a store where it has work to do.
+
+/// A store with two runs: the first recipe's (`1:work[i=1]`, `1:work[i=2]`, `1:total`), then
+/// the same with `i = 5` (`2:work[i=5]`, `2:total`), every output distinct. Its artifacts'
+/// digests, by reference.
+fn two_runs() -> (Project, BTreeMap<String, String>) {
+    let p = Project::new();
+    p.write("first.toml", FIRST);
+    p.write("fifth.toml", &FIRST.replace("i = [1, 2]", "i = [5]"));
+    let mut digests = BTreeMap::new();
+    for (id, recipe) in [(1, "first.toml"), (2, "fifth.toml")] {
+        let run = p.json(&["run", recipe], 0);
+        for s in run["steps"].as_array().unwrap() {
+            let name = s["name"].as_str().unwrap();
+            let reference = match s["bindings"]["i"].as_i64() {
+                Some(i) => format!("{id}:{name}[i={i}]"),
+                None => format!("{id}:{name}"),
+            };
+            digests.insert(reference, s["output"].as_str().unwrap().to_string());
+        }
+    }
+    let distinct: BTreeSet<&String> = digests.values().collect();
+    assert_eq!(distinct.len(), 5, "{digests:?}");
+    (p, digests)
+}
+
+/// A copy of `base` with `1:work[i=1]` pinned: the pin, written last, leaves sled's log ahead
+/// of its snapshot, so the faulted command writes a snapshot as it opens the store.
+fn pinned(base: &Project) -> Project {
+    let p = copy_of(base);
+    assert_code(&p.needle(&["pin", "1:work[i=1]"]), 0);
+    p
+}
+
+/// The digests of `refs`.
+fn digests_of(digests: &BTreeMap<String, String>, refs: &[&str]) -> Vec<String> {
+    refs.iter().map(|r| digests[*r].clone()).collect()
+}
+
+/// What `gc --keep-last 1` would still free: records, blobs, logs, resume dirs and views.
+fn collectable(p: &Project) -> u64 {
+    let dry = p.json(&["gc", "--keep-last", "1", "--dry-run"], 0);
+    let freed = &dry["freed"];
+    let records = ["runs", "steps", "artifacts", "index_entries"]
+        .iter()
+        .map(|k| freed[k].as_u64().unwrap());
+    let files = ["blobs", "logs", "resume", "views"]
+        .iter()
+        .map(|k| freed[k]["count"].as_u64().unwrap());
+    records.chain(files).sum()
+}
+
+/// `gc --keep-last 1` with each of sled's calls failing in turn (13 calls, 20 faulted runs), on
+/// a store where it drops the first run, `1:work[i=2]` and `1:total` and keeps the second run
+/// and the pinned `1:work[i=1]`: a gc that exits 0 has collected everything (it does so when
+/// the failed call is sled's record of the journal's compaction, which gc only warns about: the
+/// compacted journal is whole, and the next open finds its place in it); gc again, without the
+/// fault, collects what is left; and what gc keeps exports byte for byte after both.
+#[test]
+fn gc_with_sleds_writes_failing_keeps_what_it_must() {
+    let (base, digests) = two_runs();
+    let kept = digests_of(&digests, &["1:work[i=1]", "2:work[i=5]", "2:total"]);
+    let before = exports(&base, &kept);
+    let template = pinned(&base);
+    let args = ["gc", "--keep-last", "1", "--json"];
+    let (gc, calls) = traced(&template, &args);
+    let freed = &serde_json::from_slice::<Value>(&gc.stdout).unwrap()["freed"];
+    assert_eq!(
+        (freed["runs"].as_u64(), freed["blobs"]["count"].as_u64()),
+        (Some(1), Some(2)),
+        "gc must have something to collect: {freed}"
+    );
+    sweep(&template, &args, &calls, |p, outcome, what| {
+        if outcome == Outcome::Tolerated {
+            assert_eq!(collectable(p), 0, "{what}: gc said it was done");
+        }
+        assert_code(&needle(p, &args), 0);
+        assert_eq!(collectable(p), 0, "{what}: gc again left something");
+        // Checked once, after both: nothing makes again what the faulted gc lost.
+        assert_eq!(exports(p, &kept), before, "{what}: gc lost what it keeps");
+    });
+}
+
+/// The pinned artifacts, by digest.
+fn pins(p: &Project) -> BTreeSet<String> {
+    p.json(&["pin"], 0)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pin| pin["artifact"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `needle ARGS` (a pin or an unpin) with each of sled's calls failing in turn: the pins are
+/// those before (`old`) or after (`new`), never another set, and `new` where the command
+/// exited 0; the command again, without the fault, leaves `new`; and the artifacts of both
+/// sets export byte for byte.
+fn pin_sweep(args: &[&str], old: &[&str], new: &[&str]) {
+    let (base, digests) = two_runs();
+    let set =
+        |refs: &[&str]| -> BTreeSet<String> { digests_of(&digests, refs).into_iter().collect() };
+    let (old, new) = (set(old), set(new));
+    let touched: Vec<&String> = old.union(&new).collect();
+    let before = exports(&base, &touched);
+    let template = pinned(&base);
+    let (_, calls) = traced(&template, args);
+    sweep(&template, args, &calls, |p, outcome, what| {
+        let now = pins(p);
+        assert!(now == old || now == new, "{what}: the pins are {now:?}");
+        if outcome == Outcome::Tolerated {
+            assert_eq!(now, new, "{what}: the command said it was done");
+        }
+        let again = needle(p, args);
+        // An unpin that the store finished as it opened finds nothing left to unpin.
+        let unpinned = now == new && stderr(&again).contains("is not pinned");
+        assert_code(&again, if unpinned { 2 } else { 0 });
+        assert_eq!(pins(p), new, "{what}: the command again");
+        assert_eq!(exports(p, &touched), before, "{what}: an artifact changed");
+    });
+}
+
+/// `pin` and `unpin`, each with sled's calls failing in turn (11 calls, 17 faulted runs each):
+/// see [`pin_sweep`].
+#[test]
+fn pin_and_unpin_with_sleds_writes_failing_leave_one_pin_state() {
+    pin_sweep(
+        &["pin", "1:total"],
+        &["1:work[i=1]"],
+        &["1:work[i=1]", "1:total"],
+    );
+    pin_sweep(&["unpin", "1:work[i=1]"], &["1:work[i=1]"], &[]);
+}
+
+/// `verify --repair` with sled's calls failing in turn (11 calls, 17 faulted runs), on a store
+/// where the blob of `1:work[i=2]` is damaged: a repair that exits 0 leaves a store that
+/// verifies with `--hash`; the repair again, without the fault, does; and every other artifact
+/// exports byte for byte after both.
+#[test]
+fn verify_repair_with_sleds_writes_failing_loses_nothing_undamaged() {
+    let (base, digests) = two_runs();
+    let undamaged = digests_of(
+        &digests,
+        &["1:work[i=1]", "1:total", "2:work[i=5]", "2:total"],
+    );
+    let before = exports(&base, &undamaged);
+    let damaged = copy_of(&base);
+    crate::repair::damage(&damaged, "1:work[i=2]", "data");
+    let template = pinned(&damaged);
+    let args = ["verify", "--repair"];
+    let (repair, calls) = traced(&template, &args);
+    assert!(
+        stdout(&repair).contains("dropped blob"),
+        "{}",
+        stdout(&repair)
+    );
+    sweep(&template, &args, &calls, |p, outcome, what| {
+        if outcome == Outcome::Tolerated {
+            assert_code(&needle(p, &["verify", "--hash"]), 0);
+        }
+        assert_code(&needle(p, &args), 0);
+        assert_code(&needle(p, &["verify", "--hash"]), 0);
+        // Checked once, after both repairs: nothing makes again what the faulted one lost.
+        assert_eq!(
+            exports(p, &undamaged),
+            before,
+            "{what}: an undamaged artifact changed"
+        );
+    });
 }
