@@ -130,11 +130,11 @@ pub enum StoreError {
 
     /// sled's last sync, as the store was closed, failed (`close.rs`); what sled said.
     #[error(
-        "the store's metadata database `{}/meta` failed as it was closed (sled: {what}) (hint: run \
+        "the store's metadata database `{}` failed as it was closed (sled: {what}) (hint: run \
          `needle verify`: the next command finishes what the store's journal holds)",
-        root.display()
+        path.display()
     )]
-    CloseFailed { root: PathBuf, what: String },
+    CloseFailed { path: PathBuf, what: String },
 
     /// `needle verify --rebuild` on a store that has no journal.
     #[error(

@@ -885,7 +885,7 @@ fn open_sled(path: &Path, root: &Path) -> Result<sled_db::Sled, StoreError> {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            other => return Ok(sled_db::Sled::new(other?, root.to_path_buf())),
+            other => return Ok(sled_db::Sled::new(other?, path.to_path_buf())),
         }
     }
 }

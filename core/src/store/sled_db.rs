@@ -33,8 +33,8 @@ pub(crate) struct Sled {
     db: Option<sled::Db>,
     flushes: Arc<Flushes>,
     watcher: Option<std::thread::JoinHandle<()>>,
-    /// The store it belongs to, for the error.
-    root: PathBuf,
+    /// Its directory (`meta/`, or a rebuild's `meta.rebuild-<pid>/`), for the error.
+    path: PathBuf,
 }
 
 /// The flushes begun and ended, and whether the store is closing; shared with the watcher.
@@ -47,7 +47,7 @@ struct Flushes {
 }
 
 impl Sled {
-    pub(crate) fn new(db: sled::Db, root: PathBuf) -> Sled {
+    pub(crate) fn new(db: sled::Db, path: PathBuf) -> Sled {
         let flushes = Arc::new(Flushes::default());
         let watcher = {
             let (db, flushes) = (db.clone(), flushes.clone());
@@ -60,7 +60,7 @@ impl Sled {
             db: Some(db),
             flushes,
             watcher,
-            root,
+            path,
         }
     }
 
@@ -139,7 +139,7 @@ impl Drop for Sled {
                 .unwrap_or_else(|| "no message".into());
             let mut failed = CLOSE_FAILED.lock().unwrap_or_else(|e| e.into_inner());
             failed.get_or_insert(StoreError::CloseFailed {
-                root: self.root.clone(),
+                path: self.path.clone(),
                 what,
             });
         }
