@@ -74,8 +74,16 @@ fn faultfs() -> &'static Path {
     })
 }
 
-/// Where a fault goes: the `at`-th write or sync in `meta/` (and every later one when
-/// `every_later`, as on a disk that is gone), failing with `errno`.
+/// Which files' calls are counted and failed: sled's own in `meta/`, or every file of the
+/// store (for `verify --rebuild`, which writes a new database beside `meta/`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Under {
+    Meta,
+    Store,
+}
+
+/// Where a fault goes: the `at`-th write or sync [`Under`] its directory (and every later one
+/// when `every_later`, as on a disk that is gone), failing with `errno`.
 #[derive(Debug, Clone, Copy)]
 struct Fault {
     at: usize,
@@ -83,13 +91,16 @@ struct Fault {
     errno: &'static str,
 }
 
-/// `needle ARGS` with the fault library loaded, counting sled's calls into `trace`, failing
-/// the one `fault` names.
-fn faulted(p: &Project, args: &[&str], trace: &Path, fault: Option<Fault>) -> Output {
-    let meta = std::fs::canonicalize(p.store().join("meta")).unwrap();
+/// `needle ARGS` with the fault library loaded, counting the calls `under` names into
+/// `trace`, failing the one `fault` names.
+fn faulted(p: &Project, args: &[&str], under: Under, trace: &Path, fault: Option<Fault>) -> Output {
+    let dir = match under {
+        Under::Meta => p.store().join("meta"),
+        Under::Store => p.store(),
+    };
     let mut cmd = p.cmd(args);
     cmd.env("LD_PRELOAD", faultfs())
-        .env("NEEDLE_FAULTFS_DIR", &meta)
+        .env("NEEDLE_FAULTFS_DIR", std::fs::canonicalize(dir).unwrap())
         .env("NEEDLE_FAULTFS_TRACE", trace)
         .timeout(LIMIT);
     if let Some(f) = fault {
@@ -214,9 +225,9 @@ fn needle(p: &Project, args: &[&str]) -> Output {
 
 /// A faultless `needle ARGS` on a copy of `template`, traced: what it printed, and sled's
 /// calls, which must include every kind of [`KINDS`].
-fn traced(template: &Project, args: &[&str]) -> (Output, Vec<String>) {
+fn traced(template: &Project, args: &[&str], under: Under) -> (Output, Vec<String>) {
     let p = copy_of(template);
-    let out = faulted(&p, args, &p.path("calls"), None);
+    let out = faulted(&p, args, under, &p.path("calls"), None);
     assert_code(&out, 0);
     let calls = p.lines("calls");
     for call in KINDS {
@@ -254,13 +265,14 @@ fn faults(calls: usize) -> impl Iterator<Item = Fault> {
 fn sweep(
     template: &Project,
     args: &[&str],
+    under: Under,
     calls: &[String],
     check: impl Fn(&Project, Outcome, &str),
 ) -> BTreeMap<(String, Outcome), usize> {
     let mut seen = BTreeMap::new();
     for fault in faults(calls.len()) {
         let p = copy_of(template);
-        let out = faulted(&p, args, &p.path("calls"), Some(fault));
+        let out = faulted(&p, args, under, &p.path("calls"), Some(fault));
         let what = format!("`needle {}`, {fault:?}: {}", args.join(" "), stderr(&out));
         assert!(!stderr(&out).contains("panicked"), "{what}");
         let failed = p
@@ -271,8 +283,12 @@ fn sweep(
             Some(0) => Outcome::Tolerated,
             Some(3) => {
                 assert!(failed.is_some(), "{what}");
+                // A failed call outside `meta/` names its file, which lies in the store.
+                let err = stderr(&out);
+                let store = p.store().display().to_string();
                 assert!(
-                    stderr(&out).contains("the store's metadata"),
+                    err.contains("the store's metadata")
+                        || (under == Under::Store && err.contains(&store)),
                     "{what}: the command must say the store failed"
                 );
                 Outcome::StoreFailed
@@ -307,9 +323,9 @@ fn sleds_own_writes_failing_lose_nothing_committed() {
     // A reference: the calls a faultless run makes, and the digests it reaches. 31 calls: 47
     // faulted runs, 13-30 s here.
     let args = ["run", "second.toml", "--json"];
-    let (run, calls) = traced(&template, &args);
+    let (run, calls) = traced(&template, &args, Under::Meta);
     let want = outputs(&serde_json::from_slice::<Value>(&run.stdout).unwrap());
-    let seen = sweep(&template, &args, &calls, |p, _, what| {
+    let seen = sweep(&template, &args, Under::Meta, &calls, |p, _, what| {
         assert_eq!(
             &exports(p, &COMMITTED),
             &before,
@@ -400,14 +416,14 @@ fn gc_with_sleds_writes_failing_keeps_what_it_must() {
     let before = exports(&base, &kept);
     let template = pinned(&base);
     let args = ["gc", "--keep-last", "1", "--json"];
-    let (gc, calls) = traced(&template, &args);
+    let (gc, calls) = traced(&template, &args, Under::Meta);
     let freed = &serde_json::from_slice::<Value>(&gc.stdout).unwrap()["freed"];
     assert_eq!(
         (freed["runs"].as_u64(), freed["blobs"]["count"].as_u64()),
         (Some(1), Some(2)),
         "gc must have something to collect: {freed}"
     );
-    sweep(&template, &args, &calls, |p, outcome, what| {
+    sweep(&template, &args, Under::Meta, &calls, |p, outcome, what| {
         if outcome == Outcome::Tolerated {
             assert_eq!(collectable(p), 0, "{what}: gc said it was done");
         }
@@ -440,8 +456,8 @@ fn pin_sweep(args: &[&str], old: &[&str], new: &[&str]) {
     let touched: Vec<&String> = old.union(&new).collect();
     let before = exports(&base, &touched);
     let template = pinned(&base);
-    let (_, calls) = traced(&template, args);
-    sweep(&template, args, &calls, |p, outcome, what| {
+    let (_, calls) = traced(&template, args, Under::Meta);
+    sweep(&template, args, Under::Meta, &calls, |p, outcome, what| {
         let now = pins(p);
         assert!(now == old || now == new, "{what}: the pins are {now:?}");
         if outcome == Outcome::Tolerated {
@@ -484,13 +500,13 @@ fn verify_repair_with_sleds_writes_failing_loses_nothing_undamaged() {
     crate::repair::damage(&damaged, "1:work[i=2]", "data");
     let template = pinned(&damaged);
     let args = ["verify", "--repair"];
-    let (repair, calls) = traced(&template, &args);
+    let (repair, calls) = traced(&template, &args, Under::Meta);
     assert!(
         stdout(&repair).contains("dropped blob"),
         "{}",
         stdout(&repair)
     );
-    sweep(&template, &args, &calls, |p, outcome, what| {
+    sweep(&template, &args, Under::Meta, &calls, |p, outcome, what| {
         if outcome == Outcome::Tolerated {
             assert_code(&needle(p, &["verify", "--hash"]), 0);
         }
@@ -503,4 +519,50 @@ fn verify_repair_with_sleds_writes_failing_loses_nothing_undamaged() {
             "{what}: an undamaged artifact changed"
         );
     });
+}
+
+/// `verify --rebuild` of a store whose `meta/` is gone, with each write and sync under the
+/// store failing in turn (the new database it writes in `meta.rebuild-<pid>/`, the lock, the
+/// syncs of directories): a rebuild that stops leaves a store the next rebuild restores whole
+/// (every run, pin and artifact, byte for byte), and one that exits 0 has restored it. The
+/// journal is only read, so a failing disk can cost the rebuild, never what it rebuilds from.
+#[test]
+fn a_rebuild_with_the_disk_failing_can_be_done_again() {
+    let (base, digests) = two_runs();
+    let all: Vec<&String> = digests.values().collect();
+    let before = exports(&base, &all);
+    let template = pinned(&base);
+    let (want_pins, want_runs) = (pins(&template), runs(&template));
+    std::fs::remove_dir_all(template.store().join("meta")).unwrap();
+    let args = ["verify", "--rebuild"];
+    let (rebuilt, calls) = traced(&template, &args, Under::Store);
+    assert!(stdout(&rebuilt).contains("rebuilt"), "{}", stdout(&rebuilt));
+    sweep(&template, &args, Under::Store, &calls, |p, _, what| {
+        assert_eq!(pins(p), want_pins, "{what}: the pins");
+        assert_eq!(runs(p), want_runs, "{what}: the runs");
+        assert_eq!(exports(p, &all), before, "{what}: an artifact changed");
+    });
+}
+
+/// The store's runs: id, state and each step's output.
+fn runs(p: &Project) -> Vec<(u64, String, Vec<String>)> {
+    let ids: Vec<u64> = p
+        .json(&["runs"], 0)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run"].as_u64().unwrap())
+        .collect();
+    ids.into_iter()
+        .map(|id| {
+            let status = p.json(&["status", &id.to_string()], 0);
+            let outputs = status["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["output"].to_string())
+                .collect();
+            (id, status["state"].to_string(), outputs)
+        })
+        .collect()
 }
