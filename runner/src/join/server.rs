@@ -6,9 +6,9 @@ use std::io::{self, BufReader};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,12 +27,58 @@ use crate::error::CliError;
 /// How long a client may take to send its request once connected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an ending runner waits for its clients to be written their runs' ends (a client
+/// that reads nothing, stopped with Ctrl-Z, must not keep it from exiting).
+const LAST_WORDS: Duration = Duration::from_secs(10);
+
 /// Accepts runs until dropped; then every client that comes is told to retry (the store will
 /// be free), and the socket is removed.
 pub struct JoinServer {
     root: PathBuf,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    forwarders: Arc<Forwarders>,
+}
+
+/// The threads writing the engine's messages to clients, counted: the process must not exit
+/// while one still has a run's end to write, or that client hears its runner went away
+/// although its run ended (a runner whose own run ended first exits as the last joined run
+/// ends).
+#[derive(Default)]
+struct Forwarders {
+    going: Mutex<usize>,
+    ended: Condvar,
+}
+
+impl Forwarders {
+    /// Run `forward` on a thread of its own, counted until it returns.
+    fn spawn(self: &Arc<Self>, forward: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        *self.lock() += 1;
+        let counted = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("needle-forward".into())
+            .spawn(move || {
+                forward();
+                *counted.lock() -= 1;
+                counted.ended.notify_all();
+            });
+        if spawned.is_err() {
+            *self.lock() -= 1;
+        }
+        spawned.map(drop)
+    }
+
+    /// Wait until every forwarder has returned, for `limit` at most.
+    fn wait(&self, limit: Duration) {
+        let going = self.lock();
+        let _ = self
+            .ended
+            .wait_timeout_while(going, limit, |going| *going > 0);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.going.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl JoinServer {
@@ -50,16 +96,18 @@ impl JoinServer {
         }
         let listener = bind_socket_named(root, SOCKET)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let forwarders = Arc::new(Forwarders::default());
         let accept = std::thread::Builder::new()
             .name("needle-join".into())
             .spawn({
-                let stop = stop.clone();
-                move || accept_loop(listener, Arc::new(pool), events, stop)
+                let (stop, forwarders) = (stop.clone(), forwarders.clone());
+                move || accept_loop(listener, Arc::new(pool), events, stop, forwarders)
             })?;
         Ok(JoinServer {
             root: root.to_path_buf(),
             stop,
             accept: Some(accept),
+            forwarders,
         })
     }
 
@@ -71,9 +119,12 @@ impl JoinServer {
 }
 
 impl Drop for JoinServer {
+    /// Dropped once the engine has ended: every joined run has ended, and its client is
+    /// written its end before the process exits.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = std::fs::remove_file(self.root.join(SOCKET));
+        self.forwarders.wait(LAST_WORDS);
         // The accept loop sleeps in accept(2): a connection of our own wakes it. Removed, the
         // path no longer reaches it; the loop then ends with the process.
         if let Some(handle) = self.accept.take()
@@ -89,6 +140,7 @@ fn accept_loop(
     pool: Arc<PoolSpec>,
     events: UnboundedSender<Event>,
     stop: Arc<AtomicBool>,
+    forwarders: Arc<Forwarders>,
 ) {
     let mut next_client = 0u64;
     for conn in listener.incoming() {
@@ -102,10 +154,10 @@ fn accept_loop(
         }
         next_client += 1;
         let client = next_client;
-        let (pool, events) = (pool.clone(), events.clone());
+        let (pool, events, forwarders) = (pool.clone(), events.clone(), forwarders.clone());
         let spawned = std::thread::Builder::new()
             .name("needle-joined".into())
-            .spawn(move || serve(stream, &pool, &events, client));
+            .spawn(move || serve(stream, &pool, &events, &forwarders, client));
         if let Err(e) = spawned {
             tracing::warn!("could not serve a joining run: {e}");
         }
@@ -120,7 +172,13 @@ fn ending() -> ToClient {
 }
 
 /// One client: its request, then its run's messages one way and its cancels the other.
-fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, client: u64) {
+fn serve(
+    stream: UnixStream,
+    pool: &PoolSpec,
+    events: &UnboundedSender<Event>,
+    forwarders: &Arc<Forwarders>,
+    client: u64,
+) {
     if stream.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err() {
         return;
     }
@@ -192,7 +250,13 @@ fn serve(stream: UnixStream, pool: &PoolSpec, events: &UnboundedSender<Event>, c
         let _ = events.send(Event::Cancel { client });
         return;
     };
-    std::thread::spawn(move || forward(write_half, from_engine));
+    if forwarders
+        .spawn(move || forward(write_half, from_engine))
+        .is_err()
+    {
+        let _ = events.send(Event::Cancel { client });
+        return;
+    }
     // Cancels, until the client goes away: going away cancels too (an ended run ignores it).
     let _ = stream.set_read_timeout(None);
     loop {
@@ -283,4 +347,37 @@ fn prepare(
     });
     let (plan, code) = planned.map_err(NotJoinable::Plan)?;
     Ok((plan, code, sets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runner exits once its engine has ended and its join server is dropped: by then each
+    /// client must have been written what its forwarder held (else it hears that its runner
+    /// went away although its run ended).
+    #[test]
+    fn an_ending_server_waits_until_every_client_is_written() {
+        let (runner_side, client_side) = UnixStream::pair().unwrap();
+        let (to_client, from_engine) = channel();
+        let (release, released) = channel::<()>();
+        let forwarders = Arc::new(Forwarders::default());
+        forwarders
+            .spawn(move || {
+                released.recv().unwrap();
+                forward(runner_side, from_engine);
+            })
+            .unwrap();
+        to_client.send(refused("the last words".into())).unwrap();
+        drop(to_client);
+        release.send(()).unwrap();
+        forwarders.wait(Duration::from_secs(60));
+
+        client_side.set_nonblocking(true).unwrap();
+        let line = read_frame(&mut BufReader::new(&client_side), 1 << 20)
+            .expect("written before the wait returned")
+            .expect("a frame");
+        assert!(String::from_utf8_lossy(&line).contains("the last words"));
+        assert_eq!(*forwarders.lock(), 0);
+    }
 }
