@@ -184,6 +184,29 @@ pub fn outputs(run: &Value) -> Vec<(String, String)> {
     out
 }
 
+/// A recipe `name` of a step `work` swept over `i` in `values` (a TOML array), each writing
+/// `seq 1 i00`, and a step `total` over all of them: small, with outputs that all differ.
+pub fn parts_and_total(name: &str, values: &str) -> String {
+    format!(
+        r#"
+[recipe]
+name = "{name}"
+
+[sweep]
+i = {values}
+
+[steps.work]
+op = "exec"
+cmd = ["sh", "-c", "seq 1 ${{i}}00 > \"$NEEDLE_OUT/data\""]
+
+[steps.total]
+op = "exec"
+inputs = {{ parts = "work[*]" }}
+cmd = ["sh", "-c", "cat \"$NEEDLE_IN_PARTS\"/*/data | wc -l > \"$NEEDLE_OUT/total\""]
+"#
+    )
+}
+
 /// Poll `done` until it holds; fail naming `what` after `limit`.
 pub fn wait_for(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();

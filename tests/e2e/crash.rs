@@ -120,23 +120,6 @@ fn runs(pid: i32) -> bool {
     })
 }
 
-const SMALL: &str = r#"
-[recipe]
-name = "crash-small"
-
-[sweep]
-i = [1, 2, 3]
-
-[steps.work]
-op = "exec"
-cmd = ["sh", "-c", "seq 1 ${i}00 > \"$NEEDLE_OUT/data\""]
-
-[steps.total]
-op = "exec"
-inputs = { parts = "work[*]" }
-cmd = ["sh", "-c", "cat \"$NEEDLE_IN_PARTS\"/*/data | wc -l > \"$NEEDLE_OUT/total\""]
-"#;
-
 /// A kill at every write the runner makes to the store — the run's record as it starts,
 /// each blob, journal append, sled transaction and flush of every commit, the run's record
 /// after the last step — never changes the final digests, and the store verifies after it.
@@ -145,7 +128,7 @@ cmd = ["sh", "-c", "cat \"$NEEDLE_IN_PARTS\"/*/data | wc -l > \"$NEEDLE_OUT/tota
 #[test]
 fn a_kill_at_every_write_of_a_run_never_changes_the_final_digests() {
     let reference = Project::new();
-    reference.write("recipe.toml", SMALL);
+    reference.write("recipe.toml", &parts_and_total("crash-small", "[1, 2, 3]"));
     let trace = reference.path("points");
     let out = reference
         .cmd(&["run", "recipe.toml", "-j", "2", "--json"])
@@ -168,7 +151,7 @@ fn a_kill_at_every_write_of_a_run_never_changes_the_final_digests() {
     let mut killed_at = std::collections::BTreeSet::new();
     for at in 1..=points.len() {
         let p = Project::new();
-        p.write("recipe.toml", SMALL);
+        p.write("recipe.toml", &parts_and_total("crash-small", "[1, 2, 3]"));
         let trace = p.path("points");
         let run = p
             .cmd(&["run", "recipe.toml", "-j", "2"])

@@ -21,25 +21,12 @@ use crate::common::*;
 
 /// Two recipes: the first commits before any fault; the second, run under the fault, adds
 /// two sweep points and a step over all of them.
-const FIRST: &str = r#"
-[recipe]
-name = "sled-faults"
-
-[sweep]
-i = [1, 2]
-
-[steps.work]
-op = "exec"
-cmd = ["sh", "-c", "seq 1 ${i}00 > \"$NEEDLE_OUT/data\""]
-
-[steps.total]
-op = "exec"
-inputs = { parts = "work[*]" }
-cmd = ["sh", "-c", "cat \"$NEEDLE_IN_PARTS\"/*/data | wc -l > \"$NEEDLE_OUT/total\""]
-"#;
+fn first() -> String {
+    parts_and_total("sled-faults", "[1, 2]")
+}
 
 fn second() -> String {
-    FIRST.replace("i = [1, 2]", "i = [1, 2, 3, 4]")
+    parts_and_total("sled-faults", "[1, 2, 3, 4]")
 }
 
 /// The first run's steps, as `export` names them.
@@ -118,7 +105,7 @@ type Exports = Vec<(String, Vec<(String, Vec<u8>)>)>;
 /// The pin is written last so that sled's log is ahead of its snapshot: the next process to
 /// open it, the faulted run, writes a snapshot first, so its writes are faulted too.
 fn committed(p: &Project) -> Exports {
-    p.write("first.toml", FIRST);
+    p.write("first.toml", &first());
     p.write("second.toml", &second());
     p.json(&["run", "first.toml"], 0);
     let exported = exports(p, &COMMITTED);
@@ -358,8 +345,8 @@ fn sleds_own_writes_failing_lose_nothing_committed() {
 /// digests, by reference.
 fn two_runs() -> (Project, BTreeMap<String, String>) {
     let p = Project::new();
-    p.write("first.toml", FIRST);
-    p.write("fifth.toml", &FIRST.replace("i = [1, 2]", "i = [5]"));
+    p.write("first.toml", &first());
+    p.write("fifth.toml", &parts_and_total("sled-faults", "[5]"));
     let mut digests = BTreeMap::new();
     for (id, recipe) in [(1, "first.toml"), (2, "fifth.toml")] {
         let run = p.json(&["run", recipe], 0);

@@ -128,7 +128,7 @@ pub enum StoreError {
     )]
     JournalPoisoned { path: PathBuf },
 
-    /// sled's last sync, as the store was closed, failed (`close.rs`); what sled said.
+    /// sled's last sync, as the store was closed, failed (`sled_db.rs`); what sled said.
     #[error(
         "the store's metadata database `{}` failed as it was closed (sled: {what}) (hint: run \
          `needle verify`: the next command finishes what the store's journal holds)",

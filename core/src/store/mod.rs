@@ -151,7 +151,7 @@ const SUBDIRS: [&str; 6] = ["meta", "blobs", "staging", "views", "logs", "journa
 /// threads; each commit is one transaction.
 pub struct Store {
     root: PathBuf,
-    // Before `db`, so that dropping `db` closes sled (`close.rs`).
+    // Before `db`, so that dropping `db` closes sled (`sled_db.rs`).
     trees: meta::Trees,
     db: sled_db::Sled,
     /// Numbers the store's private temporary names (staging dirs, copies, view builds).
@@ -861,11 +861,7 @@ fn open_sled(path: &Path, root: &Path) -> Result<sled_db::Sled, StoreError> {
         // "Read corrupted data": both are metadata that cannot be read.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
             .map_err(|panic| {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("no message");
+                let what = sled_db::panic_message(panic.as_ref());
                 StoreError::MetaUnreadable {
                     root: root.to_path_buf(),
                     journal: journal::holds_records(root).unwrap_or(false),

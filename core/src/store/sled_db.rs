@@ -132,11 +132,7 @@ impl Drop for Sled {
         let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(db)));
         CLOSING.set(false);
         if let Err(panic) = closed {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "no message".into());
+            let what = panic_message(panic.as_ref()).to_string();
             let mut failed = CLOSE_FAILED.lock().unwrap_or_else(|e| e.into_inner());
             failed.get_or_insert(StoreError::CloseFailed {
                 path: self.path.clone(),
@@ -144,6 +140,15 @@ impl Drop for Sled {
             });
         }
     }
+}
+
+/// What a panic of sled's said (its payload is a `String` or a `&str` when it said anything).
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }
 
 /// The first failure of sled as a store of this process was closed, taken: a command that
